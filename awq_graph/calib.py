@@ -1,0 +1,83 @@
+"""Calibration data: a text/jsonl file, token tensors, or text sampled from the model itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+
+def read_text(path: str | Path) -> str:
+    """A .txt file as is; a .jsonl file's ``text`` fields joined by blank lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"calibration file {path} does not exist")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() != ".jsonl":
+        return raw
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"calibration file {path}, line {i}: not a JSON object with a 'text' field") from None
+    return "\n\n".join(texts)
+
+
+def windows(ids: list[int] | torch.Tensor, n_samples: int, seqlen: int, source: str) -> torch.Tensor:
+    """The first ``n_samples`` non-overlapping windows of ``seqlen`` tokens: (n, seqlen)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    n = min(n_samples, ids.numel() // seqlen)
+    if n == 0:
+        raise InputError(f"calibration from {source} has {ids.numel()} tokens, fewer than one sample of {seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def from_file(path, tokenizer, n_samples: int, seqlen: int) -> torch.Tensor:
+    text = read_text(path)
+    # tokenize only as much text as the samples need (with a margin), not a whole corpus
+    need_chars = n_samples * seqlen * 8
+    ids = tokenizer(text[:need_chars], add_special_tokens=False).input_ids
+    if len(ids) < n_samples * seqlen and len(text) > need_chars:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    return windows(ids, n_samples, seqlen, str(path))
+
+
+def from_tensors(data, n_samples: int, seqlen: int) -> torch.Tensor:
+    """A tensor, a list of tensors or a dataloader of tensors / {'input_ids': ...} batches."""
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    parts = []
+    for item in data:
+        if isinstance(item, dict):
+            item = item["input_ids"]
+        parts.append(torch.as_tensor(item).reshape(-1))
+    if not parts:
+        raise InputError("the calibration data is empty")
+    return windows(torch.cat(parts), n_samples, seqlen, "the given tensors")
+
+
+@torch.no_grad()
+def self_generated(model, tokenizer, n_samples: int, seqlen: int, seed: int = 0, batch: int = 32,
+                   progress=None) -> torch.Tensor:
+    """Text sampled from the model itself, starting from BOS: no dataset needed."""
+    progress = progress or (lambda it, desc, total: it)
+    gen = torch.Generator().manual_seed(seed)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)
+    torch.manual_seed(seed)
+    out = []
+    steps = range(0, n_samples, batch)
+    for i in progress(steps, "self-calibration", len(steps)):
+        b = min(batch, n_samples - i)
+        first = torch.full((b, 1), start, dtype=torch.long)
+        # a random first word per sample keeps the samples apart
+        second = torch.randint(0, int(model.config.vocab_size), (b, 1), generator=gen)
+        ids = model.generate(input_ids=torch.cat([first, second], 1), attention_mask=torch.ones(b, 2, dtype=torch.long),
+                             do_sample=True, top_k=50, temperature=1.0, max_new_tokens=seqlen - 2,
+                             min_new_tokens=seqlen - 2, pad_token_id=start)
+        out.append(ids[:, :seqlen])
+    return torch.cat(out)

@@ -1,0 +1,130 @@
+"""``awq-graph``: compile, eval. ``main(argv) -> int``; errors are one line and exit 1."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import AwqGraphError
+
+
+def _progress(it, desc, total):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _quiet() -> None:
+    """Third-party chatter off: warnings, transformers' and torch.onnx's logs."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torch", "torch.onnx", "torch.export", "transformers", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="awq-graph", description="AWQ int4 compiler: HF causal LM -> MatMulNBits ONNX")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="quantize MODEL with AWQ and write an int4 ONNX model")
+    c.add_argument("model", help="checkpoint folder or .gguf file")
+    c.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--calib", default="self", help="text or jsonl file, or 'self' (default): text sampled from the model")
+    c.add_argument("--n-samples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--bits", type=int, default=4)
+    c.add_argument("--group-size", type=int, default=128)
+    sym = c.add_mutually_exclusive_group()
+    sym.add_argument("--sym", action="store_true", help="symmetric int4 (zero point 8)")
+    sym.add_argument("--asym", action="store_true", help="asymmetric uint4 with zero points (default)")
+    c.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
+    c.add_argument("--rtn", action="store_true", help="round-to-nearest baseline: no search, no calibration")
+    c.add_argument("--config", help="a Quark-format AWQ config to use instead of the derived one")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (4: int8 activations on CPU)")
+    c.add_argument("--loss-tokens", type=int, default=None, help="tokens of the loss subsample (whole sequences)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    e = sub.add_parser("eval", help="perplexity of a compiled folder (onnxruntime) or of MODEL (torch, float)")
+    e.add_argument("model", help="compiled folder, checkpoint folder or .gguf file")
+    e.add_argument("--text", required=True, help="text file to score")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...} on one line')
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet()
+    try:
+        if args.command == "compile":
+            return _compile(args)
+        if args.command == "eval":
+            return _eval(args)
+    except AwqGraphError as exc:
+        if args.debug:
+            raise
+        print(f"awq-graph: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("awq-graph: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _compile(args) -> int:
+    from .numerics import QuantScheme
+    from .pipeline import compile as run_compile
+
+    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym)
+    options = {"loss_tokens": args.loss_tokens} if args.loss_tokens else None
+    result = run_compile(args.model, args.calib, args.out, scheme, args.config, n_samples=args.n_samples,
+                         seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
+                         accuracy_level=args.accuracy_level, overwrite=args.overwrite, progress=_progress,
+                         search_options=options)
+    rep = result.report
+    groups = rep["groups"]
+    better = sum(1 for g in groups if g["ratio"] is not None)
+    print(f"wrote {result.out_dir} ({rep['scheme']}, {rep['method']}): {rep['quantized_linears']} MatMulNBits, "
+          f"{len(groups)} scaling groups ({better} scaled), timings {rep['timings_s']}")
+    return 0
+
+
+def _eval(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import runtime
+    from .calib import read_text
+
+    target = Path(args.model)
+    if target.is_dir() and (target / "model.onnx").exists():
+        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+        logits_fn = runtime.onnx_logits(runtime.session(target, threads=args.threads))
+    else:
+        from .load import load_model
+
+        model, tokenizer = load_model(target)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        logits_fn = runtime.torch_logits(model)
+    ids = tokenizer(read_text(args.text), add_special_tokens=False).input_ids
+    ppl, tokens = runtime.perplexity(logits_fn, ids, args.seqlen, args.max_windows,
+                                     progress=None if args.json else _progress)
+    if args.json:
+        print(json.dumps({"ppl": ppl, "tokens": tokens}))
+    else:
+        print(f"perplexity {ppl:.4f} over {tokens} tokens")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

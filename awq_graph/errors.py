@@ -1,0 +1,26 @@
+"""User-facing errors. Each message says what is wrong, where, and how to fix it; the CLI
+prints it on one line and exits 1 (a traceback only with --debug)."""
+
+
+class AwqGraphError(Exception):
+    """Base class of every error a user can cause."""
+
+
+class InputError(AwqGraphError):
+    """The model path, calibration file or output folder is unusable."""
+
+
+class SchemeError(AwqGraphError):
+    """An unsupported bit width, group size or scheme name."""
+
+
+class ConfigError(AwqGraphError):
+    """A Quark-format AWQ config that does not fit the model's graph."""
+
+
+class ExportError(AwqGraphError):
+    """torch.export could not capture the model."""
+
+
+class InterpretError(AwqGraphError):
+    """A graph node failed while the interpreter ran it."""

@@ -1,0 +1,178 @@
+"""The exported graph: torch.export of a causal LM, its parameters by module name, and a
+small interpreter that runs any part of it.
+
+Names: every module path and parameter name is the Hugging Face one (``model.layers.0.
+self_attn.q_proj``), exactly what a Quark config names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .errors import ExportError, InterpretError
+
+_PREFIX = "lm."  # the wrapper's attribute below: stripped from every name
+
+
+class LogitsOnly(torch.nn.Module):
+    """``input_ids -> logits``, without a KV cache, so that torch.export sees plain tensors."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One ``aten.linear`` whose weight is a parameter."""
+
+    module: str  # "model.layers.0.self_attn.q_proj"
+    node: fx.Node
+    weight: str  # parameter name
+    bias: str | None
+    out_features: int
+    in_features: int
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module a node was traced in, HF naming; "" for the top level."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = path.removeprefix("L['self'].")
+    return path[len(_PREFIX):] if path.startswith(_PREFIX) else ("" if path + "." == _PREFIX else path)
+
+
+def in_module(node: fx.Node, path: str) -> bool:
+    mp = module_path(node)
+    return mp == path or mp.startswith(path + ".")
+
+
+@dataclass
+class GraphModel:
+    """An ExportedProgram with its parameters addressable by HF name.
+
+    ``params`` holds the very tensors the program uses: a fold that edits them in place
+    edits the program (and what ONNX export sees).
+    """
+
+    program: torch.export.ExportedProgram
+    params: dict[str, torch.Tensor]  # HF parameter/buffer name -> tensor
+    placeholder_param: dict[str, str]  # placeholder node name -> HF name
+    linears: dict[str, LinearSite] = field(default_factory=dict)
+    module_types: dict[str, str] = field(default_factory=dict)  # module path -> class name
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph
+
+    def param_node(self, name: str) -> fx.Node:
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and self.placeholder_param.get(node.name) == name:
+                return node
+        raise KeyError(name)
+
+    def input_node(self) -> fx.Node:
+        return next(n for n in self.graph.nodes if n.op == "placeholder" and n.name not in self.placeholder_param)
+
+    def param_env(self) -> dict[fx.Node, torch.Tensor]:
+        """Environment binding every parameter placeholder to its tensor."""
+        env = {}
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and node.name in self.placeholder_param:
+                env[node] = self.params[self.placeholder_param[node.name]]
+        return env
+
+    def param_of(self, node) -> str | None:
+        """HF parameter name if ``node`` is a parameter placeholder."""
+        if isinstance(node, fx.Node) and node.op == "placeholder":
+            return self.placeholder_param.get(node.name)
+        return None
+
+    def run(self, input_ids: torch.Tensor, overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of the whole graph, with parameters optionally replaced by name."""
+        env = self.param_env()
+        for name, t in (overrides or {}).items():
+            env[self.param_node(name)] = t
+        env[self.input_node()] = input_ids
+        nodes = [n for n in self.graph.nodes if n.op == "call_function"]
+        env = run_nodes(nodes, env)
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        return env[out.args[0][0]]
+
+
+def export_model(lm: torch.nn.Module, example_seq: int = 8) -> GraphModel:
+    """torch.export with dynamic batch and sequence length -> GraphModel."""
+    lm.eval()
+    wrapper = LogitsOnly(lm)
+    vocab = int(getattr(lm.config, "vocab_size", 2))
+    example = torch.randint(0, max(vocab, 2), (2, example_seq))
+    batch = torch.export.Dim("batch", max=4096)
+    seq = torch.export.Dim("seq", min=2, max=int(getattr(lm.config, "max_position_embeddings", 8192) or 8192))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
+    except Exception as exc:  # torch raises many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"torch.export could not capture {type(lm).__name__}: {first} "
+            "(hint: a transformers release that supports torch.export for this architecture may help)"
+        ) from exc
+    sig = program.graph_signature
+    state = dict(program.state_dict)
+    state.update(getattr(program, "constants", {}) or {})
+    placeholder_param = {}
+    params = {}
+    for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
+        hf = name.removeprefix(_PREFIX)
+        placeholder_param[ph] = hf
+        params[hf] = state[name]
+    for ph, name in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+        placeholder_param[ph] = name
+        params[name] = state[name]
+    gm = GraphModel(program, params, placeholder_param)
+    _index_modules(gm)
+    return gm
+
+
+def _index_modules(gm: GraphModel) -> None:
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, cls in stack.values():
+            path = path.removeprefix(_PREFIX)
+            name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+            gm.module_types.setdefault(path, name.rsplit(".", 1)[-1])
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            weight = gm.param_of(node.args[1])
+            if weight is None:
+                continue
+            bias = gm.param_of(node.args[2]) if len(node.args) > 2 else None
+            w = gm.params[weight]
+            mod = module_path(node)
+            if mod in gm.linears:  # a module called twice (tied or reused): not a simple site
+                continue
+            gm.linears[mod] = LinearSite(mod, node, weight, bias, int(w.shape[0]), int(w.shape[1]))
+
+
+def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object]) -> dict[fx.Node, object]:
+    """The interpreter: evaluate ``call_function`` nodes in order over ``env`` (node -> value).
+
+    Every node's inputs must already be in ``env``; ``env`` is extended in place and returned.
+    """
+    def lookup(n: fx.Node):
+        return env[n]
+
+    for node in nodes:
+        args = fx.node.map_arg(node.args, lookup)
+        kwargs = fx.node.map_arg(node.kwargs, lookup)
+        try:
+            env[node] = node.target(*args, **kwargs)
+        except Exception as exc:
+            raise InterpretError(f"node {node.name} ({node.target}) in {module_path(node) or 'top level'} failed: {exc}") from exc
+    return env

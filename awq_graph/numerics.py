@@ -1,0 +1,221 @@
+"""Quantization numerics: pure tensor functions, no graph or model imports.
+
+Group convention (documented once, used everywhere): a weight ``W`` of shape (out, in) is
+split along ``in`` into groups of ``group_size`` consecutive columns. When ``group_size``
+does not divide ``in`` (SmolLM2: 576 = 4 x 128 + 64) the last group of every row is simply
+shorter; MatMulNBits stores it padded with zeros. Every function here quantizes that short
+group as it is: its range comes from its own columns only.
+
+Integers are stored unsigned, 0 .. 2^bits - 1, and dequantize as ``(q - zero) * scale``.
+A symmetric scheme is the special case ``zero = 2^(bits-1)`` (8 for 4 bits), which is also
+MatMulNBits' default zero point, so symmetric models carry no zero-point input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SchemeError
+
+SUPPORTED_BITS = (4,)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Weight-only integer scheme, checked when built."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise SchemeError(
+                f"bits={self.bits} is not supported: MatMulNBits is emitted with bits in {list(SUPPORTED_BITS)}"
+            )
+        gs = self.group_size
+        if not isinstance(gs, int) or gs < 16 or gs & (gs - 1):
+            raise SchemeError(
+                f"group size {gs} is not supported: MatMulNBits needs a power of two >= 16 (e.g. 32, 64, 128)"
+            )
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def sym_zero(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    @property
+    def name(self) -> str:
+        """Quark-style name: ``uint4_wo_128`` (asymmetric) or ``int4_wo_128`` (symmetric)."""
+        return f"{'int' if self.symmetric else 'uint'}{self.bits}_wo_{self.group_size}"
+
+    @classmethod
+    def parse(cls, name: str) -> "QuantScheme":
+        """``uint4_wo_128`` -> QuantScheme(4, 128, symmetric=False)."""
+        parts = name.split("_")
+        if len(parts) != 3 or parts[1] != "wo" or not parts[0].rstrip("0123456789") in ("int", "uint"):
+            raise SchemeError(f"scheme {name!r} is not of the form uint4_wo_128 or int4_wo_64")
+        kind = parts[0].rstrip("0123456789")
+        try:
+            bits, group = int(parts[0][len(kind):]), int(parts[2])
+        except ValueError:
+            raise SchemeError(f"scheme {name!r} is not of the form uint4_wo_128 or int4_wo_64") from None
+        return cls(bits=bits, group_size=group, symmetric=(kind == "int"))
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) -> (out, G, group_size), the short last group padded by repeating its last
+    column, which leaves every group's min, max and absmax unchanged."""
+    out_f, in_f = w.shape
+    pad = n_groups(in_f, group_size) * group_size - in_f
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out_f, pad)], dim=1)
+    return w.reshape(out_f, -1, group_size)
+
+
+def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(out, G, group_size) -> (out, in): drops the padding ``to_groups`` added."""
+    return wg.reshape(wg.shape[0], -1)[:, :in_features]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """The integers of one linear: ``W ~ (q - zero[:, g]) * scale[:, g]`` per group g."""
+
+    q: torch.Tensor  # (out, in) uint8 in 0 .. 2^bits-1
+    scale: torch.Tensor  # (out, G) float32
+    zero: torch.Tensor  # (out, G) uint8
+    scheme: QuantScheme
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.zero, self.scheme.group_size)
+
+
+def group_range(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0):
+    """Per-group scale and zero point, range shrunk by ``shrink`` (scalar or (out, G)).
+
+    Asymmetric: [min, max] -> [shrink*min, shrink*max] (both ends move toward 0, so the
+    clipping search respects the asymmetric range); scale = (max - min) / qmax,
+    zero = round(-min / scale). Symmetric: absmax -> shrink*absmax, scale = absmax / (2^(b-1) - 1).
+    Returns (scale, zero) as (out, G) float tensors.
+    """
+    wg = to_groups(w, scheme.group_size)  # (out, G, gs)
+    if scheme.symmetric:
+        absmax = wg.abs().amax(dim=2) * shrink
+        scale = absmax.clamp(min=1e-8) / (scheme.sym_zero - 1)
+        zero = torch.full_like(scale, float(scheme.sym_zero))
+    else:
+        wmax = wg.amax(dim=2).clamp(min=0) * shrink
+        wmin = wg.amin(dim=2).clamp(max=0) * shrink
+        scale = (wmax - wmin).clamp(min=1e-8) / scheme.qmax
+        zero = torch.round(-wmin / scale).clamp(0, scheme.qmax)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Integers of ``w`` for the given per-group (scale, zero): (out, in) float holding 0..qmax."""
+    wg = to_groups(w, scheme.group_size)
+    q = torch.round(wg / scale.unsqueeze(2) + zero.unsqueeze(2)).clamp(0, scheme.qmax)
+    return from_groups(q, w.shape[1])
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(q - zero) * scale per group -> (out, in) float32."""
+    in_f = q.shape[1]
+    qg = to_groups(q.float(), group_size)
+    return from_groups((qg - zero.float().unsqueeze(2)) * scale.float().unsqueeze(2), in_f)
+
+
+def quantize(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0) -> QuantizedWeight:
+    scale, zero = group_range(w, scheme, shrink)
+    q = quantize_with(w, scale, zero, scheme)
+    return QuantizedWeight(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), scheme)
+
+
+def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """dequantize(quantize(w)) in float, shape of ``w``."""
+    scale, zero = group_range(w, scheme, shrink)
+    wg = to_groups(w, scheme.group_size)
+    q = torch.round(wg / scale.unsqueeze(2) + zero.unsqueeze(2)).clamp(0, scheme.qmax)
+    return from_groups((q - zero.unsqueeze(2)) * scale.unsqueeze(2), w.shape[1])
+
+
+# ---------------------------------------------------------------------------------------
+# AWQ statistics and losses
+
+
+def weight_magnitude(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """AWQ's weight statistic per input column: |W| normalized by its group's absmax,
+    averaged over output rows. (out, in) -> (in,)."""
+    wg = to_groups(w.abs(), group_size)
+    wg = wg / wg.amax(dim=2, keepdim=True).clamp(min=1e-8)
+    return from_groups(wg, w.shape[1]).mean(dim=0)
+
+
+def awq_candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    """s(a) = x_mean^a / w_mean^(1-a), normalized so that sqrt(max(s) * min(s)) = 1.
+
+    ``x_mean``: mean |activation| per channel, ``w_mean``: ``weight_magnitude`` per channel.
+    """
+    s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def quadratic_output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of ||x dW^T||^2 = tr(dW H dW^T), H = X^T X: (out, in), (in, in) -> scalar."""
+    return ((dw @ gram) * dw).sum()
+
+
+def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per (row, group) output error dW_g H_gg dW_g^T, ignoring cross-group terms.
+
+    (out, in), (in, in) -> (out, G). This is the clipping objective: every group's range is
+    chosen on its own, as AWQ's clip search does, but on all calibration tokens through H.
+    """
+    out_f, in_f = dw.shape
+    g = n_groups(in_f, group_size)
+    pad = g * group_size - in_f
+    dwp = F.pad(dw, (0, pad)).reshape(out_f, g, group_size)  # (out, G, gs)
+    hp = F.pad(gram, (0, pad, 0, pad))
+    idx = torch.arange(g)
+    blocks = hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]  # (G, gs, gs)
+    return torch.einsum("ogi,gij,ogj->og", dwp, blocks, dwp)
+
+
+# ---------------------------------------------------------------------------------------
+# MatMulNBits packing
+
+
+def pack_matmulnbits(qw: QuantizedWeight):
+    """Pack for com.microsoft::MatMulNBits (bits=4), low nibble first.
+
+    Returns (B, scales, zero_points): B uint8 (N, k_blocks, block_size/2) with the short
+    last block padded with zeros; scales float32 (N * k_blocks,); zero_points uint8
+    (N * ceil(k_blocks / 2),) or None for a symmetric scheme (MatMulNBits' default is 8).
+    """
+    scheme = qw.scheme
+    bs = scheme.group_size
+    q = qw.q.to(torch.uint8)
+    n, k = q.shape
+    kb = n_groups(k, bs)
+    q = F.pad(q, (0, kb * bs - k)).reshape(n, kb, bs // 2, 2)  # (N, kb, blob, 2)
+    packed = q[..., 0] | (q[..., 1] << 4)  # (N, kb, blob)
+    scales = qw.scale.to(torch.float32).reshape(-1)
+    if scheme.symmetric:
+        return packed.numpy(), scales.numpy(), None
+    zp = qw.zero.to(torch.uint8)
+    if kb % 2:
+        zp = F.pad(zp, (0, 1), value=scheme.sym_zero)
+    zp = zp.reshape(n, -1, 2)
+    zp_packed = (zp[..., 0] | (zp[..., 1] << 4)).reshape(-1)
+    return packed.numpy(), scales.numpy(), zp_packed.numpy()

@@ -1,0 +1,166 @@
+"""The pipeline driver: load -> export -> match -> search -> fold -> quantize -> emit.
+
+``compile`` is the Python API; the CLI is a thin layer over it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from passes.check_config import derive_groups, resolve_config
+from passes.channel_flow import example_values
+from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model
+from passes.groups import read_quark_config, to_quark_config
+
+from . import calib as calibration
+from .errors import ConfigError, InputError
+from .graph import export_model
+from .load import load_model
+from .numerics import QuantScheme
+from .search import SearchOptions, SearchResult, awq_search, rtn
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    files: list[Path]
+    report: dict = field(default_factory=dict)
+
+
+def _scheme(scheme) -> QuantScheme:
+    return scheme if isinstance(scheme, QuantScheme) else QuantScheme.parse(str(scheme))
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise InputError(f"output folder {out_dir} already exists and is not empty (pass --overwrite to replace it)")
+    if not out_dir.parent.exists():
+        raise InputError(f"the parent folder of {out_dir} does not exist")
+
+
+def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None, *, tokenizer=None,
+            n_samples: int = 128, seqlen: int = 512, clip: bool = True, rtn_only: bool = False,
+            seed: int = 0, accuracy_level: int = 0, overwrite: bool = False, progress=None,
+            search_options: dict | None = None) -> CompileResult:
+    """Quantize a causal LM with AWQ and write an int4 MatMulNBits ONNX model to ``out_dir``.
+
+    model: a ``PreTrainedModel`` (then pass ``tokenizer`` to have it saved) or a path to a
+    checkpoint folder or .gguf file. calib: None or "self" (text sampled from the model), a
+    .txt/.jsonl path, or token tensors (a tensor, a list, a dataloader). config: None (derive
+    the scaling groups from the graph), a Quark AWQ config dict, or a path to one.
+    Nothing is written to ``out_dir`` until everything succeeded.
+    """
+    qscheme = _scheme(scheme)
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, overwrite)
+    if isinstance(config, (str, os.PathLike)):
+        config = read_quark_config(config)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(stage):
+        nonlocal t
+        now = time.perf_counter()
+        timings[stage] = round(now - t, 3)
+        t = now
+
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load_model(model)
+    model.eval()
+    lap("load")
+
+    calib_ids = None
+    if not rtn_only:
+        if calib is None or (isinstance(calib, str) and calib == "self"):
+            if tokenizer is None:
+                raise InputError("calibration 'self' needs the tokenizer (pass tokenizer=...)")
+            calib_ids = calibration.self_generated(model, tokenizer, n_samples, seqlen, seed, progress=progress)
+            calib_source = "self"
+        elif isinstance(calib, (str, os.PathLike)):
+            if tokenizer is None:
+                raise InputError("a calibration text file needs the tokenizer (pass tokenizer=...)")
+            calib_ids = calibration.from_file(calib, tokenizer, n_samples, seqlen)
+            calib_source = str(calib)
+        else:
+            calib_ids = calibration.from_tensors(calib, n_samples, seqlen)
+            calib_source = "tensors"
+        lap("calibration")
+
+    gm = export_model(model)
+    lap("export")
+
+    example = example_values(gm)
+    if config is None:
+        prefix, per_layer, skipped = derive_groups(gm, example)
+        quark = to_quark_config(per_layer[0] if per_layer else [], prefix, len(per_layer))
+    else:
+        per_layer, faults = resolve_config(gm, config, example)
+        if faults:
+            raise ConfigError("config does not fit the model: " + "; ".join(faults))
+        skipped = []
+        quark = dict(config)
+    lap("match")
+
+    if rtn_only:
+        result = rtn(gm, qscheme)
+    else:
+        opts = SearchOptions(scheme=qscheme, clip=clip, **(search_options or {}))
+        result = awq_search(gm, per_layer, calib_ids, opts, progress=progress)
+    lap("search")
+
+    parent = out_dir.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        onnx_model = export_float_onnx(gm)
+        weight_param = {n: gm.linears[n].weight for n in result.quantized}
+        bias_param = {n: gm.linears[n].bias for n in result.quantized}
+        n_q = rewrite_matmulnbits(onnx_model, result.quantized, weight_param, bias_param, accuracy_level)
+        save_model(onnx_model, tmp / "model.onnx")
+        lap("emit")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "awq_config.json").write_text(json.dumps(quark, indent=2) + "\n")
+        report = _report(result, qscheme, n_q, timings, calib_ids, rtn_only, skipped, clip)
+        report["calibration_source"] = None if rtn_only else calib_source
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out_dir.exists():
+            old = parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(p for p in out_dir.iterdir() if p.is_file())
+    return CompileResult(out_dir, files, report)
+
+
+def _report(result: SearchResult, scheme: QuantScheme, n_q: int, timings, calib_ids, rtn_only, skipped, clip):
+    return {
+        "scheme": scheme.name,
+        "method": "rtn" if rtn_only else ("awq+clip" if clip else "awq"),
+        "quantized_linears": n_q,
+        "calibration": None if calib_ids is None else {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1])},
+        "timings_s": timings,
+        "search_s": round(result.seconds, 3),
+        "groups": [
+            {"layer": g.layer, "prev_op": g.prev_op, "layers": g.layers,
+             "ratio": g.ratio, "loss_rtn": g.loss_rtn, "loss_awq": g.loss_awq}
+            for g in result.groups
+        ],
+        "clipping": [
+            {"linear": c.linear, "clipped": c.clipped, "loss_before": c.loss_before,
+             "loss_after": c.loss_after, "mean_shrink": c.mean_shrink}
+            for c in result.clips
+        ],
+        "skipped_groups": [{"prev_op": s.prev_op, "layers": list(s.layers), "reason": s.reason} for s in skipped],
+    }

@@ -1,0 +1,369 @@
+"""The AWQ search, decoder layer by decoder layer, over the exported graph.
+
+For group g with layers W_i (channel maps m_i), calibration input X of ``inp`` and
+candidate scales s(a) = x_mean^a / w_mean^(1-a) (a = 0, 1/20, ..., 19/20) plus s = 1:
+
+    L(s) = || f(X; Q(W_i diag(s[m_i])) diag(s[m_i])^-1) - f(X; W_i) ||^2 / numel
+
+where f is the ``module2inspect`` subgraph run by the interpreter. When f is the single
+linear of the group, L(s) = tr(dW H dW^T) / numel with H = X^T X accumulated once over
+every calibration token, so a grid point costs one (out, in) x (in, in) product instead of
+a forward pass. Otherwise f runs on a fixed subsample of whole sequences (``loss_tokens``);
+the statistics (x_mean, H) always use every token.
+
+Then per linear, a clipping search: each group's range [min, max] shrinks by r in
+1, 0.95, ..., 0.55 (asymmetric: both ends toward 0), r chosen per (row, group) by
+dW_g H_gg dW_g^T on the scaled input. Linears whose output becomes attention scores
+(q/k: they feed softmax through RoPE) keep their full range, as in AWQ.
+
+The next layer's calibration input is this layer's float output; folding leaves the float
+function unchanged, so the capture pass already computed it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from passes.check_config import decoder_layers
+from passes.fold import fold_scales
+from passes.groups import ScalingGroup
+
+from .graph import GraphModel, in_module, module_path, run_nodes
+from .numerics import (QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_quadratic_error,
+                       fake_quantize, quadratic_output_error, quantize, weight_magnitude)
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    scheme: QuantScheme = QuantScheme()
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    loss_tokens: int = 2048  # whole sequences for a non-linear module2inspect
+    chunk_tokens: int = 4096  # tokens per interpreter pass
+
+    def __post_init__(self):
+        if self.n_grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1:
+            raise ValueError("n_grid and clip_grid must be >= 1 and 0 <= max_shrink < 1")
+
+
+@dataclass
+class GroupReport:
+    layer: int
+    prev_op: str
+    layers: list[str]
+    ratio: float | None  # None: the identity (plain RTN) won
+    loss_rtn: float
+    loss_awq: float
+
+
+@dataclass
+class ClipReport:
+    linear: str
+    clipped: bool
+    loss_before: float
+    loss_after: float
+    mean_shrink: float
+
+
+@dataclass
+class SearchResult:
+    quantized: dict[str, QuantizedWeight]
+    groups: list[GroupReport] = field(default_factory=list)
+    clips: list[ClipReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def quantizable_linears(gm: GraphModel) -> list[str]:
+    """Linears of the decoder layers with a private weight (lm_head and tied weights stay float)."""
+    prefix, _ = decoder_layers(gm)
+    return [n for n, site in gm.linears.items()
+            if n.startswith(prefix + ".") and len(site.node.args[1].users) == 1]
+
+
+def rtn(gm: GraphModel, scheme: QuantScheme) -> SearchResult:
+    """Round-to-nearest baseline: every quantizable linear, full range, no search."""
+    out = {name: quantize(gm.params[gm.linears[name].weight].detach().float(), scheme)
+           for name in quantizable_linears(gm)}
+    return SearchResult(out)
+
+
+class _Stages:
+    """The graph cut into pre, decoder layer 0..n-1 and post stages, with the values each
+    stage hands to later ones."""
+
+    def __init__(self, gm: GraphModel):
+        prefix, n = decoder_layers(gm)
+        self.prefix, self.n = prefix, n
+        calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+
+        def layer_of(node):
+            mp = module_path(node)
+            if mp.startswith(prefix + "."):
+                part = mp[len(prefix) + 1:].split(".", 1)[0]
+                if part.isdigit():
+                    return int(part)
+            return None
+
+        stage_of: dict[fx.Node, int] = {}
+        pending: list[fx.Node] = []
+        seen_layer = False
+        for node in calls:
+            li = layer_of(node)
+            if li is None:
+                if seen_layer:
+                    pending.append(node)  # between layers or after: joins the next stage
+                else:
+                    stage_of[node] = 0
+                continue
+            seen_layer = True
+            for p in pending:
+                stage_of[p] = li + 1
+            pending = []
+            stage_of[node] = li + 1
+        for p in pending:
+            stage_of[p] = n + 1
+        self.stages: list[list[fx.Node]] = [[] for _ in range(n + 2)]
+        for node in calls:
+            self.stages[stage_of[node]].append(node)
+        # values produced at stage <= k and read at a stage > k
+        self.keep_after: list[set] = []
+        for k in range(n + 2):
+            keep = set()
+            for later in self.stages[k + 1:]:
+                for node in later:
+                    for a in _args(node):
+                        if a.op == "call_function" and stage_of[a] <= k:
+                            keep.add(a)
+            self.keep_after.append(keep)
+
+
+def _args(node: fx.Node) -> list[fx.Node]:
+    found = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
+    return found
+
+
+def _feeds_attention_scores(site_node: fx.Node, depth: int = 16) -> bool:
+    """True when the linear's output reaches softmax or the q/k operand of attention."""
+    frontier, seen = [site_node], set()
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                t = user.target
+                if t is aten.scaled_dot_product_attention.default and node in user.args[:2]:
+                    return True
+                if t in (aten._softmax.default, aten.softmax.int):
+                    return True
+                if t is aten.linear.default:
+                    continue
+                nxt.append(user)
+        frontier = nxt
+    return False
+
+
+class _Stat:
+    """Per input node: sum |x| per channel, H = X^T X, token count."""
+
+    def __init__(self, channels: int):
+        self.abs_sum = torch.zeros(channels, dtype=torch.float64)
+        self.gram = torch.zeros(channels, channels, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, C)
+        self.abs_sum += x2.abs().sum(0).double()
+        self.gram += (x2.T @ x2).double()
+        self.tokens += x2.shape[0]
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+
+def _scatter_mean(values: torch.Tensor, cmap: torch.Tensor, channels: int) -> torch.Tensor:
+    total = torch.zeros(channels).index_add_(0, cmap, values.float())
+    count = torch.zeros(channels).index_add_(0, cmap, torch.ones_like(values, dtype=torch.float32))
+    return total / count.clamp(min=1)
+
+
+def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch.Tensor,
+               opts: SearchOptions, progress=None) -> SearchResult:
+    """Search, fold (in place on ``gm.params``) and quantize every decoder layer.
+
+    ``calib``: (n_samples, seqlen) token ids. ``progress(iterable, desc, total)`` wraps loops.
+    """
+    t0 = time.perf_counter()
+    progress = progress or (lambda it, desc, total: it)
+    stages = _Stages(gm)
+    scheme = opts.scheme
+    n_samples, seqlen = calib.shape
+    # chunk 0 is the loss subsample: whole sequences, evenly spaced through the set
+    n_loss = max(1, min(n_samples, opts.loss_tokens // seqlen))
+    loss_idx = torch.linspace(0, n_samples - 1, n_loss).round().long().unique()
+    rest = torch.tensor([i for i in range(n_samples) if i not in set(loss_idx.tolist())], dtype=torch.long)
+    per_chunk = max(1, opts.chunk_tokens // seqlen)
+    chunks = [calib[loss_idx]] + [calib[rest[i:i + per_chunk]] for i in range(0, len(rest), per_chunk)]
+    input_node = gm.input_node()
+    params_env = gm.param_env()
+    stores: list[dict] = [{} for _ in chunks]
+    with torch.no_grad():
+        for c, ids in enumerate(chunks):  # pre stage: embeddings, rotary tables, masks
+            env = {**params_env, input_node: ids}
+            run_nodes(stages.stages[0], env)
+            stores[c] = {n: env[n] for n in stages.keep_after[0]}
+
+    quantizable = set(quantizable_linears(gm))
+    result = SearchResult({})
+    for li in progress(range(stages.n), "AWQ search", stages.n):
+        nodes = stages.stages[li + 1]
+        groups = per_layer[li] if li < len(per_layer) else []
+        base = f"{stages.prefix}.{li}"
+        linears = [n for n in gm.linears if n.startswith(base + ".") and n in quantizable]
+        with torch.no_grad():
+            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result):
+    scheme = opts.scheme
+    input_nodes = {gm.linears[n].node.args[0] for n in linears}
+    for g in groups:
+        input_nodes.add(gm.linears[g.inp].node.args[0])
+    stats = {node: _Stat(node.meta["val"].shape[-1]) for node in input_nodes}
+    # module2inspect subgraphs that are not a single linear: run on chunk 0
+    inspect = {}
+    for g in groups:
+        if not (len(g.layers) == 1 and g.module2inspect == g.layers[0]) and g.module2inspect not in inspect:
+            sub = [n for n in nodes if in_module(n, g.module2inspect)]
+            subset = set(sub)
+            ext = {a for n in sub for a in _args(n) if a not in subset}
+            outs = [n for n in sub if any(u not in subset for u in n.users)]
+            inspect[g.module2inspect] = (sub, ext, outs)
+    saved = {}
+    params_env = gm.param_env()
+    input_node = gm.input_node()
+    for c, ids in enumerate(chunks):
+        env = {**params_env, **stores[c], input_node: ids}
+        run_nodes(nodes, env)
+        for node, st in stats.items():
+            st.add(env[node])
+        if c == 0:
+            for name, (sub, ext, outs) in inspect.items():
+                saved[name] = ({a: env[a] for a in ext}, [env[o].clone() for o in outs])
+        stores[c] = {n: env[n] for n in stages.keep_after[li + 1]}
+        del env
+
+    col_scale = {n: None for n in linears}
+    folds = []
+    for g in groups:
+        s, report = _search_group(gm, li, g, stats, inspect, saved, opts)
+        result.groups.append(report)
+        if s is not None:
+            folds.append((g, s))
+    weight_of = {n: site.weight for n, site in gm.linears.items()}
+    for g, s in folds:
+        fold_scales(gm.params, g, s, weight_of)
+        for layer, cmap in zip(g.layers, g.channel_maps):
+            if layer in col_scale:
+                col = s[torch.tensor(cmap)]
+                col_scale[layer] = col if col_scale[layer] is None else col_scale[layer] * col
+    for name in linears:
+        site = gm.linears[name]
+        w = gm.params[site.weight].detach().float()
+        stat = stats[site.node.args[0]]
+        gram = stat.gram.float()
+        if col_scale[name] is not None:  # the input is now x / s: H -> diag(1/s) H diag(1/s)
+            inv = 1.0 / col_scale[name]
+            gram = gram * inv[:, None] * inv[None, :]
+        shrink, report = _clip_search(name, w, gram, stat.tokens, opts, site.node)
+        if report is not None:
+            result.clips.append(report)
+        result.quantized[name] = quantize(w, scheme, shrink)
+
+
+def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
+    scheme = opts.scheme
+    inp_stat = stats[gm.linears[g.inp].node.args[0]]
+    inp_map = torch.tensor(g.channel_map(g.inp))
+    x_mean = _scatter_mean(inp_stat.x_mean, inp_map, g.channels)
+    weights = {name: gm.params[gm.linears[name].weight].detach().float() for name in g.layers}
+    maps = {name: torch.tensor(g.channel_map(name)) for name in g.layers}
+    rows = sum(w.shape[0] for w in weights.values())
+    w_mean = sum(_scatter_mean(weight_magnitude(w, scheme.group_size), maps[n], g.channels) * w.shape[0]
+                 for n, w in weights.items()) / rows
+
+    linear_inspect = len(g.layers) == 1 and g.module2inspect == g.layers[0]
+    if linear_inspect:
+        name = g.layers[0]
+        gram = stats[gm.linears[name].node.args[0]].gram.float()
+        numel = stats[gm.linears[name].node.args[0]].tokens * weights[name].shape[0]
+
+        def loss_of(s):
+            sc = s[maps[name]]
+            w = weights[name]
+            dw = fake_quantize(w * sc, scheme) / sc - w
+            return float(quadratic_output_error(dw, gram)) / numel
+    else:
+        sub, ext, outs = inspect[g.module2inspect]
+        ext_values, refs = saved[g.module2inspect]
+        placeholders = {name: gm.param_node(gm.linears[name].weight) for name in g.layers}
+        numel = sum(r.numel() for r in refs)
+
+        def loss_of(s):
+            env = dict(ext_values)
+            for name, w in weights.items():
+                sc = s[maps[name]]
+                env[placeholders[name]] = fake_quantize(w * sc, scheme) / sc
+            run_nodes(sub, env)
+            return sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs)) / numel
+
+    ones = torch.ones(g.channels)
+    loss_rtn = loss_of(ones)
+    best_loss, best_ratio, best_s = loss_rtn, None, None
+    for k in range(opts.n_grid):
+        ratio = k / opts.n_grid
+        s = awq_candidate_scales(x_mean, w_mean, ratio)
+        if not torch.isfinite(s).all():
+            continue
+        loss = loss_of(s)
+        if loss < best_loss:
+            best_loss, best_ratio, best_s = loss, ratio, s
+    return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss)
+
+
+def _clip_search(name, w, gram, tokens, opts, node):
+    scheme = opts.scheme
+    if not opts.clip:
+        return 1.0, None
+    numel = max(tokens, 1) * w.shape[0]
+    if _feeds_attention_scores(node):
+        base = blockwise_quadratic_error(fake_quantize(w, scheme) - w, gram, scheme.group_size)
+        loss = float(base.sum()) / numel
+        return 1.0, ClipReport(name, False, loss, loss, 1.0)
+    best_err, best_shrink = None, None
+    steps = max(1, int(round(opts.max_shrink * opts.clip_grid)))
+    for k in range(steps):
+        r = 1.0 - k / opts.clip_grid
+        err = blockwise_quadratic_error(fake_quantize(w, scheme, r) - w, gram, scheme.group_size)  # (out, G)
+        if best_err is None:
+            before = float(err.sum()) / numel
+            best_err, best_shrink = err, torch.full_like(err, r)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_shrink = torch.where(better, torch.full_like(err, r), best_shrink)
+    after = float(best_err.sum()) / numel
+    return best_shrink, ClipReport(name, True, before, after, float(best_shrink.mean()))

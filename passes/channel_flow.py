@@ -1,0 +1,330 @@
+"""Channel dataflow: which ``prev_op -> layers`` pairs can carry a positive per-channel scale.
+
+The rewrite we want to make exact: for a source tensor ``y`` (a fold point's output, C
+channels on its last dim) and positive ``s`` in R^C,
+
+    y' = y * diag(1/s)                      (folded into the source's parameters)
+    W_i' = W_i * diag(s[map_i])             (folded into every consumer linear's columns)
+
+leaves the float function unchanged iff every path from ``y`` to a consumer commutes with a
+per-channel scale, and every consumer of those paths is one of the compensated linears.
+
+Rules (each op below commutes with ``x -> x * s`` on its carried operand):
+  1. data movement (view, reshape, transpose, permute, expand, slice, split, cat, select,
+     index_select, clone, alias, casts): channels move, values do not; the channel map
+     follows by running the op on a tensor of channel indices ("tags").
+  2. elementwise mul/div by a tensor that does not depend on ``y``: (s x) * z = s (x z).
+  3. positively homogeneous maps: relu(s x) = s relu(x), leaky_relu, dropout (eval), neg.
+  4. attention's value path: softmax(QK^T) (s V) = s (softmax(QK^T) V), channel d of V
+     goes to channel d of the output, per head (repeated per group for enable_gqa).
+     Also ``P @ V`` (eager attention) with V as the right operand.
+Fold points (where ``1/s`` goes):
+  A. a norm's affine weight: ``w * x_hat`` with w a 1-D parameter -> w / s.
+  B. a norm written ``x_hat * (1 + w)`` -> w' = (1 + w) / s - 1.
+  C. aten.layer_norm weight and bias -> weight / s, bias / s.
+  D. a linear's output rows (and bias) -> W[j, :] / s_j, b_j / s_j.
+Anything else ends the walk (silu, gelu, softmax input, residual add, rope on q/k, ...).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from awq_graph.graph import GraphModel, module_path, run_nodes
+from passes.groups import ScalingGroup, SkippedGroup
+
+aten = torch.ops.aten
+
+# Rule 1: pure data movement, carried operand is args[0].
+MOVEMENT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.narrow.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.repeat.default, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.chunk.default, aten.unbind.int, aten.index_select.default, aten.repeat_interleave.self_int,
+    aten.movedim.int, aten.detach.default, operator.getitem,
+}
+# Casts move no channels; the tags are kept as they are (a cast to bf16 would round them).
+CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default, aten.lift_fresh_copy.default}
+# Rule 3: positively homogeneous, elementwise.
+HOMOGENEOUS = {aten.relu.default, aten.leaky_relu.default, aten.dropout.default, aten.neg.default,
+               aten.mul.Scalar, aten.div.Scalar}
+# Rule 2: elementwise with another tensor; the carrier may be either operand of mul, the first of div.
+ELEMENTWISE_MUL = {aten.mul.Tensor}
+ELEMENTWISE_DIV = {aten.div.Tensor}
+SDPA = {aten.scaled_dot_product_attention.default}
+MATMUL = {aten.matmul.default, aten.bmm.default}
+
+
+@dataclass(frozen=True)
+class FoldPoint:
+    kind: str  # "norm_weight" | "norm_offset" | "layer_norm" | "linear"
+    module: str
+    node: fx.Node  # the node whose output is the scaled tensor
+    params: tuple[str, ...]  # parameter names the fold edits
+    channels: int
+
+
+@dataclass
+class Trace:
+    source: FoldPoint
+    path: list[fx.Node]  # from just after the source to the linear's input, in graph order
+    carriers: dict[fx.Node, fx.Node]  # path node -> the operand that carries the channels
+
+
+@dataclass
+class Stop:
+    node: fx.Node
+    reason: str
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", str(t)).split(".")[0]
+
+
+def _single_use_param(gm: GraphModel, arg) -> str | None:
+    name = gm.param_of(arg)
+    if name is None:
+        return None
+    return name if len(arg.users) == 1 else None
+
+
+def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop | None:
+    """Cases A-D of the module docstring, or None if ``node`` is not a fold point."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t is aten.linear.default and gm.param_of(node.args[1]):  # Case D
+        w = _single_use_param(gm, node.args[1])
+        if w is None:
+            return Stop(node, f"'{module_path(node)}' shares its weight with another op (tied weights)")
+        params = [w]
+        if len(node.args) > 2 and node.args[2] is not None:
+            b = _single_use_param(gm, node.args[2])
+            if b is None:
+                return Stop(node, f"'{module_path(node)}' has a bias that is not a private parameter")
+            params.append(b)
+        return FoldPoint("linear", module_path(node), node, tuple(params), int(gm.params[w].shape[0]))
+    if t is aten.layer_norm.default and len(node.args) > 2 and gm.param_of(node.args[2]):  # Case C
+        params = [_single_use_param(gm, a) for a in node.args[2:4] if a is not None]
+        if None in params:
+            return Stop(node, f"'{module_path(node)}' shares its affine parameters")
+        return FoldPoint("layer_norm", module_path(node), node, tuple(params), int(gm.params[params[0]].shape[0]))
+    if t is aten.mul.Tensor:
+        out = example.get(node)
+        for i, a in enumerate(node.args[:2]):
+            other = node.args[1 - i]
+            name = gm.param_of(a)
+            if name is not None and gm.params[name].dim() == 1 and isinstance(out, torch.Tensor) \
+                    and gm.params[name].shape[0] == out.shape[-1] and isinstance(other, fx.Node):
+                if len(a.users) != 1:
+                    return Stop(node, f"parameter '{name}' is used elsewhere too")
+                return FoldPoint("norm_weight", module_path(node), node, (name,), out.shape[-1])  # Case A
+            if isinstance(a, fx.Node) and a.op == "call_function" and a.target is aten.add.Tensor \
+                    and len(a.users) == 1 and isinstance(out, torch.Tensor):
+                p, c = a.args[0], a.args[1]
+                if gm.param_of(c) and not gm.param_of(p):
+                    p, c = c, p
+                name = gm.param_of(p)
+                if name is not None and c == 1 and gm.params[name].dim() == 1 \
+                        and gm.params[name].shape[0] == out.shape[-1] and len(p.users) == 1:
+                    return FoldPoint("norm_offset", module_path(node), node, (name,), out.shape[-1])  # Case B
+    return None
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    found = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
+    return found
+
+
+def trace_up(gm: GraphModel, start: fx.Node, example: dict) -> Trace | Stop:
+    """Walk from a linear's input toward the nearest fold point through rules 1-4."""
+    path: list[fx.Node] = []
+    carriers: dict[fx.Node, fx.Node] = {}
+    cur = start
+    while True:
+        fp = fold_point(gm, cur, example)
+        if isinstance(fp, FoldPoint):
+            path.reverse()
+            return Trace(fp, path, carriers)
+        if isinstance(fp, Stop):
+            return fp
+        if cur.op != "call_function":
+            return Stop(cur, f"'{cur.name}' is a graph input")
+        t = cur.target
+        if t in MOVEMENT or t in CASTS or t in HOMOGENEOUS:
+            nxt = cur.args[0]
+            if isinstance(nxt, (list, tuple)):
+                return Stop(cur, f"{cur.name} ({_op_name(cur)}) has several inputs")
+        elif t is aten.cat.default:
+            sources = [a for a in cur.args[0] if isinstance(a, fx.Node)]
+            found = [trace_up(gm, a, example) for a in sources]
+            ok = [(a, tr) for a, tr in zip(sources, found) if isinstance(tr, Trace)]
+            if len(ok) != 1:
+                return Stop(cur, f"{cur.name} (cat) joins {len(ok)} scalable inputs; one is needed")
+            nxt = ok[0][0]
+        elif t in ELEMENTWISE_MUL or t in ELEMENTWISE_DIV:
+            cands = [a for a in cur.args[:2] if isinstance(a, fx.Node)]
+            if t in ELEMENTWISE_DIV:
+                cands = cands[:1]
+            found = [(a, trace_up(gm, a, example)) for a in cands]
+            ok = [(a, tr) for a, tr in found if isinstance(tr, Trace)]
+            if len(ok) != 1:
+                if not ok:
+                    reasons = "; ".join(tr.reason for _, tr in found if isinstance(tr, Stop))
+                    return Stop(cur, reasons or f"{cur.name} (mul) has no scalable operand")
+                return Stop(cur, f"{cur.name} ({_op_name(cur)}) multiplies two scalable tensors")
+            nxt = ok[0][0]
+        elif t in SDPA:
+            nxt = cur.args[2]
+        elif t in MATMUL:
+            nxt = cur.args[1]
+        else:
+            return Stop(cur, f"'{module_path(cur) or cur.name}' reaches it only through {cur.name} "
+                             f"({_op_name(cur)}), which does not commute with scaling")
+        path.append(cur)
+        carriers[cur] = nxt
+        cur = nxt
+
+
+def _ancestors(node: fx.Node, memo: dict) -> set:
+    if node in memo:
+        return memo[node]
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for a in _tensor_args(n):
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    memo[node] = seen
+    return seen
+
+
+def propagate_tags(source: FoldPoint, path: list[fx.Node], carriers: dict, example: dict) -> dict:
+    """Run the path on channel-index tensors: tags[n][..., c] = source channel feeding n[..., c]."""
+    out = example[source.node]
+    tag0 = torch.arange(source.channels, dtype=torch.float64).expand(out.shape).contiguous()
+    tags = {source.node: tag0}
+    for node in path:
+        carrier = carriers[node]
+        tag = tags[carrier]
+        t = node.target
+        if t in CASTS or t in HOMOGENEOUS:
+            tags[node] = tag
+        elif t in ELEMENTWISE_MUL or t in ELEMENTWISE_DIV:
+            tags[node] = torch.broadcast_to(tag, example[node].shape)
+        elif t in SDPA or t in MATMUL:
+            # Rule 4: out[..., i, d] mixes v[..., j, d] over j: channel d per head.
+            first = tag[..., :1, :]
+            if not torch.equal(tag, first.expand_as(tag)):
+                raise _Inconsistent(node)
+            res = example[node]
+            if t in SDPA and first.shape[-3] != res.shape[-3]:  # enable_gqa
+                first = first.repeat_interleave(res.shape[-3] // first.shape[-3], dim=-3)
+            tags[node] = torch.broadcast_to(first, res.shape)
+        else:
+            def sub(a):
+                return tag if a is carrier else example[a]
+            args = fx.node.map_arg(node.args, sub)
+            kwargs = fx.node.map_arg(node.kwargs, sub)
+            tags[node] = node.target(*args, **kwargs)
+    return tags
+
+
+class _Inconsistent(Exception):
+    def __init__(self, node):
+        self.node = node
+
+
+def example_values(gm: GraphModel, seq: int = 6) -> dict:
+    """Concrete values of every node for a small input: shapes for the analysis."""
+    env = gm.param_env()
+    vocab = gm.program.graph_signature  # noqa: F841 (kept for clarity of intent)
+    ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
+    env[gm.input_node()] = ids
+    with torch.no_grad():
+        return run_nodes([n for n in gm.graph.nodes if n.op == "call_function"], env)
+
+
+def find_groups(gm: GraphModel, linears: list[str] | None = None, example: dict | None = None):
+    """All valid scaling groups among ``linears`` (default: every linear with a parameter weight).
+
+    Returns (groups, skipped): ScalingGroup records in graph order, and SkippedGroup records
+    that say why a source found by the walk could not carry a scale.
+    """
+    example = example if example is not None else example_values(gm)
+    names = linears if linears is not None else list(gm.linears)
+    traces: dict[fx.Node, list[tuple[str, Trace]]] = {}
+    for name in names:
+        site = gm.linears[name]
+        tr = trace_up(gm, site.node.args[0], example)
+        if isinstance(tr, Trace):
+            traces.setdefault(tr.source.node, []).append((name, tr))
+    groups, skipped = [], []
+    memo: dict = {}
+    for src_node, members in traces.items():
+        source = members[0][1].source
+        layer_names = [m for m, _ in members]
+        reason = _check_consumers(gm, source, members, memo)
+        if reason:
+            skipped.append(SkippedGroup(source.module, tuple(layer_names), reason))
+            continue
+        maps = {}
+        try:
+            for name, tr in members:
+                tags = propagate_tags(source, tr.path, tr.carriers, example)
+                maps[name] = _channel_map(tags[tr.path[-1]] if tr.path else tags[src_node], name)
+        except _Inconsistent as exc:
+            skipped.append(SkippedGroup(source.module, tuple(layer_names),
+                                        f"channels do not stay aligned through {exc.node.name}"))
+            continue
+        except ValueError as exc:
+            skipped.append(SkippedGroup(source.module, tuple(layer_names), str(exc)))
+            continue
+        groups.append(ScalingGroup.build(source.module, source.kind, source.params, source.channels,
+                                         layer_names, maps))
+    return groups, skipped
+
+
+def _check_consumers(gm: GraphModel, source: FoldPoint, members, memo) -> str | None:
+    """Every consumer of the scaled tensor must be compensated (soundness rule)."""
+    on_path = {source.node}
+    for _, tr in members:
+        on_path.update(tr.path)
+    layer_inputs = {gm.linears[name].node: name for name, _ in members}
+    for node in on_path:
+        for user in node.users:
+            if user in on_path:
+                continue
+            if user in layer_inputs and user.args[0] is node:
+                continue
+            what = module_path(user) or user.name
+            if user.op == "call_function" and user.target is aten.linear.default:
+                return f"'{what}' also reads the scaled tensor but is not compensated"
+            return f"the scaled tensor also flows into {user.name} ({_op_name(user)}) in '{what}', which cannot be compensated"
+    for _, tr in members:
+        for node in tr.path:
+            carrier = tr.carriers[node]
+            for other in _tensor_args(node):
+                if other is carrier or gm.param_of(other):
+                    continue
+                if source.node is other or source.node in _ancestors(other, memo):
+                    return f"{node.name} ({_op_name(node)}) combines the scaled tensor with itself"
+    for name, _ in members:
+        if len(gm.linears[name].node.args[1].users) != 1:
+            return f"'{name}' shares its weight with another op (tied weights)"
+    return None
+
+
+def _channel_map(tag: torch.Tensor, layer: str) -> list[int]:
+    rows = tag.reshape(-1, tag.shape[-1])
+    if not torch.equal(rows, rows[:1].expand_as(rows)):
+        raise ValueError(f"the input channels of '{layer}' do not map to fixed source channels")
+    return [int(v) for v in rows[0].tolist()]

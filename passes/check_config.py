@@ -1,0 +1,125 @@
+"""Match: derive the per-layer scaling groups from the graph, or check a user's Quark config.
+
+``derive_groups`` runs the channel flow over every decoder layer's linears.
+``resolve_config`` instantiates a Quark template for every decoder layer and checks each
+entry against the graph; each fault is a string that starts with the config path
+(``scaling_layers[3]: ...``) and says the graph reason.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from awq_graph.errors import ConfigError
+from awq_graph.graph import GraphModel, module_path
+from passes.channel_flow import FoldPoint, Stop, Trace, _check_consumers, _channel_map, _op_name, \
+    example_values, find_groups, propagate_tags, trace_up
+from passes.groups import ScalingGroup, common_module
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def decoder_layers(gm: GraphModel) -> tuple[str, int]:
+    """The repeated block that holds the linears: ("model.layers", 30) for Llama."""
+    counts: Counter = Counter()
+    indices: dict[str, set] = {}
+    for path in gm.linears:
+        parts = path.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            if parts[k].isdigit():
+                prefix = ".".join(parts[:k])
+                counts[prefix] += 1
+                indices.setdefault(prefix, set()).add(int(parts[k]))
+                break
+    if not counts:
+        raise ConfigError("no repeated decoder block with linear layers was found in the graph")
+    prefix = max(counts, key=lambda p: (counts[p], -len(p)))
+    return prefix, max(indices[prefix]) + 1
+
+
+def layer_linears(gm: GraphModel, prefix: str, i: int) -> list[str]:
+    return [name for name in gm.linears if name.startswith(f"{prefix}.{i}.")]
+
+
+def derive_groups(gm: GraphModel, example=None):
+    """Groups and skipped sources of every decoder layer, layer by layer, in graph order."""
+    prefix, n = decoder_layers(gm)
+    example = example if example is not None else example_values(gm)
+    per_layer, skipped = [], []
+    for i in range(n):
+        groups, skip = find_groups(gm, layer_linears(gm, prefix, i), example)
+        per_layer.append(groups)
+        skipped.extend(skip)
+    return prefix, per_layer, skipped
+
+
+def resolve_config(gm: GraphModel, cfg: dict, example=None):
+    """Instantiate a Quark AWQ template per decoder layer -> (per-layer groups, faults)."""
+    example = example if example is not None else example_values(gm)
+    prefix = cfg["model_decoder_layers"]
+    n = 0
+    while f"{prefix}.{n}" in gm.module_types:
+        n += 1
+    if n == 0:
+        return [], [f"model_decoder_layers: '{prefix}' names no module list in the graph "
+                    f"(found e.g. {sorted(gm.module_types)[1:4]})"]
+    faults: list[str] = []
+    per_layer: list[list[ScalingGroup]] = []
+    memo: dict = {}
+    for i in range(n):
+        groups = []
+        base = f"{prefix}.{i}"
+        for k, entry in enumerate(cfg["scaling_layers"]):
+            where = f"scaling_layers[{k}]"
+            prev = f"{base}.{entry['prev_op']}"
+            layers = [f"{base}.{x}" for x in entry["layers"]]
+            fault = None
+            if prev not in gm.module_types:
+                fault = f"{where}: prev_op '{entry['prev_op']}' is not a module of {base}"
+            for rel, path in zip(entry["layers"], layers):
+                if fault is None and path not in gm.linears:
+                    fault = (f"{where}: layer '{rel}' is not a module of {base}" if path not in gm.module_types
+                             else f"{where}: layer '{rel}' is not a linear layer")
+            if fault is None and f"{base}.{entry['inp']}" not in gm.module_types:
+                fault = f"{where}: inp '{entry['inp']}' is not a module of {base}"
+            inspect = entry.get("module2inspect")
+            if fault is None and inspect and f"{base}.{inspect}" not in gm.module_types:
+                fault = f"{where}: module2inspect '{inspect}' is not a module of {base}"
+            if fault is None and inspect and not all(
+                    p == f"{base}.{inspect}" or p.startswith(f"{base}.{inspect}.") for p in layers):
+                fault = f"{where}: module2inspect '{inspect}' does not contain all of its layers"
+            members = []
+            source = None
+            if fault is None:
+                for rel, path in zip(entry["layers"], layers):
+                    tr = trace_up(gm, gm.linears[path].node.args[0], example)
+                    if isinstance(tr, Stop):
+                        culprit = module_path(tr.node) or tr.node.name
+                        fault = (f"{where}: prev_op '{entry['prev_op']}' reaches '{rel}' only through "
+                                 f"'{_rel(culprit, base)}' ({_op_name(tr.node)}), which does not commute with scaling")
+                        break
+                    if tr.source.module != prev:
+                        fault = (f"{where}: layer '{rel}' does not read prev_op '{entry['prev_op']}': its input "
+                                 f"scales back to '{_rel(tr.source.module, base)}'")
+                        break
+                    source = tr.source
+                    members.append((path, tr))
+            if fault is None:
+                reason = _check_consumers(gm, source, members, memo)
+                if reason:
+                    fault = f"{where}: {reason.replace(base + '.', '')}"
+            if fault is None:
+                maps = {path: _channel_map(propagate_tags(source, tr.path, tr.carriers, example)[
+                    tr.path[-1] if tr.path else source.node], path) for path, tr in members}
+                groups.append(ScalingGroup.build(
+                    source.module, source.kind, source.params, source.channels, layers, maps,
+                    inp=f"{base}.{entry['inp']}",
+                    module2inspect=f"{base}.{inspect}" if inspect else common_module(layers)))
+            elif fault not in faults:
+                faults.append(fault if i == 0 else f"{fault} (layer {i})")
+        per_layer.append(groups)
+    return per_layer, faults
+
+
+def _rel(path: str, base: str) -> str:
+    return path[len(base) + 1:] if path.startswith(base + ".") else path

@@ -1,0 +1,100 @@
+"""Emit: the folded float graph to ONNX, then every quantized linear to one MatMulNBits.
+
+Rewrite (per quantized linear with weight W, integers q, scales, zero points):
+
+    MatMul(x, Transpose(W))            ->  com.microsoft::MatMulNBits(x, B, scales[, zp])
+    Gemm(x, W, transB=1) / + bias      ->  MatMulNBits(x, B, scales, zp, bias)
+
+B, scales and zp are packed by ``awq_graph.numerics.pack_matmulnbits`` from the exact
+integers the search chose. W's float initializer is removed.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from awq_graph.graph import GraphModel
+from awq_graph.numerics import QuantizedWeight, pack_matmulnbits
+from awq_graph.errors import ExportError
+
+log = logging.getLogger(__name__)
+_PREFIX = "lm."
+
+
+def export_float_onnx(gm: GraphModel) -> ir.Model:
+    """torch.onnx (dynamo) export of the program with its current (folded) parameters."""
+    example = torch.randint(0, 2, (1, 8))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(gm.program, (example,), dynamo=True, optimize=False,
+                                        external_data=True, verbose=False,
+                                        input_names=["input_ids"], output_names=["logits"])
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
+    return program.model
+
+
+def _initializer(graph: ir.Graph, param: str) -> ir.Value | None:
+    return graph.initializers.get(_PREFIX + param) or graph.initializers.get(param)
+
+
+def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
+                        weight_param: dict[str, str], bias_param: dict[str, str | None],
+                        accuracy_level: int = 0) -> int:
+    """Replace each quantized linear's MatMul with MatMulNBits; returns how many."""
+    graph = model.graph
+    count = 0
+    for layer, qw in weights.items():
+        w_value = _initializer(graph, weight_param[layer])
+        if w_value is None:
+            raise ExportError(f"ONNX graph has no initializer for '{weight_param[layer]}'")
+        uses = list(w_value.uses())
+        if len(uses) != 1 or uses[0][0].op_type != "Transpose":
+            raise ExportError(f"'{layer}': expected Transpose(weight) -> MatMul in the ONNX graph, "
+                              f"found {[u[0].op_type for u in uses]}")
+        transpose = uses[0][0]
+        mm_uses = list(transpose.outputs[0].uses())
+        if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
+            raise ExportError(f"'{layer}': the transposed weight does not feed one MatMul")
+        matmul = mm_uses[0][0]
+        n, k = qw.q.shape
+        b, scales, zp = pack_matmulnbits(qw)
+        base = weight_param[layer].removesuffix(".weight")
+        inputs = [matmul.inputs[0],
+                  _add_initializer(graph, f"{base}.qweight", b),
+                  _add_initializer(graph, f"{base}.scales", scales.astype(np.float32))]
+        if zp is not None:
+            inputs.append(_add_initializer(graph, f"{base}.qzeros", zp))
+        node = ir.node("MatMulNBits", inputs=inputs, domain="com.microsoft",
+                       attributes={"K": k, "N": n, "bits": qw.scheme.bits, "block_size": qw.scheme.group_size,
+                                   "accuracy_level": accuracy_level},
+                       name=f"{base}.MatMulNBits")
+        graph.insert_before(matmul, node)
+        node.outputs[0].name = matmul.outputs[0].name
+        out = matmul.outputs[0]
+        ir.convenience.replace_all_uses_with(out, node.outputs[0])
+        if out in graph.outputs:
+            graph.outputs[graph.outputs.index(out)] = node.outputs[0]
+        out.name = None
+        node.outputs[0].name = f"{base}.out"
+        graph.remove([matmul, transpose], safe=True)
+        del graph.initializers[w_value.name]
+        count += 1
+    model.opset_imports.setdefault("com.microsoft", 1)
+    return count
+
+
+def _add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
+                     shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    graph.register_initializer(value)
+    return value
+
+
+def save_model(model: ir.Model, path) -> None:
+    ir.save(model, str(path), external_data=path.name + ".data")

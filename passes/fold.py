@@ -1,0 +1,36 @@
+"""Fold: move a positive per-channel scale along a scaling group, in place on the weights.
+
+For group g with source channels s (length C) and channel maps map_i:
+  Case A  norm weight      w           -> w / s
+  Case B  norm (1 + w)     w           -> (1 + w) / s - 1
+  Case C  layer_norm       w, b        -> w / s, b / s
+  Case D  linear rows      W[j, :], b_j -> W[j, :] / s_j, b_j / s_j
+  layers  W_i[:, c]        -> W_i[:, c] * s[map_i[c]]
+The float function is unchanged (exact up to float rounding): the invariant the tests check.
+"""
+from __future__ import annotations
+
+import torch
+
+from passes.groups import ScalingGroup
+
+
+@torch.no_grad()
+def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor,
+                weight_of: dict[str, str]) -> None:
+    """Fold ``s`` along ``group``; ``weight_of`` maps each layer to its weight parameter name."""
+    s = s.to(torch.float32)
+    assert s.shape == (group.channels,) and bool((s > 0).all()), "scales must be positive, one per source channel"
+    kind = group.prev_kind
+    if kind == "norm_offset":  # Case B
+        w = params[group.prev_params[0]]
+        w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
+    else:  # Cases A, C, D: every source parameter is divided along its first dim
+        for name in group.prev_params:
+            p = params[name]
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            p.copy_((p.float() / s.reshape(shape)).to(p.dtype))
+    for layer, cmap in zip(group.layers, group.channel_maps):
+        w = params[weight_of[layer]]
+        col = s[torch.tensor(cmap)]
+        w.copy_((w.float() * col).to(w.dtype))

@@ -1,0 +1,117 @@
+"""Scaling-group records and their projection to AMD Quark's AWQ config format.
+
+A ScalingGroup is frozen data (names and integers): the source module whose output channels
+take ``1/s``, the linears whose input columns take ``s``, and for each linear the channel map
+``map[c]`` = the source channel its input channel ``c`` reads. The Quark config is the
+per-decoder-layer template of these records:
+
+    {"model_decoder_layers": "model.layers",
+     "scaling_layers": [{"prev_op": "input_layernorm",
+                         "layers": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                         "inp": "self_attn.q_proj", "module2inspect": "self_attn"}, ...]}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from awq_graph.errors import ConfigError
+
+
+def common_module(paths) -> str:
+    """Smallest module containing all ``paths`` (the layer itself for one path)."""
+    parts = [p.split(".") for p in paths]
+    prefix = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        prefix.append(items[0])
+    return ".".join(prefix)
+
+
+def map_kind(cmap: tuple[int, ...], channels: int) -> str:
+    if list(cmap) == list(range(channels)):
+        return "identity"
+    if list(cmap) == list(range(cmap[0], cmap[0] + len(cmap))):
+        return f"slice[{cmap[0]}:{cmap[0] + len(cmap)}]"
+    if len(cmap) > channels and len(cmap) % channels == 0:
+        return f"repeat x{len(cmap) // channels} (grouped heads)"
+    return "gather"
+
+
+@dataclass(frozen=True)
+class ScalingGroup:
+    prev_op: str  # module path of the fold point
+    prev_kind: str  # "norm_weight" | "norm_offset" | "layer_norm" | "linear"
+    prev_params: tuple[str, ...]
+    channels: int  # source channels = length of s
+    layers: tuple[str, ...]
+    channel_maps: tuple[tuple[int, ...], ...]  # per layer, len = its in_features
+    inp: str
+    module2inspect: str
+
+    @classmethod
+    def build(cls, prev_op, prev_kind, prev_params, channels, layers, maps, inp=None, module2inspect=None):
+        layers = tuple(layers)
+        return cls(prev_op, prev_kind, tuple(prev_params), int(channels), layers,
+                   tuple(tuple(maps[name]) for name in layers), inp or layers[0],
+                   module2inspect if module2inspect is not None else common_module(layers))
+
+    def channel_map(self, layer: str) -> tuple[int, ...]:
+        return self.channel_maps[self.layers.index(layer)]
+
+    def kinds(self) -> list[str]:
+        return [map_kind(m, self.channels) for m in self.channel_maps]
+
+
+@dataclass(frozen=True)
+class SkippedGroup:
+    prev_op: str
+    layers: tuple[str, ...]
+    reason: str
+
+
+def _relative(path: str, layer_prefix: str) -> str:
+    return path[len(layer_prefix) + 1:] if path.startswith(layer_prefix + ".") else path
+
+
+def to_quark_config(groups: list[ScalingGroup], decoder_layers: str, n_layers: int) -> dict:
+    """Project groups of decoder layer 0 to Quark's per-layer template."""
+    prefix0 = f"{decoder_layers}.0"
+    entries = []
+    for g in groups:
+        if not g.prev_op.startswith(prefix0 + "."):
+            continue
+        entry = {"prev_op": _relative(g.prev_op, prefix0),
+                 "layers": [_relative(x, prefix0) for x in g.layers],
+                 "inp": _relative(g.inp, prefix0)}
+        if len(g.layers) > 1 or g.module2inspect != g.layers[0]:
+            entry["module2inspect"] = _relative(g.module2inspect, prefix0)
+        entries.append(entry)
+    return {"name": "awq", "model_decoder_layers": decoder_layers, "num_decoder_layers": n_layers,
+            "scaling_layers": entries}
+
+
+def read_quark_config(path) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    # Quark nests the AWQ algorithm config; accept the AWQ part or the whole.
+    if "algo_config" in cfg:
+        algo = cfg["algo_config"]
+        algo = algo[0] if isinstance(algo, list) else algo
+        cfg = algo
+    for key in ("model_decoder_layers", "scaling_layers"):
+        if key not in cfg:
+            raise ConfigError(f"config {path}: missing key '{key}' (Quark AWQ format)")
+    if not isinstance(cfg["scaling_layers"], list):
+        raise ConfigError(f"config {path}: 'scaling_layers' must be a list")
+    for i, entry in enumerate(cfg["scaling_layers"]):
+        for key in ("prev_op", "layers", "inp"):
+            if key not in entry:
+                raise ConfigError(f"config {path}: scaling_layers[{i}] is missing '{key}'")
+    return cfg
