@@ -125,8 +125,20 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8) -> GraphModel:
             "(hint: a transformers release that supports torch.export for this architecture may help)"
         ) from exc
     sig = program.graph_signature
-    state = dict(program.state_dict)
-    state.update(getattr(program, "constants", {}) or {})
+    # The program gets private copies of the tensors: folding edits them, never the caller's model.
+    copies: dict[int, torch.Tensor] = {}
+
+    def private(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copy = t.detach().clone()
+            copies[id(t)] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
+        return copies[id(t)]
+
+    for store in (program.state_dict, getattr(program, "constants", None) or {}):
+        for name in list(store):
+            if isinstance(store[name], torch.Tensor):
+                store[name] = private(store[name])
+    state = {**program.state_dict, **(getattr(program, "constants", None) or {})}
     placeholder_param = {}
     params = {}
     for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):

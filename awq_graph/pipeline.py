@@ -62,6 +62,8 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     prepare_out_dir(out_dir, overwrite)
     if isinstance(config, (str, os.PathLike)):
         config = read_quark_config(config)
+    if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" and not rtn_only and not Path(calib).is_file():
+        raise InputError(f"calibration file {calib} does not exist (give a .txt or .jsonl file, or 'self')")
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -118,11 +120,7 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     parent = out_dir.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
-        onnx_model = export_float_onnx(gm)
-        weight_param = {n: gm.linears[n].weight for n in result.quantized}
-        bias_param = {n: gm.linears[n].bias for n in result.quantized}
-        n_q = rewrite_matmulnbits(onnx_model, result.quantized, weight_param, bias_param, accuracy_level)
-        save_model(onnx_model, tmp / "model.onnx")
+        n_q = write_onnx(gm, result.quantized, tmp / "model.onnx", accuracy_level)
         lap("emit")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -142,6 +140,16 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         raise
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     return CompileResult(out_dir, files, report)
+
+
+def write_onnx(gm, quantized: dict, path: Path, accuracy_level: int = 0) -> int:
+    """Emit the (folded) program with every quantized linear as MatMulNBits; returns their count."""
+    onnx_model = export_float_onnx(gm)
+    weight_param = {n: gm.linears[n].weight for n in quantized}
+    bias_param = {n: gm.linears[n].bias for n in quantized}
+    count = rewrite_matmulnbits(onnx_model, quantized, weight_param, bias_param, accuracy_level)
+    save_model(onnx_model, Path(path))
+    return count
 
 
 def _report(result: SearchResult, scheme: QuantScheme, n_q: int, timings, calib_ids, rtn_only, skipped, clip):

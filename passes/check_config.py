@@ -99,7 +99,11 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
                                  f"'{_rel(culprit, base)}' ({_op_name(tr.node)}), which does not commute with scaling")
                         break
                     if tr.source.module != prev:
-                        fault = (f"{where}: layer '{rel}' does not read prev_op '{entry['prev_op']}': its input "
+                        culprit = _blocking_op(gm, prev, gm.linears[path].node.args[0])
+                        fault = (f"{where}: prev_op '{entry['prev_op']}' reaches '{rel}' only through "
+                                 f"'{_rel(module_path(culprit), base)}' ({_op_name(culprit)}), which does not "
+                                 f"commute with scaling" if culprit is not None else
+                                 f"{where}: layer '{rel}' does not read prev_op '{entry['prev_op']}': its input "
                                  f"scales back to '{_rel(tr.source.module, base)}'")
                         break
                     source = tr.source
@@ -119,6 +123,37 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
                 faults.append(fault if i == 0 else f"{fault} (layer {i})")
         per_layer.append(groups)
     return per_layer, faults
+
+
+def _blocking_op(gm: GraphModel, prev: str, start):
+    """First op on the paths from ``prev``'s output to ``start`` that no rule lets a scale through."""
+    from passes.channel_flow import CASTS, ELEMENTWISE_DIV, ELEMENTWISE_MUL, HOMOGENEOUS, MATMUL, MOVEMENT, SDPA
+
+    passing = MOVEMENT | CASTS | HOMOGENEOUS | ELEMENTWISE_MUL | ELEMENTWISE_DIV | SDPA | MATMUL
+    nodes = list(gm.graph.nodes)
+    outs = [n for n in nodes if module_path(n) == prev or module_path(n).startswith(prev + ".")]
+    if not outs:
+        return None
+    inside = set(outs)
+    frontier = {u for n in outs for u in n.users if u not in inside}
+    between, stack = set(), list(frontier)
+    ancestors, up = set(), [start]
+    while up:  # ancestors of start
+        n = up.pop()
+        if n in ancestors:
+            continue
+        ancestors.add(n)
+        up.extend(a for a in n.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in between or n not in ancestors:
+            continue
+        between.add(n)
+        stack.extend(n.users)
+    for n in nodes:
+        if n in between and n.op == "call_function" and n.target not in passing:
+            return n
+    return None
 
 
 def _rel(path: str, base: str) -> str:

@@ -1,0 +1,92 @@
+"""The command line end to end on a tiny checkpoint, and one-line errors on bad input."""
+import json
+
+import pytest
+
+from awq_graph.cli import main
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"the king of the city is {i} and the river of the world is {i * 7}" for i in range(400)))
+    return path
+
+
+def test_compile_then_eval_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    calib = _text_file(tmp_path)
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--calib", str(calib), "--n-samples", "8",
+                 "--seqlen", "64", "--group-size", "32"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "awq_config.json", "report.json", "tokenizer.json"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["scheme"] == "uint4_wo_32" and report["quantized_linears"] == 14
+    assert report["calibration"] == {"samples": 8, "seqlen": 64}
+    assert all(g["loss_awq"] <= g["loss_rtn"] for g in report["groups"])  # identity is a candidate
+    assert set(report["timings_s"]) >= {"load", "calibration", "export", "match", "search", "emit"}
+    config = json.loads((out / "awq_config.json").read_text())
+    assert len(config["scaling_layers"]) == 4
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(calib), "--seqlen", "64", "--max-windows", "3", "--json"]) == 0
+    line = capsys.readouterr().out.strip()
+    result = json.loads(line)
+    assert result["tokens"] == 3 * 63 and result["ppl"] > 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_compile_with_self_calibration_and_a_user_config(tiny_checkpoint, tmp_path):
+    out = tmp_path / "first"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--n-samples", "4", "--seqlen", "32",
+                 "--group-size", "16", "--sym", "--no-clip"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_source"] == "self" and report["method"] == "awq" and report["scheme"] == "int4_wo_16"
+    again = tmp_path / "second"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(again), "--n-samples", "4", "--seqlen", "32",
+                 "--group-size", "16", "--config", str(out / "awq_config.json")]) == 0
+    assert json.loads((again / "awq_config.json").read_text())["scaling_layers"] == \
+        json.loads((out / "awq_config.json").read_text())["scaling_layers"]
+
+
+def _bad_config(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"model_decoder_layers": "model.layers", "scaling_layers": [
+        {"prev_op": "input_layernorm", "layers": ["self_attn.q_proj", "self_attn.qkv_fused"], "inp": "self_attn.q_proj"}]}))
+    return path
+
+
+def _corrupt_gguf(tmp_path, magic):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes((b"GGUF" if magic else b"NOPE") + b"\x03\x00\x00\x00" + b"\x00" * 40)
+    return path
+
+
+@pytest.mark.parametrize("case,args,culprit", [
+    ("missing folder", lambda ck, tmp: ["/no/such/model"], "/no/such/model"),
+    ("not gguf", lambda ck, tmp: [str(_corrupt_gguf(tmp, False))], "broken.gguf"),
+    ("truncated gguf", lambda ck, tmp: [str(_corrupt_gguf(tmp, True))], "broken.gguf"),
+    ("unknown module in config", lambda ck, tmp: [str(ck), "--config", str(_bad_config(tmp))], "self_attn.qkv_fused"),
+    ("bits", lambda ck, tmp: [str(ck), "--bits", "3"], "bits=3"),
+    ("group size", lambda ck, tmp: [str(ck), "--group-size", "48"], "group size 48"),
+    ("missing calibration file", lambda ck, tmp: [str(ck), "--calib", str(tmp / "nope.txt")], "nope.txt"),
+])
+def test_bad_input_is_one_line_naming_the_culprit_and_leaves_no_output(tiny_checkpoint, tmp_path, capsys, case, args, culprit):
+    out = tmp_path / "out"
+    code = main(["compile", *args(tiny_checkpoint, tmp_path), "-o", str(out), "--n-samples", "2", "--seqlen", "16"])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("awq-graph:")]
+    assert code == 1
+    assert len(ours) == 1 and ours[0].startswith("awq-graph: error:") and culprit in ours[0], err
+    assert err.strip().endswith(ours[0]) and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_existing_output_folder_is_not_overwritten_unless_asked(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()

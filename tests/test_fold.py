@@ -1,0 +1,30 @@
+"""Folding alone (no quantization) leaves the float function unchanged."""
+import torch
+
+from awq_graph.graph import export_model
+from passes.check_config import derive_groups
+from passes.fold import fold_scales
+
+from conftest import tiny_model
+
+
+def test_folding_random_scales_along_every_group_keeps_logits(tmp_path):
+    model = tiny_model()
+    gm = export_model(model)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        _, per_layer, _ = derive_groups(gm)
+        groups = [g for layer in per_layer for g in layer]
+        assert any(g.prev_op.endswith("v_proj") for g in groups)  # the GQA pair is folded too
+        gen = torch.Generator().manual_seed(1)
+        weight_of = {n: s.weight for n, s in gm.linears.items()}
+        for g in groups:
+            s = torch.exp(torch.empty(g.channels).uniform_(-2.08, 2.08, generator=gen))  # log-uniform 1/8..8
+            fold_scales(gm.params, g, s, weight_of)
+        after = gm.run(ids)
+    rel = float((after - before).norm() / before.norm())
+    assert rel < 1e-4, rel  # measured ~3e-7
+    changed = sum(not torch.equal(gm.params[k], dict(model.named_parameters()).get(k, gm.params[k])) for k in gm.params)
+    assert changed > 0, "the fold edited the program's private weights"
+    torch.testing.assert_close(model(input_ids=ids).logits, before)  # the caller's model is untouched

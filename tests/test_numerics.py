@@ -1,0 +1,69 @@
+"""Quantization numerics against plain loops and the group convention."""
+import pytest
+import torch
+
+from awq_graph.errors import SchemeError
+from awq_graph.numerics import QuantScheme, blockwise_quadratic_error, dequantize, fake_quantize, quantize
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("in_features", [64, 96, 576])
+def test_each_group_uses_its_own_range_including_a_short_last_group(symmetric, in_features):
+    torch.manual_seed(0)
+    scheme = QuantScheme(4, 64, symmetric)
+    w = torch.randn(5, in_features)
+    qw = quantize(w, scheme)
+    for g0 in range(0, in_features, 64):
+        block = w[:, g0:g0 + 64]  # the last one may be shorter
+        g = g0 // 64
+        if symmetric:
+            scale = block.abs().amax(1) / 7
+            zero = torch.full_like(scale, 8)
+        else:
+            scale = (block.amax(1).clamp(min=0) - block.amin(1).clamp(max=0)) / 15
+            zero = torch.round(-block.amin(1).clamp(max=0) / scale)
+        torch.testing.assert_close(qw.scale[:, g], scale)
+        assert torch.equal(qw.zero[:, g].float(), zero)
+        expect = torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, 15)
+        assert torch.equal(qw.q[:, g0:g0 + 64].float(), expect)
+
+
+def test_dequantized_error_is_at_most_half_a_step():
+    torch.manual_seed(1)
+    scheme = QuantScheme(4, 32, False)
+    w = torch.randn(8, 100)
+    qw = quantize(w, scheme)
+    err = (qw.dequantize() - w).abs()
+    step = qw.scale.repeat_interleave(32, dim=1)[:, :100]
+    assert bool((err <= step / 2 + 1e-6).all())
+    torch.testing.assert_close(fake_quantize(w, scheme), dequantize(qw.q, qw.scale, qw.zero, 32))
+
+
+def test_shrinking_the_range_clips_both_ends():
+    scheme = QuantScheme(4, 16, False)
+    w = torch.linspace(-2.0, 1.0, 16).reshape(1, 16)
+    deq = fake_quantize(w, scheme, shrink=0.5)
+    assert float(deq.min()) >= -1.0 - 1e-6 and float(deq.max()) <= 0.5 + 1e-6
+
+
+def test_blockwise_error_matches_per_group_products():
+    torch.manual_seed(2)
+    dw = torch.randn(3, 40)
+    x = torch.randn(50, 40)
+    h = x.T @ x
+    err = blockwise_quadratic_error(dw, h, 16)  # groups 16, 16, 8
+    for g, (a, b) in enumerate([(0, 16), (16, 32), (32, 40)]):
+        ref = ((x[:, a:b] @ dw[:, a:b].T) ** 2).sum(0)
+        torch.testing.assert_close(err[:, g], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group", [(3, 128), (8, 128), (4, 48), (4, 8), (4, 100)])
+def test_unsupported_schemes_are_refused_with_the_reason(bits, group):
+    with pytest.raises(SchemeError, match="bits|power of two"):
+        QuantScheme(bits, group)
+
+
+def test_scheme_names_follow_quark():
+    assert QuantScheme.parse("uint4_wo_128") == QuantScheme(4, 128, False)
+    assert QuantScheme.parse("int4_wo_64") == QuantScheme(4, 64, True)
+    assert QuantScheme(4, 32, True).name == "int4_wo_32"
