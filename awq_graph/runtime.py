@@ -60,3 +60,14 @@ def perplexity(logits_fn, ids, seqlen: int = 2048, max_windows: int | None = Non
         nll += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
         count += seqlen - 1
     return math.exp(nll / count), count
+
+
+def greedy_text(logits_fn, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy continuation, re-running the whole prefix per token (this graph has no KV cache)."""
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    for _ in range(max_new_tokens):
+        nxt = logits_fn(ids)[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        if tokenizer.eos_token_id is not None and int(nxt) == tokenizer.eos_token_id:
+            break
+    return tokenizer.decode(ids[0], skip_special_tokens=True)
