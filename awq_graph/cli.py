@@ -128,3 +128,5 @@ def _eval(args) -> int:
 
 def entry() -> None:
     sys.exit(main())
+if __name__ == "__main__":
+    entry()

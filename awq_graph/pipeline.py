@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -127,6 +128,7 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         (tmp / "awq_config.json").write_text(json.dumps(quark, indent=2) + "\n")
         report = _report(result, qscheme, n_q, timings, calib_ids, rtn_only, skipped, clip)
         report["calibration_source"] = None if rtn_only else calib_source
+        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if out_dir.exists():
             old = parent / f".{out_dir.name}.old-{os.getpid()}"
