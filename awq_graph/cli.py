@@ -58,7 +58,82 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...} on one line')
+    i = sub.add_parser("infer-config", help="print the scaling groups derived from the graph (Quark format)")
+    i.add_argument("model", help="checkpoint folder, .gguf file, or a transformers model type (tiny random model)")
+    i.add_argument("--json", action="store_true", help="the Quark-format config as JSON")
+
+    k = sub.add_parser("check-config", help="check a Quark-format AWQ config against the graph")
+    k.add_argument("model", help="checkpoint folder, .gguf file, or a transformers model type (tiny random model)")
+    k.add_argument("config", help="the config JSON, or - for the derived one")
+    k.add_argument("--verify", action="store_true",
+                   help="fold random scales (1/8..8) along every group, quantization off, and compare logits")
     return p
+
+
+def _graph_of(spec: str):
+    """MODEL as a path, or a transformers model type -> (GraphModel, label)."""
+    from .graph import export_model
+    from .load import load_model, tiny_random_model
+
+    if Path(spec).exists() or "/" in spec or spec.endswith(".gguf"):
+        model, _ = load_model(spec)
+        return export_model(model), spec
+    return export_model(tiny_random_model(spec)), f"tiny random {spec}"
+
+
+def _infer(args) -> int:
+    from passes.channel_flow import example_values
+    from passes.check_config import derive_groups
+    from passes.groups import to_quark_config
+
+    gm, label = _graph_of(args.model)
+    prefix, per_layer, skipped = derive_groups(gm, example_values(gm))
+    config = to_quark_config(per_layer[0] if per_layer else [], prefix, len(per_layer))
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    base = f"{prefix}.0."
+    print(f"{label}: {len(per_layer)} decoder layers under '{prefix}', {len(config['scaling_layers'])} groups per layer")
+    rows = [("prev_op", "layers", "channel map", "module2inspect")]
+    for g in per_layer[0] if per_layer else []:
+        rows.append((g.prev_op.removeprefix(base), ", ".join(x.removeprefix(base) for x in g.layers),
+                     "; ".join(sorted(set(g.kinds()))), g.module2inspect.removeprefix(base)))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    for s in skipped:
+        if s.prev_op.startswith(base):
+            print(f"no group at {s.prev_op.removeprefix(base)} -> {', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason}")
+    return 0
+
+
+def _check(args) -> int:
+    from passes.channel_flow import example_values
+    from passes.check_config import derive_groups, resolve_config
+    from passes.groups import read_quark_config
+    from .verify import verify_groups
+
+    gm, label = _graph_of(args.model)
+    example = example_values(gm)
+    if args.config == "-":
+        _, per_layer, _ = derive_groups(gm, example)
+        faults = []
+    else:
+        per_layer, faults = resolve_config(gm, read_quark_config(args.config), example)
+    for fault in faults:
+        print(fault)
+    n_groups = sum(len(g) for g in per_layer)
+    if faults:
+        print(f"{len(faults)} fault(s) in {args.config} for {label}")
+        return 1
+    print(f"{args.config if args.config != '-' else 'derived config'}: {n_groups} groups fit {label}")
+    if args.verify:
+        deviation = verify_groups(gm, per_layer)
+        ok = deviation <= 1e-4
+        print(f"verify: largest relative logit deviation {deviation:.2e} after folding random scales "
+              f"along {n_groups} groups ({'ok' if ok else 'ABOVE 1e-4'})")
+        return 0 if ok else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             return _compile(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "infer-config":
+            return _infer(args)
+        if args.command == "check-config":
+            return _check(args)
     except AwqGraphError as exc:
         if args.debug:
             raise

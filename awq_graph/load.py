@@ -48,3 +48,38 @@ def load_model(path: str | Path):
         raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
     model.eval()
     return model, tokenizer
+
+
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=320, max_position_embeddings=512,
+                  num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                  shared_expert_intermediate_size=64, sliding_window=16, n_positions=512)
+
+
+def tiny_random_model(model_type: str, seed: int = 0):
+    """A shrunk random model of a transformers architecture, built offline from its config.
+
+    One-dimensional parameters (norm weights, biases) get noise, so that a wrong fold of a
+    scale into them shows in the logits.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise InputError(f"'{model_type}' is neither a path nor a transformers model type "
+                         f"(e.g. llama, qwen2, gemma2, phi3, gpt2, mixtral)")
+    defaults = AutoConfig.for_model(model_type)
+    shape = {k: v for k, v in TINY_SHAPE.items()
+             if hasattr(defaults, k) or k in getattr(defaults, "attribute_map", {})}
+    try:
+        config = AutoConfig.for_model(model_type, **shape)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise InputError(f"could not build a tiny '{model_type}' causal LM: {_first_line(exc)}") from exc
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.empty(p.shape).uniform_(-0.3, 0.3, generator=gen))
+    return model.eval()
