@@ -102,8 +102,11 @@ def _infer(args) -> int:
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     for s in skipped:
+        layers = ", ".join(x.removeprefix(base) for x in s.layers)
         if s.prev_op.startswith(base):
-            print(f"no group at {s.prev_op.removeprefix(base)} -> {', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason}")
+            print(f"no group at {s.prev_op.removeprefix(base)} -> {layers}: {s.reason}")
+        elif not s.prev_op and all(x.startswith(base) for x in s.layers):
+            print(f"no source for {layers}: {s.reason}")
     return 0
 
 
@@ -170,6 +173,8 @@ def _compile(args) -> int:
                          accuracy_level=args.accuracy_level, overwrite=args.overwrite, progress=_progress,
                          search_options=options)
     rep = result.report
+    for warning in rep.get("warnings", []):
+        print(f"awq-graph: warning: {warning}", file=sys.stderr)
     groups = rep["groups"]
     better = sum(1 for g in groups if g["ratio"] is not None)
     print(f"wrote {result.out_dir} ({rep['scheme']}, {rep['method']}): {rep['quantized_linears']} MatMulNBits, "

@@ -29,14 +29,27 @@ class LogitsOnly(torch.nn.Module):
 
 @dataclass(frozen=True)
 class LinearSite:
-    """One ``aten.linear`` whose weight is a parameter."""
+    """One linear map over a parameter weight: ``aten.linear(x, W[out, in], b)``, or GPT-2's
+    Conv1D ``aten.addmm(b, x, W[in, out])`` (``transposed``)."""
 
     module: str  # "model.layers.0.self_attn.q_proj"
     node: fx.Node
+    input: fx.Node  # the activation operand
+    weight_node: fx.Node  # the weight's placeholder
     weight: str  # parameter name
     bias: str | None
     out_features: int
     in_features: int
+    transposed: bool = False
+
+    def matrix(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weight as (out, in); a view, so in-place edits reach the parameter."""
+        w = params[self.weight]
+        return w.T if self.transposed else w
+
+    def stored(self, matrix: torch.Tensor) -> torch.Tensor:
+        """An (out, in) matrix in the parameter's own layout."""
+        return matrix.T.contiguous() if self.transposed else matrix
 
 
 def module_path(node: fx.Node) -> str:
@@ -160,16 +173,32 @@ def _index_modules(gm: GraphModel) -> None:
             path = path.removeprefix(_PREFIX)
             name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
             gm.module_types.setdefault(path, name.rsplit(".", 1)[-1])
-        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-            weight = gm.param_of(node.args[1])
-            if weight is None:
-                continue
-            bias = gm.param_of(node.args[2]) if len(node.args) > 2 else None
-            w = gm.params[weight]
-            mod = module_path(node)
-            if mod in gm.linears:  # a module called twice (tied or reused): not a simple site
-                continue
-            gm.linears[mod] = LinearSite(mod, node, weight, bias, int(w.shape[0]), int(w.shape[1]))
+        site = linear_site(gm, node)
+        if site is not None and site.module not in gm.linears:  # a module called twice is not a simple site
+            gm.linears[site.module] = site
+
+
+def linear_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
+    if node.op != "call_function":
+        return None
+    aten = torch.ops.aten
+    if node.target is aten.linear.default:
+        x, w_node = node.args[0], node.args[1]
+        b_node, transposed = (node.args[2] if len(node.args) > 2 else None), False
+    elif node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+        b_node, x, w_node = node.args
+        transposed = True
+    else:
+        return None
+    weight = gm.param_of(w_node)
+    if weight is None or gm.params[weight].dim() != 2:
+        return None
+    bias = gm.param_of(b_node) if isinstance(b_node, fx.Node) else None
+    if isinstance(b_node, fx.Node) and bias is None:
+        return None
+    w = gm.params[weight]
+    out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+    return LinearSite(module_path(node), node, x, w_node, weight, bias, int(out_f), int(in_f), transposed)
 
 
 def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object]) -> dict[fx.Node, object]:

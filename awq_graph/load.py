@@ -71,6 +71,10 @@ def tiny_random_model(model_type: str, seed: int = 0):
     defaults = AutoConfig.for_model(model_type)
     shape = {k: v for k, v in TINY_SHAPE.items()
              if hasattr(defaults, k) or k in getattr(defaults, "attribute_map", {})}
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # keep special ids inside the tiny vocab
+        value = getattr(defaults, key, None)
+        if isinstance(value, int) and value >= TINY_SHAPE["vocab_size"]:
+            shape[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
     try:
         config = AutoConfig.for_model(model_type, **shape)
         torch.manual_seed(seed)

@@ -26,6 +26,7 @@ from .graph import export_model
 from .load import load_model
 from .numerics import QuantScheme
 from .search import SearchOptions, SearchResult, awq_search, rtn
+from .verify import verify_groups
 
 
 @dataclass
@@ -100,9 +101,17 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     lap("export")
 
     example = example_values(gm)
+    warnings_: list[str] = []
     if config is None:
         prefix, per_layer, skipped = derive_groups(gm, example)
         quark = to_quark_config(per_layer[0] if per_layer else [], prefix, len(per_layer))
+        if not any(per_layer):
+            reasons = "; ".join(sorted({s.reason for s in skipped})[:3]) or "no linear reads a scalable tensor"
+            warnings_.append(f"no scaling group found, compiling with plain RTN and clipping: {reasons}")
+        elif (deviation := verify_groups(gm, per_layer)) > 1e-4:
+            warnings_.append(f"derived groups failed verification (logit deviation {deviation:.1e} > 1e-4): "
+                             "compiling with plain RTN and clipping; please report this architecture")
+            per_layer = [[] for _ in per_layer]
     else:
         per_layer, faults = resolve_config(gm, config, example)
         if faults:
@@ -128,6 +137,7 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         (tmp / "awq_config.json").write_text(json.dumps(quark, indent=2) + "\n")
         report = _report(result, qscheme, n_q, timings, calib_ids, rtn_only, skipped, clip)
         report["calibration_source"] = None if rtn_only else calib_source
+        report["warnings"] = warnings_
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if out_dir.exists():
@@ -148,8 +158,7 @@ def write_onnx(gm, quantized: dict, path: Path, accuracy_level: int = 0) -> int:
     """Emit the (folded) program with every quantized linear as MatMulNBits; returns their count."""
     onnx_model = export_float_onnx(gm)
     weight_param = {n: gm.linears[n].weight for n in quantized}
-    bias_param = {n: gm.linears[n].bias for n in quantized}
-    count = rewrite_matmulnbits(onnx_model, quantized, weight_param, bias_param, accuracy_level)
+    count = rewrite_matmulnbits(onnx_model, quantized, weight_param, accuracy_level)
     save_model(onnx_model, Path(path))
     return count
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from passes.channel_flow import real_users
 from passes.check_config import decoder_layers
 from passes.fold import fold_scales
 from passes.groups import ScalingGroup
@@ -85,12 +86,12 @@ def quantizable_linears(gm: GraphModel) -> list[str]:
     """Linears of the decoder layers with a private weight (lm_head and tied weights stay float)."""
     prefix, _ = decoder_layers(gm)
     return [n for n, site in gm.linears.items()
-            if n.startswith(prefix + ".") and len(site.node.args[1].users) == 1]
+            if n.startswith(prefix + ".") and len(real_users(site.weight_node)) == 1]
 
 
 def rtn(gm: GraphModel, scheme: QuantScheme) -> SearchResult:
     """Round-to-nearest baseline: every quantizable linear, full range, no search."""
-    out = {name: quantize(gm.params[gm.linears[name].weight].detach().float(), scheme)
+    out = {name: quantize(gm.linears[name].matrix(gm.params).detach().float(), scheme)
            for name in quantizable_linears(gm)}
     return SearchResult(out)
 
@@ -166,7 +167,7 @@ def _feeds_attention_scores(site_node: fx.Node, depth: int = 16) -> bool:
                     return True
                 if t in (aten._softmax.default, aten.softmax.int):
                     return True
-                if t is aten.linear.default:
+                if t in (aten.linear.default, aten.addmm.default):
                     continue
                 nxt.append(user)
         frontier = nxt
@@ -239,9 +240,9 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
 
 def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result):
     scheme = opts.scheme
-    input_nodes = {gm.linears[n].node.args[0] for n in linears}
+    input_nodes = {gm.linears[n].input for n in linears}
     for g in groups:
-        input_nodes.add(gm.linears[g.inp].node.args[0])
+        input_nodes.add(gm.linears[g.inp].input)
     stats = {node: _Stat(node.meta["val"].shape[-1]) for node in input_nodes}
     # module2inspect subgraphs that are not a single linear: run on chunk 0
     inspect = {}
@@ -273,17 +274,16 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
         result.groups.append(report)
         if s is not None:
             folds.append((g, s))
-    weight_of = {n: site.weight for n, site in gm.linears.items()}
     for g, s in folds:
-        fold_scales(gm.params, g, s, weight_of)
+        fold_scales(gm.params, g, s, gm.linears)
         for layer, cmap in zip(g.layers, g.channel_maps):
             if layer in col_scale:
                 col = s[torch.tensor(cmap)]
                 col_scale[layer] = col if col_scale[layer] is None else col_scale[layer] * col
     for name in linears:
         site = gm.linears[name]
-        w = gm.params[site.weight].detach().float()
-        stat = stats[site.node.args[0]]
+        w = site.matrix(gm.params).detach().float()
+        stat = stats[site.input]
         gram = stat.gram.float()
         if col_scale[name] is not None:  # the input is now x / s: H -> diag(1/s) H diag(1/s)
             inv = 1.0 / col_scale[name]
@@ -296,10 +296,10 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
 
 def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
     scheme = opts.scheme
-    inp_stat = stats[gm.linears[g.inp].node.args[0]]
+    inp_stat = stats[gm.linears[g.inp].input]
     inp_map = torch.tensor(g.channel_map(g.inp))
     x_mean = _scatter_mean(inp_stat.x_mean, inp_map, g.channels)
-    weights = {name: gm.params[gm.linears[name].weight].detach().float() for name in g.layers}
+    weights = {name: gm.linears[name].matrix(gm.params).detach().float() for name in g.layers}
     maps = {name: torch.tensor(g.channel_map(name)) for name in g.layers}
     rows = sum(w.shape[0] for w in weights.values())
     w_mean = sum(_scatter_mean(weight_magnitude(w, scheme.group_size), maps[n], g.channels) * w.shape[0]
@@ -308,8 +308,8 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
     linear_inspect = len(g.layers) == 1 and g.module2inspect == g.layers[0]
     if linear_inspect:
         name = g.layers[0]
-        gram = stats[gm.linears[name].node.args[0]].gram.float()
-        numel = stats[gm.linears[name].node.args[0]].tokens * weights[name].shape[0]
+        gram = stats[gm.linears[name].input].gram.float()
+        numel = stats[gm.linears[name].input].tokens * weights[name].shape[0]
 
         def loss_of(s):
             sc = s[maps[name]]
@@ -326,16 +326,18 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
             env = dict(ext_values)
             for name, w in weights.items():
                 sc = s[maps[name]]
-                env[placeholders[name]] = fake_quantize(w * sc, scheme) / sc
+                env[placeholders[name]] = gm.linears[name].stored(fake_quantize(w * sc, scheme) / sc)
             run_nodes(sub, env)
             return sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs)) / numel
 
     ones = torch.ones(g.channels)
+    used = torch.tensor(g.used_channels())
     loss_rtn = loss_of(ones)
     best_loss, best_ratio, best_s = loss_rtn, None, None
     for k in range(opts.n_grid):
         ratio = k / opts.n_grid
-        s = awq_candidate_scales(x_mean, w_mean, ratio)
+        s = ones.clone()
+        s[used] = awq_candidate_scales(x_mean[used], w_mean[used], ratio)
         if not torch.isfinite(s).all():
             continue
         loss = loss_of(s)

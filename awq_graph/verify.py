@@ -22,12 +22,13 @@ def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seql
     ids = torch.randint(0, size, (batch, seqlen), generator=gen)
     before = gm.run(ids)
     saved = {k: v.clone() for k, v in gm.params.items()}
-    weight_of = {n: s.weight for n, s in gm.linears.items()}
     try:
         for groups in per_layer:
             for g in groups:
-                s = torch.exp(torch.empty(g.channels).uniform_(-math.log(8), math.log(8), generator=gen))
-                fold_scales(gm.params, g, s, weight_of)
+                s = torch.ones(g.channels)
+                used = torch.tensor(g.used_channels())
+                s[used] = torch.exp(torch.empty(len(used)).uniform_(-math.log(8), math.log(8), generator=gen))
+                fold_scales(gm.params, g, s, gm.linears)
         after = gm.run(ids)
     finally:
         for k, v in saved.items():

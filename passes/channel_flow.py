@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from awq_graph.graph import GraphModel, module_path, run_nodes
+from awq_graph.graph import GraphModel, linear_site, module_path, run_nodes
 from passes.groups import ScalingGroup, SkippedGroup
 
 aten = torch.ops.aten
@@ -87,11 +87,26 @@ def _op_name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t)).split(".")[0]
 
 
-def _single_use_param(gm: GraphModel, arg) -> str | None:
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """Users that compute something (export's metadata assertions do not)."""
+    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+
+
+def param_through_casts(gm: GraphModel, arg) -> tuple[str | None, bool]:
+    """(parameter name, used only here) for ``arg`` = a parameter behind zero or more casts."""
+    private = True
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in CASTS:
+        private = private and len(real_users(arg)) == 1
+        arg = arg.args[0]
     name = gm.param_of(arg)
     if name is None:
-        return None
-    return name if len(arg.users) == 1 else None
+        return None, False
+    return name, private and len(real_users(arg)) == 1
+
+
+def _single_use_param(gm: GraphModel, arg) -> str | None:
+    name, private = param_through_casts(gm, arg)
+    return name if private else None
 
 
 def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop | None:
@@ -99,17 +114,19 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
     if node.op != "call_function":
         return None
     t = node.target
-    if t is aten.linear.default and gm.param_of(node.args[1]):  # Case D
-        w = _single_use_param(gm, node.args[1])
+    site = linear_site(gm, node)
+    if site is not None:  # Case D
+        w = _single_use_param(gm, site.weight_node)
         if w is None:
-            return Stop(node, f"'{module_path(node)}' shares its weight with another op (tied weights)")
+            return Stop(node, f"'{site.module}' shares its weight with another op (tied weights)")
         params = [w]
-        if len(node.args) > 2 and node.args[2] is not None:
-            b = _single_use_param(gm, node.args[2])
+        if site.bias is not None:
+            b = _single_use_param(gm, node.args[0] if site.transposed else node.args[2])
             if b is None:
-                return Stop(node, f"'{module_path(node)}' has a bias that is not a private parameter")
+                return Stop(node, f"'{site.module}' has a bias that is not a private parameter")
             params.append(b)
-        return FoldPoint("linear", module_path(node), node, tuple(params), int(gm.params[w].shape[0]))
+        kind = "linear_t" if site.transposed else "linear"
+        return FoldPoint(kind, site.module, node, tuple(params), site.out_features)
     if t is aten.layer_norm.default and len(node.args) > 2 and gm.param_of(node.args[2]):  # Case C
         params = [_single_use_param(gm, a) for a in node.args[2:4] if a is not None]
         if None in params:
@@ -117,22 +134,30 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
         return FoldPoint("layer_norm", module_path(node), node, tuple(params), int(gm.params[params[0]].shape[0]))
     if t is aten.mul.Tensor:
         out = example.get(node)
+        if not isinstance(out, torch.Tensor):
+            return None
+
+        def channel_vector(name):
+            return name is not None and gm.params[name].dim() == 1 and gm.params[name].shape[0] == out.shape[-1]
+
         for i, a in enumerate(node.args[:2]):
             other = node.args[1 - i]
-            name = gm.param_of(a)
-            if name is not None and gm.params[name].dim() == 1 and isinstance(out, torch.Tensor) \
-                    and gm.params[name].shape[0] == out.shape[-1] and isinstance(other, fx.Node):
-                if len(a.users) != 1:
+            if not isinstance(other, fx.Node):
+                continue
+            name, private = param_through_casts(gm, a)
+            if channel_vector(name):
+                if not private:
                     return Stop(node, f"parameter '{name}' is used elsewhere too")
                 return FoldPoint("norm_weight", module_path(node), node, (name,), out.shape[-1])  # Case A
             if isinstance(a, fx.Node) and a.op == "call_function" and a.target is aten.add.Tensor \
-                    and len(a.users) == 1 and isinstance(out, torch.Tensor):
+                    and len(real_users(a)) == 1:
                 p, c = a.args[0], a.args[1]
-                if gm.param_of(c) and not gm.param_of(p):
+                if isinstance(c, fx.Node):
                     p, c = c, p
-                name = gm.param_of(p)
-                if name is not None and c == 1 and gm.params[name].dim() == 1 \
-                        and gm.params[name].shape[0] == out.shape[-1] and len(p.users) == 1:
+                name, private = param_through_casts(gm, p)
+                if channel_vector(name) and c == 1:
+                    if not private:
+                        return Stop(node, f"parameter '{name}' is used elsewhere too")
                     return FoldPoint("norm_offset", module_path(node), node, (name,), out.shape[-1])  # Case B
     return None
 
@@ -193,20 +218,6 @@ def trace_up(gm: GraphModel, start: fx.Node, example: dict) -> Trace | Stop:
         cur = nxt
 
 
-def _ancestors(node: fx.Node, memo: dict) -> set:
-    if node in memo:
-        return memo[node]
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        for a in _tensor_args(n):
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    memo[node] = seen
-    return seen
-
-
 def propagate_tags(source: FoldPoint, path: list[fx.Node], carriers: dict, example: dict) -> dict:
     """Run the path on channel-index tensors: tags[n][..., c] = source channel feeding n[..., c]."""
     out = example[source.node]
@@ -262,65 +273,96 @@ def find_groups(gm: GraphModel, linears: list[str] | None = None, example: dict 
     example = example if example is not None else example_values(gm)
     names = linears if linears is not None else list(gm.linears)
     traces: dict[fx.Node, list[tuple[str, Trace]]] = {}
+    unreached: list[SkippedGroup] = []
     for name in names:
         site = gm.linears[name]
-        tr = trace_up(gm, site.node.args[0], example)
+        tr = trace_up(gm, site.input, example)
         if isinstance(tr, Trace):
             traces.setdefault(tr.source.node, []).append((name, tr))
-    groups, skipped = [], []
-    memo: dict = {}
+        else:
+            unreached.append(SkippedGroup("", (name,), tr.reason))
+    groups, skipped = [], unreached
     for src_node, members in traces.items():
         source = members[0][1].source
         layer_names = [m for m, _ in members]
-        reason = _check_consumers(gm, source, members, memo)
+        maps, reason = resolve_members(gm, source, members, example)
         if reason:
             skipped.append(SkippedGroup(source.module, tuple(layer_names), reason))
-            continue
-        maps = {}
-        try:
-            for name, tr in members:
-                tags = propagate_tags(source, tr.path, tr.carriers, example)
-                maps[name] = _channel_map(tags[tr.path[-1]] if tr.path else tags[src_node], name)
-        except _Inconsistent as exc:
-            skipped.append(SkippedGroup(source.module, tuple(layer_names),
-                                        f"channels do not stay aligned through {exc.node.name}"))
-            continue
-        except ValueError as exc:
-            skipped.append(SkippedGroup(source.module, tuple(layer_names), str(exc)))
             continue
         groups.append(ScalingGroup.build(source.module, source.kind, source.params, source.channels,
                                          layer_names, maps))
     return groups, skipped
 
 
-def _check_consumers(gm: GraphModel, source: FoldPoint, members, memo) -> str | None:
-    """Every consumer of the scaled tensor must be compensated (soundness rule)."""
+def resolve_members(gm: GraphModel, source: FoldPoint, members, example):
+    """Channel maps of a candidate group and its soundness check -> (maps, None) or (None, reason)."""
+    maps, tags = {}, {}
+    try:
+        for name, tr in members:
+            t = propagate_tags(source, tr.path, tr.carriers, example)
+            tags.update(t)
+            maps[name] = _channel_map(t[tr.path[-1]] if tr.path else t[source.node], name)
+    except _Inconsistent as exc:
+        return None, f"channels do not stay aligned through {exc.node.name}"
+    except ValueError as exc:
+        return None, str(exc)
+    used = {c for m in maps.values() for c in m}
+    reason = _check_consumers(gm, source, members, tags, used, example)
+    return (None, reason) if reason else (maps, None)
+
+
+def _check_consumers(gm: GraphModel, source: FoldPoint, members, tags, used, example) -> str | None:
+    """Every consumer of the scaled channels must be compensated (soundness rule).
+
+    Channels of the source that reach no layer of the group keep s = 1, so an op that reads
+    only those (the gate half of a fused gate_up projection) needs no compensation.
+    """
     on_path = {source.node}
     for _, tr in members:
         on_path.update(tr.path)
     layer_inputs = {gm.linears[name].node: name for name, _ in members}
     for node in on_path:
-        for user in node.users:
+        for user in real_users(node):
             if user in on_path:
                 continue
-            if user in layer_inputs and user.args[0] is node:
+            if user in layer_inputs and gm.linears[layer_inputs[user]].input is node:
+                continue
+            if _reads_only_unscaled(user, node, tags, used, example):
                 continue
             what = module_path(user) or user.name
-            if user.op == "call_function" and user.target is aten.linear.default:
+            if linear_site(gm, user) is not None:
                 return f"'{what}' also reads the scaled tensor but is not compensated"
             return f"the scaled tensor also flows into {user.name} ({_op_name(user)}) in '{what}', which cannot be compensated"
+    # Rules 2 and 4 need the other operand free of scaled channels. Every way a scaled
+    # channel leaves the path was checked above, so it suffices that the other operand is
+    # not itself on the path (x * x, or q/k computed from the scaled tensor).
     for _, tr in members:
         for node in tr.path:
+            operands = _tensor_args(node)
             carrier = tr.carriers[node]
-            for other in _tensor_args(node):
-                if other is carrier or gm.param_of(other):
-                    continue
-                if source.node is other or source.node in _ancestors(other, memo):
-                    return f"{node.name} ({_op_name(node)}) combines the scaled tensor with itself"
+            if operands.count(carrier) > 1 or any(o in on_path for o in operands if o is not carrier):
+                return f"{node.name} ({_op_name(node)}) combines the scaled tensor with itself"
     for name, _ in members:
-        if len(gm.linears[name].node.args[1].users) != 1:
+        if len(real_users(gm.linears[name].weight_node)) != 1:
             return f"'{name}' shares its weight with another op (tied weights)"
     return None
+
+
+def _reads_only_unscaled(user: fx.Node, node: fx.Node, tags, used, example) -> bool:
+    """True when ``user`` moves data out of ``node`` and none of it is a scaled channel."""
+    if user.target not in MOVEMENT or user.args[0] is not node or node not in tags:
+        return False
+    try:
+        args = fx.node.map_arg(user.args, lambda a: tags[node] if a is node else example[a])
+        kwargs = fx.node.map_arg(user.kwargs, lambda a: example[a])
+        moved = user.target(*args, **kwargs)
+    except Exception:
+        return False
+    parts = moved if isinstance(moved, (list, tuple)) else [moved]
+    if isinstance(moved, (list, tuple)):  # a split: only its items that some user reads
+        read = {u.args[1] for u in real_users(user) if u.target is operator.getitem}
+        parts = [p for i, p in enumerate(parts) if i in read]
+    return all(not (set(torch.unique(p).long().tolist()) & used) for p in parts)
 
 
 def _channel_map(tag: torch.Tensor, layer: str) -> list[int]:

@@ -12,8 +12,7 @@ from collections import Counter
 
 from awq_graph.errors import ConfigError
 from awq_graph.graph import GraphModel, module_path
-from passes.channel_flow import FoldPoint, Stop, Trace, _check_consumers, _channel_map, _op_name, \
-    example_values, find_groups, propagate_tags, trace_up
+from passes.channel_flow import Stop, _op_name, example_values, find_groups, resolve_members, trace_up
 from passes.groups import ScalingGroup, common_module
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
@@ -65,7 +64,6 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
                     f"(found e.g. {sorted(gm.module_types)[1:4]})"]
     faults: list[str] = []
     per_layer: list[list[ScalingGroup]] = []
-    memo: dict = {}
     for i in range(n):
         groups = []
         base = f"{prefix}.{i}"
@@ -92,14 +90,14 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
             source = None
             if fault is None:
                 for rel, path in zip(entry["layers"], layers):
-                    tr = trace_up(gm, gm.linears[path].node.args[0], example)
+                    tr = trace_up(gm, gm.linears[path].input, example)
                     if isinstance(tr, Stop):
                         culprit = module_path(tr.node) or tr.node.name
                         fault = (f"{where}: prev_op '{entry['prev_op']}' reaches '{rel}' only through "
                                  f"'{_rel(culprit, base)}' ({_op_name(tr.node)}), which does not commute with scaling")
                         break
                     if tr.source.module != prev:
-                        culprit = _blocking_op(gm, prev, gm.linears[path].node.args[0])
+                        culprit = _blocking_op(gm, prev, gm.linears[path].input)
                         fault = (f"{where}: prev_op '{entry['prev_op']}' reaches '{rel}' only through "
                                  f"'{_rel(module_path(culprit), base)}' ({_op_name(culprit)}), which does not "
                                  f"commute with scaling" if culprit is not None else
@@ -109,12 +107,10 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
                     source = tr.source
                     members.append((path, tr))
             if fault is None:
-                reason = _check_consumers(gm, source, members, memo)
+                maps, reason = resolve_members(gm, source, members, example)
                 if reason:
                     fault = f"{where}: {reason.replace(base + '.', '')}"
             if fault is None:
-                maps = {path: _channel_map(propagate_tags(source, tr.path, tr.carriers, example)[
-                    tr.path[-1] if tr.path else source.node], path) for path, tr in members}
                 groups.append(ScalingGroup.build(
                     source.module, source.kind, source.params, source.channels, layers, maps,
                     inp=f"{base}.{entry['inp']}",

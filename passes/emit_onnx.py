@@ -44,9 +44,14 @@ def _initializer(graph: ir.Graph, param: str) -> ir.Value | None:
 
 
 def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
-                        weight_param: dict[str, str], bias_param: dict[str, str | None],
-                        accuracy_level: int = 0) -> int:
-    """Replace each quantized linear's MatMul with MatMulNBits; returns how many."""
+                        weight_param: dict[str, str], accuracy_level: int = 0) -> int:
+    """Replace each quantized linear's MatMul (or Gemm) with MatMulNBits; returns how many.
+
+    Patterns, by how the exporter wrote the linear:
+      1. MatMul(x, Transpose(W))        W stored (out, in): aten.linear
+      2. MatMul(x, W)                   W stored (in, out): Conv1D's addmm
+      3. Gemm(x, W, bias, transB=0|1)   either layout; the bias moves into MatMulNBits
+    """
     graph = model.graph
     count = 0
     for layer, qw in weights.items():
@@ -54,35 +59,50 @@ def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
         if w_value is None:
             raise ExportError(f"ONNX graph has no initializer for '{weight_param[layer]}'")
         uses = list(w_value.uses())
-        if len(uses) != 1 or uses[0][0].op_type != "Transpose":
-            raise ExportError(f"'{layer}': expected Transpose(weight) -> MatMul in the ONNX graph, "
-                              f"found {[u[0].op_type for u in uses]}")
-        transpose = uses[0][0]
-        mm_uses = list(transpose.outputs[0].uses())
-        if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
-            raise ExportError(f"'{layer}': the transposed weight does not feed one MatMul")
-        matmul = mm_uses[0][0]
+        if len(uses) != 1:
+            raise ExportError(f"'{layer}': its weight has {len(uses)} uses in the ONNX graph, expected 1")
+        user, index = uses[0]
+        bias = None
+        if user.op_type == "Transpose":  # Pattern 1
+            mm_uses = list(user.outputs[0].uses())
+            if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
+                raise ExportError(f"'{layer}': the transposed weight does not feed one MatMul")
+            target, dead = mm_uses[0][0], [mm_uses[0][0], user]
+        elif user.op_type == "MatMul" and index == 1:  # Pattern 2
+            target, dead = user, [user]
+        elif user.op_type == "Gemm" and index == 1:  # Pattern 3
+            attrs = {k: a.value for k, a in user.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                raise ExportError(f"'{layer}': Gemm with transA/alpha/beta is not rewritten")
+            target, dead = user, [user]
+            bias = user.inputs[2] if len(user.inputs) > 2 else None
+        else:
+            raise ExportError(f"'{layer}': its weight feeds {user.op_type}, not a MatMul or Gemm")
         n, k = qw.q.shape
         b, scales, zp = pack_matmulnbits(qw)
         base = weight_param[layer].removesuffix(".weight")
-        inputs = [matmul.inputs[0],
+        inputs = [target.inputs[0],
                   _add_initializer(graph, f"{base}.qweight", b),
-                  _add_initializer(graph, f"{base}.scales", scales.astype(np.float32))]
-        if zp is not None:
-            inputs.append(_add_initializer(graph, f"{base}.qzeros", zp))
+                  _add_initializer(graph, f"{base}.scales", scales.astype(np.float32)),
+                  _add_initializer(graph, f"{base}.qzeros", zp) if zp is not None else None]
+        if bias is not None:
+            inputs += [None, bias]
+        while inputs[-1] is None:
+            inputs.pop()
         node = ir.node("MatMulNBits", inputs=inputs, domain="com.microsoft",
                        attributes={"K": k, "N": n, "bits": qw.scheme.bits, "block_size": qw.scheme.group_size,
                                    "accuracy_level": accuracy_level},
                        name=f"{base}.MatMulNBits")
-        graph.insert_before(matmul, node)
-        node.outputs[0].name = matmul.outputs[0].name
-        out = matmul.outputs[0]
+        graph.insert_before(target, node)
+        out = target.outputs[0]
         ir.convenience.replace_all_uses_with(out, node.outputs[0])
         if out in graph.outputs:
             graph.outputs[graph.outputs.index(out)] = node.outputs[0]
-        out.name = None
-        node.outputs[0].name = f"{base}.out"
-        graph.remove([matmul, transpose], safe=True)
+            node.outputs[0].name = out.name
+            out.name = None
+        else:
+            node.outputs[0].name = f"{base}.out"
+        graph.remove(dead, safe=True)
         del graph.initializers[w_value.name]
         count += 1
     model.opset_imports.setdefault("com.microsoft", 1)

@@ -16,21 +16,25 @@ from passes.groups import ScalingGroup
 
 
 @torch.no_grad()
-def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor,
-                weight_of: dict[str, str]) -> None:
-    """Fold ``s`` along ``group``; ``weight_of`` maps each layer to its weight parameter name."""
+def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor, sites: dict) -> None:
+    """Fold ``s`` along ``group``; ``sites`` maps each layer to its ``LinearSite``."""
     s = s.to(torch.float32)
     assert s.shape == (group.channels,) and bool((s > 0).all()), "scales must be positive, one per source channel"
     kind = group.prev_kind
     if kind == "norm_offset":  # Case B
         w = params[group.prev_params[0]]
         w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
+    elif kind == "linear_t":  # Case D for a Conv1D weight stored (in, out): its columns are the rows
+        w = params[group.prev_params[0]]
+        w.copy_((w.float() / s).to(w.dtype))
+        for name in group.prev_params[1:]:
+            params[name].copy_((params[name].float() / s).to(params[name].dtype))
     else:  # Cases A, C, D: every source parameter is divided along its first dim
         for name in group.prev_params:
             p = params[name]
             shape = (-1,) + (1,) * (p.dim() - 1)
             p.copy_((p.float() / s.reshape(shape)).to(p.dtype))
     for layer, cmap in zip(group.layers, group.channel_maps):
-        w = params[weight_of[layer]]
+        w = sites[layer].matrix(params)  # (out, in) view
         col = s[torch.tensor(cmap)]
         w.copy_((w.float() * col).to(w.dtype))

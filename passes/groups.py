@@ -60,6 +60,10 @@ class ScalingGroup:
     def channel_map(self, layer: str) -> tuple[int, ...]:
         return self.channel_maps[self.layers.index(layer)]
 
+    def used_channels(self) -> list[int]:
+        """Source channels some layer reads; the others keep s = 1."""
+        return sorted({c for m in self.channel_maps for c in m})
+
     def kinds(self) -> list[str]:
         return [map_kind(m, self.channels) for m in self.channel_maps]
 

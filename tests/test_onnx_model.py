@@ -27,7 +27,7 @@ def test_int4_onnx_logits_equal_the_fake_quant_torch_model(tmp_path, scheme):
     ops = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 14 and "Transpose" not in [op for op in ops if op == "MatMulNBits"]
     ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(1))
-    fake = {gm.linears[n].weight: qw.dequantize() for n, qw in result.quantized.items()}
+    fake = {gm.linears[n].weight: gm.linears[n].stored(qw.dequantize()) for n, qw in result.quantized.items()}
     with torch.no_grad():
         ref = gm.run(ids, overrides=fake)
     got = runtime.onnx_logits(runtime.session(path))(ids)

@@ -1,0 +1,70 @@
+"""Scaling groups across the causal-LM architectures transformers ships, from tiny random
+models built offline: every derived group must be exact (folding random scales leaves the
+logits unchanged), and the usual pairs must be found without any per-architecture table."""
+import pytest
+import torch
+
+from awq_graph import runtime
+from awq_graph.graph import export_model
+from awq_graph.load import tiny_random_model
+from awq_graph.numerics import QuantScheme
+from awq_graph.pipeline import write_onnx
+from awq_graph.search import SearchOptions, awq_search
+from awq_graph.verify import verify_groups
+from passes.check_config import derive_groups
+
+# architecture -> pairs (prev_op, layers) that must be among the groups of decoder layer 0
+EXPECTED = {
+    "llama": [("input_layernorm", "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"),
+              ("self_attn.v_proj", "self_attn.o_proj"),
+              ("post_attention_layernorm", "mlp.gate_proj,mlp.up_proj"), ("mlp.up_proj", "mlp.down_proj")],
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma": "llama",  # norms written x * (1 + w)
+    "gemma2": "llama",
+    "gemma3_text": "llama",
+    "phi3": [("input_layernorm", "self_attn.qkv_proj"), ("self_attn.qkv_proj", "self_attn.o_proj"),
+             ("post_attention_layernorm", "mlp.gate_up_proj"), ("mlp.gate_up_proj", "mlp.down_proj")],
+    "gpt2": [("ln_1", "attn.c_attn"), ("attn.c_attn", "attn.c_proj"), ("ln_2", "mlp.c_fc")],
+    "mixtral": [("input_layernorm", "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"),
+                ("self_attn.v_proj", "self_attn.o_proj")],
+}
+
+
+def _pairs(prefix, groups):
+    base = f"{prefix}.0."
+    return {(g.prev_op.removeprefix(base), ",".join(x.removeprefix(base) for x in g.layers)) for g in groups}
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def arch(request):
+    model_type = request.param
+    gm = export_model(tiny_random_model(model_type))
+    return model_type, gm
+
+
+def test_derived_groups_contain_the_known_pairs_and_are_exact(arch):
+    model_type, gm = arch
+    prefix, per_layer, _ = derive_groups(gm)
+    expected = EXPECTED[model_type]
+    expected = EXPECTED[expected] if isinstance(expected, str) else expected
+    assert set(expected) <= _pairs(prefix, per_layer[0])
+    deviation = verify_groups(gm, per_layer)
+    assert deviation < 1e-4, deviation  # measured 2e-7 .. 8e-7
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3", "gemma2"])
+def test_compiled_int4_model_matches_fake_quant_torch(model_type, tmp_path):
+    """Conv1D (addmm), fused projections and (1 + w) norms all reach a correct MatMulNBits model."""
+    gm = export_model(tiny_random_model(model_type))
+    _, per_layer, _ = derive_groups(gm)
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = awq_search(gm, per_layer, calib, SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=64))
+    write_onnx(gm, result.quantized, tmp_path / "model.onnx")
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    fake = {gm.linears[n].weight: gm.linears[n].stored(q.dequantize()) for n, q in result.quantized.items()}
+    with torch.no_grad():
+        ref = gm.run(ids, overrides=fake)
+    got = runtime.onnx_logits(runtime.session(tmp_path / "model.onnx"))(ids)
+    assert float((got - ref).norm() / ref.norm()) < 1e-4
