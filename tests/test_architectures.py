@@ -22,8 +22,10 @@ EXPECTED = {
     "qwen2": "llama",
     "qwen3": "llama",
     "gemma": "llama",  # norms written x * (1 + w)
-    "gemma2": "llama",
-    "gemma3_text": "llama",
+    "gemma2": [("input_layernorm", "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"),
+               ("self_attn.v_proj", "self_attn.o_proj"),  # the MLP is fed by its own pre-norm
+               ("pre_feedforward_layernorm", "mlp.gate_proj,mlp.up_proj"), ("mlp.up_proj", "mlp.down_proj")],
+    "gemma3_text": "gemma2",
     "phi3": [("input_layernorm", "self_attn.qkv_proj"), ("self_attn.qkv_proj", "self_attn.o_proj"),
              ("post_attention_layernorm", "mlp.gate_up_proj"), ("mlp.gate_up_proj", "mlp.down_proj")],
     "gpt2": [("ln_1", "attn.c_attn"), ("attn.c_attn", "attn.c_proj"), ("ln_2", "mlp.c_fc")],
