@@ -101,22 +101,24 @@ class QuantizedWeight:
         return dequantize(self.q, self.scale, self.zero, self.scheme.group_size)
 
 
-def group_range(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0):
-    """Per-group scale and zero point, range shrunk by ``shrink`` (scalar or (out, G)).
+def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0):
+    """Per-group scale and zero point, range shrunk by ``shrink``.
 
-    Asymmetric: [min, max] -> [shrink*min, shrink*max] (both ends move toward 0, so the
-    clipping search respects the asymmetric range); scale = (max - min) / qmax,
+    ``shrink``: a scalar or (out, G) tensor for both ends, or a pair (for max, for min).
+    Asymmetric: [min, max] -> [shrink_min*min, shrink_max*max] (each end moves toward 0 on
+    its own, so the clipping search respects the asymmetric range); scale = (max - min) / qmax,
     zero = round(-min / scale). Symmetric: absmax -> shrink*absmax, scale = absmax / (2^(b-1) - 1).
     Returns (scale, zero) as (out, G) float tensors.
     """
+    hi, lo = shrink if isinstance(shrink, tuple) else (shrink, shrink)
     wg = to_groups(w, scheme.group_size)  # (out, G, gs)
     if scheme.symmetric:
-        absmax = wg.abs().amax(dim=2) * shrink
+        absmax = wg.abs().amax(dim=2) * hi
         scale = absmax.clamp(min=1e-8) / (scheme.sym_zero - 1)
         zero = torch.full_like(scale, float(scheme.sym_zero))
     else:
-        wmax = wg.amax(dim=2).clamp(min=0) * shrink
-        wmin = wg.amin(dim=2).clamp(max=0) * shrink
+        wmax = wg.amax(dim=2).clamp(min=0) * hi
+        wmin = wg.amin(dim=2).clamp(max=0) * lo
         scale = (wmax - wmin).clamp(min=1e-8) / scheme.qmax
         zero = torch.round(-wmin / scale).clamp(0, scheme.qmax)
     return scale, zero
@@ -136,13 +138,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_s
     return from_groups((qg - zero.float().unsqueeze(2)) * scale.float().unsqueeze(2), in_f)
 
 
-def quantize(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0) -> QuantizedWeight:
+def quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0) -> QuantizedWeight:
     scale, zero = group_range(w, scheme, shrink)
     q = quantize_with(w, scale, zero, scheme)
     return QuantizedWeight(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), scheme)
 
 
-def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0) -> torch.Tensor:
     """dequantize(quantize(w)) in float, shape of ``w``."""
     scale, zero = group_range(w, scheme, shrink)
     wg = to_groups(w, scheme.group_size)

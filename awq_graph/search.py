@@ -347,6 +347,12 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
 
 
 def _clip_search(name, w, gram, tokens, opts, node):
+    """Per (row, group) range shrink minimizing dW_g H_gg dW_g^T.
+
+    Three sweeps over r = 1, 0.95, ..., 1 - max_shrink: both ends together (AWQ's search),
+    then, for an asymmetric scheme, the min end with the max end fixed, then the max end
+    with the min end fixed. Returns (shrink, report); shrink is a pair (max, min) of (out, G).
+    """
     scheme = opts.scheme
     if not opts.clip:
         return 1.0, None
@@ -355,17 +361,26 @@ def _clip_search(name, w, gram, tokens, opts, node):
         base = blockwise_quadratic_error(fake_quantize(w, scheme) - w, gram, scheme.group_size)
         loss = float(base.sum()) / numel
         return 1.0, ClipReport(name, False, loss, loss, 1.0)
-    best_err, best_shrink = None, None
     steps = max(1, int(round(opts.max_shrink * opts.clip_grid)))
-    for k in range(steps):
-        r = 1.0 - k / opts.clip_grid
-        err = blockwise_quadratic_error(fake_quantize(w, scheme, r) - w, gram, scheme.group_size)  # (out, G)
-        if best_err is None:
-            before = float(err.sum()) / numel
-            best_err, best_shrink = err, torch.full_like(err, r)
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_shrink = torch.where(better, torch.full_like(err, r), best_shrink)
+    ratios = [1.0 - k / opts.clip_grid for k in range(steps)]
+
+    def error(hi, lo):
+        return blockwise_quadratic_error(fake_quantize(w, scheme, (hi, lo)) - w, gram, scheme.group_size)
+
+    best_err = error(1.0, 1.0)  # (out, G)
+    before = float(best_err.sum()) / numel
+    hi = torch.ones_like(best_err)
+    lo = torch.ones_like(best_err)
+    sweeps = [("both", r) for r in ratios[1:]]
+    if not scheme.symmetric:
+        sweeps += [("min", r) for r in ratios] + [("max", r) for r in ratios]
+    for which, r in sweeps:
+        cand_hi = torch.full_like(hi, r) if which in ("both", "max") else hi
+        cand_lo = torch.full_like(lo, r) if which in ("both", "min") else lo
+        err = error(cand_hi, cand_lo)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        hi = torch.where(better, cand_hi, hi)
+        lo = torch.where(better, cand_lo, lo)
     after = float(best_err.sum()) / numel
-    return best_shrink, ClipReport(name, True, before, after, float(best_shrink.mean()))
+    return (hi, lo), ClipReport(name, True, before, after, float((hi.mean() + lo.mean()) / 2))

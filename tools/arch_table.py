@@ -1,0 +1,39 @@
+"""Markdown table of the scaling groups derived per architecture (tiny random models, offline).
+
+    python tools/arch_table.py [llama mistral ...]   > prints the README's architecture table
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+from awq_graph.graph import export_model
+from awq_graph.load import tiny_random_model
+from awq_graph.verify import verify_groups
+from passes.channel_flow import example_values
+from passes.check_config import derive_groups
+
+DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral"]
+
+
+def main(argv: list[str]) -> int:
+    warnings.filterwarnings("ignore")
+    print("| architecture | groups per layer (prev_op -> layers) | exact (--verify) | not found, and why |")
+    print("|---|---|---|---|")
+    for arch in argv or DEFAULT:
+        gm = export_model(tiny_random_model(arch))
+        prefix, per_layer, skipped = derive_groups(gm, example_values(gm))
+        base = f"{prefix}.0."
+        groups = "; ".join(f"{g.prev_op.removeprefix(base)} -> {', '.join(x.removeprefix(base) for x in g.layers)}"
+                           + (" (GQA repeat)" if any("repeat" in k for k in g.kinds()) else "")
+                           for g in per_layer[0])
+        missing = "; ".join(sorted({f"{s.prev_op.removeprefix(base) or '?'} -> "
+                                    f"{', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason.replace(base, '')}"
+                                    for s in skipped if all(x.startswith(base) for x in s.layers)}))
+        deviation = verify_groups(gm, per_layer)
+        print(f"| {arch} | {groups} | {deviation:.0e} | {missing or '-'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
