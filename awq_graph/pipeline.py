@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from passes.check_config import derive_groups, resolve_config
 from passes.channel_flow import example_values
 from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model

@@ -257,7 +257,6 @@ class _Inconsistent(Exception):
 def example_values(gm: GraphModel, seq: int = 6) -> dict:
     """Concrete values of every node for a small input: shapes for the analysis."""
     env = gm.param_env()
-    vocab = gm.program.graph_signature  # noqa: F841 (kept for clarity of intent)
     ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
     env[gm.input_node()] = ids
     with torch.no_grad():

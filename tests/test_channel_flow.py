@@ -1,6 +1,5 @@
 """Scaling groups derived from the torch.export graph, and Quark configs checked against it."""
 import pytest
-import torch
 
 from awq_graph.graph import export_model
 from passes.check_config import derive_groups, resolve_config

@@ -1,6 +1,5 @@
 """One MatMulNBits node in onnxruntime against an independent numpy dequantization."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """The emitted int4 ONNX model computes what the torch fake-quant model computes."""
-import numpy as np
 import onnx
 import pytest
 import torch

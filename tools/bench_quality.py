@@ -87,8 +87,8 @@ def main() -> int:
     }
     out = args.work / f"quality-{tag}.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"| setting | float | RTN | AWQ | RTN loss recovered | compile s | search s | peak RSS MB | load avg |")
-    print(f"|---|---|---|---|---|---|---|---|---|")
+    print("| setting | float | RTN | AWQ | RTN loss recovered | compile s | search s | peak RSS MB | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {model.name}, g{group}, {n_samples}x{args.seqlen}, {windows} windows | {ppl_float:.2f} | {ppl_rtn:.2f} | "
           f"{ppl_awq:.2f} | {recovered:.0%} | {wall:.0f} | {report['search_s']:.0f} | {report['peak_rss_mb']:.0f} | "
           f"{load_before:.2f} -> {load_after:.2f} |")
