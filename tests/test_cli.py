@@ -90,3 +90,24 @@ def test_an_existing_output_folder_is_not_overwritten_unless_asked(tiny_checkpoi
     assert (out / "keep.txt").read_text() == "mine"
     assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+
+
+def test_infer_config_prints_the_quark_template_for_a_model_type(capsys):
+    assert main(["infer-config", "qwen2", "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["model_decoder_layers"] == "model.layers"
+    assert {"prev_op": "self_attn.v_proj", "layers": ["self_attn.o_proj"], "inp": "self_attn.o_proj"} in config["scaling_layers"]
+
+
+def test_check_config_reports_each_fault_and_verifies_the_derived_groups(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model_decoder_layers": "model.layers", "scaling_layers": [
+        {"prev_op": "mlp.up_proj", "layers": ["mlp.down_proj"], "inp": "mlp.down_proj"},
+        {"prev_op": "mlp.gate_proj", "layers": ["mlp.down_proj"], "inp": "mlp.down_proj"}]}))
+    assert main(["check-config", "llama", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "scaling_layers[1]: prev_op 'mlp.gate_proj' reaches 'mlp.down_proj' only through 'mlp.act_fn' (silu)" in out
+    assert "scaling_layers[0]" not in out
+    assert main(["check-config", "gemma", "-", "--verify"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("verify: largest relative logit deviation") and line.endswith("(ok)")

@@ -67,3 +67,11 @@ def test_scheme_names_follow_quark():
     assert QuantScheme.parse("uint4_wo_128") == QuantScheme(4, 128, False)
     assert QuantScheme.parse("int4_wo_64") == QuantScheme(4, 64, True)
     assert QuantScheme(4, 32, True).name == "int4_wo_32"
+
+
+def test_each_end_of_an_asymmetric_range_shrinks_on_its_own():
+    scheme = QuantScheme(4, 16, False)
+    w = torch.linspace(-2.0, 1.0, 16).reshape(1, 16)
+    deq = fake_quantize(w, scheme, shrink=(1.0, 0.5))  # (for max, for min)
+    assert float(deq.min()) >= -1.0 - 1e-6
+    assert abs(float(deq.max()) - 1.0) < 0.11  # max end kept (within a step)
