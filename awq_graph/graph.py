@@ -135,7 +135,8 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8) -> GraphModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
             f"torch.export could not capture {type(lm).__name__}: {first} "
-            "(hint: a transformers release that supports torch.export for this architecture may help)"
+            "(awq-graph works on the exported graph, so --config does not help here; a transformers "
+            "release whose modeling code exports for this architecture may)"
         ) from exc
     sig = program.graph_signature
     # The program gets private copies of the tensors: folding edits them, never the caller's model.

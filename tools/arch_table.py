@@ -18,20 +18,24 @@ DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text
 
 def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore")
-    print("| architecture | groups per layer (prev_op -> layers) | exact (--verify) | not found, and why |")
-    print("|---|---|---|---|")
+    print("| architecture | groups per layer (prev_op -> layers) | beyond AutoAWQ's mapping | exact (--verify) | not found, and why |")
+    print("|---|---|---|---|---|")
     for arch in argv or DEFAULT:
         gm = export_model(tiny_random_model(arch))
         prefix, per_layer, skipped = derive_groups(gm, example_values(gm))
         base = f"{prefix}.0."
-        groups = "; ".join(f"{g.prev_op.removeprefix(base)} -> {', '.join(x.removeprefix(base) for x in g.layers)}"
-                           + (" (GQA repeat)" if any("repeat" in k for k in g.kinds()) else "")
-                           for g in per_layer[0])
+        def pair(g):
+            return f"{g.prev_op.removeprefix(base)} -> {', '.join(x.removeprefix(base) for x in g.layers)}"
+
+        groups = "; ".join(pair(g) for g in per_layer[0])
+        # AutoAWQ adds v -> o only when v_proj and o_proj have the same shape: never under GQA
+        beyond = "; ".join(pair(g) + " (grouped-query repeat)" for g in per_layer[0]
+                           if any("repeat" in k for k in g.kinds()))
         missing = "; ".join(sorted({f"{s.prev_op.removeprefix(base) or '?'} -> "
                                     f"{', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason.replace(base, '')}"
                                     for s in skipped if all(x.startswith(base) for x in s.layers)}))
         deviation = verify_groups(gm, per_layer)
-        print(f"| {arch} | {groups} | {deviation:.0e} | {missing or '-'} |")
+        print(f"| {arch} | {groups} | {beyond or '-'} | {deviation:.0e} | {missing or '-'} |")
     return 0
 
 

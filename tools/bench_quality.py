@@ -7,7 +7,8 @@ the AWQ compile. Each compile runs alone in its own process.
     python tools/bench_quality.py --data ../shared/data                      # g128, 128 x 512
     python tools/bench_quality.py --data ../shared/data --peers              # g64, 8 x 512, 20 windows
 
-Writes bench/quality[-peers].json and prints a Markdown table.
+Compiled models go to bench/ (ignored); the figures to tools/results/quality-*.json, and a
+Markdown table is printed.
 """
 from __future__ import annotations
 
@@ -85,7 +86,9 @@ def main() -> int:
         "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
         "cpus": os.cpu_count(),
     }
-    out = args.work / f"quality-{tag}.json"
+    results = REPO / "tools" / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"quality-{tag}.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print("| setting | float | RTN | AWQ | RTN loss recovered | compile s | search s | peak RSS MB | load avg |")
     print("|---|---|---|---|---|---|---|---|---|")
