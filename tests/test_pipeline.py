@@ -1,6 +1,8 @@
 """The Python API: in-memory models and token tensors in, a compiled folder out."""
 import json
 
+import pytest
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, PreTrainedModel
@@ -71,3 +73,20 @@ def test_an_architecture_with_nothing_to_scale_still_compiles_with_a_warning(tmp
         ref = model(ids).logits
     assert float((got - ref).norm() / ref.norm()) < 0.2  # int4 of a random model: measured ~0.05
     assert json.loads((tmp_path / "out" / "awq_config.json").read_text())["scaling_layers"] == []
+
+
+class DataDependentLM(NoNormLM):
+    """Python control flow on tensor values: torch.export cannot capture it."""
+
+    def forward(self, input_ids, use_cache=False, **kwargs):
+        x = self.model.embed_tokens(input_ids)
+        if float(x.sum()) > 0:  # a branch on data
+            x = x * 2
+        return CausalLMOutput(logits=self.lm_head(x))
+
+
+def test_a_model_torch_export_cannot_capture_is_a_clear_error(tmp_path):
+    model = DataDependentLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64)).eval()
+    with pytest.raises(awq_graph.ExportError, match="torch.export could not capture DataDependentLM: .*--config does not help"):
+        awq_graph.compile(model, torch.randint(0, 64, (2, 16)), tmp_path / "out", n_samples=2, seqlen=16)
+    assert not (tmp_path / "out").exists()
