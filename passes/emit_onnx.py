@@ -11,6 +11,7 @@ integers the search chose. W's float initializer is removed.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -35,8 +36,18 @@ def export_float_onnx(gm: GraphModel) -> ir.Model:
                                         external_data=True, verbose=False,
                                         input_names=["input_ids"], output_names=["logits"])
     except Exception as exc:
-        raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
+        raise ExportError(f"ONNX export failed: {_onnx_failure(exc)}") from exc
     return program.model
+
+
+def _onnx_failure(exc: Exception) -> str:
+    """The line of torch.onnx's long report that names the op it could not translate."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
+    if match:
+        return f"no ONNX translation for the op {match.group(1)} (the model's modeling code uses it)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _initializer(graph: ir.Graph, param: str) -> ir.Value | None:
