@@ -113,7 +113,8 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
             if fault is None:
                 groups.append(ScalingGroup.build(
                     source.module, source.kind, source.params, source.channels, layers, maps,
-                    inp=f"{base}.{entry['inp']}",
+                    # Quark may name a container as inp; the statistics are taken at a layer's input
+                    inp=(f"{base}.{entry['inp']}" if f"{base}.{entry['inp']}" in layers else layers[0]),
                     module2inspect=f"{base}.{inspect}" if inspect else common_module(layers)))
             elif fault not in faults:
                 faults.append(fault if i == 0 else f"{fault} (layer {i})")
