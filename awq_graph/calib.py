@@ -62,7 +62,7 @@ def from_tensors(data, n_samples: int, seqlen: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def self_generated(model, tokenizer, n_samples: int, seqlen: int, seed: int = 0, batch: int = 32,
+def self_generated(model, tokenizer, n_samples: int, seqlen: int, seed: int = 0, batch: int = 64,
                    progress=None) -> torch.Tensor:
     """Text sampled from the model itself, starting from BOS: no dataset needed."""
     progress = progress or (lambda it, desc, total: it)
