@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="MatMulNBits accuracy_level (4: int8 activations on CPU)")
     c.add_argument("--loss-tokens", type=int, default=None, help="tokens of the loss subsample (whole sequences)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--quantize-lm-head", action="store_true",
+                   help="lm_head as MatMulNBits too (round-to-nearest; a tied embedding table stays float)")
 
     e = sub.add_parser("eval", help="perplexity of a compiled folder (onnxruntime) or of MODEL (torch, float)")
     e.add_argument("model", help="compiled folder, checkpoint folder or .gguf file")
@@ -171,14 +173,15 @@ def _compile(args) -> int:
     result = run_compile(args.model, args.calib, args.out, scheme, args.config, n_samples=args.n_samples,
                          seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
                          accuracy_level=args.accuracy_level, overwrite=args.overwrite, progress=_progress,
-                         search_options=options)
+                         search_options=options, quantize_lm_head=args.quantize_lm_head)
     rep = result.report
     for warning in rep.get("warnings", []):
         print(f"awq-graph: warning: {warning}", file=sys.stderr)
     groups = rep["groups"]
     better = sum(1 for g in groups if g["ratio"] is not None)
     print(f"wrote {result.out_dir} ({rep['scheme']}, {rep['method']}): {rep['quantized_linears']} MatMulNBits, "
-          f"{len(groups)} scaling groups ({better} scaled), timings {rep['timings_s']}")
+          f"{len(groups)} scaling groups ({better} scaled), {rep['onnx_bytes'] / 2**20:.1f} MiB, "
+          f"timings {rep['timings_s']}")
     return 0
 
 

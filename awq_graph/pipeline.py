@@ -22,8 +22,8 @@ from . import calib as calibration
 from .errors import ConfigError, InputError
 from .graph import export_model
 from .load import load_model
-from .numerics import QuantScheme
-from .search import SearchOptions, SearchResult, awq_search, rtn
+from .numerics import QuantScheme, quantize
+from .search import SearchOptions, SearchResult, awq_search, output_head, rtn
 from .verify import verify_groups
 
 
@@ -48,6 +48,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None, *, tokenizer=None,
             n_samples: int = 128, seqlen: int = 512, clip: bool = True, rtn_only: bool = False,
             seed: int = 0, accuracy_level: int = 0, overwrite: bool = False, progress=None,
+            quantize_lm_head: bool = False,
             search_options: dict | None = None) -> CompileResult:
     """Quantize a causal LM with AWQ and write an int4 MatMulNBits ONNX model to ``out_dir``.
 
@@ -123,6 +124,12 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     else:
         opts = SearchOptions(scheme=qscheme, clip=clip, **(search_options or {}))
         result = awq_search(gm, per_layer, calib_ids, opts, progress=progress)
+    if quantize_lm_head:
+        head = output_head(gm)
+        if head is None:
+            raise InputError("--quantize-lm-head: no linear layer writes the logits in this graph")
+        # round-to-nearest; with tied embeddings the float table stays for the embedding lookup
+        result.quantized[head] = quantize(gm.linears[head].matrix(gm.params).detach().float(), qscheme)
     lap("search")
 
     parent = out_dir.resolve().parent
@@ -136,6 +143,7 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         report = _report(result, qscheme, n_q, timings, calib_ids, rtn_only, skipped, clip)
         report["calibration_source"] = None if rtn_only else calib_source
         report["warnings"] = warnings_
+        report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if out_dir.exists():

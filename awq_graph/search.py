@@ -90,6 +90,14 @@ def quantizable_linears(gm: GraphModel) -> list[str]:
             if n.startswith(prefix + ".") and len(real_users(site.weight_node)) == 1]
 
 
+def output_head(gm: GraphModel) -> str | None:
+    """The linear that writes the logits (``lm_head``), found from the graph output."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    while out.op == "call_function" and out.target in (aten.to.dtype, aten._to_copy.default, aten.alias.default):
+        out = out.args[0]
+    return next((name for name, site in gm.linears.items() if site.node is out), None)
+
+
 def rtn(gm: GraphModel, scheme: QuantScheme) -> SearchResult:
     """Round-to-nearest baseline: every quantizable linear, full range, no search."""
     out = {name: quantize(gm.linears[name].matrix(gm.params).detach().float(), scheme)

@@ -70,6 +70,9 @@ def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
         if w_value is None:
             raise ExportError(f"ONNX graph has no initializer for '{weight_param[layer]}'")
         uses = list(w_value.uses())
+        # a tied lm_head shares its table with the embedding lookup, which stays float
+        lookups = [u for u in uses if u[0].op_type == "Gather" and u[1] == 0]
+        uses = [u for u in uses if u not in lookups]
         if len(uses) != 1:
             raise ExportError(f"'{layer}': its weight has {len(uses)} uses in the ONNX graph, expected 1")
         user, index = uses[0]
@@ -106,15 +109,16 @@ def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
                        name=f"{base}.MatMulNBits")
         graph.insert_before(target, node)
         out = target.outputs[0]
-        ir.convenience.replace_all_uses_with(out, node.outputs[0])
-        if out in graph.outputs:
-            graph.outputs[graph.outputs.index(out)] = node.outputs[0]
-            node.outputs[0].name = out.name
-            out.name = None
+        is_output = out in graph.outputs
+        ir.convenience.replace_all_uses_with(out, node.outputs[0], replace_graph_outputs=is_output)
+        if is_output:  # keep the graph output's name ("logits")
+            name, out.name = out.name, None
+            node.outputs[0].name = name
         else:
             node.outputs[0].name = f"{base}.out"
         graph.remove(dead, safe=True)
-        del graph.initializers[w_value.name]
+        if not lookups:
+            del graph.initializers[w_value.name]
         count += 1
     model.opset_imports.setdefault("com.microsoft", 1)
     return count

@@ -90,3 +90,27 @@ def test_a_model_torch_export_cannot_capture_is_a_clear_error(tmp_path):
     with pytest.raises(awq_graph.ExportError, match="torch.export could not capture DataDependentLM: .*--config does not help"):
         awq_graph.compile(model, torch.randint(0, 64, (2, 16)), tmp_path / "out", n_samples=2, seqlen=16)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantize_lm_head_emits_one_more_matmulnbits(tmp_path, tied):
+    import onnx
+
+    model = tiny_model(tie_word_embeddings=tied)
+    calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    plain = awq_graph.compile(model, calib, tmp_path / "plain", scheme="uint4_wo_16", n_samples=2, seqlen=32)
+    head = awq_graph.compile(model, calib, tmp_path / "head", scheme="uint4_wo_16", n_samples=2, seqlen=32,
+                             quantize_lm_head=True)
+    assert head.report["quantized_linears"] == plain.report["quantized_linears"] + 1
+    ops = [n.op_type for n in onnx.load(tmp_path / "head" / "model.onnx", load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 15 and "Gather" in ops  # the embedding lookup stays float
+    table = 320 * 64 * 4  # float32 bytes of the (vocab, hidden) head / embedding table
+    if tied:  # the float table stays for the lookup; the int4 head is an extra ~1/6 of it
+        assert 0 < head.report["onnx_bytes"] - plain.report["onnx_bytes"] < table / 4
+    else:  # the float head goes, its int4 form comes
+        assert plain.report["onnx_bytes"] - head.report["onnx_bytes"] > table / 2
+    ids = torch.randint(0, 320, (1, 12))
+    got = runtime.onnx_logits(runtime.session(tmp_path / "head"))(ids)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert float((got - ref).norm() / ref.norm()) < 0.2  # int4 of a random model: measured ~0.07
