@@ -58,6 +58,8 @@ ELEMENTWISE_MUL = {aten.mul.Tensor}
 ELEMENTWISE_DIV = {aten.div.Tensor}
 SDPA = {aten.scaled_dot_product_attention.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
+# every op some rule may let a scale through (cat too, with one scalable input)
+COMMUTING = MOVEMENT | CASTS | HOMOGENEOUS | ELEMENTWISE_MUL | ELEMENTWISE_DIV | SDPA | MATMUL | {aten.cat.default}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections import Counter
 
 from awq_graph.errors import ConfigError
 from awq_graph.graph import GraphModel, module_path
-from passes.channel_flow import Stop, _op_name, example_values, find_groups, resolve_members, trace_up
+from passes.channel_flow import COMMUTING, Stop, _op_name, example_values, find_groups, resolve_members, trace_up
 from passes.groups import ScalingGroup, common_module
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
@@ -124,9 +124,6 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
 
 def _blocking_op(gm: GraphModel, prev: str, start):
     """First op on the paths from ``prev``'s output to ``start`` that no rule lets a scale through."""
-    from passes.channel_flow import CASTS, ELEMENTWISE_DIV, ELEMENTWISE_MUL, HOMOGENEOUS, MATMUL, MOVEMENT, SDPA
-
-    passing = MOVEMENT | CASTS | HOMOGENEOUS | ELEMENTWISE_MUL | ELEMENTWISE_DIV | SDPA | MATMUL
     nodes = list(gm.graph.nodes)
     outs = [n for n in nodes if module_path(n) == prev or module_path(n).startswith(prev + ".")]
     if not outs:
@@ -148,7 +145,7 @@ def _blocking_op(gm: GraphModel, prev: str, start):
         between.add(n)
         stack.extend(n.users)
     for n in nodes:
-        if n in between and n.op == "call_function" and n.target not in passing:
+        if n in between and n.op == "call_function" and n.target not in COMMUTING:
             return n
     return None
 
