@@ -143,22 +143,14 @@ class _Stages:
         self.stages: list[list[fx.Node]] = [[] for _ in range(n + 2)]
         for node in calls:
             self.stages[stage_of[node]].append(node)
-        # values produced at stage <= k and read at a stage > k
-        self.keep_after: list[set] = []
-        for k in range(n + 2):
-            keep = set()
-            for later in self.stages[k + 1:]:
-                for node in later:
-                    for a in _args(node):
-                        if a.op == "call_function" and stage_of[a] <= k:
-                            keep.add(a)
-            self.keep_after.append(keep)
-
-
-def _args(node: fx.Node) -> list[fx.Node]:
-    found = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
-    return found
+        # values produced at stage <= k and read at a stage > k: a value made at stage i and
+        # read at stage j is handed on after stages i .. j-1
+        self.keep_after: list[set] = [set() for _ in range(n + 2)]
+        for node in calls:
+            for a in node.all_input_nodes:
+                if a.op == "call_function":
+                    for k in range(stage_of[a], stage_of[node]):
+                        self.keep_after[k].add(a)
 
 
 def _feeds_attention_scores(site_node: fx.Node, depth: int = 16) -> bool:
@@ -258,7 +250,7 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
         if not (len(g.layers) == 1 and g.module2inspect == g.layers[0]) and g.module2inspect not in inspect:
             sub = [n for n in nodes if in_module(n, g.module2inspect)]
             subset = set(sub)
-            ext = {a for n in sub for a in _args(n) if a not in subset}
+            ext = {a for n in sub for a in n.all_input_nodes if a not in subset}
             outs = [n for n in sub if any(u not in subset for u in n.users)]
             inspect[g.module2inspect] = (sub, ext, outs)
     saved = {}
@@ -327,7 +319,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
     else:
         sub, ext, outs = inspect[g.module2inspect]
         ext_values, refs = saved[g.module2inspect]
-        placeholders = {name: gm.param_node(gm.linears[name].weight) for name in g.layers}
+        placeholders = {name: gm.linears[name].weight_node for name in g.layers}
         numel = sum(r.numel() for r in refs)
 
         def loss_of(s):
