@@ -51,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--loss-tokens", type=int, default=None, help="tokens of the loss subsample (whole sequences)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quantize-lm-head", action="store_true",
-                   help="lm_head as MatMulNBits too (round-to-nearest; a tied embedding table stays float)")
+                   help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized (round-to-nearest)")
+    c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"],
+                   help="activation type of the ONNX model (float16 for the CUDA provider)")
+    c.add_argument("--no-kv-cache", action="store_true",
+                   help="emit the logits-only graph (torch.onnx) even where the fused KV-cache decoder fits")
 
     e = sub.add_parser("eval", help="perplexity of a compiled folder (onnxruntime) or of MODEL (torch, float)")
     e.add_argument("model", help="compiled folder, checkpoint folder or .gguf file")
@@ -173,7 +177,8 @@ def _compile(args) -> int:
     result = run_compile(args.model, args.calib, args.out, scheme, args.config, n_samples=args.n_samples,
                          seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
                          accuracy_level=args.accuracy_level, overwrite=args.overwrite, progress=_progress,
-                         search_options=options, quantize_lm_head=args.quantize_lm_head)
+                         search_options=options, quantize_lm_head=args.quantize_lm_head,
+                         act_dtype=args.act_dtype, kv_cache=not args.no_kv_cache)
     rep = result.report
     for warning in rep.get("warnings", []):
         print(f"awq-graph: warning: {warning}", file=sys.stderr)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from passes.check_config import derive_groups, resolve_config
 from passes.channel_flow import example_values
-from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model
 from passes.groups import read_quark_config, to_quark_config
 
 from . import calib as calibration
+from .emit import write_onnx
 from .errors import ConfigError, InputError
 from .graph import export_model
 from .load import load_model
@@ -48,7 +48,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None, *, tokenizer=None,
             n_samples: int = 128, seqlen: int = 512, clip: bool = True, rtn_only: bool = False,
             seed: int = 0, accuracy_level: int = 0, overwrite: bool = False, progress=None,
-            quantize_lm_head: bool = False,
+            quantize_lm_head: bool = False, act_dtype: str = "float32", kv_cache: bool = True,
             search_options: dict | None = None) -> CompileResult:
     """Quantize a causal LM with AWQ and write an int4 MatMulNBits ONNX model to ``out_dir``.
 
@@ -56,8 +56,13 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     checkpoint folder or .gguf file. calib: None or "self" (text sampled from the model), a
     .txt/.jsonl path, or token tensors (a tensor, a list, a dataloader). config: None (derive
     the scaling groups from the graph), a Quark AWQ config dict, or a path to one.
+    quantize_lm_head: lm_head as MatMulNBits and (in the KV-cache decoder) the embedding table as
+    int4 GatherBlockQuantized. act_dtype: "float32" or "float16" activations (KV-cache decoder).
+    kv_cache: emit the fused KV-cache decoder where the model family has one (else logits-only).
     Nothing is written to ``out_dir`` until everything succeeded.
     """
+    if act_dtype not in ("float32", "float16"):
+        raise InputError(f"--act-dtype {act_dtype}: choose float32 or float16")
     qscheme = _scheme(scheme)
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, overwrite)
@@ -135,12 +140,17 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     parent = out_dir.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
-        n_q = write_onnx(gm, result.quantized, tmp / "model.onnx", accuracy_level)
+        emitted = write_onnx(gm, result.quantized, tmp / "model.onnx", model=model, accuracy_level=accuracy_level,
+                             act_dtype=act_dtype, kv_cache=kv_cache,
+                             quantize_embedding=qscheme if quantize_lm_head else None)
+        warnings_ += emitted.warnings
         lap("emit")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "awq_config.json").write_text(json.dumps(quark, indent=2) + "\n")
-        report = _report(result, qscheme, n_q, timings, calib_ids, rtn_only, skipped, clip)
+        report = _report(result, qscheme, emitted.quantized_linears, timings, calib_ids, rtn_only, skipped, clip)
+        report["graph"] = {"kind": emitted.kind, "act_dtype": act_dtype, "accuracy_level": accuracy_level,
+                           "lm_head_int4": quantize_lm_head, "check_deviation": emitted.check_deviation}
         report["calibration_source"] = None if rtn_only else calib_source
         report["warnings"] = warnings_
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
@@ -158,15 +168,6 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         raise
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     return CompileResult(out_dir, files, report)
-
-
-def write_onnx(gm, quantized: dict, path: Path, accuracy_level: int = 0) -> int:
-    """Emit the (folded) program with every quantized linear as MatMulNBits; returns their count."""
-    onnx_model = export_float_onnx(gm)
-    weight_param = {n: gm.linears[n].weight for n in quantized}
-    count = rewrite_matmulnbits(onnx_model, quantized, weight_param, accuracy_level)
-    save_model(onnx_model, Path(path))
-    return count
 
 
 def _report(result: SearchResult, scheme: QuantScheme, n_q: int, timings, calib_ids, rtn_only, skipped, clip):

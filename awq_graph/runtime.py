@@ -1,13 +1,30 @@
-"""onnxruntime side: sessions on a compiled folder, logits and perplexity."""
+"""onnxruntime side: a compiled folder as a model you can score text with and generate from.
+
+    model = CompiledModel("out")                      # the folder `awq-graph compile` wrote
+    for piece in model.stream("The capital of France is", max_new_tokens=32):
+        print(piece, end="", flush=True)
+    result = model.generate("Once upon a time", max_new_tokens=64, temperature=0.7)
+    ppl, tokens = perplexity(model.logits, ids)
+
+A KV-cache folder decodes one token per step against a cache that lives in onnxruntime
+(bound in place with IOBinding: the past and present of each layer share one buffer, so a step
+copies nothing). A logits-only folder (architectures without the fused decoder) re-runs the
+whole prefix per token.
+"""
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .errors import InputError
+
+PAST = "past_key_values."
 
 
 def session(model_path: str | Path, threads: int | None = None, provider: str = "cpu"):
@@ -18,12 +35,216 @@ def session(model_path: str | Path, threads: int | None = None, provider: str = 
         model_path = model_path / "model.onnx"
     if not model_path.is_file():
         raise InputError(f"{model_path} does not exist: not a compiled awq-graph folder")
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise InputError("--provider cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(model_path), opts, providers=providers)
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    steps: list[float] = field(default_factory=list)  # seconds per decode step
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.steps) / self.decode_s if self.decode_s else float("nan")
+
+
+class CompiledModel:
+    """A compiled folder (or one .onnx file) in onnxruntime."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, provider: str = "cpu", tokenizer=None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.session = session(self.path, threads, provider)
+        self.device = "cuda" if provider == "cuda" else "cpu"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = list(inputs)
+        self.past_names = [n for n in inputs if n.startswith(PAST)]
+        self.present_names = ["present." + n[len(PAST):] for n in self.past_names]
+        self.has_kv_cache = bool(self.past_names)
+        if self.has_kv_cache:
+            first = inputs[self.past_names[0]]
+            self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+            self.np_dtype = np.float16 if "float16" in first.type else np.float32
+        self._ort = ort
+        self._tokenizer = tokenizer
+
+    # -- tokens ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            folder = self.path if self.path.is_dir() else self.path.parent
+            if not (folder / "tokenizer_config.json").exists() and not (folder / "tokenizer.json").exists():
+                raise InputError(f"{folder} has no tokenizer (compile from a checkpoint with one, or pass tokenizer=)")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(folder)
+        return self._tokenizer
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt).input_ids
+        if not ids:
+            raise InputError("the prompt is empty after tokenization")
+        return list(ids)
+
+    # -- forward passes -------------------------------------------------------------------
+    def logits(self, ids) -> torch.Tensor:
+        """Logits (B, S, V) float32 of whole sequences, nothing cached."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not self.has_kv_cache:
+            return torch.from_numpy(self.session.run(None, {self.input_names[0]: ids})[0]).float()
+        batch, seq = ids.shape
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.np_dtype)
+        feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
+                "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()}
+        feed.update({n: empty for n in self.past_names})
+        return torch.from_numpy(self.session.run(["logits"], feed)[0].astype(np.float32))
+
+    def logits_with_cache(self, ids, prefill: int) -> np.ndarray:
+        """Logits of ``ids`` (1, S): the first ``prefill`` tokens in one call, then one token per
+        call against the cache. Equal to ``logits(ids)`` when the cache works."""
+        ids = np.asarray(ids, dtype=np.int64)
+        cache = self._new_cache(ids.shape[1])
+        out = [cache.step(ids[:, :prefill])]
+        out += [cache.step(ids[:, t:t + 1]) for t in range(prefill, ids.shape[1])]
+        return np.concatenate(out, axis=1).astype(np.float32)
+
+    def _new_cache(self, max_len: int) -> "_KVCache":
+        if not self.has_kv_cache:
+            raise InputError(f"{self.path} is a logits-only model (no KV cache)")
+        return _KVCache(self, max_len)
+
+    # -- generation -----------------------------------------------------------------------
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, seed: int = 0, stats: dict | None = None) -> Iterator[str]:
+        """Yield the continuation's text piece by piece. ``temperature`` 0 is greedy. ``stats``,
+        when given, receives the finished ``Generation`` under "generation"."""
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        rng = np.random.default_rng(seed)
+        eos = getattr(self._tokenizer or self._maybe_tokenizer(), "eos_token_id", None)
+        new: list[int] = []
+        shown = ""
+        steps: list[float] = []
+        t0 = time.perf_counter()
+        if self.has_kv_cache:
+            cache = self._new_cache(len(prompt_ids) + max_new_tokens)
+            logits = cache.step(np.asarray([prompt_ids], np.int64))[0, -1]
+        else:
+            logits = self.logits([prompt_ids])[0, -1].numpy()
+        prefill_s = time.perf_counter() - t0
+        for _ in range(max_new_tokens):
+            token = _pick(np.asarray(logits, np.float32), temperature, top_k, rng)
+            new.append(token)
+            if eos is not None and token == eos:
+                break
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # whole characters only
+                yield text[len(shown):]
+                shown = text
+            if len(new) == max_new_tokens:
+                break
+            t = time.perf_counter()
+            if self.has_kv_cache:
+                logits = cache.step(np.asarray([[token]], np.int64))[0, -1]
+            else:
+                logits = self.logits([prompt_ids + new])[0, -1].numpy()
+            steps.append(time.perf_counter() - t)
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        if stats is not None:
+            stats["generation"] = Generation(text, new, len(prompt_ids), prefill_s, sum(steps), steps)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, seed: int = 0, on_text: Callable[[str], None] | None = None) -> Generation:
+        stats: dict = {}
+        for piece in self.stream(prompt, max_new_tokens, temperature, top_k, seed, stats):
+            if on_text:
+                on_text(piece)
+        return stats["generation"]
+
+    def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation as token ids (no tokenizer needed, no end-of-text stop)."""
+        out: list[int] = []
+        if self.has_kv_cache:
+            cache = self._new_cache(len(prompt_ids) + max_new_tokens)
+            logits = cache.step(np.asarray([prompt_ids], np.int64))[0, -1]
+        else:
+            logits = self.logits([prompt_ids])[0, -1].numpy()
+        for k in range(max_new_tokens):
+            out.append(int(np.argmax(logits)))
+            if k + 1 < max_new_tokens:
+                logits = (cache.step(np.asarray([[out[-1]]], np.int64))[0, -1] if self.has_kv_cache
+                          else self.logits([prompt_ids + out])[0, -1].numpy())
+        return out
+
+    def _maybe_tokenizer(self):
+        try:
+            return self.tokenizer
+        except InputError:
+            return None
+
+
+class _KVCache:
+    """One sequence's keys and values, kept in onnxruntime: each layer's past and present are
+    bound to the same preallocated (1, kv_heads, max_len, head_dim) buffer, which
+    GroupQueryAttention then updates in place."""
+
+    def __init__(self, model: CompiledModel, max_len: int):
+        ort = model._ort
+        self.model = model
+        self.length = 0
+        self.max_len = max_len
+        shape = (1, model.kv_heads, max_len, model.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, model.np_dtype, model.device)
+                        for _ in model.past_names]
+        self.binding = model.session.io_binding()
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` (1, S) after what is cached; returns their logits (1, S, V)."""
+        seq = ids.shape[1]
+        end = self.length + seq
+        if end > self.max_len:
+            raise InputError(f"the KV cache holds {self.max_len} tokens; {end} requested")
+        b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        b.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
+        b.bind_cpu_input("position_ids", np.arange(self.length, end, dtype=np.int64)[None])
+        b.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for past, present, buf in zip(self.model.past_names, self.model.present_names, self.buffers):
+            b.bind_ortvalue_input(past, buf)
+            b.bind_ortvalue_output(present, buf)
+        self.model.session.run_with_iobinding(b)
+        self.length = end
+        return b.get_outputs()[0].numpy()
+
+
+def _pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k and top_k < z.size:
+        cut = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= cut, z, -np.inf)
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=p / p.sum()))
 
 
 def onnx_logits(sess):
@@ -56,18 +277,7 @@ def perplexity(logits_fn, ids, seqlen: int = 2048, max_windows: int | None = Non
     nll, count = 0.0, 0
     for w in progress(range(n), "perplexity", n):
         window = ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0)
-        logits = logits_fn(window)[0, :-1].float()
+        logits = torch.as_tensor(logits_fn(window))[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
         count += seqlen - 1
     return math.exp(nll / count), count
-
-
-def greedy_text(logits_fn, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
-    """Greedy continuation, re-running the whole prefix per token (this graph has no KV cache)."""
-    ids = torch.tensor([tokenizer(prompt).input_ids])
-    for _ in range(max_new_tokens):
-        nxt = logits_fn(ids)[0, -1].argmax()
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        if tokenizer.eos_token_id is not None and int(nxt) == tokenizer.eos_token_id:
-            break
-    return tokenizer.decode(ids[0], skip_special_tokens=True)

@@ -1,0 +1,108 @@
+"""Which ONNX graph to write, and the check that it computes what the torch program computes.
+
+Two emitters (both in ``passes/``):
+  * ``emit_decoder``: a KV-cache decoder of onnxruntime's fused ops, for the model families it
+    knows (``fused_support``). Checked after writing: prefill and one-token decode steps in
+    onnxruntime against the torch program with the same dequantized weights.
+  * ``emit_onnx``: torch.onnx of the folded program (logits only, no KV cache), then each
+    quantized linear rewritten to MatMulNBits. Any architecture torch.onnx can translate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from passes.emit_decoder import LinearWeights, build_decoder, fused_support, save_decoder
+from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model
+
+from .errors import InputError
+from .graph import GraphModel
+from .numerics import QuantizedWeight, QuantScheme
+
+
+@dataclass
+class Emitted:
+    kind: str  # "kv-decoder" or "logits-only"
+    quantized_linears: int
+    warnings: list[str]
+    check_deviation: float | None = None
+
+
+def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path, *, model=None,
+               accuracy_level: int = 0, act_dtype: str = "float32", kv_cache: bool = True,
+               quantize_embedding: QuantScheme | None = None) -> Emitted:
+    """Write the model to ``path``: the fused KV-cache decoder when it fits, else logits-only."""
+    reason = "--no-kv-cache" if not kv_cache else ("no HF model object" if model is None else fused_support(model))
+    if reason is None:
+        linears = linear_weights(gm, quantized)
+        proto = build_decoder(model, gm.params, linears, quantize_embedding=quantize_embedding,
+                              accuracy_level=accuracy_level, act_dtype=act_dtype)
+        save_decoder(proto, path)
+        del proto
+        deviation = check_decoder(path, gm, quantized, quantize_embedding, act_dtype)
+        # int8 activations (accuracy_level 4) and float16 round visibly; a wrong graph is off by O(1)
+        tolerance = 1e-3 if act_dtype == "float32" and accuracy_level == 0 else 5e-2
+        if deviation <= tolerance:
+            return Emitted("kv-decoder", len(quantized), [], deviation)
+        for stale in path.parent.glob(path.name + "*"):
+            stale.unlink()
+        warning = (f"the fused KV-cache decoder differs from the torch program (relative logit error "
+                   f"{deviation:.1e} > {tolerance:.0e}): wrote the logits-only graph instead; please report this model")
+    else:
+        warning = f"no KV-cache decoder for this model ({reason}): the ONNX graph is logits-only"
+    if act_dtype != "float32":
+        raise InputError(f"--act-dtype {act_dtype} needs the KV-cache decoder, and {reason}")
+    onnx_model = export_float_onnx(gm)
+    weight_param = {n: gm.linears[n].weight for n in quantized}
+    count = rewrite_matmulnbits(onnx_model, quantized, weight_param, accuracy_level)
+    save_model(onnx_model, Path(path))
+    return Emitted("logits-only", count, [] if reason == "--no-kv-cache" else [warning])
+
+
+def linear_weights(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> dict[str, LinearWeights]:
+    """Every linear of the graph by module name: its integers when quantized, else its float matrix."""
+    out = {}
+    for name, site in gm.linears.items():
+        bias = gm.params[site.bias].detach() if site.bias else None
+        if name in quantized:
+            out[name] = LinearWeights(quantized[name], None, bias)
+        else:
+            out[name] = LinearWeights(None, site.matrix(gm.params).detach(), bias)
+    return out
+
+
+def fake_quant_overrides(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Parameter name -> dequantized weight in the parameter's layout: the torch reference."""
+    return {gm.linears[n].weight: gm.linears[n].stored(q.dequantize()) for n, q in quantized.items()}
+
+
+def check_decoder(path: Path, gm: GraphModel, quantized, quantize_embedding, act_dtype: str,
+                  tokens: int = 12, decode_steps: int = 3, seed: int = 0) -> float:
+    """||onnx - torch|| / ||torch|| over the logits of a prefill of ``tokens`` random ids followed
+    by ``decode_steps`` one-token steps against the cache."""
+    from .runtime import CompiledModel
+
+    vocab = _vocab(gm)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, tokens + decode_steps), generator=gen)
+    overrides = fake_quant_overrides(gm, quantized)
+    if quantize_embedding is not None:
+        table = "model.embed_tokens.weight"
+        from .numerics import quantize
+
+        q_table = quantize(gm.params[table].detach().float(), quantize_embedding).dequantize()
+        if overrides.get(table) is None:
+            overrides[table] = q_table
+        # a tied head reads the same (now int4) table: the override above covers both uses
+    with torch.no_grad():
+        ref = gm.run(ids, overrides=overrides).float().numpy()
+    runner = CompiledModel(path, threads=1)
+    got = runner.logits_with_cache(ids.numpy(), prefill=tokens)
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+
+
+def _vocab(gm: GraphModel) -> int:
+    return int(gm.params["model.embed_tokens.weight"].shape[0])

@@ -1,0 +1,299 @@
+"""Emit a KV-cache decoder built from onnxruntime's fused ops (Llama-family models).
+
+One file serves prefill and decode:
+
+    inputs   input_ids (B, S) int64, attention_mask (B, T) int64 with T = P + S,
+             position_ids (B, S) int64, past_key_values.{i}.key / .value (B, kv_heads, P, head_dim)
+    outputs  logits (B, S, vocab), present.{i}.key / .value (B, kv_heads, T, head_dim)
+
+Per decoder layer (every linear a MatMulNBits when quantized, a MatMul otherwise):
+
+    SkipSimplifiedLayerNormalization   residual add + RMSNorm in one op
+    q|k|v                              one MatMulNBits over the rows of q, k and v
+    RotaryEmbedding on q and k         at position_ids
+    GroupQueryAttention                causal attention over past + new keys; returns present
+    o                                  then the next SkipSimplifiedLayerNormalization
+    gate, up -> SiLU(gate) * up -> down
+
+The embedding is a Gather over the float table, or GatherBlockQuantized over an int4 copy of
+it. The graph is written from the model's config and its (folded) parameters; ``fused_support``
+says which models it fits, and the pipeline checks the result against the torch program.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
+
+FAMILY = ("llama", "mistral", "qwen2")  # same block: RMSNorm, rotary GQA, SiLU-gated MLP
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    vocab: int
+    eps: float
+    scaling: float
+    max_positions: int
+    window: int  # GroupQueryAttention's local_window_size; -1: full attention
+
+    @property
+    def q_size(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def fused_support(model) -> str | None:
+    """None when the fused decoder fits ``model``; otherwise the reason it does not."""
+    cfg = model.config
+    if cfg.model_type not in FAMILY:
+        return f"model type '{cfg.model_type}' has no fused decoder (have: {', '.join(FAMILY)})"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"activation '{cfg.hidden_act}' (the fused decoder has SiLU)"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP biases"
+    if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
+        return "attention biases on o_proj"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") in ("dynamic", "longrope"):
+        return f"rope type '{rope['rope_type']}' (positions would change the cos/sin tables)"
+    return None
+
+
+def decoder_shape(model) -> DecoderShape:
+    cfg = model.config
+    attn = model.model.layers[0].self_attn
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cos, _ = _rotary_tables(model, 1)
+    window = -1
+    uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+    if uses_window and getattr(cfg, "sliding_window", None):
+        window = int(cfg.sliding_window)
+    return DecoderShape(
+        layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
+        rotary_dim=cos.shape[-1], vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), scaling=float(attn.scaling),
+        max_positions=int(cfg.max_position_embeddings), window=window)
+
+
+def _rotary_tables(model, positions: int):
+    """cos and sin (positions, rotary_dim) from the model's own rotary module (any scaling)."""
+    with torch.no_grad():
+        pos = torch.arange(positions).unsqueeze(0)
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    return cos[0].float(), sin[0].float()
+
+
+class _Graph:
+    """Nodes and initializers, named after the HF modules they come from."""
+
+    def __init__(self, float_type):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.float_type = float_type  # TensorProto.FLOAT or FLOAT16
+        self.np_float = np.float16 if float_type == TensorProto.FLOAT16 else np.float32
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def floats(self, name: str, tensor) -> str:
+        array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+        return self.const(name, array.astype(self.np_float))
+
+    def op(self, op_type: str, inputs: list, name: str, outputs: int | list = 1, domain: str = "", **attrs):
+        outs = [f"{name}/out{k}" for k in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], outs, name=name,
+                                           domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+@dataclass
+class LinearWeights:
+    """What one (possibly fused) linear needs: its integers, or its float matrix (out, in)."""
+
+    quantized: QuantizedWeight | None
+    matrix: torch.Tensor | None
+    bias: torch.Tensor | None = None
+
+    @staticmethod
+    def concat(parts: list["LinearWeights"]) -> "LinearWeights":
+        """Rows of several linears that read the same input, as one linear."""
+        biases = [p.bias for p in parts]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(_rows(p)) for b, p in zip(biases, parts)])
+        if all(p.quantized is not None for p in parts) and len({p.quantized.scheme for p in parts}) == 1:
+            q = [p.quantized for p in parts]
+            merged = QuantizedWeight(torch.cat([x.q for x in q]), torch.cat([x.scale for x in q]),
+                                     torch.cat([x.zero for x in q]), q[0].scheme)
+            return LinearWeights(merged, None, bias)
+        matrices = [p.quantized.dequantize() if p.quantized is not None else p.matrix for p in parts]
+        return LinearWeights(None, torch.cat(matrices), bias)
+
+
+def _rows(lw: LinearWeights) -> int:
+    return lw.quantized.q.shape[0] if lw.quantized is not None else lw.matrix.shape[0]
+
+
+def _linear(g: _Graph, x: str, lw: LinearWeights, name: str, accuracy_level: int, tied_table: str | None = None) -> str:
+    """x @ W^T (+ b). ``tied_table``: W is this (out, in) initializer already (a tied lm_head
+    reads the embedding table; onnxruntime folds the Transpose once at load)."""
+    if lw.quantized is None:
+        if tied_table is not None:
+            w = g.op("Transpose", [tied_table], f"{name}/Transpose", perm=[1, 0])
+        else:
+            w = g.floats(f"{name}.weight_t", lw.matrix.T.contiguous())
+        y = g.op("MatMul", [x, w], f"{name}/MatMul")
+        if lw.bias is not None:
+            y = g.op("Add", [y, g.floats(f"{name}.bias", lw.bias)], f"{name}/Add")
+        return y
+    qw = lw.quantized
+    n, k = qw.q.shape
+    packed, scales, zeros = pack_matmulnbits(qw)
+    inputs = [x, g.const(f"{name}.qweight", packed), g.const(f"{name}.scales", scales.astype(g.np_float)),
+              g.const(f"{name}.qzeros", zeros) if zeros is not None else None]
+    if lw.bias is not None:
+        inputs += [None, g.floats(f"{name}.bias", lw.bias)]
+    return g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n,
+                bits=qw.scheme.bits, block_size=qw.scheme.group_size, accuracy_level=accuracy_level)
+
+
+def _embedding(g: _Graph, ids: str, table: torch.Tensor, scheme, quantized: bool) -> str:
+    name = "model.embed_tokens"
+    if not quantized:
+        return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # keep the name: see lm_head
+    qw = quantize(table.detach().float(), scheme)  # round-to-nearest, rows = tokens
+    vocab, hidden = qw.q.shape
+    packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks
+    blocks = packed.shape[1]
+    data = g.const(f"{name}.qweight", packed.reshape(vocab, -1))
+    scale = g.const(f"{name}.scales", scales.reshape(vocab, blocks).astype(g.np_float))
+    inputs = [data, ids, scale]
+    if zeros is not None:
+        inputs.append(g.const(f"{name}.qzeros", zeros.reshape(vocab, -1)))
+    rows = g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain="com.microsoft",
+                bits=4, block_size=scheme.group_size, gather_axis=0, quantize_axis=1)
+    if blocks * scheme.group_size == hidden:
+        return rows
+    return g.op("Slice", [rows, g.const(f"{name}.start", np.array([0], np.int64)),
+                          g.const(f"{name}.end", np.array([hidden], np.int64)),
+                          g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
+
+
+def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
+                  quantize_embedding=None, accuracy_level: int = 0,
+                  act_dtype: str = "float32") -> onnx.ModelProto:
+    """The fused KV-cache decoder of ``model`` with the given (folded) parameters.
+
+    params: HF name -> tensor (norm weights, the embedding table). linears: HF module name
+    (``model.layers.0.self_attn.q_proj``, ``lm_head``) -> its weights. quantize_embedding: a
+    QuantScheme to store the embedding table as int4 (GatherBlockQuantized), or None.
+    """
+    shape = decoder_shape(model)
+    ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
+    g = _Graph(ftype)
+    cos, sin = _rotary_tables(model, shape.max_positions)
+    half = shape.rotary_dim // 2
+    cos_cache = g.floats("rotary.cos_cache", cos[:, :half])
+    sin_cache = g.floats("rotary.sin_cache", sin[:, :half])
+
+    # attention bookkeeping shared by every layer: lengths from the mask (right-padded batches)
+    mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
+                    "attention_mask/ReduceSum", keepdims=0)
+    seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one", np.array(1, np.int64))], "seqlens/Sub")],
+                   "seqlens_k", to=TensorProto.INT32)
+    total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "attention_mask/Shape"),
+                                          g.const("index_1", np.array(1, np.int64))], "total/Gather")],
+                 "total_sequence_length", to=TensorProto.INT32)
+
+    x = _embedding(g, "input_ids", params["model.embed_tokens.weight"], quantize_embedding,
+                   quantize_embedding is not None)
+    residual = None
+    delta = None
+    for i in range(shape.layers):
+        p = f"model.layers.{i}"
+        h, residual = _norm(g, delta, residual, x, params[f"{p}.input_layernorm.weight"], f"{p}.input_layernorm",
+                            shape.eps)
+        attn = [linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"]
+        qkv = _linear(g, h, LinearWeights.concat(attn), f"{p}.self_attn.qkv_proj", accuracy_level)
+        q, k, v = g.op("Split", [qkv, g.const(f"{p}.self_attn.split", np.array(
+            [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{p}.self_attn/Split", outputs=3, axis=-1)
+        # rotary as its own op: GroupQueryAttention's built-in rotary ignores position_ids on CPU
+        q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/q_rotary",
+                 domain="com.microsoft", num_heads=shape.heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
+        k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/k_rotary",
+                 domain="com.microsoft", num_heads=shape.kv_heads, rotary_embedding_dim=shape.rotary_dim,
+                 interleaved=0)
+        attn_out, _, _ = g.op("GroupQueryAttention",
+                              [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+                              f"{p}.self_attn/GroupQueryAttention",
+                              outputs=[f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"],
+                              domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads,
+                              scale=shape.scaling, local_window_size=shape.window)
+        o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
+        h, residual = _norm(g, o, residual, None, params[f"{p}.post_attention_layernorm.weight"],
+                            f"{p}.post_attention_layernorm", shape.eps)
+        gate = _linear(g, h, linears[f"{p}.mlp.gate_proj"], f"{p}.mlp.gate_proj", accuracy_level)
+        up = _linear(g, h, linears[f"{p}.mlp.up_proj"], f"{p}.mlp.up_proj", accuracy_level)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp.act_fn/Sigmoid")], f"{p}.mlp.act_fn/Mul")
+        delta = _linear(g, g.op("Mul", [act, up], f"{p}.mlp/Mul"), linears[f"{p}.mlp.down_proj"],
+                        f"{p}.mlp.down_proj", accuracy_level)
+    h, _ = _norm(g, delta, residual, x, params["model.norm.weight"], "model.norm", shape.eps)
+    head = linears["lm_head"]
+    table = params["model.embed_tokens.weight"]
+    tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
+            and torch.equal(head.matrix, table))
+    logits = _linear(g, h, head, "lm_head", accuracy_level, "model.embed_tokens.weight" if tied else None)
+    g.nodes[-1].output[0] = "logits"
+    del logits
+
+    batch, seq, past, total_len = "batch", "sequence", "past_sequence", "total_sequence"
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [batch, seq])]
+    outputs = [helper.make_tensor_value_info("logits", ftype, [batch, seq, shape.vocab])]
+    for i in range(shape.layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", ftype,
+                                                        [batch, shape.kv_heads, past, shape.head_dim]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", ftype,
+                                                         [batch, shape.kv_heads, total_len, shape.head_dim]))
+    graph = helper.make_graph(g.nodes, "awq_graph_decoder", inputs, outputs, g.initializers)
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                          helper.make_opsetid("com.microsoft", 1)],
+                                    producer_name="awq-graph")
+    model_proto.ir_version = 10
+    return model_proto
+
+
+def _norm(g: _Graph, delta, residual, x, weight, name: str, eps: float):
+    """RMSNorm of the residual stream; with ``delta``, first residual += delta (one fused op).
+    Returns (normed, residual stream)."""
+    w = g.floats(f"{name}.weight", weight)
+    if delta is None:
+        return g.op("SimplifiedLayerNormalization", [x, w], f"{name}/SimplifiedLayerNormalization",
+                    axis=-1, epsilon=eps, stash_type=1), x
+    normed, _, _, summed = g.op("SkipSimplifiedLayerNormalization", [delta, residual, w],
+                                f"{name}/SkipSimplifiedLayerNormalization",
+                                outputs=[f"{name}/out", "", "", f"{name}/residual"],
+                                domain="com.microsoft", epsilon=eps)
+    return normed, summed
+
+
+def save_decoder(model_proto: onnx.ModelProto, path) -> None:
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
