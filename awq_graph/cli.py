@@ -64,6 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...} on one line')
+    e.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+
+    g = sub.add_parser("generate", help="stream a continuation of PROMPT from a compiled folder (onnxruntime)")
+    g.add_argument("model", help="compiled folder")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    mode.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (> 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+
     i = sub.add_parser("infer-config", help="print the scaling groups derived from the graph (Quark format)")
     i.add_argument("model", help="checkpoint folder, .gguf file, or a transformers model type (tiny random model)")
     i.add_argument("--json", action="store_true", help="the Quark-format config as JSON")
@@ -153,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compile(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "infer-config":
             return _infer(args)
         if args.command == "check-config":
@@ -200,7 +217,8 @@ def _eval(args) -> int:
     target = Path(args.model)
     if target.is_dir() and (target / "model.onnx").exists():
         tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-        logits_fn = runtime.onnx_logits(runtime.session(target, threads=args.threads))
+        logits_fn = runtime.CompiledModel(target, threads=args.threads, provider=args.provider,
+                                          tokenizer=tokenizer).logits
     else:
         from .load import load_model
 
@@ -215,6 +233,31 @@ def _eval(args) -> int:
         print(json.dumps({"ppl": ppl, "tokens": tokens}))
     else:
         print(f"perplexity {ppl:.4f} over {tokens} tokens")
+    return 0
+
+
+def _generate(args) -> int:
+    from .errors import InputError
+    from .runtime import CompiledModel
+
+    if args.max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    folder = Path(args.model)
+    if not (folder / "model.onnx").is_file():
+        raise InputError(f"{folder} is not a compiled awq-graph folder (no model.onnx)")
+    model = CompiledModel(folder, threads=args.threads, provider=args.provider)
+    prompt = args.prompt
+    if args.chat:
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True)
+    if not args.chat:
+        print(prompt, end="", flush=True)
+    result = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed, on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+    cache = "KV cache" if model.has_kv_cache else "no KV cache: each token re-runs the prefix"
+    print(f"prefill {result.prompt_tokens} tokens in {result.prefill_s:.3f} s ({result.prefill_tokens_per_s:.1f} tok/s); "
+          f"decode {len(result.steps)} tokens at {result.decode_tokens_per_s:.1f} tok/s ({cache})", file=sys.stderr)
     return 0
 
 

@@ -61,6 +61,8 @@ def fused_support(model) -> str | None:
     cfg = model.config
     if cfg.model_type not in FAMILY:
         return f"model type '{cfg.model_type}' has no fused decoder (have: {', '.join(FAMILY)})"
+    if not type(model).__module__.startswith(f"transformers.models.{cfg.model_type}."):
+        return f"{type(model).__name__} is not transformers' own {cfg.model_type} class"
     if getattr(cfg, "hidden_act", None) != "silu":
         return f"activation '{cfg.hidden_act}' (the fused decoder has SiLU)"
     if getattr(cfg, "mlp_bias", False):

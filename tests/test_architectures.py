@@ -8,7 +8,7 @@ from awq_graph import runtime
 from awq_graph.graph import export_model
 from awq_graph.load import tiny_random_model
 from awq_graph.numerics import QuantScheme
-from awq_graph.pipeline import write_onnx
+from awq_graph.emit import write_onnx
 from awq_graph.search import SearchOptions, awq_search
 from awq_graph.verify import verify_groups
 from passes.check_config import derive_groups
@@ -63,10 +63,10 @@ def test_compiled_int4_model_matches_fake_quant_torch(model_type, tmp_path):
     _, per_layer, _ = derive_groups(gm)
     calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
     result = awq_search(gm, per_layer, calib, SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=64))
-    write_onnx(gm, result.quantized, tmp_path / "model.onnx")
+    write_onnx(gm, result.quantized, tmp_path / "model.onnx", kv_cache=False)
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
     fake = {gm.linears[n].weight: gm.linears[n].stored(q.dequantize()) for n, q in result.quantized.items()}
     with torch.no_grad():
         ref = gm.run(ids, overrides=fake)
-    got = runtime.onnx_logits(runtime.session(tmp_path / "model.onnx"))(ids)
+    got = runtime.CompiledModel(tmp_path / "model.onnx").logits(ids)
     assert float((got - ref).norm() / ref.norm()) < 1e-4

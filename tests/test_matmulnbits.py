@@ -55,3 +55,27 @@ def test_matmulnbits_equals_numpy_dequantization(symmetric, block, k):
     ref = a.astype(np.float64) @ w_ref.T
     # float32 accumulation over k terms: measured max rel. error ~2e-7 of the output norm
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("k", [256, 200])
+def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k):
+    """The int4 embedding: rows packed as MatMulNBits packs them, looked up by GatherBlockQuantized."""
+    from passes.emit_decoder import _embedding, _Graph
+
+    torch.manual_seed(k)
+    vocab, block = 40, 32
+    table = torch.randn(vocab, k)
+    scheme = QuantScheme(4, block, symmetric)
+    g = _Graph(TensorProto.FLOAT)
+    out = _embedding(g, "ids", table, scheme, quantized=True)
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["B", "S", k])], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[3, 0, 39, 3], [7, 8, 9, 1]], dtype=np.int64)
+    rows = sess.run(None, {"ids": ids})[0]
+    b, scales, zp = pack_matmulnbits(quantize(table, scheme))
+    w_ref, _ = unpack_reference(b, scales, zp, vocab, k, block, symmetric)
+    np.testing.assert_allclose(rows, w_ref[ids], rtol=1e-6, atol=1e-6)
+    assert np.abs(rows - table.numpy()[ids]).max() < 0.5  # and it is the table, to int4 precision

@@ -6,7 +6,7 @@ import torch
 from awq_graph import runtime
 from awq_graph.graph import export_model
 from awq_graph.numerics import QuantScheme
-from awq_graph.pipeline import write_onnx
+from awq_graph.emit import write_onnx
 from awq_graph.search import SearchOptions, awq_search
 from passes.check_config import derive_groups
 
@@ -21,15 +21,15 @@ def test_int4_onnx_logits_equal_the_fake_quant_torch_model(tmp_path, scheme):
     result = awq_search(gm, per_layer, calib, SearchOptions(scheme=scheme, loss_tokens=64, chunk_tokens=64))
     assert any(g.ratio is not None for g in result.groups)
     path = tmp_path / "model.onnx"
-    count = write_onnx(gm, result.quantized, path)
-    assert count == len(result.quantized) == 2 * 7
+    emitted = write_onnx(gm, result.quantized, path, kv_cache=False)  # the logits-only torch.onnx graph
+    assert emitted.kind == "logits-only" and emitted.quantized_linears == len(result.quantized) == 2 * 7
     ops = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 14 and "Transpose" not in [op for op in ops if op == "MatMulNBits"]
     ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(1))
     fake = {gm.linears[n].weight: gm.linears[n].stored(qw.dequantize()) for n, qw in result.quantized.items()}
     with torch.no_grad():
         ref = gm.run(ids, overrides=fake)
-    got = runtime.onnx_logits(runtime.session(path))(ids)
+    got = runtime.CompiledModel(path).logits(ids)
     rel = float((got - ref).norm() / ref.norm())
     assert rel < 1e-4, rel  # measured ~1e-7: same integers, float32 accumulation order only
     float_rel = float((got - gm.run(ids)).norm() / ref.norm())

@@ -1,0 +1,162 @@
+"""The KV-cache decoder: one ONNX file for prefill and decode that computes what torch computes,
+greedy generation equal to the fake-quant torch model, and the `generate` command."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import awq_graph
+from awq_graph.cli import main
+from awq_graph.emit import fake_quant_overrides, write_onnx
+from awq_graph.graph import export_model
+from awq_graph.load import tiny_random_model
+from awq_graph.numerics import QuantScheme
+from awq_graph.runtime import CompiledModel
+from awq_graph.search import SearchOptions, awq_search
+from passes.check_config import derive_groups
+
+from conftest import tiny_model
+
+FAMILY = {
+    "llama": {},  # grouped-query attention: 4 heads over 2 kv heads
+    "qwen2": {},  # biases on q, k, v
+    "mistral": {"sliding_window": 5},  # local attention window shorter than the test sequence
+}
+
+
+def _float_decoder(model, path):
+    emitted = write_onnx(export_model(model), {}, path, model=model)
+    assert emitted.kind == "kv-decoder" and emitted.warnings == []
+    return CompiledModel(path)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY))
+def test_decoder_equals_torch_in_one_call_and_token_by_token(model_type, tmp_path):
+    model = tiny_model(model_type, **FAMILY[model_type])
+    onnx_model = _float_decoder(model, tmp_path / "model.onnx")
+    assert onnx_model.has_kv_cache
+    ids = torch.randint(0, 320, (1, 14), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    whole = onnx_model.logits(ids.numpy()).numpy()
+    cached = onnx_model.logits_with_cache(ids.numpy(), prefill=6)  # 6 tokens, then 8 single steps
+    for got in (whole, cached):
+        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max()  # measured ~3e-7
+
+
+def test_position_ids_reach_the_rotary_embedding(tmp_path):
+    model = tiny_model()
+    onnx_model = _float_decoder(model, tmp_path / "model.onnx")
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(1))
+    positions = torch.cat([torch.arange(5), torch.arange(40, 45)]).unsqueeze(0)  # a gap: not a shift
+    with torch.no_grad():
+        ref = model(ids, position_ids=positions).logits.numpy()
+        plain = model(ids).logits.numpy()
+    assert np.abs(ref - plain).max() > 1e-3  # the gap changes the output
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 10), np.int64), "position_ids": positions.numpy()}
+    feed |= {n: np.zeros((1, 2, 0, 16), np.float32) for n in onnx_model.past_names}
+    got = onnx_model.session.run(["logits"], feed)[0]
+    assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_int4_greedy_tokens_equal_the_fake_quant_torch_greedy_tokens(tmp_path):
+    model = tiny_model()
+    gm = export_model(model)
+    _, per_layer, _ = derive_groups(gm)
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = awq_search(gm, per_layer, calib, SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=64))
+    emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model)
+    assert emitted.kind == "kv-decoder" and emitted.check_deviation < 1e-5
+    onnx_model = CompiledModel(tmp_path / "model.onnx")
+    fake = fake_quant_overrides(gm, result.quantized)
+    gen = torch.Generator().manual_seed(2)
+    for length in (1, 4, 9):
+        prompt = torch.randint(0, 320, (length,), generator=gen).tolist()
+        ids = torch.tensor([prompt])
+        with torch.no_grad():  # the torch reference re-runs the whole prefix per token
+            for _ in range(16):
+                ids = torch.cat([ids, gm.run(ids, overrides=fake)[:, -1:].argmax(-1)], dim=1)
+        assert onnx_model.greedy_ids(prompt, 16) == ids[0, length:].tolist()
+
+
+def test_float16_activations_run_on_cpu_close_to_float32(tmp_path):
+    model = tiny_model()
+    calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    result = awq_graph.compile(model, calib, tmp_path / "fp16", scheme="uint4_wo_16", n_samples=2, seqlen=32,
+                               act_dtype="float16")
+    assert result.report["graph"]["kind"] == "kv-decoder" and result.report["graph"]["check_deviation"] < 1e-2
+    inputs = {i.name: i.type for i in onnx.load(tmp_path / "fp16" / "model.onnx", load_external_data=False).graph.input}
+    assert inputs["past_key_values.0.key"].tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    onnx_model = CompiledModel(tmp_path / "fp16")
+    ids = np.random.default_rng(0).integers(0, 320, (1, 11))
+    whole = onnx_model.logits(ids).numpy()
+    cached = onnx_model.logits_with_cache(ids, prefill=3)
+    assert np.abs(whole - cached).max() < 2e-2 * np.abs(whole).max()
+
+
+def test_a_model_outside_the_fused_family_gets_the_logits_only_graph_and_still_generates(tmp_path):
+    model = tiny_random_model("gpt2")
+    calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    result = awq_graph.compile(model, calib, tmp_path / "gpt2", scheme="uint4_wo_16", n_samples=2, seqlen=32)
+    assert result.report["graph"]["kind"] == "logits-only"
+    assert any("no KV-cache decoder for this model (model type 'gpt2'" in w for w in result.report["warnings"])
+    onnx_model = CompiledModel(tmp_path / "gpt2")
+    assert not onnx_model.has_kv_cache
+    prompt = [5, 17, 3]
+    tokens = onnx_model.greedy_ids(prompt, 5)
+    ids = torch.tensor([prompt + tokens])
+    again = onnx_model.logits(ids.numpy())[0, len(prompt) - 1:-1].argmax(-1).tolist()
+    assert again == tokens  # each token was the argmax after the prefix before it
+
+
+def test_a_decoder_that_differs_from_torch_is_replaced_by_the_logits_only_graph(tmp_path, monkeypatch):
+    import passes.emit_decoder as emit_decoder
+
+    real = emit_decoder.decoder_shape
+    monkeypatch.setattr(emit_decoder, "decoder_shape", lambda m: real(m).__class__(**{**real(m).__dict__, "eps": 0.5}))
+    model = tiny_model()
+    emitted = write_onnx(export_model(model), {}, tmp_path / "model.onnx", model=model)
+    assert emitted.kind == "logits-only"
+    assert "differs from the torch program" in emitted.warnings[0]
+    assert not CompiledModel(tmp_path / "model.onnx").has_kv_cache
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16",
+                 "--quantize-lm-head"]) == 0
+    return out
+
+
+def test_generate_streams_the_continuation_and_reports_tokens_per_second(compiled_tiny, capsys):
+    report = json.loads((compiled_tiny / "report.json").read_text())
+    assert report["graph"]["kind"] == "kv-decoder" and report["graph"]["lm_head_int4"]
+    capsys.readouterr()
+    assert main(["generate", str(compiled_tiny), "the king of", "--max-new-tokens", "12", "--greedy"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the king of") and len(out.strip()) > len("the king of")
+    assert "prefill" in err and "tok/s" in err and "(KV cache)" in err
+    model = CompiledModel(compiled_tiny)
+    greedy = model.greedy_ids(model.tokenizer("the king of").input_ids, 12)
+    eos = model.tokenizer.eos_token_id
+    greedy = greedy[:greedy.index(eos)] if eos in greedy else greedy  # generation stops at end-of-text
+    assert out.rstrip("\n") == "the king of" + model.tokenizer.decode(greedy, skip_special_tokens=True)
+
+
+def test_sampling_is_reproducible_with_a_seed(compiled_tiny, capsys):
+    runs = []
+    for seed in (3, 3, 4):
+        capsys.readouterr()
+        assert main(["generate", str(compiled_tiny), "the river", "--max-new-tokens", "16", "--temperature", "1.5",
+                     "--seed", str(seed)]) == 0
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_generate_on_a_folder_that_is_not_compiled_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "hello"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"awq-graph: error: {tmp_path} is not a compiled awq-graph folder (no model.onnx)"
