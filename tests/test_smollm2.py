@@ -31,3 +31,30 @@ def test_awq_perplexity_is_below_rtn_on_smollm2(smollm2_gguf, data_dir, tmp_path
     ppl_awq, ppl_rtn = _ppl(awq, data_dir, capsys), _ppl(rtn, data_dir, capsys)
     print(f"SmolLM2 uint4 g128, 8 x 512 eval tokens: AWQ {ppl_awq:.3f} RTN {ppl_rtn:.3f}")
     assert ppl_awq < ppl_rtn
+
+
+def test_int4_smollm2_greedy_starts_like_the_fake_quant_torch_model(smollm2_gguf, tmp_path):
+    """KV-cache decoding in onnxruntime vs the torch program with the same int4 weights."""
+    import torch
+
+    from awq_graph.emit import fake_quant_overrides, write_onnx
+    from awq_graph.graph import export_model
+    from awq_graph.load import load_model
+    from awq_graph.numerics import QuantScheme
+    from awq_graph.runtime import CompiledModel
+    from awq_graph.search import rtn
+
+    model, tokenizer = load_model(smollm2_gguf)
+    gm = export_model(model)
+    result = rtn(gm, QuantScheme(4, 128))
+    emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model)
+    assert emitted.kind == "kv-decoder" and emitted.check_deviation < 1e-4
+    onnx_model = CompiledModel(tmp_path / "model.onnx", tokenizer=tokenizer)
+    fake = fake_quant_overrides(gm, result.quantized)
+    for prompt in ("The capital of France is", "def fibonacci(n):", "Water boils at"):
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        n = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(8):
+                ids = torch.cat([ids, gm.run(ids, overrides=fake)[:, -1:].argmax(-1)], dim=1)
+        assert onnx_model.greedy_ids(ids[0, :n].tolist(), 8)[:6] == ids[0, n:n + 6].tolist(), prompt
