@@ -18,8 +18,8 @@ import torch
 from passes.emit_decoder import LinearWeights, build_decoder, fused_support, save_decoder
 from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model
 
-from .errors import InputError
-from .graph import GraphModel
+from .errors import ExportError, InputError
+from .graph import GraphModel, module_path
 from .numerics import QuantizedWeight, QuantScheme
 
 
@@ -60,6 +60,38 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     count = rewrite_matmulnbits(onnx_model, quantized, weight_param, accuracy_level)
     save_model(onnx_model, Path(path))
     return Emitted("logits-only", count, [] if reason == "--no-kv-cache" else [warning])
+
+
+def check_emittable(gm: GraphModel, model, kv_cache: bool = True) -> None:
+    """Fail before the search when the graph can be written by neither emitter: the fused
+    decoder does not fit and the exported graph holds a custom op torch.onnx cannot translate."""
+    if kv_cache and model is not None and fused_support(model) is None:
+        return
+    blockers = untranslatable_ops(gm)
+    if blockers:
+        op, module = next(iter(blockers.items()))
+        raise ExportError(f"cannot write this model to ONNX: no ONNX translation for the op {op} "
+                          f"(used in '{module}'); nothing was quantized")
+
+
+def untranslatable_ops(gm: GraphModel) -> dict[str, str]:
+    """Custom (non-aten) ops in the graph that torch.onnx has no translation for -> the first
+    module that uses each."""
+    import logging
+
+    from torch.onnx._internal.exporter import _registration
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    registry = _registration.ONNXRegistry.from_torchlib()
+    where: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace in ("aten", "prims") or registry.is_registered(target):
+            continue
+        where.setdefault(f"{target.namespace}.{target._opname}", module_path(node) or "top level")
+    return where
 
 
 def linear_weights(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> dict[str, LinearWeights]:

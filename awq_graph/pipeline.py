@@ -18,7 +18,7 @@ from passes.channel_flow import example_values
 from passes.groups import read_quark_config, to_quark_config
 
 from . import calib as calibration
-from .emit import write_onnx
+from .emit import check_emittable, write_onnx
 from .errors import ConfigError, InputError
 from .graph import export_model
 from .load import load_model
@@ -84,6 +84,10 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     model.eval()
     lap("load")
 
+    gm = export_model(model)  # before calibration: a model we cannot export or emit fails in seconds
+    check_emittable(gm, model, kv_cache)
+    lap("export")
+
     calib_ids = None
     if not rtn_only:
         if calib is None or (isinstance(calib, str) and calib == "self"):
@@ -100,9 +104,6 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
             calib_ids = calibration.from_tensors(calib, n_samples, seqlen)
             calib_source = "tensors"
         lap("calibration")
-
-    gm = export_model(model)
-    lap("export")
 
     example = example_values(gm)
     warnings_: list[str] = []
