@@ -20,7 +20,7 @@ from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model
 
 from .errors import ExportError, InputError
 from .graph import GraphModel, module_path
-from .numerics import QuantizedWeight, QuantScheme
+from .numerics import QuantizedWeight, QuantScheme, quantize
 
 
 @dataclass
@@ -121,16 +121,13 @@ def check_decoder(path: Path, gm: GraphModel, quantized, quantize_embedding, act
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, tokens + decode_steps), generator=gen)
     overrides = fake_quant_overrides(gm, quantized)
-    if quantize_embedding is not None:
-        table = "model.embed_tokens.weight"
-        from .numerics import quantize
-
-        q_table = quantize(gm.params[table].detach().float(), quantize_embedding).dequantize()
-        if overrides.get(table) is None:
-            overrides[table] = q_table
-        # a tied head reads the same (now int4) table: the override above covers both uses
+    fixed = {}
+    if quantize_embedding is not None:  # the lookup reads an int4 copy of the table (tied or not)
+        table = quantize(gm.params["model.embed_tokens.weight"].detach().float(), quantize_embedding).dequantize()
+        lookup = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default)
+        fixed[lookup] = torch.nn.functional.embedding(ids, table)
     with torch.no_grad():
-        ref = gm.run(ids, overrides=overrides).float().numpy()
+        ref = gm.run(ids, overrides=overrides, fixed=fixed).float().numpy()
     runner = CompiledModel(path, threads=1)
     got = runner.logits_with_cache(ids.numpy(), prefill=tokens)
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))

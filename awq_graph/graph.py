@@ -108,13 +108,16 @@ class GraphModel:
             return self.placeholder_param.get(node.name)
         return None
 
-    def run(self, input_ids: torch.Tensor, overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits of the whole graph, with parameters optionally replaced by name."""
+    def run(self, input_ids: torch.Tensor, overrides: dict[str, torch.Tensor] | None = None,
+            fixed: dict[fx.Node, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of the whole graph, with parameters optionally replaced by name, and the
+        values of some nodes optionally given (``fixed``: those nodes are not evaluated)."""
         env = self.param_env()
         for name, t in (overrides or {}).items():
             env[self.param_node(name)] = t
         env[self.input_node()] = input_ids
-        nodes = [n for n in self.graph.nodes if n.op == "call_function"]
+        env.update(fixed or {})
+        nodes = [n for n in self.graph.nodes if n.op == "call_function" and n not in (fixed or {})]
         env = run_nodes(nodes, env)
         out = next(n for n in self.graph.nodes if n.op == "output")
         return env[out.args[0][0]]

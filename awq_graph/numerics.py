@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .errors import SchemeError
 
-SUPPORTED_BITS = (4,)
+SUPPORTED_BITS = (4, 8)
 
 
 @dataclass(frozen=True)
@@ -199,25 +199,29 @@ def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: 
 
 
 def pack_matmulnbits(qw: QuantizedWeight):
-    """Pack for com.microsoft::MatMulNBits (bits=4), low nibble first.
+    """Pack for com.microsoft::MatMulNBits; 4 bits go low nibble first.
 
-    Returns (B, scales, zero_points): B uint8 (N, k_blocks, block_size/2) with the short
-    last block padded with zeros; scales float32 (N * k_blocks,); zero_points uint8
-    (N * ceil(k_blocks / 2),) or None for a symmetric scheme (MatMulNBits' default is 8).
+    Returns (B, scales, zero_points): B uint8 (N, k_blocks, block_size * bits / 8) with the
+    short last block padded with zeros; scales float32 (N * k_blocks,); zero_points uint8,
+    packed like B (N * ceil(k_blocks * bits / 8),), or None for a symmetric scheme
+    (MatMulNBits' default zero point is 2^(bits-1)).
     """
     scheme = qw.scheme
     bs = scheme.group_size
     q = qw.q.to(torch.uint8)
     n, k = q.shape
     kb = n_groups(k, bs)
-    q = F.pad(q, (0, kb * bs - k)).reshape(n, kb, bs // 2, 2)  # (N, kb, blob, 2)
-    packed = q[..., 0] | (q[..., 1] << 4)  # (N, kb, blob)
+    q = F.pad(q, (0, kb * bs - k)).reshape(n, kb, bs)
+    packed = _pack_nibbles(q) if scheme.bits == 4 else q
     scales = qw.scale.to(torch.float32).reshape(-1)
     if scheme.symmetric:
         return packed.numpy(), scales.numpy(), None
     zp = qw.zero.to(torch.uint8)
-    if kb % 2:
-        zp = F.pad(zp, (0, 1), value=scheme.sym_zero)
-    zp = zp.reshape(n, -1, 2)
-    zp_packed = (zp[..., 0] | (zp[..., 1] << 4)).reshape(-1)
-    return packed.numpy(), scales.numpy(), zp_packed.numpy()
+    if scheme.bits == 4:
+        zp = _pack_nibbles(F.pad(zp, (0, kb % 2), value=scheme.sym_zero))
+    return packed.numpy(), scales.numpy(), zp.reshape(-1).numpy()
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Pairs along the last axis into one byte each: element 2i low nibble, 2i+1 high."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)

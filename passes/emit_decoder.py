@@ -188,7 +188,7 @@ def _embedding(g: _Graph, ids: str, table: torch.Tensor, scheme, quantized: bool
     if zeros is not None:
         inputs.append(g.const(f"{name}.qzeros", zeros.reshape(vocab, -1)))
     rows = g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain="com.microsoft",
-                bits=4, block_size=scheme.group_size, gather_axis=0, quantize_axis=1)
+                bits=scheme.bits, block_size=scheme.group_size, gather_axis=0, quantize_axis=1)
     if blocks * scheme.group_size == hidden:
         return rows
     return g.op("Slice", [rows, g.const(f"{name}.start", np.array([0], np.int64)),

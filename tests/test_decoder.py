@@ -133,7 +133,7 @@ def compiled_tiny(tiny_checkpoint, tmp_path_factory):
 
 def test_generate_streams_the_continuation_and_reports_tokens_per_second(compiled_tiny, capsys):
     report = json.loads((compiled_tiny / "report.json").read_text())
-    assert report["graph"]["kind"] == "kv-decoder" and report["graph"]["lm_head_int4"]
+    assert report["graph"]["kind"] == "kv-decoder" and report["graph"]["lm_head_bits"] == 8
     capsys.readouterr()
     assert main(["generate", str(compiled_tiny), "the king of", "--max-new-tokens", "12", "--greedy"]) == 0
     out, err = capsys.readouterr()

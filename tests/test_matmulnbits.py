@@ -24,13 +24,13 @@ def unpack_reference(b, scales, zp, n, k, block, symmetric):
     return w.reshape(n, -1)[:, :k], codes[:, :k]
 
 
-def single_node_model(n, k, block, b, scales, zp):
+def single_node_model(n, k, block, b, scales, zp, bits=4):
     inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")]
     inputs = ["A", "B", "scales"]
     if zp is not None:
         inits.append(numpy_helper.from_array(zp, "zp"))
         inputs.append("zp")
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
@@ -54,6 +54,28 @@ def test_matmulnbits_equals_numpy_dequantization(symmetric, block, k):
     y = single_node_model(n, k, block, b, scales, zp).run(None, {"A": a})[0]
     ref = a.astype(np.float64) @ w_ref.T
     # float32 accumulation over k terms: measured max rel. error ~2e-7 of the output norm
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("k", [256, 200])
+def test_8bit_matmulnbits_equals_numpy_dequantization(symmetric, k):
+    """8 bits (the lm_head's default): one byte per weight, one byte per zero point."""
+    torch.manual_seed(k)
+    n, block = 20, 32
+    w = torch.randn(n, k) * torch.linspace(0.1, 3, k)
+    qw = quantize(w, QuantScheme(8, block, symmetric))
+    b, scales, zp = pack_matmulnbits(qw)
+    kb = -(-k // block)
+    assert b.shape == (n, kb, block)
+    codes = b.reshape(n, -1).astype(np.int64)
+    zeros = np.full((n, kb), 128) if symmetric else zp.reshape(n, kb).astype(np.int64)
+    w_ref = ((codes.reshape(n, kb, block) - zeros[:, :, None]) * scales.reshape(n, kb)[:, :, None]).reshape(n, -1)[:, :k]
+    np.testing.assert_allclose(w_ref, qw.dequantize().numpy(), rtol=1e-6, atol=1e-6)
+    assert np.abs(w_ref - w.numpy()).max() < 3 * 2 ** -8 * np.abs(w.numpy()).max()  # 8-bit precision
+    a = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    y = single_node_model(n, k, block, b, scales, zp, bits=8).run(None, {"A": a})[0]
+    ref = a.astype(np.float64) @ w_ref.T
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
 
 
