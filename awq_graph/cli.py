@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rtn", action="store_true", help="round-to-nearest baseline: no search, no calibration")
     c.add_argument("--config", help="a Quark-format AWQ config to use instead of the derived one")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+    c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (4: int8 activations on CPU)")
     c.add_argument("--loss-tokens", type=int, default=None, help="tokens of the loss subsample (whole sequences)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

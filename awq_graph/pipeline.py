@@ -47,7 +47,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None, *, tokenizer=None,
             n_samples: int = 128, seqlen: int = 512, clip: bool = True, rtn_only: bool = False,
-            seed: int = 0, accuracy_level: int = 0, overwrite: bool = False, progress=None,
+            seed: int = 0, accuracy_level: int = 4, overwrite: bool = False, progress=None,
             quantize_lm_head: bool = False, lm_head_bits: int = 8, act_dtype: str = "float32", kv_cache: bool = True,
             search_options: dict | None = None) -> CompileResult:
     """Quantize a causal LM with AWQ and write an int4 MatMulNBits ONNX model to ``out_dir``.

@@ -77,6 +77,7 @@ class CompiledModel:
         self.past_names = [n for n in inputs if n.startswith(PAST)]
         self.present_names = ["present." + n[len(PAST):] for n in self.past_names]
         self.has_kv_cache = bool(self.past_names)
+        self.has_logits_to_keep = "logits_to_keep" in inputs
         if self.has_kv_cache:
             first = inputs[self.past_names[0]]
             self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
@@ -113,6 +114,8 @@ class CompiledModel:
         feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
                 "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()}
         feed.update({n: empty for n in self.past_names})
+        if self.has_logits_to_keep:
+            feed["logits_to_keep"] = np.array(0, np.int64)
         return torch.from_numpy(self.session.run(["logits"], feed)[0].astype(np.float32))
 
     def logits_with_cache(self, ids, prefill: int) -> np.ndarray:
@@ -143,7 +146,7 @@ class CompiledModel:
         t0 = time.perf_counter()
         if self.has_kv_cache:
             cache = self._new_cache(len(prompt_ids) + max_new_tokens)
-            logits = cache.step(np.asarray([prompt_ids], np.int64))[0, -1]
+            logits = cache.step(np.asarray([prompt_ids], np.int64), last_only=True)[0, -1]
         else:
             logits = self.logits([prompt_ids])[0, -1].numpy()
         prefill_s = time.perf_counter() - t0
@@ -160,7 +163,7 @@ class CompiledModel:
                 break
             t = time.perf_counter()
             if self.has_kv_cache:
-                logits = cache.step(np.asarray([[token]], np.int64))[0, -1]
+                logits = cache.step(np.asarray([[token]], np.int64), last_only=True)[0, -1]
             else:
                 logits = self.logits([prompt_ids + new])[0, -1].numpy()
             steps.append(time.perf_counter() - t)
@@ -183,13 +186,13 @@ class CompiledModel:
         out: list[int] = []
         if self.has_kv_cache:
             cache = self._new_cache(len(prompt_ids) + max_new_tokens)
-            logits = cache.step(np.asarray([prompt_ids], np.int64))[0, -1]
+            logits = cache.step(np.asarray([prompt_ids], np.int64), last_only=True)[0, -1]
         else:
             logits = self.logits([prompt_ids])[0, -1].numpy()
         for k in range(max_new_tokens):
             out.append(int(np.argmax(logits)))
             if k + 1 < max_new_tokens:
-                logits = (cache.step(np.asarray([[out[-1]]], np.int64))[0, -1] if self.has_kv_cache
+                logits = (cache.step(np.asarray([[out[-1]]], np.int64), last_only=True)[0, -1] if self.has_kv_cache
                           else self.logits([prompt_ids + out])[0, -1].numpy())
         return out
 
@@ -203,7 +206,7 @@ class CompiledModel:
 class _KVCache:
     """One sequence's keys and values, kept in onnxruntime: each layer's past and present are
     bound to the same preallocated (1, kv_heads, max_len, head_dim) buffer, which
-    GroupQueryAttention then updates in place."""
+    GroupQueryAttention then updates in place. Bound once; a step rebinds only the ids."""
 
     def __init__(self, model: CompiledModel, max_len: int):
         ort = model._ort
@@ -214,23 +217,27 @@ class _KVCache:
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, model.np_dtype, model.device)
                         for _ in model.past_names]
         self.binding = model.session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for past, present, buf in zip(model.past_names, model.present_names, self.buffers):
+            self.binding.bind_ortvalue_input(past, buf)
+            self.binding.bind_ortvalue_output(present, buf)
+        self.mask = np.ones((1, max_len), np.int64)
+        self.positions = np.arange(max_len, dtype=np.int64)[None]
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """Run ``ids`` (1, S) after what is cached; returns their logits (1, S, V)."""
+    def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        """Run ``ids`` (1, S) after what is cached; returns their logits (1, S, V), or the last
+        position's (1, 1, V) with ``last_only``."""
         seq = ids.shape[1]
         end = self.length + seq
         if end > self.max_len:
             raise InputError(f"the KV cache holds {self.max_len} tokens; {end} requested")
         b = self.binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        b.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
-        b.bind_cpu_input("position_ids", np.arange(self.length, end, dtype=np.int64)[None])
-        b.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        for past, present, buf in zip(self.model.past_names, self.model.present_names, self.buffers):
-            b.bind_ortvalue_input(past, buf)
-            b.bind_ortvalue_output(present, buf)
+        b.bind_cpu_input("attention_mask", self.mask[:, :end])
+        b.bind_cpu_input("position_ids", self.positions[:, self.length:end])
+        if self.model.has_logits_to_keep:
+            b.bind_cpu_input("logits_to_keep", np.array(1 if last_only else 0, np.int64))
+        b.bind_output("logits", "cpu")  # unallocated again: its shape changes between steps
         self.model.session.run_with_iobinding(b)
         self.length = end
         return b.get_outputs()[0].numpy()

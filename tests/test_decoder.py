@@ -55,7 +55,8 @@ def test_position_ids_reach_the_rotary_embedding(tmp_path):
         ref = model(ids, position_ids=positions).logits.numpy()
         plain = model(ids).logits.numpy()
     assert np.abs(ref - plain).max() > 1e-3  # the gap changes the output
-    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 10), np.int64), "position_ids": positions.numpy()}
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 10), np.int64), "position_ids": positions.numpy(),
+            "logits_to_keep": np.array(0, np.int64)}
     feed |= {n: np.zeros((1, 2, 0, 16), np.float32) for n in onnx_model.past_names}
     got = onnx_model.session.run(["logits"], feed)[0]
     assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max()
@@ -134,6 +135,11 @@ def compiled_tiny(tiny_checkpoint, tmp_path_factory):
 def test_generate_streams_the_continuation_and_reports_tokens_per_second(compiled_tiny, capsys):
     report = json.loads((compiled_tiny / "report.json").read_text())
     assert report["graph"]["kind"] == "kv-decoder" and report["graph"]["lm_head_bits"] == 8
+    assert report["graph"]["accuracy_level"] == 4  # the default: int8 activations in MatMulNBits
+    assert 1e-4 < report["graph"]["check_deviation"] < 5e-2  # int8 rounding shows; a wrong graph is O(1)
+    levels = {a.i for n in onnx.load(compiled_tiny / "model.onnx", load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
     capsys.readouterr()
     assert main(["generate", str(compiled_tiny), "the king of", "--max-new-tokens", "12", "--greedy"]) == 0
     out, err = capsys.readouterr()
@@ -160,3 +166,17 @@ def test_generate_on_a_folder_that_is_not_compiled_is_a_one_line_error(tmp_path,
     assert main(["generate", str(tmp_path), "hello"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"awq-graph: error: {tmp_path} is not a compiled awq-graph folder (no model.onnx)"
+
+
+def test_logits_to_keep_returns_the_last_positions_only(tmp_path):
+    model = tiny_model()
+    onnx_model = _float_decoder(model, tmp_path / "model.onnx")
+    ids = np.random.default_rng(3).integers(0, 320, (1, 9))
+    feed = {"input_ids": ids, "attention_mask": np.ones((1, 9), np.int64), "position_ids": np.arange(9)[None],
+            "logits_to_keep": np.array(0, np.int64)}
+    feed |= {n: np.zeros((1, 2, 0, 16), np.float32) for n in onnx_model.past_names}
+    full = onnx_model.session.run(["logits"], feed)[0]
+    assert full.shape == (1, 9, 320)  # 0 keeps every position
+    for k in (1, 4):
+        last = onnx_model.session.run(["logits"], feed | {"logits_to_keep": np.array(k, np.int64)})[0]
+        np.testing.assert_allclose(last, full[:, -k:], rtol=1e-5, atol=1e-6)
