@@ -180,3 +180,13 @@ def test_logits_to_keep_returns_the_last_positions_only(tmp_path):
     for k in (1, 4):
         last = onnx_model.session.run(["logits"], feed | {"logits_to_keep": np.array(k, np.int64)})[0]
         np.testing.assert_allclose(last, full[:, -k:], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_provider_without_onnxruntime_gpu_is_a_clear_error(compiled_tiny, capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    assert main(["generate", str(compiled_tiny), "the king", "--provider", "cuda"]) == 1
+    assert capsys.readouterr().err.strip() == ("awq-graph: error: --provider cuda: this onnxruntime has no CUDA "
+                                               "provider (pip install onnxruntime-gpu)")

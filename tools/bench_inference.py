@@ -8,10 +8,12 @@ on-disk size, for five ways to run the model, side by side in one run.
     (e) onnxruntime-genai's model builder, int4, run by onnxruntime-genai
 
 Each runs in its own process, with the same thread count, a 512-token prompt (fixed random
-ids) then greedy decoding of 128 tokens; best of --repeats. onnxruntime sessions of ours run
-with session.intra_op.allow_spinning=0 (this project's rule on shared machines); genai's
-config cannot set it and llama.cpp spins its own threads, so (c) is also timed with spinning
-on. --ppl N adds WikiText-2 perplexity (first N windows of 2048 tokens) of the int4 variants.
+ids) then greedy decoding of 128 tokens; median step time, best of --repeats. onnxruntime
+sessions of ours run with session.intra_op.allow_spinning=0 (this project's rule on shared
+machines) and torch with OMP_WAIT_POLICY=PASSIVE; genai's config cannot turn spinning off and
+llama.cpp's OpenMP threads run with their default policy (PASSIVE makes them 3x slower here),
+so (c) is also timed with spinning on, which is the like-for-like row for (d) and (e).
+--ppl N adds WikiText-2 perplexity (first N windows of 2048 tokens) of the int4 models.
 
     pip install llama-cpp-python onnxruntime-genai       # (d), (e); absent ones are skipped
     python tools/bench_inference.py --int4 bench/awq-kv-head --ppl 16
@@ -169,15 +171,17 @@ def _build(work: Path, gguf: Path, int4: Path | None):
 
             awq_graph.compile(model, None, int4, rtn_only=True, quantize_lm_head=True, tokenizer=tokenizer,
                               overwrite=True)
-    level4 = work / f"{int4.name}-level4"
-    if not (level4 / "model.onnx").exists():
-        set_accuracy_level(int4, level4, 4)
+    levels = {}
+    for level in (0, 4):  # the same weights at both accuracy levels
+        levels[level] = work / f"{int4.name}-level{level}"
+        if not (levels[level] / "model.onnx").exists():
+            set_accuracy_level(int4, levels[level], level)
     genai = work / "genai-int4"
     if not (genai / "model.onnx").exists() and _has("onnxruntime_genai"):
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(genai),
                         "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
                        capture_output=True)
-    return hf, fp32, int4, level4, genai
+    return hf, fp32, levels[0], levels[4], genai
 
 
 def set_accuracy_level(src: Path, dst: Path, level: int) -> None:
@@ -211,14 +215,27 @@ def _genai_threads(genai: Path, threads: int) -> None:
 
 
 def _ppl(path: Path, text: Path, windows: int, threads: int) -> float:
+    """Perplexity in onnxruntime: ours through CompiledModel; genai's graph (no position_ids,
+    head size in its config) fed directly, with an empty cache."""
     from transformers import AutoTokenizer
 
-    from awq_graph.runtime import CompiledModel, perplexity
+    from awq_graph.runtime import CompiledModel, perplexity, session
 
-    model = CompiledModel(path, threads=threads)
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok(text.read_text(), add_special_tokens=False).input_ids
-    return perplexity(model.logits, ids, 2048, windows)[0]
+    if not (path / "genai_config.json").exists():
+        return perplexity(CompiledModel(path, threads=threads).logits, ids, 2048, windows)[0]
+    decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+    sess = session(path, threads)
+    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    past = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def logits(window):
+        ids_ = np.asarray(window, np.int64)
+        feed = {"input_ids": ids_, "attention_mask": np.ones_like(ids_)} | {n: empty for n in past}
+        return sess.run(["logits"], feed)[0]
+
+    return perplexity(logits, ids, 2048, windows)[0]
 
 
 def main() -> int:
@@ -242,24 +259,25 @@ def main() -> int:
 
     gguf = args.model or Path(subprocess.check_output([sys.executable, str(REPO / "tools" / "smollm2_path.py")],
                                                       text=True).strip())
-    hf, fp32, int4, level4, genai = _build(args.work, gguf, args.int4)
+    hf, fp32, level0, level4, genai = _build(args.work, gguf, args.int4)
     contenders = [("(a) torch eager float32", "torch", hf, _size(hf)),
                   ("(b) onnxruntime float32 (same graph)", "ours", fp32, _size(fp32)),
-                  ("(c) ours int4, accuracy_level 0", "ours", int4, _size(int4)),
-                  ("(c) ours int4, accuracy_level 4", "ours", level4, _size(int4)),
-                  ("(c) ours int4, level 4, spinning on", "ours-spin", level4, _size(int4))]
+                  ("(c) ours int4, accuracy_level 0", "ours", level0, _size(level0)),
+                  ("(c) ours int4, accuracy_level 4", "ours", level4, _size(level4)),
+                  ("(c) ours int4, level 4, spinning on", "ours-spin", level4, _size(level4))]
     if _has("llama_cpp"):
         contenders.append(("(d) llama.cpp Q4_1 GGUF", "llama.cpp", gguf, _size(gguf)))
     if (genai / "model.onnx").exists():
         _genai_threads(genai, args.threads)
         contenders.append(("(e) onnxruntime-genai builder int4", "genai", genai, _size(genai)))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    native = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp: its own thread policy
     rows = []
     for label, kind, path, size in contenders:
         cmd = [sys.executable, __file__, "--one", kind, "--path", str(path), "--threads", str(args.threads),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=native if kind == "llama.cpp" else env, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{label}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
             continue
@@ -278,8 +296,9 @@ def main() -> int:
     if args.ppl:
         text = args.data / "wikitext2-test.txt"
         for r in rows:
-            if r["name"].startswith("(c)") and "spinning" not in r["name"]:
+            if (r["name"].startswith("(c)") and "spinning" not in r["name"]) or r["name"].startswith("(e)"):
                 r["ppl"] = _ppl(Path(r["path"]), text, args.ppl, args.threads)
+                print(f"{r['name']}: perplexity {r['ppl']:.3f}", file=sys.stderr)
     print(f"\nSmolLM2-135M, {args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens "
           f"(best of {args.repeats}; load average at start of each in the json)\n")
     print("| runtime | prefill tok/s | decode ms/token | decode tok/s | x ORT fp32 decode | size MB | size / fp32 |"
