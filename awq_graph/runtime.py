@@ -4,7 +4,7 @@
     for piece in model.stream("The capital of France is", max_new_tokens=32):
         print(piece, end="", flush=True)
     result = model.generate("Once upon a time", max_new_tokens=64, temperature=0.7)
-    ppl, tokens = perplexity(model.logits, ids)
+    ppl, tokens = model.score(open("test.txt").read(), seqlen=2048)
 
 A KV-cache folder decodes one token per step against a cache that lives in onnxruntime
 (bound in place with IOBinding: the past and present of each layer share one buffer, so a step
@@ -117,6 +117,11 @@ class CompiledModel:
         if self.has_logits_to_keep:
             feed["logits_to_keep"] = np.array(0, np.int64)
         return torch.from_numpy(self.session.run(["logits"], feed)[0].astype(np.float32))
+
+    def score(self, text: str, seqlen: int = 2048, max_windows: int | None = None) -> tuple[float, int]:
+        """Perplexity of ``text`` over non-overlapping windows of ``seqlen`` tokens: (ppl, tokens scored)."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return perplexity(self.logits, ids, seqlen, max_windows)
 
     def logits_with_cache(self, ids, prefill: int) -> np.ndarray:
         """Logits of ``ids`` (1, S): the first ``prefill`` tokens in one call, then one token per

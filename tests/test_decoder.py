@@ -190,3 +190,13 @@ def test_cuda_provider_without_onnxruntime_gpu_is_a_clear_error(compiled_tiny, c
     assert main(["generate", str(compiled_tiny), "the king", "--provider", "cuda"]) == 1
     assert capsys.readouterr().err.strip() == ("awq-graph: error: --provider cuda: this onnxruntime has no CUDA "
                                                "provider (pip install onnxruntime-gpu)")
+
+
+def test_score_is_the_perplexity_of_the_text_under_the_onnx_model(compiled_tiny):
+    model = CompiledModel(compiled_tiny)
+    text = " ".join(f"the king of the city is {i}" for i in range(60))
+    ppl, tokens = model.score(text, seqlen=64, max_windows=2)
+    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False).input_ids[:128]).view(2, 64)
+    logits = model.logits(ids.numpy())[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert tokens == 2 * 63 and abs(ppl - float(torch.exp(nll))) < 1e-3 * ppl
