@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--spin", action="store_true",
+                   help="let onnxruntime's threads busy-wait between ops: faster decode, a busy CPU")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
 
     i = sub.add_parser("infer-config", help="print the scaling groups derived from the graph (Quark format)")
@@ -247,7 +249,7 @@ def _generate(args) -> int:
     folder = Path(args.model)
     if not (folder / "model.onnx").is_file():
         raise InputError(f"{folder} is not a compiled awq-graph folder (no model.onnx)")
-    model = CompiledModel(folder, threads=args.threads, provider=args.provider)
+    model = CompiledModel(folder, threads=args.threads, provider=args.provider, spinning=args.spin)
     prompt = args.prompt
     if args.chat:
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

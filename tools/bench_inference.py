@@ -71,16 +71,9 @@ def run_torch(path: Path, prompt, new, threads):
 
 
 def run_ours(path: Path, prompt, new, threads, spinning=False):
-    import onnxruntime as ort
-
     from awq_graph.runtime import CompiledModel
 
-    model = CompiledModel(path, threads=threads)
-    if spinning:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        model.session = ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    model = CompiledModel(path, threads=threads, spinning=spinning)
     stats: dict = {}
     for _ in model.stream(prompt, max_new_tokens=new, stats=stats):
         pass
