@@ -157,6 +157,7 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _default_permissions(tmp)
         if out_dir.exists():
             old = parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(old)
@@ -169,6 +170,15 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         raise
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     return CompileResult(out_dir, files, report)
+
+
+def _default_permissions(folder: Path) -> None:
+    """What a plain mkdir/open would have given (mkdtemp and the ONNX writer make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _report(result: SearchResult, scheme: QuantScheme, n_q: int, timings, calib_ids, rtn_only, skipped, clip):

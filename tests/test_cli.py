@@ -1,5 +1,6 @@
 """The command line end to end on a tiny checkpoint, and one-line errors on bad input."""
 import json
+import os
 
 import pytest
 
@@ -18,6 +19,10 @@ def test_compile_then_eval_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsy
     assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--calib", str(calib), "--n-samples", "8",
                  "--seqlen", "64", "--group-size", "32"]) == 0
     names = {p.name for p in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}  # readable by others, as cp makes
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert {"model.onnx", "model.onnx.data", "awq_config.json", "report.json", "tokenizer.json"} <= names
     report = json.loads((out / "report.json").read_text())
     assert report["scheme"] == "uint4_wo_32" and report["quantized_linears"] == 14
