@@ -1,4 +1,4 @@
-"""Emit a KV-cache decoder built from onnxruntime's fused ops (Llama-family models).
+"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3).
 
 One file serves prefill and decode:
 
@@ -31,7 +31,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
-FAMILY = ("llama", "mistral", "qwen2")  # same block: RMSNorm, rotary GQA, SiLU-gated MLP
+FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # same block: RMSNorm, rotary GQA, SiLU-gated MLP
+# (qwen3 adds an RMSNorm over each head of q and k before the rotary)
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,9 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         # layer, no measurable gain on SmolLM2) derives positions from the mask and ignores position_ids on CPU
         q, k, v = g.op("Split", [qkv, g.const(f"{p}.self_attn.split", np.array(
             [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{p}.self_attn/Split", outputs=3, axis=-1)
+        if f"{p}.self_attn.q_norm.weight" in params:
+            q = _head_norm(g, q, params[f"{p}.self_attn.q_norm.weight"], f"{p}.self_attn.q_norm", shape)
+            k = _head_norm(g, k, params[f"{p}.self_attn.k_norm.weight"], f"{p}.self_attn.k_norm", shape)
         q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/q_rotary",
                  domain="com.microsoft", num_heads=shape.heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
         k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/k_rotary",
@@ -303,6 +307,15 @@ def _norm(g: _Graph, delta, residual, x, weight, name: str, eps: float):
                                 outputs=[f"{name}/out", "", "", f"{name}/residual"],
                                 domain="com.microsoft", epsilon=eps)
     return normed, summed
+
+
+def _head_norm(g: _Graph, x: str, weight, name: str, shape: DecoderShape) -> str:
+    """RMSNorm over each head_dim slice of (B, S, heads * head_dim)."""
+    heads = g.op("Reshape", [x, g.const(f"{name}.heads", np.array([0, 0, -1, shape.head_dim], np.int64))],
+                 f"{name}/Reshape")
+    normed = g.op("SimplifiedLayerNormalization", [heads, g.floats(f"{name}.weight", weight)],
+                  f"{name}/SimplifiedLayerNormalization", axis=-1, epsilon=shape.eps, stash_type=1)
+    return g.op("Reshape", [normed, g.const(f"{name}.flat", np.array([0, 0, -1], np.int64))], f"{name}/Flatten")
 
 
 def save_decoder(model_proto: onnx.ModelProto, path) -> None:

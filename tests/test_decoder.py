@@ -22,6 +22,7 @@ from conftest import tiny_model
 FAMILY = {
     "llama": {},  # grouped-query attention: 4 heads over 2 kv heads
     "qwen2": {},  # biases on q, k, v
+    "qwen3": {},  # RMSNorm over each head of q and k
     "mistral": {"sliding_window": 5},  # local attention window shorter than the test sequence
 }
 
