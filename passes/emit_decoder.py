@@ -1,4 +1,4 @@
-"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3).
+"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma).
 
 One file serves prefill and decode:
 
@@ -31,8 +31,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # same block: RMSNorm, rotary GQA, SiLU-gated MLP
-# (qwen3 adds an RMSNorm over each head of q and k before the rotary)
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # RMSNorm, rotary GQA, gated MLP
+# qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
+# by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class DecoderShape:
     scaling: float
     max_positions: int
     window: int  # GroupQueryAttention's local_window_size; -1: full attention
+    activation: str = "silu"  # of the gate: silu, gelu_tanh, gelu
+    norm_offset: float = 0.0  # gemma's norms multiply by (offset + w)
+    embed_scale: float | None = None  # gemma multiplies the looked-up rows by sqrt(hidden)
 
     @property
     def q_size(self) -> int:
@@ -65,8 +70,8 @@ def fused_support(model) -> str | None:
         return f"model type '{cfg.model_type}' has no fused decoder (have: {', '.join(FAMILY)})"
     if not type(model).__module__.startswith(f"transformers.models.{cfg.model_type}."):
         return f"{type(model).__name__} is not transformers' own {cfg.model_type} class"
-    if getattr(cfg, "hidden_act", None) != "silu":
-        return f"activation '{cfg.hidden_act}' (the fused decoder has SiLU)"
+    if _activation(cfg) not in ACTIVATIONS:
+        return f"activation '{_activation(cfg)}' (the fused decoder has {', '.join(ACTIVATIONS)})"
     if getattr(cfg, "mlp_bias", False):
         return "MLP biases"
     if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
@@ -75,6 +80,10 @@ def fused_support(model) -> str | None:
     if rope.get("rope_type", "default") in ("dynamic", "longrope"):
         return f"rope type '{rope['rope_type']}' (positions would change the cos/sin tables)"
     return None
+
+
+def _activation(cfg) -> str | None:
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
 
 
 def decoder_shape(model) -> DecoderShape:
@@ -90,7 +99,10 @@ def decoder_shape(model) -> DecoderShape:
         layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
         rotary_dim=cos.shape[-1], vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), scaling=float(attn.scaling),
-        max_positions=int(cfg.max_position_embeddings), window=window)
+        max_positions=int(cfg.max_position_embeddings), window=window,
+        activation=ACTIVATIONS[_activation(cfg)], norm_offset=1.0 if cfg.model_type == "gemma" else 0.0,
+        embed_scale=float(model.model.embed_tokens.embed_scale) if hasattr(model.model.embed_tokens, "embed_scale")
+        else None)
 
 
 def _rotary_tables(model, positions: int):
@@ -224,13 +236,19 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
                                           g.const("index_1", np.array(1, np.int64))], "total/Gather")],
                  "total_sequence_length", to=TensorProto.INT32)
 
+    def norm_weight(name):  # the factor each norm multiplies by
+        return params[name].detach().float() + shape.norm_offset
+
     x = _embedding(g, "input_ids", params["model.embed_tokens.weight"], quantize_embedding,
                    quantize_embedding is not None)
+    if shape.embed_scale is not None:
+        x = g.op("Mul", [x, g.floats("model.embed_tokens.embed_scale", np.array(shape.embed_scale))],
+                 "model.embed_tokens/Mul")
     residual = None
     delta = None
     for i in range(shape.layers):
         p = f"model.layers.{i}"
-        h, residual = _norm(g, delta, residual, x, params[f"{p}.input_layernorm.weight"], f"{p}.input_layernorm",
+        h, residual = _norm(g, delta, residual, x, norm_weight(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm",
                             shape.eps)
         attn = [linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"]
         qkv = _linear(g, h, LinearWeights.concat(attn), f"{p}.self_attn.qkv_proj", accuracy_level)
@@ -252,11 +270,11 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         attn_out, _, _ = g.op("GroupQueryAttention", [q, k, v, *past], f"{p}.self_attn/GroupQueryAttention",
                               outputs=outs, **attrs)
         o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
-        h, residual = _norm(g, o, residual, None, params[f"{p}.post_attention_layernorm.weight"],
+        h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.post_attention_layernorm.weight"),
                             f"{p}.post_attention_layernorm", shape.eps)
         gate = _linear(g, h, linears[f"{p}.mlp.gate_proj"], f"{p}.mlp.gate_proj", accuracy_level)
         up = _linear(g, h, linears[f"{p}.mlp.up_proj"], f"{p}.mlp.up_proj", accuracy_level)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp.act_fn/Sigmoid")], f"{p}.mlp.act_fn/Mul")
+        act = _activate(g, gate, shape.activation, f"{p}.mlp.act_fn")
         delta = _linear(g, g.op("Mul", [act, up], f"{p}.mlp/Mul"), linears[f"{p}.mlp.down_proj"],
                         f"{p}.mlp.down_proj", accuracy_level)
     # logits_to_keep (0: every position): generation asks for the last one only, which
@@ -266,7 +284,7 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
     end, axis = g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64)), g.const("axis_1", np.array([1], np.int64))
     delta = g.op("Slice", [delta, start, end, axis], "logits_to_keep/Slice_delta")
     residual = g.op("Slice", [residual, start, end, axis], "logits_to_keep/Slice_residual")
-    h, _ = _norm(g, delta, residual, x, params["model.norm.weight"], "model.norm", shape.eps)
+    h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
     head = linears["lm_head"]
     table = params["model.embed_tokens.weight"]
     tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
@@ -307,6 +325,12 @@ def _norm(g: _Graph, delta, residual, x, weight, name: str, eps: float):
                                 outputs=[f"{name}/out", "", "", f"{name}/residual"],
                                 domain="com.microsoft", epsilon=eps)
     return normed, summed
+
+
+def _activate(g: _Graph, x: str, activation: str, name: str) -> str:
+    if activation == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x], f"{name}/Sigmoid")], f"{name}/Mul")
+    return g.op("Gelu", [x], f"{name}/Gelu", approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
 def _head_norm(g: _Graph, x: str, weight, name: str, shape: DecoderShape) -> str:
