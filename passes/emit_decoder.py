@@ -14,7 +14,7 @@ Per decoder layer (every linear a MatMulNBits when quantized, a MatMul otherwise
     RotaryEmbedding on q and k         at position_ids
     GroupQueryAttention                causal attention over past + new keys; returns present
     o                                  then the next SkipSimplifiedLayerNormalization
-    gate, up -> SiLU(gate) * up -> down
+    gate, up -> act(gate) * up -> down  (SiLU; GELU-tanh for gemma)
 
 The embedding is a Gather over the float table, or GatherBlockQuantized over an int4 copy of
 it. The graph is written from the model's config and its (folded) parameters; ``fused_support``
