@@ -214,3 +214,22 @@ def test_awq_compiles_of_the_other_family_members_pass_the_decoder_check(model_t
     assert any(g["ratio"] is not None for g in result.report["groups"])  # scales were folded
     graph = result.report["graph"]
     assert graph["kind"] == "kv-decoder" and graph["check_deviation"] < 1e-5, graph
+
+
+def test_cuda_provider_generates_what_the_cpu_provider_generates(tmp_path):
+    """float16 activations on onnxruntime-gpu's CUDA provider; skipped where it is absent."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA provider in this onnxruntime (pip install onnxruntime-gpu on a GPU machine)")
+    model = tiny_model()
+    calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    awq_graph.compile(model, calib, tmp_path / "fp16", scheme="uint4_wo_16", n_samples=2, seqlen=32,
+                      act_dtype="float16", quantize_lm_head=True)
+    cpu = CompiledModel(tmp_path / "fp16")
+    cuda = CompiledModel(tmp_path / "fp16", provider="cuda")
+    assert "CUDAExecutionProvider" in cuda.session.get_providers()
+    ids = np.random.default_rng(0).integers(0, 320, (1, 16))
+    ref, got = cpu.logits(ids).numpy(), cuda.logits(ids).numpy()
+    assert np.abs(got - ref).max() < 3e-2 * np.abs(ref).max()
+    assert cuda.greedy_ids([5, 6, 7], 8)[:4] == cpu.greedy_ids([5, 6, 7], 8)[:4]
