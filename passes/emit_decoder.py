@@ -1,4 +1,4 @@
-"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma).
+"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, phi3).
 
 One file serves prefill and decode:
 
@@ -31,9 +31,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # RMSNorm, rotary GQA, gated MLP
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")  # RMSNorm, rotary GQA, gated MLP
 # qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
-# by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh)
+# by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); phi3 fuses q|k|v
+# and gate|up into single linears
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
@@ -92,7 +93,7 @@ def decoder_shape(model) -> DecoderShape:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     cos, _ = _rotary_tables(model, 1)
     window = -1
-    uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+    uses_window = cfg.model_type in ("mistral", "phi3") or getattr(cfg, "use_sliding_window", False)
     if uses_window and getattr(cfg, "sliding_window", None):
         window = int(cfg.sliding_window)
     return DecoderShape(
@@ -250,8 +251,9 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         p = f"model.layers.{i}"
         h, residual = _norm(g, delta, residual, x, norm_weight(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm",
                             shape.eps)
-        attn = [linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"]
-        qkv = _linear(g, h, LinearWeights.concat(attn), f"{p}.self_attn.qkv_proj", accuracy_level)
+        fused_qkv = linears.get(f"{p}.self_attn.qkv_proj")  # phi3 stores q|k|v as one linear already
+        attn = fused_qkv or LinearWeights.concat([linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"])
+        qkv = _linear(g, h, attn, f"{p}.self_attn.qkv_proj", accuracy_level)
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
         outs = [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"]
         attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
@@ -272,8 +274,14 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
         h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.post_attention_layernorm.weight"),
                             f"{p}.post_attention_layernorm", shape.eps)
-        gate = _linear(g, h, linears[f"{p}.mlp.gate_proj"], f"{p}.mlp.gate_proj", accuracy_level)
-        up = _linear(g, h, linears[f"{p}.mlp.up_proj"], f"{p}.mlp.up_proj", accuracy_level)
+        if f"{p}.mlp.gate_up_proj" in linears:  # phi3: gate and up as the two halves of one linear
+            gate_up = linears[f"{p}.mlp.gate_up_proj"]
+            half = np.array([_rows(gate_up) // 2] * 2, np.int64)
+            gate, up = g.op("Split", [_linear(g, h, gate_up, f"{p}.mlp.gate_up_proj", accuracy_level),
+                                      g.const(f"{p}.mlp.split", half)], f"{p}.mlp/Split", outputs=2, axis=-1)
+        else:
+            gate = _linear(g, h, linears[f"{p}.mlp.gate_proj"], f"{p}.mlp.gate_proj", accuracy_level)
+            up = _linear(g, h, linears[f"{p}.mlp.up_proj"], f"{p}.mlp.up_proj", accuracy_level)
         act = _activate(g, gate, shape.activation, f"{p}.mlp.act_fn")
         delta = _linear(g, g.op("Mul", [act, up], f"{p}.mlp/Mul"), linears[f"{p}.mlp.down_proj"],
                         f"{p}.mlp.down_proj", accuracy_level)

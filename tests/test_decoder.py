@@ -24,6 +24,7 @@ FAMILY = {
     "qwen2": {},  # biases on q, k, v
     "qwen3": {},  # RMSNorm over each head of q and k
     "gemma": {},  # scaled embedding, x * (1 + w) norms, GELU (tanh) gate
+    "phi3": {"pad_token_id": 0, "sliding_window": 6},  # fused qkv_proj and gate_up_proj, local window
     "mistral": {"sliding_window": 5},  # local attention window shorter than the test sequence
 }
 
@@ -204,10 +205,10 @@ def test_score_is_the_perplexity_of_the_text_under_the_onnx_model(compiled_tiny)
     assert tokens == 2 * 63 and abs(ppl - float(torch.exp(nll))) < 1e-3 * ppl
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "phi3"])
 def test_awq_compiles_of_the_other_family_members_pass_the_decoder_check(model_type, tmp_path):
     """Folded scales included: gemma's (1 + w) norms carry 1/s in w, the decoder adds the 1."""
-    model = tiny_model(model_type)
+    model = tiny_model(model_type, **FAMILY[model_type])
     calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
     result = awq_graph.compile(model, calib, tmp_path / "out", scheme="uint4_wo_16", n_samples=4, seqlen=32,
                                accuracy_level=0)
