@@ -1,4 +1,5 @@
-"""Markdown table of the scaling groups derived per architecture (tiny random models, offline).
+"""Markdown table of the scaling groups derived per architecture, and the ONNX graph compile
+writes for it (tiny random models, offline).
 
     python tools/arch_table.py [llama mistral ...]   > prints the README's architecture table
 """
@@ -7,21 +8,25 @@ from __future__ import annotations
 import sys
 import warnings
 
+from awq_graph.emit import untranslatable_ops
 from awq_graph.graph import export_model
 from awq_graph.load import tiny_random_model
 from awq_graph.verify import verify_groups
 from passes.channel_flow import example_values
 from passes.check_config import derive_groups
+from passes.emit_decoder import fused_support
 
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral"]
 
 
 def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore")
-    print("| architecture | groups per layer (prev_op -> layers) | beyond AutoAWQ's mapping | exact (--verify) | not found, and why |")
-    print("|---|---|---|---|---|")
+    print("| architecture | groups per layer (prev_op -> layers) | beyond AutoAWQ's mapping | exact (--verify) "
+          "| not found, and why | ONNX graph |")
+    print("|---|---|---|---|---|---|")
     for arch in argv or DEFAULT:
-        gm = export_model(tiny_random_model(arch))
+        model = tiny_random_model(arch)
+        gm = export_model(model)
         prefix, per_layer, skipped = derive_groups(gm, example_values(gm))
         base = f"{prefix}.0."
         def pair(g):
@@ -35,8 +40,17 @@ def main(argv: list[str]) -> int:
                                     f"{', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason.replace(base, '')}"
                                     for s in skipped if all(x.startswith(base) for x in s.layers)}))
         deviation = verify_groups(gm, per_layer)
-        print(f"| {arch} | {groups} | {beyond or '-'} | {deviation:.0e} | {missing or '-'} |")
+        print(f"| {arch} | {groups} | {beyond or '-'} | {deviation:.0e} | {missing or '-'} | {_graph(model, gm)} |")
     return 0
+
+
+def _graph(model, gm) -> str:
+    if fused_support(model) is None:
+        return "KV-cache decoder"
+    blockers = untranslatable_ops(gm)
+    if blockers:
+        return f"none: no ONNX translation for {next(iter(blockers))}"
+    return "logits-only (torch.onnx)"
 
 
 if __name__ == "__main__":
