@@ -225,17 +225,9 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
     g = _Graph(ftype)
     cos, sin = _rotary_tables(model, shape.max_positions)
     half = shape.rotary_dim // 2
-    cos_cache = g.floats("rotary.cos_cache", cos[:, :half])
-    sin_cache = g.floats("rotary.sin_cache", sin[:, :half])
+    rotary = (g.floats("rotary.cos_cache", cos[:, :half]), g.floats("rotary.sin_cache", sin[:, :half]))
 
-    # attention bookkeeping shared by every layer: lengths from the mask (right-padded batches)
-    mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
-                    "attention_mask/ReduceSum", keepdims=0)
-    seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one", np.array(1, np.int64))], "seqlens/Sub")],
-                   "seqlens_k", to=TensorProto.INT32)
-    total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "attention_mask/Shape"),
-                                          g.const("index_1", np.array(1, np.int64))], "total/Gather")],
-                 "total_sequence_length", to=TensorProto.INT32)
+    lengths = _lengths(g)  # shared by every layer's attention
 
     def norm_weight(name):  # the factor each norm multiplies by
         return params[name].detach().float() + shape.norm_offset
@@ -251,56 +243,55 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         p = f"model.layers.{i}"
         h, residual = _norm(g, delta, residual, x, norm_weight(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm",
                             shape.eps)
-        fused_qkv = linears.get(f"{p}.self_attn.qkv_proj")  # phi3 stores q|k|v as one linear already
-        attn = fused_qkv or LinearWeights.concat([linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"])
-        qkv = _linear(g, h, attn, f"{p}.self_attn.qkv_proj", accuracy_level)
-        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
-        outs = [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"]
-        attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
-                     local_window_size=shape.window)
-        # rotary as its own op, at position_ids: GroupQueryAttention's built-in rotary (one op less per
-        # layer, no measurable gain on SmolLM2) derives positions from the mask and ignores position_ids on CPU
-        q, k, v = g.op("Split", [qkv, g.const(f"{p}.self_attn.split", np.array(
-            [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{p}.self_attn/Split", outputs=3, axis=-1)
-        if f"{p}.self_attn.q_norm.weight" in params:
-            q = _head_norm(g, q, params[f"{p}.self_attn.q_norm.weight"], f"{p}.self_attn.q_norm", shape)
-            k = _head_norm(g, k, params[f"{p}.self_attn.k_norm.weight"], f"{p}.self_attn.k_norm", shape)
-        q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/q_rotary",
-                 domain="com.microsoft", num_heads=shape.heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
-        k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/k_rotary",
-                 domain="com.microsoft", num_heads=shape.kv_heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
-        attn_out, _, _ = g.op("GroupQueryAttention", [q, k, v, *past], f"{p}.self_attn/GroupQueryAttention",
-                              outputs=outs, **attrs)
+        attn_out = _attention(g, h, i, p, params, linears, shape, rotary, lengths, accuracy_level)
         o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
         h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.post_attention_layernorm.weight"),
                             f"{p}.post_attention_layernorm", shape.eps)
-        if f"{p}.mlp.gate_up_proj" in linears:  # phi3: gate and up as the two halves of one linear
-            gate_up = linears[f"{p}.mlp.gate_up_proj"]
-            half = np.array([_rows(gate_up) // 2] * 2, np.int64)
-            gate, up = g.op("Split", [_linear(g, h, gate_up, f"{p}.mlp.gate_up_proj", accuracy_level),
-                                      g.const(f"{p}.mlp.split", half)], f"{p}.mlp/Split", outputs=2, axis=-1)
-        else:
-            gate = _linear(g, h, linears[f"{p}.mlp.gate_proj"], f"{p}.mlp.gate_proj", accuracy_level)
-            up = _linear(g, h, linears[f"{p}.mlp.up_proj"], f"{p}.mlp.up_proj", accuracy_level)
-        act = _activate(g, gate, shape.activation, f"{p}.mlp.act_fn")
-        delta = _linear(g, g.op("Mul", [act, up], f"{p}.mlp/Mul"), linears[f"{p}.mlp.down_proj"],
-                        f"{p}.mlp.down_proj", accuracy_level)
-    # logits_to_keep (0: every position): generation asks for the last one only, which
-    # spares the prompt's (S x vocab) head product and its copy
-    keep = g.op("Reshape", ["logits_to_keep", g.const("shape_1", np.array([1], np.int64))], "logits_to_keep/Reshape")
-    start = g.op("Neg", [keep], "logits_to_keep/Neg")  # -k: the last k positions; -0: all of them
-    end, axis = g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64)), g.const("axis_1", np.array([1], np.int64))
-    delta = g.op("Slice", [delta, start, end, axis], "logits_to_keep/Slice_delta")
-    residual = g.op("Slice", [residual, start, end, axis], "logits_to_keep/Slice_residual")
+        delta = _mlp(g, h, p, linears, shape, accuracy_level)
+    delta, residual = _keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
     head = linears["lm_head"]
     table = params["model.embed_tokens.weight"]
     tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
             and torch.equal(head.matrix, table))
-    logits = _linear(g, h, head, "lm_head", accuracy_level, "model.embed_tokens.weight" if tied else None)
-    g.nodes[-1].output[0] = "logits"
-    del logits
+    _linear(g, h, head, "lm_head", accuracy_level, "model.embed_tokens.weight" if tied else None)
+    g.nodes[-1].output[0] = "logits"  # the head's last node writes the graph output
 
+    inputs, outputs = _signature(shape, ftype)
+    graph = helper.make_graph(g.nodes, "awq_graph_decoder", inputs, outputs, g.initializers)
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                          helper.make_opsetid("com.microsoft", 1)],
+                                    producer_name="awq-graph")
+    model_proto.ir_version = 10
+    return model_proto
+
+
+def _lengths(g: _Graph):
+    """GroupQueryAttention's seqlens_k (tokens - 1 per row) and total_sequence_length, from the
+    attention mask (right-padded batches)."""
+    mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
+                    "attention_mask/ReduceSum", keepdims=0)
+    seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one", np.array(1, np.int64))], "seqlens/Sub")],
+                   "seqlens_k", to=TensorProto.INT32)
+    total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "attention_mask/Shape"),
+                                          g.const("index_1", np.array(1, np.int64))], "total/Gather")],
+                 "total_sequence_length", to=TensorProto.INT32)
+    return seqlens, total
+
+
+def _keep_last(g: _Graph, delta: str, residual: str):
+    """The last ``logits_to_keep`` positions of the residual stream (0: all). Generation asks
+    for one, which spares the prompt's (S x vocab) head product and its copy."""
+    keep = g.op("Reshape", ["logits_to_keep", g.const("shape_1", np.array([1], np.int64))], "logits_to_keep/Reshape")
+    start = g.op("Neg", [keep], "logits_to_keep/Neg")  # -k: the last k positions; -0: all of them
+    end = g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64))
+    axis = g.const("axis_1", np.array([1], np.int64))
+    return (g.op("Slice", [delta, start, end, axis], "logits_to_keep/Slice_delta"),
+            g.op("Slice", [residual, start, end, axis], "logits_to_keep/Slice_residual"))
+
+
+def _signature(shape: DecoderShape, ftype):
+    """Graph inputs and outputs (see the module docstring)."""
     batch, seq, past, total_len = "batch", "sequence", "past_sequence", "total_sequence"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len]),
@@ -313,12 +304,50 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
                                                         [batch, shape.kv_heads, past, shape.head_dim]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", ftype,
                                                          [batch, shape.kv_heads, total_len, shape.head_dim]))
-    graph = helper.make_graph(g.nodes, "awq_graph_decoder", inputs, outputs, g.initializers)
-    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                          helper.make_opsetid("com.microsoft", 1)],
-                                    producer_name="awq-graph")
-    model_proto.ir_version = 10
-    return model_proto
+    return inputs, outputs
+
+
+def _attention(g: _Graph, h: str, i: int, p: str, params, linears, shape: DecoderShape, rotary, lengths,
+               accuracy_level: int) -> str:
+    """q|k|v projection, rotary at position_ids, GroupQueryAttention over the layer's cache."""
+    cos_cache, sin_cache = rotary
+    seqlens, total = lengths
+    fused_qkv = linears.get(f"{p}.self_attn.qkv_proj")  # phi3 stores q|k|v as one linear already
+    attn = fused_qkv or LinearWeights.concat([linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"])
+    qkv = _linear(g, h, attn, f"{p}.self_attn.qkv_proj", accuracy_level)
+    past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+    outs = [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"]
+    attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
+                 local_window_size=shape.window)
+    # rotary as its own op, at position_ids: GroupQueryAttention's built-in rotary (one op less per
+    # layer, no measurable gain on SmolLM2) derives positions from the mask and ignores position_ids on CPU
+    q, k, v = g.op("Split", [qkv, g.const(f"{p}.self_attn.split", np.array(
+        [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{p}.self_attn/Split", outputs=3, axis=-1)
+    if f"{p}.self_attn.q_norm.weight" in params:
+        q = _head_norm(g, q, params[f"{p}.self_attn.q_norm.weight"], f"{p}.self_attn.q_norm", shape)
+        k = _head_norm(g, k, params[f"{p}.self_attn.k_norm.weight"], f"{p}.self_attn.k_norm", shape)
+    q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/q_rotary",
+             domain="com.microsoft", num_heads=shape.heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
+    k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/k_rotary",
+             domain="com.microsoft", num_heads=shape.kv_heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
+    attn_out, _, _ = g.op("GroupQueryAttention", [q, k, v, *past], f"{p}.self_attn/GroupQueryAttention",
+                          outputs=outs, **attrs)
+    return attn_out
+
+
+def _mlp(g: _Graph, h: str, p: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+    """down(act(gate(h)) * up(h)); phi3's gate|up is one linear, split in halves."""
+    if f"{p}.mlp.gate_up_proj" in linears:  # phi3: gate and up as the two halves of one linear
+        gate_up = linears[f"{p}.mlp.gate_up_proj"]
+        half = np.array([_rows(gate_up) // 2] * 2, np.int64)
+        gate, up = g.op("Split", [_linear(g, h, gate_up, f"{p}.mlp.gate_up_proj", accuracy_level),
+                                  g.const(f"{p}.mlp.split", half)], f"{p}.mlp/Split", outputs=2, axis=-1)
+    else:
+        gate = _linear(g, h, linears[f"{p}.mlp.gate_proj"], f"{p}.mlp.gate_proj", accuracy_level)
+        up = _linear(g, h, linears[f"{p}.mlp.up_proj"], f"{p}.mlp.up_proj", accuracy_level)
+    act = _activate(g, gate, shape.activation, f"{p}.mlp.act_fn")
+    return _linear(g, g.op("Mul", [act, up], f"{p}.mlp/Mul"), linears[f"{p}.mlp.down_proj"],
+                   f"{p}.mlp.down_proj", accuracy_level)
 
 
 def _norm(g: _Graph, delta, residual, x, weight, name: str, eps: float):
