@@ -1,8 +1,8 @@
 """Which ONNX graph to write, and the check that it computes what the torch program computes.
 
 Two emitters (both in ``passes/``):
-  * ``emit_decoder``: a KV-cache decoder of onnxruntime's fused ops, for the model families it
-    knows (``fused_support``). Checked after writing: prefill and one-token decode steps in
+  * ``emit_decoder`` / ``emit_decoder_gpt2``: a KV-cache decoder of onnxruntime's fused ops, for
+    the model families they know (``decoder_support``). Checked after writing: prefill and one-token decode steps in
     onnxruntime against the torch program with the same dequantized weights.
   * ``emit_onnx``: torch.onnx of the folded program (logits only, no KV cache), then each
     quantized linear rewritten to MatMulNBits. Any architecture torch.onnx can translate.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from passes.emit_decoder import LinearWeights, build_decoder, fused_support, save_decoder
+from passes.emit_decoder_gpt2 import build_gpt2_decoder, gpt2_support
 from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model
 
 from .errors import ExportError, InputError
@@ -35,11 +36,12 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
                accuracy_level: int = 0, act_dtype: str = "float32", kv_cache: bool = True,
                quantize_embedding: QuantScheme | None = None) -> Emitted:
     """Write the model to ``path``: the fused KV-cache decoder when it fits, else logits-only."""
-    reason = "--no-kv-cache" if not kv_cache else ("no HF model object" if model is None else fused_support(model))
+    reason = "--no-kv-cache" if not kv_cache else ("no HF model object" if model is None else decoder_support(model))
     if reason is None:
         linears = linear_weights(gm, quantized)
-        proto = build_decoder(model, gm.params, linears, quantize_embedding=quantize_embedding,
-                              accuracy_level=accuracy_level, act_dtype=act_dtype)
+        builder = build_gpt2_decoder if model.config.model_type == "gpt2" else build_decoder
+        proto = builder(model, gm.params, linears, quantize_embedding=quantize_embedding,
+                        accuracy_level=accuracy_level, act_dtype=act_dtype)
         save_decoder(proto, path)
         del proto
         deviation = check_decoder(path, gm, quantized, quantize_embedding, act_dtype)
@@ -62,10 +64,15 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     return Emitted("logits-only", count, [] if reason == "--no-kv-cache" else [warning])
 
 
+def decoder_support(model) -> str | None:
+    """None when one of the KV-cache decoders fits ``model``; otherwise why none does."""
+    return gpt2_support(model) if model.config.model_type == "gpt2" else fused_support(model)
+
+
 def check_emittable(gm: GraphModel, model, kv_cache: bool = True) -> None:
     """Fail before the search when the graph can be written by neither emitter: the fused
     decoder does not fit and the exported graph holds a custom op torch.onnx cannot translate."""
-    if kv_cache and model is not None and fused_support(model) is None:
+    if kv_cache and model is not None and decoder_support(model) is None:
         return
     blockers = untranslatable_ops(gm)
     if blockers:
@@ -117,14 +124,14 @@ def check_decoder(path: Path, gm: GraphModel, quantized, quantize_embedding, act
     by ``decode_steps`` one-token steps against the cache."""
     from .runtime import CompiledModel
 
-    vocab = _vocab(gm)
+    lookup = _token_lookup(gm)
+    table_name = gm.param_of(lookup.args[0])
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (1, tokens + decode_steps), generator=gen)
+    ids = torch.randint(0, gm.params[table_name].shape[0], (1, tokens + decode_steps), generator=gen)
     overrides = fake_quant_overrides(gm, quantized)
     fixed = {}
     if quantize_embedding is not None:  # the lookup reads an int4 copy of the table (tied or not)
-        table = quantize(gm.params["model.embed_tokens.weight"].detach().float(), quantize_embedding).dequantize()
-        lookup = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default)
+        table = quantize(gm.params[table_name].detach().float(), quantize_embedding).dequantize()
         fixed[lookup] = torch.nn.functional.embedding(ids, table)
     with torch.no_grad():
         ref = gm.run(ids, overrides=overrides, fixed=fixed).float().numpy()
@@ -133,5 +140,14 @@ def check_decoder(path: Path, gm: GraphModel, quantized, quantize_embedding, act
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
 
 
-def _vocab(gm: GraphModel) -> int:
-    return int(gm.params["model.embed_tokens.weight"].shape[0])
+def _token_lookup(gm: GraphModel):
+    """The aten.embedding node that looks up input_ids (GPT-2 also looks up positions)."""
+    input_node = gm.input_node()
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.embedding.default:
+            ids = node.args[1]
+            while ids is not input_node and ids.op == "call_function" and ids.args:  # views of input_ids
+                ids = ids.args[0]
+            if ids is input_node:
+                return node
+    raise ExportError("the graph has no embedding lookup of input_ids")

@@ -189,8 +189,8 @@ def _linear(g: _Graph, x: str, lw: LinearWeights, name: str, accuracy_level: int
                 bits=qw.scheme.bits, block_size=qw.scheme.group_size, accuracy_level=accuracy_level)
 
 
-def _embedding(g: _Graph, ids: str, table: torch.Tensor, scheme, quantized: bool) -> str:
-    name = "model.embed_tokens"
+def _embedding(g: _Graph, ids: str, table: torch.Tensor, scheme, quantized: bool,
+               name: str = "model.embed_tokens") -> str:
     if not quantized:
         return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # keep the name: see lm_head
     qw = quantize(table.detach().float(), scheme)  # round-to-nearest, rows = tokens

@@ -8,13 +8,12 @@ from __future__ import annotations
 import sys
 import warnings
 
-from awq_graph.emit import untranslatable_ops
+from awq_graph.emit import decoder_support, untranslatable_ops
 from awq_graph.graph import export_model
 from awq_graph.load import tiny_random_model
 from awq_graph.verify import verify_groups
 from passes.channel_flow import example_values
 from passes.check_config import derive_groups
-from passes.emit_decoder import fused_support
 
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral"]
 
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> int:
 
 
 def _graph(model, gm) -> str:
-    if fused_support(model) is None:
+    if decoder_support(model) is None:
         return "KV-cache decoder"
     blockers = untranslatable_ops(gm)
     if blockers:

@@ -1,0 +1,96 @@
+"""Emit the KV-cache decoder for GPT-2: the same signature and cache as ``emit_decoder``,
+GPT-2's block.
+
+    x = wte[input_ids] + wpe[position_ids]
+    per layer: SkipLayerNormalization (LayerNorm with bias) -> MatMulNBits c_attn (q|k|v, bias)
+               -> GroupQueryAttention (as many kv heads as heads, no rotary) -> c_proj
+               -> SkipLayerNormalization -> c_fc -> GELU (tanh) -> c_proj
+    ln_f -> lm_head
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from passes.emit_decoder import (DecoderShape, LinearWeights, _embedding, _Graph, _keep_last, _lengths, _linear,
+                                 _signature)
+
+
+def gpt2_support(model) -> str | None:
+    cfg = model.config
+    if not type(model).__module__.startswith("transformers.models.gpt2."):
+        return f"{type(model).__name__} is not transformers' own gpt2 class"
+    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        return f"activation '{cfg.activation_function}'"
+    if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn or getattr(cfg, "add_cross_attention", False):
+        return "per-layer attention scaling, reordered attention or cross-attention"
+    return None
+
+
+def gpt2_shape(model) -> DecoderShape:
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    return DecoderShape(
+        layers=cfg.n_layer, hidden=cfg.n_embd, heads=cfg.n_head, kv_heads=cfg.n_head, head_dim=head_dim,
+        rotary_dim=0, vocab=cfg.vocab_size, eps=float(cfg.layer_norm_epsilon),
+        scaling=head_dim ** -0.5 if cfg.scale_attn_weights else 1.0, max_positions=int(cfg.n_positions), window=-1,
+        activation="gelu" if cfg.activation_function == "gelu" else "gelu_tanh")
+
+
+def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
+                       quantize_embedding=None, accuracy_level: int = 0, act_dtype: str = "float32") -> onnx.ModelProto:
+    shape = gpt2_shape(model)
+    ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
+    g = _Graph(ftype)
+    seqlens, total = _lengths(g)
+    tokens = _embedding(g, "input_ids", params["transformer.wte.weight"], quantize_embedding,
+                        quantize_embedding is not None, name="transformer.wte")
+    positions = g.op("Gather", [g.floats("transformer.wpe.weight", params["transformer.wpe.weight"]), "position_ids"],
+                     "transformer.wpe/Gather")
+    x = g.op("Add", [tokens, positions], "transformer/embeddings")
+    residual, delta = x, None
+    for i in range(shape.layers):
+        p = f"transformer.h.{i}"
+        h, residual = _layer_norm(g, delta, residual, params, f"{p}.ln_1", shape.eps)
+        qkv = _linear(g, h, linears[f"{p}.attn.c_attn"], f"{p}.attn.c_attn", accuracy_level)
+        q, k, v = g.op("Split", [qkv, g.const(f"{p}.attn.split", np.array([shape.hidden] * 3, np.int64))],
+                       f"{p}.attn/Split", outputs=3, axis=-1)
+        attn_out, _, _ = g.op("GroupQueryAttention",
+                              [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+                              f"{p}.attn/GroupQueryAttention",
+                              outputs=[f"{p}.attn/out", f"present.{i}.key", f"present.{i}.value"],
+                              domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads,
+                              scale=shape.scaling)
+        o = _linear(g, attn_out, linears[f"{p}.attn.c_proj"], f"{p}.attn.c_proj", accuracy_level)
+        h, residual = _layer_norm(g, o, residual, params, f"{p}.ln_2", shape.eps)
+        up = _linear(g, h, linears[f"{p}.mlp.c_fc"], f"{p}.mlp.c_fc", accuracy_level)
+        act = g.op("Gelu", [up], f"{p}.mlp.act/Gelu", approximate="tanh" if shape.activation == "gelu_tanh" else "none")
+        delta = _linear(g, act, linears[f"{p}.mlp.c_proj"], f"{p}.mlp.c_proj", accuracy_level)
+    delta, residual = _keep_last(g, delta, residual)
+    h, _ = _layer_norm(g, delta, residual, params, "transformer.ln_f", shape.eps)
+    head = linears["lm_head"]
+    table = params["transformer.wte.weight"]
+    tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
+            and torch.equal(head.matrix, table))
+    _linear(g, h, head, "lm_head", accuracy_level, "transformer.wte.weight" if tied else None)
+    g.nodes[-1].output[0] = "logits"
+    inputs, outputs = _signature(shape, ftype)
+    graph = helper.make_graph(g.nodes, "awq_graph_gpt2_decoder", inputs, outputs, g.initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="awq-graph")
+    proto.ir_version = 10
+    return proto
+
+
+def _layer_norm(g: _Graph, delta, residual, params, name: str, eps: float):
+    """LayerNorm (with bias) of residual (+ delta, fused). Returns (normed, residual stream)."""
+    w = g.floats(f"{name}.weight", params[f"{name}.weight"])
+    b = g.floats(f"{name}.bias", params[f"{name}.bias"])
+    if delta is None:
+        return g.op("LayerNormalization", [residual, w, b], f"{name}/LayerNormalization", axis=-1, epsilon=eps), residual
+    normed, _, _, summed = g.op("SkipLayerNormalization", [delta, residual, w, b], f"{name}/SkipLayerNormalization",
+                                outputs=[f"{name}/out", "", "", f"{name}/residual"], domain="com.microsoft",
+                                epsilon=eps)
+    return normed, summed
