@@ -29,8 +29,11 @@ class LogitsOnly(torch.nn.Module):
 
 @dataclass(frozen=True)
 class LinearSite:
-    """One linear map over a parameter weight: ``aten.linear(x, W[out, in], b)``, or GPT-2's
-    Conv1D ``aten.addmm(b, x, W[in, out])`` (``transposed``)."""
+    """One linear map over a parameter weight: ``aten.linear(x, W[out, in], b)``, GPT-2's
+    Conv1D ``aten.addmm(b, x, W[in, out])`` (``transposed``), or a bank of MoE experts,
+    ``transformers.grouped_mm_fallback(x, W[E, out, in]^T, offsets)`` (``experts``: each token
+    row meets one expert's (out, in) matrix; its name is the weight's, since one experts module
+    holds two banks)."""
 
     module: str  # "model.layers.0.self_attn.q_proj"
     node: fx.Node
@@ -41,9 +44,11 @@ class LinearSite:
     out_features: int
     in_features: int
     transposed: bool = False
+    experts: int = 0  # E for a bank of experts, else 0
 
     def matrix(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weight as (out, in); a view, so in-place edits reach the parameter."""
+        """The weight as (out, in), or (E, out, in) for experts; a view, so in-place edits reach
+        the parameter."""
         w = params[self.weight]
         return w.T if self.transposed else w
 
@@ -192,6 +197,8 @@ def linear_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
     elif node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
         b_node, x, w_node = node.args
         transposed = True
+    elif _is_grouped_mm(node):
+        return _experts_site(gm, node)
     else:
         return None
     weight = gm.param_of(w_node)
@@ -203,6 +210,24 @@ def linear_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
     w = gm.params[weight]
     out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
     return LinearSite(module_path(node), node, x, w_node, weight, bias, int(out_f), int(in_f), transposed)
+
+
+def _is_grouped_mm(node: fx.Node) -> bool:
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and t.namespace == "transformers" and "grouped_mm" in t._opname
+
+
+def _experts_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
+    """grouped_mm(x, transpose(W[E, out, in], -2, -1), offsets) over a parameter bank W."""
+    x, w_t = node.args[0], node.args[1]
+    if not (isinstance(w_t, fx.Node) and w_t.target is torch.ops.aten.transpose.int
+            and tuple(a % 3 for a in w_t.args[1:]) in ((1, 2), (2, 1))):
+        return None
+    weight = gm.param_of(w_t.args[0])
+    if weight is None or gm.params[weight].dim() != 3:
+        return None
+    experts, out_f, in_f = gm.params[weight].shape
+    return LinearSite(weight, node, x, w_t.args[0], weight, None, int(out_f), int(in_f), experts=int(experts))
 
 
 def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object]) -> dict[fx.Node, object]:

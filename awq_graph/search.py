@@ -84,10 +84,11 @@ class SearchResult:
 
 
 def quantizable_linears(gm: GraphModel) -> list[str]:
-    """Linears of the decoder layers with a private weight (lm_head and tied weights stay float)."""
+    """Linears of the decoder layers with a private weight (lm_head and tied weights stay float;
+    MoE expert banks are not quantized yet)."""
     prefix, _ = decoder_layers(gm)
     return [n for n, site in gm.linears.items()
-            if n.startswith(prefix + ".") and len(real_users(site.weight_node)) == 1]
+            if n.startswith(prefix + ".") and len(real_users(site.weight_node)) == 1 and not site.experts]
 
 
 def output_head(gm: GraphModel) -> str | None:

@@ -47,6 +47,7 @@ MOVEMENT = {
     aten.unflatten.int, aten.repeat.default, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unbind.int, aten.index_select.default, aten.repeat_interleave.self_int,
     aten.movedim.int, aten.detach.default, operator.getitem,
+    aten.index.Tensor,  # a gather (MoE: the tokens routed to the experts); tags give the channel map
 }
 # Casts move no channels; the tags are kept as they are (a cast to bf16 would round them).
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default, aten.lift_fresh_copy.default}

@@ -29,12 +29,12 @@ def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
         w.copy_((w.float() / s).to(w.dtype))
         for name in group.prev_params[1:]:
             params[name].copy_((params[name].float() / s).to(params[name].dtype))
-    else:  # Cases A, C, D: every source parameter is divided along its first dim
+    else:  # Cases A, C, D: every source parameter is divided along its output dim
         for name in group.prev_params:
             p = params[name]
-            shape = (-1,) + (1,) * (p.dim() - 1)
+            shape = (1, -1, 1) if p.dim() == 3 else (-1,) + (1,) * (p.dim() - 1)  # 3-D: a bank of experts
             p.copy_((p.float() / s.reshape(shape)).to(p.dtype))
     for layer, cmap in zip(group.layers, group.channel_maps):
-        w = sites[layer].matrix(params)  # (out, in) view
+        w = sites[layer].matrix(params)  # (out, in) view; (E, out, in) for experts
         col = s[torch.tensor(cmap)]
         w.copy_((w.float() * col).to(w.dtype))

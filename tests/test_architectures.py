@@ -30,7 +30,11 @@ EXPECTED = {
              ("post_attention_layernorm", "mlp.gate_up_proj"), ("mlp.gate_up_proj", "mlp.down_proj")],
     "gpt2": [("ln_1", "attn.c_attn"), ("attn.c_attn", "attn.c_proj"), ("ln_2", "mlp.c_fc")],
     "mixtral": [("input_layernorm", "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"),
-                ("self_attn.v_proj", "self_attn.o_proj")],
+                ("self_attn.v_proj", "self_attn.o_proj"),
+                # the router reads the scaled tensor, so it is compensated too; the experts are
+                # weight banks (E, out, in) behind a token gather and grouped_mm
+                ("post_attention_layernorm", "mlp.gate,mlp.experts.gate_up_proj"),
+                ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")],
 }
 
 
