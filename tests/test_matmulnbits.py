@@ -8,17 +8,20 @@ from onnx import TensorProto, helper, numpy_helper
 from awq_graph.numerics import QuantScheme, pack_matmulnbits, quantize
 
 
-def unpack_reference(b, scales, zp, n, k, block, symmetric):
-    """Numpy dequantization written from the contrib-op spec, independent of our packer."""
+def unpack_reference(b, scales, zp, n, k, block, symmetric, bits=4):
+    """Numpy dequantization written from the contrib-op spec, independent of our packer:
+    8 bits are one byte per code; 4 bits two codes a byte, low nibble first."""
     kb = -(-k // block)
-    codes = np.empty((n, kb * block), dtype=np.int64)
-    codes[:, 0::2] = (b.reshape(n, -1) & 0x0F)
-    codes[:, 1::2] = (b.reshape(n, -1) >> 4)
-    if symmetric:
-        zeros = np.full((n, kb), 8)
-    else:
-        zbytes = zp.reshape(n, -1)
-        zeros = np.stack([zbytes & 0x0F, zbytes >> 4], axis=2).reshape(n, -1)[:, :kb]
+
+    def unpack(data, count):
+        data = data.reshape(n, -1).astype(np.int64)
+        if bits == 8:
+            return data[:, :count]
+        codes = np.stack([data & 0x0F, data >> 4], axis=2).reshape(n, -1)
+        return codes[:, :count]
+
+    codes = unpack(b, kb * block)
+    zeros = np.full((n, kb), 2 ** (bits - 1)) if symmetric else unpack(zp, kb)
     s = scales.reshape(n, kb)
     w = (codes.reshape(n, kb, block) - zeros[:, :, None]) * s[:, :, None]
     return w.reshape(n, -1)[:, :k], codes[:, :k]
@@ -37,45 +40,25 @@ def single_node_model(n, k, block, b, scales, zp, bits=4):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("bits", [4, 8])  # 8: the lm_head's default
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("block", [16, 32, 64, 128])
 @pytest.mark.parametrize("k", [256, 576, 200])
-def test_matmulnbits_equals_numpy_dequantization(symmetric, block, k):
+def test_matmulnbits_equals_numpy_dequantization(bits, symmetric, block, k):
     torch.manual_seed(block + k)
     n = 24
     w = torch.randn(n, k) * torch.linspace(0.1, 3, k)  # uneven columns
-    qw = quantize(w, QuantScheme(4, block, symmetric))
+    qw = quantize(w, QuantScheme(bits, block, symmetric))
     b, scales, zp = pack_matmulnbits(qw)
-    assert b.shape == (n, -(-k // block), block // 2) and b.dtype == np.uint8
-    w_ref, codes = unpack_reference(b, scales, zp, n, k, block, symmetric)
+    assert b.shape == (n, -(-k // block), block * bits // 8) and b.dtype == np.uint8
+    w_ref, codes = unpack_reference(b, scales, zp, n, k, block, symmetric, bits)
     assert np.array_equal(codes, qw.q.numpy().astype(np.int64)), "bit layout: low nibble first"
     np.testing.assert_allclose(w_ref, qw.dequantize().numpy(), rtol=1e-6, atol=1e-6)
+    assert np.abs(w_ref - w.numpy()).max() < 3 * 2 ** -bits * np.abs(w.numpy()).max()  # to the bits' precision
     a = np.random.default_rng(0).standard_normal((7, k)).astype(np.float32)
-    y = single_node_model(n, k, block, b, scales, zp).run(None, {"A": a})[0]
+    y = single_node_model(n, k, block, b, scales, zp, bits).run(None, {"A": a})[0]
     ref = a.astype(np.float64) @ w_ref.T
     # float32 accumulation over k terms: measured max rel. error ~2e-7 of the output norm
-    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
-
-
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("k", [256, 200])
-def test_8bit_matmulnbits_equals_numpy_dequantization(symmetric, k):
-    """8 bits (the lm_head's default): one byte per weight, one byte per zero point."""
-    torch.manual_seed(k)
-    n, block = 20, 32
-    w = torch.randn(n, k) * torch.linspace(0.1, 3, k)
-    qw = quantize(w, QuantScheme(8, block, symmetric))
-    b, scales, zp = pack_matmulnbits(qw)
-    kb = -(-k // block)
-    assert b.shape == (n, kb, block)
-    codes = b.reshape(n, -1).astype(np.int64)
-    zeros = np.full((n, kb), 128) if symmetric else zp.reshape(n, kb).astype(np.int64)
-    w_ref = ((codes.reshape(n, kb, block) - zeros[:, :, None]) * scales.reshape(n, kb)[:, :, None]).reshape(n, -1)[:, :k]
-    np.testing.assert_allclose(w_ref, qw.dequantize().numpy(), rtol=1e-6, atol=1e-6)
-    assert np.abs(w_ref - w.numpy()).max() < 3 * 2 ** -8 * np.abs(w.numpy()).max()  # 8-bit precision
-    a = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
-    y = single_node_model(n, k, block, b, scales, zp, bits=8).run(None, {"A": a})[0]
-    ref = a.astype(np.float64) @ w_ref.T
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
 
 
