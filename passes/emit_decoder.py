@@ -250,15 +250,21 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         delta = _mlp(g, h, p, linears, shape, accuracy_level)
     delta, residual = _keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
-    head = linears["lm_head"]
-    table = params["model.embed_tokens.weight"]
+    return _head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantize_embedding,
+                           accuracy_level, shape, "awq_graph_decoder")
+
+
+def _head_and_model(g: _Graph, h: str, head: LinearWeights, params, table_name: str, quantize_embedding,
+                    accuracy_level: int, shape: DecoderShape, graph_name: str) -> onnx.ModelProto:
+    """lm_head (reading the float embedding table ``table_name`` when tied to it) into the
+    ``logits`` output, then the model around the graph."""
+    table = params[table_name]
     tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
             and torch.equal(head.matrix, table))
-    _linear(g, h, head, "lm_head", accuracy_level, "model.embed_tokens.weight" if tied else None)
+    _linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
     g.nodes[-1].output[0] = "logits"  # the head's last node writes the graph output
-
-    inputs, outputs = _signature(shape, ftype)
-    graph = helper.make_graph(g.nodes, "awq_graph_decoder", inputs, outputs, g.initializers)
+    inputs, outputs = _signature(shape, g.float_type)
+    graph = helper.make_graph(g.nodes, graph_name, inputs, outputs, g.initializers)
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                           helper.make_opsetid("com.microsoft", 1)],
                                     producer_name="awq-graph")

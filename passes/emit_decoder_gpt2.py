@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
-from passes.emit_decoder import (DecoderShape, LinearWeights, _embedding, _Graph, _keep_last, _lengths, _linear,
-                                 _signature)
+from passes.emit_decoder import (DecoderShape, LinearWeights, _embedding, _Graph, _head_and_model, _keep_last,
+                                 _lengths, _linear)
 
 
 def gpt2_support(model) -> str | None:
@@ -70,18 +70,8 @@ def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str
         delta = _linear(g, act, linears[f"{p}.mlp.c_proj"], f"{p}.mlp.c_proj", accuracy_level)
     delta, residual = _keep_last(g, delta, residual)
     h, _ = _layer_norm(g, delta, residual, params, "transformer.ln_f", shape.eps)
-    head = linears["lm_head"]
-    table = params["transformer.wte.weight"]
-    tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
-            and torch.equal(head.matrix, table))
-    _linear(g, h, head, "lm_head", accuracy_level, "transformer.wte.weight" if tied else None)
-    g.nodes[-1].output[0] = "logits"
-    inputs, outputs = _signature(shape, ftype)
-    graph = helper.make_graph(g.nodes, "awq_graph_gpt2_decoder", inputs, outputs, g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="awq-graph")
-    proto.ir_version = 10
-    return proto
+    return _head_and_model(g, h, linears["lm_head"], params, "transformer.wte.weight", quantize_embedding,
+                           accuracy_level, shape, "awq_graph_gpt2_decoder")
 
 
 def _layer_norm(g: _Graph, delta, residual, params, name: str, eps: float):
