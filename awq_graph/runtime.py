@@ -148,16 +148,12 @@ class CompiledModel:
         when given, receives the finished ``Generation`` under "generation"."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         rng = np.random.default_rng(seed)
-        eos = getattr(self._tokenizer or self._maybe_tokenizer(), "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id
         new: list[int] = []
         shown = ""
         steps: list[float] = []
         t0 = time.perf_counter()
-        if self.has_kv_cache:
-            cache = self._new_cache(len(prompt_ids) + max_new_tokens)
-            logits = cache.step(np.asarray([prompt_ids], np.int64), last_only=True)[0, -1]
-        else:
-            logits = self.logits([prompt_ids])[0, -1].numpy()
+        logits, advance = self._decoding(prompt_ids, max_new_tokens)
         prefill_s = time.perf_counter() - t0
         for _ in range(max_new_tokens):
             token = _pick(np.asarray(logits, np.float32), temperature, top_k, rng)
@@ -171,10 +167,7 @@ class CompiledModel:
             if len(new) == max_new_tokens:
                 break
             t = time.perf_counter()
-            if self.has_kv_cache:
-                logits = cache.step(np.asarray([[token]], np.int64), last_only=True)[0, -1]
-            else:
-                logits = self.logits([prompt_ids + new])[0, -1].numpy()
+            logits = advance(token)
             steps.append(time.perf_counter() - t)
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         if len(text) > len(shown):
@@ -193,23 +186,30 @@ class CompiledModel:
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation as token ids (no tokenizer needed, no end-of-text stop)."""
         out: list[int] = []
-        if self.has_kv_cache:
-            cache = self._new_cache(len(prompt_ids) + max_new_tokens)
-            logits = cache.step(np.asarray([prompt_ids], np.int64), last_only=True)[0, -1]
-        else:
-            logits = self.logits([prompt_ids])[0, -1].numpy()
+        logits, advance = self._decoding(prompt_ids, max_new_tokens)
         for k in range(max_new_tokens):
             out.append(int(np.argmax(logits)))
             if k + 1 < max_new_tokens:
-                logits = (cache.step(np.asarray([[out[-1]]], np.int64), last_only=True)[0, -1] if self.has_kv_cache
-                          else self.logits([prompt_ids + out])[0, -1].numpy())
+                logits = advance(out[-1])
         return out
 
-    def _maybe_tokenizer(self):
-        try:
-            return self.tokenizer
-        except InputError:
-            return None
+    def _decoding(self, prompt_ids: list[int], max_new_tokens: int):
+        """(the prompt's last logits, advance): advance(token) -> the next logits. Against the
+        KV cache, or re-running the whole prefix on a logits-only model."""
+        if not self.has_kv_cache:
+            ids = list(prompt_ids)
+
+            def rerun(token: int) -> np.ndarray:
+                ids.append(token)
+                return self.logits([ids])[0, -1].numpy()
+
+            return self.logits([ids])[0, -1].numpy(), rerun
+        cache = self._new_cache(len(prompt_ids) + max_new_tokens)
+
+        def step(token: int) -> np.ndarray:
+            return cache.step(np.asarray([[token]], np.int64), last_only=True)[0, -1]
+
+        return cache.step(np.asarray([prompt_ids], np.int64), last_only=True)[0, -1], step
 
 
 class _KVCache:
@@ -282,15 +282,6 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:
         z = np.where(z >= cut, z, -np.inf)
     p = np.exp(z - z.max())
     return int(rng.choice(z.size, p=p / p.sum()))
-
-
-def onnx_logits(sess):
-    name = sess.get_inputs()[0].name
-
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {name: ids.numpy().astype(np.int64)})[0])
-
-    return run
 
 
 def torch_logits(model):
