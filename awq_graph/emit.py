@@ -36,7 +36,9 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
                accuracy_level: int = 0, act_dtype: str = "float32", kv_cache: bool = True,
                quantize_embedding: QuantScheme | None = None) -> Emitted:
     """Write the model to ``path``: the fused KV-cache decoder when it fits, else logits-only."""
-    reason = "--no-kv-cache" if not kv_cache else ("no HF model object" if model is None else decoder_support(model))
+    group_size = next((q.scheme.group_size for q in quantized.values()), None)
+    reason = ("--no-kv-cache" if not kv_cache else
+              "no HF model object" if model is None else decoder_support(model, group_size))
     if reason is None:
         linears = linear_weights(gm, quantized)
         builder = build_gpt2_decoder if model.config.model_type == "gpt2" else build_decoder
@@ -45,18 +47,23 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         save_decoder(proto, path)
         del proto
         deviation = check_decoder(path, gm, quantized, quantize_embedding, act_dtype)
-        # int8 activations (accuracy_level 4) and float16 round visibly; a wrong graph is off by O(1)
-        tolerance = 1e-3 if act_dtype == "float32" and accuracy_level == 0 else 5e-2
+        # int8 activations (accuracy_level 4; 8-bit QMoE experts at any level) and float16 round
+        # visibly; a wrong graph is off by O(1)
+        int8_experts = any(q.scheme.bits == 8 and gm.linears[n].experts for n, q in quantized.items())
+        exact = act_dtype == "float32" and accuracy_level == 0 and not int8_experts
+        tolerance = 1e-3 if exact else 5e-2
         if deviation <= tolerance:
             return Emitted("kv-decoder", len(quantized), [], deviation)
         for stale in path.parent.glob(path.name + "*"):
             stale.unlink()
-        warning = (f"the fused KV-cache decoder differs from the torch program (relative logit error "
-                   f"{deviation:.1e} > {tolerance:.0e}): wrote the logits-only graph instead; please report this model")
+        reason = (f"the fused KV-cache decoder differs from the torch program (relative logit error "
+                  f"{deviation:.1e} > {tolerance:.0e})")
+        warning = f"{reason}: wrote the logits-only graph instead; please report this model"
     else:
         warning = f"no KV-cache decoder for this model ({reason}): the ONNX graph is logits-only"
     if act_dtype != "float32":
         raise InputError(f"--act-dtype {act_dtype} needs the KV-cache decoder, and {reason}")
+    _refuse_untranslatable(gm, reason)
     onnx_model = export_float_onnx(gm)
     weight_param = {n: gm.linears[n].weight for n in quantized}
     count = rewrite_matmulnbits(onnx_model, quantized, weight_param, accuracy_level)
@@ -64,21 +71,26 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     return Emitted("logits-only", count, [] if reason == "--no-kv-cache" else [warning])
 
 
-def decoder_support(model) -> str | None:
+def decoder_support(model, group_size: int | None = None) -> str | None:
     """None when one of the KV-cache decoders fits ``model``; otherwise why none does."""
-    return gpt2_support(model) if model.config.model_type == "gpt2" else fused_support(model)
+    return gpt2_support(model) if model.config.model_type == "gpt2" else fused_support(model, group_size)
 
 
-def check_emittable(gm: GraphModel, model, kv_cache: bool = True) -> None:
+def check_emittable(gm: GraphModel, model, kv_cache: bool = True, group_size: int | None = None) -> None:
     """Fail before the search when the graph can be written by neither emitter: the fused
     decoder does not fit and the exported graph holds a custom op torch.onnx cannot translate."""
-    if kv_cache and model is not None and decoder_support(model) is None:
-        return
+    reason = ("--no-kv-cache" if not kv_cache else
+              "no HF model object" if model is None else decoder_support(model, group_size))
+    if reason is not None:
+        _refuse_untranslatable(gm, f"no KV-cache decoder: {reason}", "; nothing was quantized")
+
+
+def _refuse_untranslatable(gm: GraphModel, why_not_fused: str, tail: str = "") -> None:
     blockers = untranslatable_ops(gm)
     if blockers:
         op, module = next(iter(blockers.items()))
         raise ExportError(f"cannot write this model to ONNX: no ONNX translation for the op {op} "
-                          f"(used in '{module}'); nothing was quantized")
+                          f"(used in '{module}'), and {why_not_fused}{tail}")
 
 
 def untranslatable_ops(gm: GraphModel) -> dict[str, str]:

@@ -47,13 +47,17 @@ class LinearSite:
     experts: int = 0  # E for a bank of experts, else 0
 
     def matrix(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weight as (out, in), or (E, out, in) for experts; a view, so in-place edits reach
-        the parameter."""
+        """The weight as (out, in); a bank of experts as its (E * out, in) rows, expert by
+        expert. A view, so in-place edits reach the parameter."""
         w = params[self.weight]
+        if self.experts:
+            return w.view(self.experts * self.out_features, self.in_features)
         return w.T if self.transposed else w
 
     def stored(self, matrix: torch.Tensor) -> torch.Tensor:
-        """An (out, in) matrix in the parameter's own layout."""
+        """A ``matrix``-shaped tensor in the parameter's own layout."""
+        if self.experts:
+            return matrix.reshape(self.experts, self.out_features, self.in_features)
         return matrix.T.contiguous() if self.transposed else matrix
 
 

@@ -174,16 +174,25 @@ def awq_candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: floa
 
 
 def quadratic_output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of ||x dW^T||^2 = tr(dW H dW^T), H = X^T X: (out, in), (in, in) -> scalar."""
+    """sum over tokens of ||x dW^T||^2 = tr(dW H dW^T), H = X^T X: (out, in), (in, in) -> scalar.
+
+    A bank of E experts: dW (E * out, in) expert by expert and H (E, in, in), each expert's
+    rows against the tokens routed to it."""
+    if gram.dim() == 3:
+        dwe = dw.reshape(gram.shape[0], -1, dw.shape[1])
+        return (torch.bmm(dwe, gram) * dwe).sum()
     return ((dw @ gram) * dw).sum()
 
 
 def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per (row, group) output error dW_g H_gg dW_g^T, ignoring cross-group terms.
 
-    (out, in), (in, in) -> (out, G). This is the clipping objective: every group's range is
+    (out, in), (in, in) -> (out, G); (E * out, in), (E, in, in) -> (E * out, G) for experts. This is the clipping objective: every group's range is
     chosen on its own, as AWQ's clip search does, but on all calibration tokens through H.
     """
+    if gram.dim() == 3:  # a bank of experts, as in quadratic_output_error
+        parts = dw.reshape(gram.shape[0], -1, dw.shape[1])
+        return torch.cat([blockwise_quadratic_error(d, h, group_size) for d, h in zip(parts, gram)])
     out_f, in_f = dw.shape
     g = n_groups(in_f, group_size)
     pad = g * group_size - in_f

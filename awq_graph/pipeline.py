@@ -85,7 +85,7 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
     lap("load")
 
     gm = export_model(model)  # before calibration: a model we cannot export or emit fails in seconds
-    check_emittable(gm, model, kv_cache)
+    check_emittable(gm, model, kv_cache, qscheme.group_size)
     lap("export")
 
     calib_ids = None

@@ -84,11 +84,13 @@ class SearchResult:
 
 
 def quantizable_linears(gm: GraphModel) -> list[str]:
-    """Linears of the decoder layers with a private weight (lm_head and tied weights stay float;
-    MoE expert banks are not quantized yet)."""
+    """Linears of the decoder layers with a private weight, MoE expert banks included. The
+    lm_head, tied weights and MoE routers (their output picks the experts: a rounding error
+    there sends tokens elsewhere) stay float."""
     prefix, _ = decoder_layers(gm)
     return [n for n, site in gm.linears.items()
-            if n.startswith(prefix + ".") and len(real_users(site.weight_node)) == 1 and not site.experts]
+            if n.startswith(prefix + ".") and len(real_users(site.weight_node)) == 1
+            and not _routes_tokens(site.node)]
 
 
 def output_head(gm: GraphModel) -> str | None:
@@ -154,8 +156,9 @@ class _Stages:
                         self.keep_after[k].add(a)
 
 
-def _feeds_attention_scores(site_node: fx.Node, depth: int = 16) -> bool:
-    """True when the linear's output reaches softmax or the q/k operand of attention."""
+def _reaches(site_node: fx.Node, hit, depth: int = 16) -> bool:
+    """True when the linear's output reaches a node ``hit(node, operand)`` accepts before the
+    next linear."""
     frontier, seen = [site_node], set()
     for _ in range(depth):
         nxt = []
@@ -164,30 +167,47 @@ def _feeds_attention_scores(site_node: fx.Node, depth: int = 16) -> bool:
                 if user in seen:
                     continue
                 seen.add(user)
-                t = user.target
-                if t is aten.scaled_dot_product_attention.default and node in user.args[:2]:
+                if hit(user, node):
                     return True
-                if t in (aten._softmax.default, aten.softmax.int):
-                    return True
-                if t in (aten.linear.default, aten.addmm.default):
+                if user.target in (aten.linear.default, aten.addmm.default):
                     continue
                 nxt.append(user)
         frontier = nxt
     return False
 
 
-class _Stat:
-    """Per input node: sum |x| per channel, H = X^T X, token count."""
+def _feeds_attention_scores(site_node: fx.Node) -> bool:
+    """True when the linear's output reaches softmax or the q/k operand of attention."""
+    return _reaches(site_node, lambda user, operand: user.target in (aten._softmax.default, aten.softmax.int) or (
+        user.target is aten.scaled_dot_product_attention.default and operand in user.args[:2]))
 
-    def __init__(self, channels: int):
+
+def _routes_tokens(site_node: fx.Node) -> bool:
+    """True for an MoE router: its output reaches the top-k that picks the experts."""
+    return _reaches(site_node, lambda user, operand: user.target is aten.topk.default, depth=8)
+
+
+class _Stat:
+    """Per input node: sum |x| per channel, H = X^T X, token count. The input of a bank of E
+    experts (rows sorted by expert, ``offsets`` the cumulative row counts) gets one H per
+    expert, (E, C, C), from the rows routed to it."""
+
+    def __init__(self, channels: int, experts: int = 0):
         self.abs_sum = torch.zeros(channels, dtype=torch.float64)
-        self.gram = torch.zeros(channels, channels, dtype=torch.float64)
+        shape = (experts, channels, channels) if experts else (channels, channels)
+        self.gram = torch.zeros(shape, dtype=torch.float64)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, C)
+        if self.gram.dim() == 3:
+            ends = offsets.tolist()
+            x2 = x2[:ends[-1]]  # rows past the last offset are routed nowhere
+            for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
+                self.gram[e] += (x2[start:end].T @ x2[start:end]).double()
+        else:
+            self.gram += (x2.T @ x2).double()
         self.abs_sum += x2.abs().sum(0).double()
-        self.gram += (x2.T @ x2).double()
         self.tokens += x2.shape[0]
 
     @property
@@ -244,7 +264,9 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
     input_nodes = {gm.linears[n].input for n in linears}
     for g in groups:
         input_nodes.add(gm.linears[g.inp].input)
-    stats = {node: _Stat(node.meta["val"].shape[-1]) for node in input_nodes}
+    banks = {gm.linears[n].input: gm.linears[n] for n in linears if gm.linears[n].experts}
+    stats = {node: _Stat(node.meta["val"].shape[-1], banks[node].experts if node in banks else 0)
+             for node in input_nodes}
     # module2inspect subgraphs that are not a single linear: run on chunk 0
     inspect = {}
     for g in groups:
@@ -252,7 +274,8 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
             sub = [n for n in nodes if in_module(n, g.module2inspect)]
             subset = set(sub)
             ext = {a for n in sub for a in n.all_input_nodes if a not in subset}
-            outs = [n for n in sub if any(u not in subset for u in n.users)]
+            outs = [n for n in sub if any(u not in subset for u in n.users)  # its tensors (not sizes)
+                    and isinstance(n.meta.get("val"), torch.Tensor)]
             inspect[g.module2inspect] = (sub, ext, outs)
     saved = {}
     params_env = gm.param_env()
@@ -261,7 +284,7 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
         env = {**params_env, **stores[c], input_node: ids}
         run_nodes(nodes, env)
         for node, st in stats.items():
-            st.add(env[node])
+            st.add(env[node], env[banks[node].node.args[2]] if node in banks else None)
         if c == 0:
             for name, (sub, ext, outs) in inspect.items():
                 saved[name] = ({a: env[a] for a in ext}, [env[o].clone() for o in outs])
@@ -271,7 +294,7 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
     col_scale = {n: None for n in linears}
     folds = []
     for g in groups:
-        s, report = _search_group(gm, li, g, stats, inspect, saved, opts)
+        s, report = _search_group(gm, li, g, stats, inspect, saved, opts, set(linears))
         result.groups.append(report)
         if s is not None:
             folds.append((g, s))
@@ -289,18 +312,22 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
         if col_scale[name] is not None:  # the input is now x / s: H -> diag(1/s) H diag(1/s)
             inv = 1.0 / col_scale[name]
             gram = gram * inv[:, None] * inv[None, :]
-        shrink, report = _clip_search(name, w, gram, stat.tokens, opts, site.node)
+        shrink, report = _clip_search(name, w, gram, stat.tokens * site.out_features, opts, site.node)
         if report is not None:
             result.clips.append(report)
         result.quantized[name] = quantize(w, scheme, shrink)
 
 
-def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
+def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str]):
+    """The best scale for group ``g`` (None: the identity); only the layers in ``quantized``
+    are rounded in the loss (an MoE router in the group is scaled but stays float)."""
     scheme = opts.scheme
     inp_stat = stats[gm.linears[g.inp].input]
     inp_map = torch.tensor(g.channel_map(g.inp))
     x_mean = _scatter_mean(inp_stat.x_mean, inp_map, g.channels)
-    weights = {name: gm.linears[name].matrix(gm.params).detach().float() for name in g.layers}
+    weights = {name: gm.linears[name].matrix(gm.params).detach().float() for name in g.layers if name in quantized}
+    if not weights:
+        return None, GroupReport(li, g.prev_op, list(g.layers), None, 0.0, 0.0)
     maps = {name: torch.tensor(g.channel_map(name)) for name in g.layers}
     rows = sum(w.shape[0] for w in weights.values())
     w_mean = sum(_scatter_mean(weight_magnitude(w, scheme.group_size), maps[n], g.channels) * w.shape[0]
@@ -310,7 +337,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
     if linear_inspect:
         name = g.layers[0]
         gram = stats[gm.linears[name].input].gram.float()
-        numel = stats[gm.linears[name].input].tokens * weights[name].shape[0]
+        numel = stats[gm.linears[name].input].tokens * gm.linears[name].out_features
 
         def loss_of(s):
             sc = s[maps[name]]
@@ -320,7 +347,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
     else:
         sub, ext, outs = inspect[g.module2inspect]
         ext_values, refs = saved[g.module2inspect]
-        placeholders = {name: gm.linears[name].weight_node for name in g.layers}
+        placeholders = {name: gm.linears[name].weight_node for name in weights}
         numel = sum(r.numel() for r in refs)
 
         def loss_of(s):
@@ -347,7 +374,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts):
     return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss)
 
 
-def _clip_search(name, w, gram, tokens, opts, node):
+def _clip_search(name, w, gram, numel, opts, node):
     """Per (row, group) range shrink minimizing dW_g H_gg dW_g^T.
 
     Three sweeps over r = 1, 0.95, ..., 1 - max_shrink: both ends together (AWQ's search),
@@ -357,7 +384,7 @@ def _clip_search(name, w, gram, tokens, opts, node):
     scheme = opts.scheme
     if not opts.clip:
         return 1.0, None
-    numel = max(tokens, 1) * w.shape[0]
+    numel = max(numel, 1)
     if _feeds_attention_scores(node):
         base = blockwise_quadratic_error(fake_quantize(w, scheme) - w, gram, scheme.group_size)
         loss = float(base.sum()) / numel

@@ -1,4 +1,5 @@
-"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, phi3).
+"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, phi3,
+mixtral).
 
 One file serves prefill and decode:
 
@@ -15,6 +16,7 @@ Per decoder layer (every linear a MatMulNBits when quantized, a MatMul otherwise
     GroupQueryAttention                causal attention over past + new keys; returns present
     o                                  then the next SkipSimplifiedLayerNormalization
     gate, up -> act(gate) * up -> down  (SiLU; GELU-tanh for gemma)
+    MoE (mixtral): router MatMul, then  QMoE over the int4 expert banks (top-k, SwiGLU)
 
 The embedding is a Gather over the float table, or GatherBlockQuantized over an int4 copy of
 it. The graph is written from the model's config and its (folded) parameters; ``fused_support``
@@ -22,6 +24,7 @@ says which models it fits, and the pipeline checks the result against the torch 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +34,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")  # RMSNorm, rotary GQA, gated MLP
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral")  # RMSNorm, rotary GQA, gated MLP
 # qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
 # by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); phi3 fuses q|k|v
-# and gate|up into single linears
+# and gate|up into single linears; mixtral's MLP is a router and top-k of E gated experts (QMoE)
+MOE = ("mixtral",)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
@@ -54,6 +58,7 @@ class DecoderShape:
     activation: str = "silu"  # of the gate: silu, gelu_tanh, gelu
     norm_offset: float = 0.0  # gemma's norms multiply by (offset + w)
     embed_scale: float | None = None  # gemma multiplies the looked-up rows by sqrt(hidden)
+    experts_per_token: int = 0  # MoE: top-k of the router (0: a dense MLP)
 
     @property
     def q_size(self) -> int:
@@ -64,8 +69,9 @@ class DecoderShape:
         return self.kv_heads * self.head_dim
 
 
-def fused_support(model) -> str | None:
-    """None when the fused decoder fits ``model``; otherwise the reason it does not."""
+def fused_support(model, group_size: int | None = None) -> str | None:
+    """None when the fused decoder fits ``model`` (quantized in groups of ``group_size``);
+    otherwise the reason it does not."""
     cfg = model.config
     if cfg.model_type not in FAMILY:
         return f"model type '{cfg.model_type}' has no fused decoder (have: {', '.join(FAMILY)})"
@@ -80,6 +86,16 @@ def fused_support(model) -> str | None:
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") in ("dynamic", "longrope"):
         return f"rope type '{rope['rope_type']}' (positions would change the cos/sin tables)"
+    if cfg.model_type in MOE:
+        if _activation(cfg) != "silu":
+            return f"experts gated by '{_activation(cfg)}' (onnxruntime's QMoE gates with SiLU)"
+        sizes = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size}
+        for key, size in sizes.items():
+            if group_size and size % group_size:
+                fits = math.gcd(cfg.hidden_size, cfg.intermediate_size, group_size)
+                hint = f", e.g. {fits}" if fits >= 16 else ""
+                return (f"{key} {size} is not a multiple of the group size {group_size} (onnxruntime's QMoE "
+                        f"quantizes experts in whole blocks; choose a group size that divides both sizes{hint})")
     return None
 
 
@@ -93,7 +109,7 @@ def decoder_shape(model) -> DecoderShape:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     cos, _ = _rotary_tables(model, 1)
     window = -1
-    uses_window = cfg.model_type in ("mistral", "phi3") or getattr(cfg, "use_sliding_window", False)
+    uses_window = cfg.model_type in ("mistral", "phi3", "mixtral") or getattr(cfg, "use_sliding_window", False)
     if uses_window and getattr(cfg, "sliding_window", None):
         window = int(cfg.sliding_window)
     return DecoderShape(
@@ -103,7 +119,8 @@ def decoder_shape(model) -> DecoderShape:
         max_positions=int(cfg.max_position_embeddings), window=window,
         activation=ACTIVATIONS[_activation(cfg)], norm_offset=1.0 if cfg.model_type == "gemma" else 0.0,
         embed_scale=float(model.model.embed_tokens.embed_scale) if hasattr(model.model.embed_tokens, "embed_scale")
-        else None)
+        else None,
+        experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0)
 
 
 def _rotary_tables(model, positions: int):
@@ -247,7 +264,7 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
         h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.post_attention_layernorm.weight"),
                             f"{p}.post_attention_layernorm", shape.eps)
-        delta = _mlp(g, h, p, linears, shape, accuracy_level)
+        delta = (_moe if shape.experts_per_token else _mlp)(g, h, p, linears, shape, accuracy_level)
     delta, residual = _keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
     return _head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantize_embedding,
@@ -354,6 +371,45 @@ def _mlp(g: _Graph, h: str, p: str, linears, shape: DecoderShape, accuracy_level
     act = _activate(g, gate, shape.activation, f"{p}.mlp.act_fn")
     return _linear(g, g.op("Mul", [act, up], f"{p}.mlp/Mul"), linears[f"{p}.mlp.down_proj"],
                    f"{p}.mlp.down_proj", accuracy_level)
+
+
+def _moe(g: _Graph, h: str, p: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+    """The router (float) picks ``experts_per_token`` of E experts per token; QMoE runs
+    down(silu(gate(h)) * up(h)) of each over its int4 bank and sums them weighted by the
+    renormalized softmax of the picked router logits."""
+    router = _linear(g, h, linears[f"{p}.mlp.gate"], f"{p}.mlp.gate", accuracy_level)
+    experts = _rows(linears[f"{p}.mlp.gate"])
+    logits = g.op("Reshape", [router, g.const(f"{p}.mlp.router_shape", np.array([-1, experts], np.int64))],
+                  f"{p}.mlp.gate/Reshape")  # (tokens, E)
+    gate_up, down = linears[f"{p}.mlp.experts.gate_up_proj"], linears[f"{p}.mlp.experts.down_proj"]
+    if gate_up.quantized is None or down.quantized is None:
+        raise ValueError(f"{p}.mlp.experts: the fused decoder writes quantized experts only")
+    rows = gate_up.quantized.q.shape[0] // experts  # 2 * intermediate per expert: gate rows, then up rows
+    # QMoE reads gate and up interleaved: row 2j is gate j, row 2j + 1 is up j
+    per_expert = torch.stack([torch.arange(rows // 2), torch.arange(rows // 2) + rows // 2], 1).reshape(-1)
+    order = (torch.arange(experts)[:, None] * rows + per_expert).reshape(-1)
+    fc1 = _expert_bank(g, _take_rows(gate_up.quantized, order), experts, f"{p}.mlp.experts.gate_up_proj")
+    fc2 = _expert_bank(g, down.quantized, experts, f"{p}.mlp.experts.down_proj")
+    scheme = gate_up.quantized.scheme
+    return g.op("QMoE", [h, logits, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2]],
+                f"{p}.mlp/QMoE", domain="com.microsoft", k=shape.experts_per_token, activation_type="swiglu",
+                swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
+                expert_weight_bits=scheme.bits, block_size=scheme.group_size, accuracy_level=accuracy_level)
+
+
+def _take_rows(qw: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
+    return QuantizedWeight(qw.q[order], qw.scale[order], qw.zero[order], qw.scheme)
+
+
+def _expert_bank(g: _Graph, qw: QuantizedWeight, experts: int, name: str):
+    """QMoE's (weights, scales, zero points) of a bank whose (E * out, in) rows go expert by
+    expert: MatMulNBits' packing, one (out, ...) slab per expert."""
+    packed, scales, zeros = pack_matmulnbits(qw)
+    out = qw.q.shape[0] // experts
+    weights = g.const(f"{name}.qweight", packed.reshape(experts, out, -1))
+    scale = g.const(f"{name}.scales", scales.reshape(experts, out, -1).astype(g.np_float))
+    zero = g.const(f"{name}.qzeros", zeros.reshape(experts, out, -1)) if zeros is not None else None
+    return weights, scale, zero
 
 
 def _norm(g: _Graph, delta, residual, x, weight, name: str, eps: float):

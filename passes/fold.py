@@ -35,6 +35,6 @@ def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
             shape = (1, -1, 1) if p.dim() == 3 else (-1,) + (1,) * (p.dim() - 1)  # 3-D: a bank of experts
             p.copy_((p.float() / s.reshape(shape)).to(p.dtype))
     for layer, cmap in zip(group.layers, group.channel_maps):
-        w = sites[layer].matrix(params)  # (out, in) view; (E, out, in) for experts
+        w = sites[layer].matrix(params)  # (out, in) view; (E * out, in) for experts
         col = s[torch.tensor(cmap)]
         w.copy_((w.float() * col).to(w.dtype))
