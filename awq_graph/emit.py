@@ -46,7 +46,12 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
                         accuracy_level=accuracy_level, act_dtype=act_dtype)
         save_decoder(proto, path)
         del proto
-        deviation = check_decoder(path, gm, quantized, quantize_embedding, act_dtype)
+        try:
+            deviation = check_decoder(path, gm, quantized, quantize_embedding, act_dtype)
+        except Exception as exc:  # onnxruntime refused the graph: our bug, and the logits-only graph may still do
+            deviation, failure = float("inf"), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        else:
+            failure = None
         # int8 activations (accuracy_level 4; 8-bit QMoE experts at any level) and float16 round
         # visibly; a wrong graph is off by O(1)
         int8_experts = any(q.scheme.bits == 8 and gm.linears[n].experts for n, q in quantized.items())
@@ -56,7 +61,8 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
             return Emitted("kv-decoder", len(quantized), [], deviation)
         for stale in path.parent.glob(path.name + "*"):
             stale.unlink()
-        reason = (f"the fused KV-cache decoder differs from the torch program (relative logit error "
+        reason = (f"the fused KV-cache decoder failed in onnxruntime ({failure})" if failure else
+                  f"the fused KV-cache decoder differs from the torch program (relative logit error "
                   f"{deviation:.1e} > {tolerance:.0e})")
         warning = f"{reason}: wrote the logits-only graph instead; please report this model"
     else:

@@ -56,8 +56,9 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   shared_expert_intermediate_size=64, sliding_window=16, n_positions=512)
 
 
-def tiny_random_model(model_type: str, seed: int = 0):
-    """A shrunk random model of a transformers architecture, built offline from its config.
+def tiny_random_model(model_type: str, seed: int = 0, **overrides):
+    """A shrunk random model of a transformers architecture, built offline from its config
+    (``overrides``: config fields to set besides the shrinking).
 
     One-dimensional parameters (norm weights, biases) get noise, so that a wrong fold of a
     scale into them shows in the logits.
@@ -76,7 +77,7 @@ def tiny_random_model(model_type: str, seed: int = 0):
         if isinstance(value, int) and value >= TINY_SHAPE["vocab_size"]:
             shape[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
     try:
-        config = AutoConfig.for_model(model_type, **shape)
+        config = AutoConfig.for_model(model_type, **{**shape, **overrides})
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:

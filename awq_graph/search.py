@@ -16,6 +16,9 @@ Then per linear, a clipping search: each group's range [min, max] shrinks by r i
 dW_g H_gg dW_g^T on the scaled input. Linears whose output becomes attention scores
 (q/k: they feed softmax through RoPE) keep their full range, as in AWQ.
 
+A bank of MoE experts (E, out, in) is searched as its (E * out, in) rows, with one H per
+expert from the rows routed to it; routers stay float.
+
 The next layer's calibration input is this layer's float output; folding leaves the float
 function unchanged, so the capture pass already computed it.
 """

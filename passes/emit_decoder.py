@@ -1,5 +1,5 @@
 """Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, phi3,
-mixtral).
+and the MoE models mixtral, qwen2_moe, qwen3_moe).
 
 One file serves prefill and decode:
 
@@ -16,7 +16,8 @@ Per decoder layer (every linear a MatMulNBits when quantized, a MatMul otherwise
     GroupQueryAttention                causal attention over past + new keys; returns present
     o                                  then the next SkipSimplifiedLayerNormalization
     gate, up -> act(gate) * up -> down  (SiLU; GELU-tanh for gemma)
-    MoE (mixtral): router MatMul, then  QMoE over the int4 expert banks (top-k, SwiGLU)
+    MoE: router MatMul, then QMoE      over the int4 expert banks (top-k, SwiGLU); qwen2_moe adds
+                                       sigmoid(shared_expert_gate) * its shared expert's MLP
 
 The embedding is a Gather over the float table, or GatherBlockQuantized over an int4 copy of
 it. The graph is written from the model's config and its (folded) parameters; ``fused_support``
@@ -34,11 +35,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral")  # RMSNorm, rotary GQA, gated MLP
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")  # RMSNorm, rotary GQA, gated MLP
 # qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
 # by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); phi3 fuses q|k|v
-# and gate|up into single linears; mixtral's MLP is a router and top-k of E gated experts (QMoE)
-MOE = ("mixtral",)
+# and gate|up into single linears; mixtral's MLP is a router and top-k of E gated experts (QMoE),
+# qwen2_moe's and qwen3_moe's too (qwen2_moe adds a gated shared expert; some layers may keep a
+# dense MLP)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
@@ -59,6 +62,7 @@ class DecoderShape:
     norm_offset: float = 0.0  # gemma's norms multiply by (offset + w)
     embed_scale: float | None = None  # gemma multiplies the looked-up rows by sqrt(hidden)
     experts_per_token: int = 0  # MoE: top-k of the router (0: a dense MLP)
+    renormalize: bool = True  # MoE: the picked experts' softmax weights are rescaled to sum to 1
 
     @property
     def q_size(self) -> int:
@@ -89,10 +93,11 @@ def fused_support(model, group_size: int | None = None) -> str | None:
     if cfg.model_type in MOE:
         if _activation(cfg) != "silu":
             return f"experts gated by '{_activation(cfg)}' (onnxruntime's QMoE gates with SiLU)"
-        sizes = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size}
+        inter_key = "moe_intermediate_size" if hasattr(cfg, "moe_intermediate_size") else "intermediate_size"
+        sizes = {"hidden_size": cfg.hidden_size, inter_key: getattr(cfg, inter_key)}
         for key, size in sizes.items():
             if group_size and size % group_size:
-                fits = math.gcd(cfg.hidden_size, cfg.intermediate_size, group_size)
+                fits = math.gcd(*sizes.values(), group_size)
                 hint = f", e.g. {fits}" if fits >= 16 else ""
                 return (f"{key} {size} is not a multiple of the group size {group_size} (onnxruntime's QMoE "
                         f"quantizes experts in whole blocks; choose a group size that divides both sizes{hint})")
@@ -120,7 +125,8 @@ def decoder_shape(model) -> DecoderShape:
         activation=ACTIVATIONS[_activation(cfg)], norm_offset=1.0 if cfg.model_type == "gemma" else 0.0,
         embed_scale=float(model.model.embed_tokens.embed_scale) if hasattr(model.model.embed_tokens, "embed_scale")
         else None,
-        experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0)
+        experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0,
+        renormalize=bool(getattr(cfg, "norm_topk_prob", True)))
 
 
 def _rotary_tables(model, positions: int):
@@ -264,7 +270,8 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
         h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.post_attention_layernorm.weight"),
                             f"{p}.post_attention_layernorm", shape.eps)
-        delta = (_moe if shape.experts_per_token else _mlp)(g, h, p, linears, shape, accuracy_level)
+        delta = (_moe if f"{p}.mlp.experts.gate_up_proj" in linears else _mlp)(g, h, f"{p}.mlp", linears, shape,
+                                                                               accuracy_level)
     delta, residual = _keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
     return _head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantize_embedding,
@@ -358,43 +365,55 @@ def _attention(g: _Graph, h: str, i: int, p: str, params, linears, shape: Decode
     return attn_out
 
 
-def _mlp(g: _Graph, h: str, p: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+def _mlp(g: _Graph, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
     """down(act(gate(h)) * up(h)); phi3's gate|up is one linear, split in halves."""
-    if f"{p}.mlp.gate_up_proj" in linears:  # phi3: gate and up as the two halves of one linear
-        gate_up = linears[f"{p}.mlp.gate_up_proj"]
+    if f"{m}.gate_up_proj" in linears:  # phi3: gate and up as the two halves of one linear
+        gate_up = linears[f"{m}.gate_up_proj"]
         half = np.array([_rows(gate_up) // 2] * 2, np.int64)
-        gate, up = g.op("Split", [_linear(g, h, gate_up, f"{p}.mlp.gate_up_proj", accuracy_level),
-                                  g.const(f"{p}.mlp.split", half)], f"{p}.mlp/Split", outputs=2, axis=-1)
+        gate, up = g.op("Split", [_linear(g, h, gate_up, f"{m}.gate_up_proj", accuracy_level),
+                                  g.const(f"{m}.split", half)], f"{m}/Split", outputs=2, axis=-1)
     else:
-        gate = _linear(g, h, linears[f"{p}.mlp.gate_proj"], f"{p}.mlp.gate_proj", accuracy_level)
-        up = _linear(g, h, linears[f"{p}.mlp.up_proj"], f"{p}.mlp.up_proj", accuracy_level)
-    act = _activate(g, gate, shape.activation, f"{p}.mlp.act_fn")
-    return _linear(g, g.op("Mul", [act, up], f"{p}.mlp/Mul"), linears[f"{p}.mlp.down_proj"],
-                   f"{p}.mlp.down_proj", accuracy_level)
+        gate = _linear(g, h, linears[f"{m}.gate_proj"], f"{m}.gate_proj", accuracy_level)
+        up = _linear(g, h, linears[f"{m}.up_proj"], f"{m}.up_proj", accuracy_level)
+    act = _activate(g, gate, shape.activation, f"{m}.act_fn")
+    return _linear(g, g.op("Mul", [act, up], f"{m}/Mul"), linears[f"{m}.down_proj"],
+                   f"{m}.down_proj", accuracy_level)
 
 
-def _moe(g: _Graph, h: str, p: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+def _moe(g: _Graph, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
     """The router (float) picks ``experts_per_token`` of E experts per token; QMoE runs
     down(silu(gate(h)) * up(h)) of each over its int4 bank and sums them weighted by the
-    renormalized softmax of the picked router logits."""
-    router = _linear(g, h, linears[f"{p}.mlp.gate"], f"{p}.mlp.gate", accuracy_level)
-    experts = _rows(linears[f"{p}.mlp.gate"])
-    logits = g.op("Reshape", [router, g.const(f"{p}.mlp.router_shape", np.array([-1, experts], np.int64))],
-                  f"{p}.mlp.gate/Reshape")  # (tokens, E)
-    gate_up, down = linears[f"{p}.mlp.experts.gate_up_proj"], linears[f"{p}.mlp.experts.down_proj"]
+    softmax of the router logits at the picked experts, renormalized over them (QMoE's own
+    weighting) or not (the full softmax passed in as router_weights). A shared expert
+    (qwen2_moe) is added, gated."""
+    router = _linear(g, h, linears[f"{m}.gate"], f"{m}.gate", accuracy_level)
+    experts = _rows(linears[f"{m}.gate"])
+    logits = g.op("Reshape", [router, g.const(f"{m}.router_shape", np.array([-1, experts], np.int64))],
+                  f"{m}.gate/Reshape")  # (tokens, E)
+    gate_up, down = linears[f"{m}.experts.gate_up_proj"], linears[f"{m}.experts.down_proj"]
     if gate_up.quantized is None or down.quantized is None:
-        raise ValueError(f"{p}.mlp.experts: the fused decoder writes quantized experts only")
+        raise ValueError(f"{m}.experts: the fused decoder writes quantized experts only")
     rows = gate_up.quantized.q.shape[0] // experts  # 2 * intermediate per expert: gate rows, then up rows
     # QMoE reads gate and up interleaved: row 2j is gate j, row 2j + 1 is up j
     per_expert = torch.stack([torch.arange(rows // 2), torch.arange(rows // 2) + rows // 2], 1).reshape(-1)
     order = (torch.arange(experts)[:, None] * rows + per_expert).reshape(-1)
-    fc1 = _expert_bank(g, _take_rows(gate_up.quantized, order), experts, f"{p}.mlp.experts.gate_up_proj")
-    fc2 = _expert_bank(g, down.quantized, experts, f"{p}.mlp.experts.down_proj")
+    fc1 = _expert_bank(g, _take_rows(gate_up.quantized, order), experts, f"{m}.experts.gate_up_proj")
+    fc2 = _expert_bank(g, down.quantized, experts, f"{m}.experts.down_proj")
     scheme = gate_up.quantized.scheme
-    return g.op("QMoE", [h, logits, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2]],
-                f"{p}.mlp/QMoE", domain="com.microsoft", k=shape.experts_per_token, activation_type="swiglu",
-                swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
+    inputs = [h, logits, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2]]
+    if not shape.renormalize:
+        inputs += [None, g.op("Softmax", [logits], f"{m}.gate/Softmax", axis=-1)]
+    routed = g.op("QMoE", inputs,
+                f"{m}/QMoE", domain="com.microsoft", k=shape.experts_per_token, activation_type="swiglu",
+                swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(shape.renormalize),
                 expert_weight_bits=scheme.bits, block_size=scheme.group_size, accuracy_level=accuracy_level)
+    if f"{m}.shared_expert.down_proj" not in linears:
+        return routed
+    # qwen2_moe: a dense expert every token takes, weighted by sigmoid(shared_expert_gate(h))
+    shared = _mlp(g, h, f"{m}.shared_expert", linears, shape, accuracy_level)
+    weight = g.op("Sigmoid", [_linear(g, h, linears[f"{m}.shared_expert_gate"], f"{m}.shared_expert_gate",
+                                      accuracy_level)], f"{m}.shared_expert_gate/Sigmoid")
+    return g.op("Add", [routed, g.op("Mul", [weight, shared], f"{m}.shared_expert_gate/Mul")], f"{m}/Add")
 
 
 def _take_rows(qw: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:

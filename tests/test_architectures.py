@@ -35,6 +35,14 @@ EXPECTED = {
                 # weight banks (E, out, in) behind a token gather and grouped_mm
                 ("post_attention_layernorm", "mlp.gate,mlp.experts.gate_up_proj"),
                 ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")],
+    "qwen3_moe": "mixtral",
+    "qwen2_moe": [("input_layernorm", "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"),
+                  ("self_attn.v_proj", "self_attn.o_proj"),
+                  # a shared expert and its sigmoid gate read the normed tensor beside the router
+                  ("post_attention_layernorm", "mlp.shared_expert.gate_proj,mlp.shared_expert.up_proj,mlp.gate,"
+                                               "mlp.experts.gate_up_proj,mlp.shared_expert_gate"),
+                  ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
+                  ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")],
 }
 
 

@@ -127,6 +127,16 @@ def test_a_decoder_that_differs_from_torch_is_replaced_by_the_logits_only_graph(
     assert not CompiledModel(tmp_path / "model.onnx").has_kv_cache
 
 
+def test_a_decoder_onnxruntime_refuses_is_replaced_by_the_logits_only_graph(tmp_path, monkeypatch):
+    import passes.emit_decoder as emit_decoder
+
+    monkeypatch.setattr(emit_decoder, "_activate", lambda g, x, activation, name: g.op("NoSuchOp", [x], name))
+    model = tiny_model()
+    emitted = write_onnx(export_model(model), {}, tmp_path / "model.onnx", model=model)
+    assert emitted.kind == "logits-only"
+    assert "the fused KV-cache decoder failed in onnxruntime (" in emitted.warnings[0]
+
+
 @pytest.fixture(scope="module")
 def compiled_tiny(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "out"

@@ -15,7 +15,8 @@ from awq_graph.verify import verify_groups
 from passes.channel_flow import example_values
 from passes.check_config import derive_groups
 
-DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral"]
+DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
+           "qwen2_moe", "qwen3_moe"]
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
 
 def _graph(model, gm) -> str:
     if decoder_support(model) is None:
-        return "KV-cache decoder"
+        return "KV-cache decoder" + (", experts in QMoE" if any(s.experts for s in gm.linears.values()) else "")
     blockers = untranslatable_ops(gm)
     if blockers:
         return f"none: no ONNX translation for {next(iter(blockers))}"
