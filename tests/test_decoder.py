@@ -65,8 +65,9 @@ def test_position_ids_reach_the_rotary_embedding(tmp_path):
     assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max()
 
 
-def test_int4_greedy_tokens_equal_the_fake_quant_torch_greedy_tokens(tmp_path):
-    model = tiny_model()
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])  # mixtral: experts in QMoE, routing included
+def test_int4_greedy_tokens_equal_the_fake_quant_torch_greedy_tokens(model_type, tmp_path):
+    model = tiny_model() if model_type == "llama" else tiny_random_model(model_type)
     gm = export_model(model)
     _, per_layer, _ = derive_groups(gm)
     calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
