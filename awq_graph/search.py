@@ -99,7 +99,11 @@ def quantizable_linears(gm: GraphModel) -> list[str]:
 def output_head(gm: GraphModel) -> str | None:
     """The linear that writes the logits (``lm_head``), found from the graph output."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
-    while out.op == "call_function" and out.target in (aten.to.dtype, aten._to_copy.default, aten.alias.default):
+    # back through casts and gemma2's softcap c * tanh(x / c): ops of one tensor and constants
+    passthrough = (aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.tanh.default,
+                   aten.div.Tensor, aten.mul.Tensor, aten.div.Scalar, aten.mul.Scalar)
+    while (out.op == "call_function" and out.target in passthrough
+           and sum(isinstance(a, fx.Node) for a in out.args) == 1 and isinstance(out.args[0], fx.Node)):
         out = out.args[0]
     return next((name for name, site in gm.linears.items() if site.node is out), None)
 

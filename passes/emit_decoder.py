@@ -1,5 +1,5 @@
-"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, phi3,
-and the MoE models mixtral, qwen2_moe, qwen3_moe).
+"""Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, gemma2,
+gemma3_text, phi3, and the MoE models mixtral, qwen2_moe, qwen3_moe).
 
 One file serves prefill and decode:
 
@@ -16,6 +16,8 @@ Per decoder layer (every linear a MatMulNBits when quantized, a MatMul otherwise
     GroupQueryAttention                causal attention over past + new keys; returns present
     o                                  then the next SkipSimplifiedLayerNormalization
     gate, up -> act(gate) * up -> down  (SiLU; GELU-tanh for gemma)
+    gemma2/3: sandwich norms           SimplifiedLayerNormalization after o and after down; local or
+                                       global attention per layer; c * tanh(x / c) on scores (and logits)
     MoE: router MatMul, then QMoE      over the int4 expert banks (top-k, SwiGLU); qwen2_moe adds
                                        sigmoid(shared_expert_gate) * its shared expert's MLP
 
@@ -35,13 +37,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")  # RMSNorm, rotary GQA, gated MLP
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
+          "qwen3_moe")  # RMSNorm, rotary GQA, gated MLP
 # qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
-# by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); phi3 fuses q|k|v
+# by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); gemma2 and gemma3
+# add a norm after attention and around the MLP ("sandwich"), alternate local and global
+# attention layers, and cap attention scores (gemma2: and logits) with c * tanh(x / c); gemma3
+# also norms q and k per head and gives local layers their own rotary base; phi3 fuses q|k|v
 # and gate|up into single linears; mixtral's MLP is a router and top-k of E gated experts (QMoE),
 # qwen2_moe's and qwen3_moe's too (qwen2_moe adds a gated shared expert; some layers may keep a
 # dense MLP)
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+GEMMA = ("gemma", "gemma2", "gemma3_text")  # norms multiply by (1 + w)
+SANDWICH = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
@@ -63,6 +71,13 @@ class DecoderShape:
     embed_scale: float | None = None  # gemma multiplies the looked-up rows by sqrt(hidden)
     experts_per_token: int = 0  # MoE: top-k of the router (0: a dense MLP)
     renormalize: bool = True  # MoE: the picked experts' softmax weights are rescaled to sum to 1
+    sandwich: bool = False  # gemma2/3: norms after attention and before and after the MLP
+    attn_softcap: float = 0.0  # attention scores -> c * tanh(scores / c); 0: none
+    final_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0: none
+    layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" (uses ``window``) or "full_attention"
+
+    def layer_window(self, i: int) -> int:
+        return self.window if not self.layer_types or self.layer_types[i] == "sliding_attention" else -1
 
     @property
     def q_size(self) -> int:
@@ -79,7 +94,8 @@ def fused_support(model, group_size: int | None = None) -> str | None:
     cfg = model.config
     if cfg.model_type not in FAMILY:
         return f"model type '{cfg.model_type}' has no fused decoder (have: {', '.join(FAMILY)})"
-    if not type(model).__module__.startswith(f"transformers.models.{cfg.model_type}."):
+    package = {"gemma3_text": "gemma3"}.get(cfg.model_type, cfg.model_type)
+    if not type(model).__module__.startswith(f"transformers.models.{package}."):
         return f"{type(model).__name__} is not transformers' own {cfg.model_type} class"
     if _activation(cfg) not in ACTIVATIONS:
         return f"activation '{_activation(cfg)}' (the fused decoder has {', '.join(ACTIVATIONS)})"
@@ -88,8 +104,9 @@ def fused_support(model, group_size: int | None = None) -> str | None:
     if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
         return "attention biases on o_proj"
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") in ("dynamic", "longrope"):
-        return f"rope type '{rope['rope_type']}' (positions would change the cos/sin tables)"
+    for params in rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]:
+        if params.get("rope_type", "default") in ("dynamic", "longrope"):  # gemma3: one entry per layer type
+            return f"rope type '{params['rope_type']}' (positions would change the cos/sin tables)"
     if cfg.model_type in MOE:
         if _activation(cfg) != "silu":
             return f"experts gated by '{_activation(cfg)}' (onnxruntime's QMoE gates with SiLU)"
@@ -112,9 +129,10 @@ def decoder_shape(model) -> DecoderShape:
     cfg = model.config
     attn = model.model.layers[0].self_attn
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cos, _ = _rotary_tables(model, 1)
+    cos, _ = _rotary_tables(model, 1, _layer_types(cfg)[0] if _layer_types(cfg) else None)
     window = -1
-    uses_window = cfg.model_type in ("mistral", "phi3", "mixtral") or getattr(cfg, "use_sliding_window", False)
+    uses_window = (cfg.model_type in ("mistral", "phi3", "mixtral") + SANDWICH
+                   or getattr(cfg, "use_sliding_window", False))
     if uses_window and getattr(cfg, "sliding_window", None):
         window = int(cfg.sliding_window)
     return DecoderShape(
@@ -122,19 +140,34 @@ def decoder_shape(model) -> DecoderShape:
         kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
         rotary_dim=cos.shape[-1], vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), scaling=float(attn.scaling),
         max_positions=int(cfg.max_position_embeddings), window=window,
-        activation=ACTIVATIONS[_activation(cfg)], norm_offset=1.0 if cfg.model_type == "gemma" else 0.0,
+        activation=ACTIVATIONS[_activation(cfg)], norm_offset=1.0 if cfg.model_type in GEMMA else 0.0,
         embed_scale=float(model.model.embed_tokens.embed_scale) if hasattr(model.model.embed_tokens, "embed_scale")
         else None,
         experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0,
-        renormalize=bool(getattr(cfg, "norm_topk_prob", True)))
+        renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
+        sandwich=cfg.model_type in SANDWICH, attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
+        final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0), layer_types=_layer_types(cfg))
 
 
-def _rotary_tables(model, positions: int):
-    """cos and sin (positions, rotary_dim) from the model's own rotary module (any scaling)."""
+def _layer_types(cfg) -> tuple[str, ...]:
+    """gemma2/3's per-layer attention kind; () where every layer attends alike."""
+    return tuple(cfg.layer_types) if cfg.model_type in SANDWICH else ()
+
+
+def _rotary_tables(model, positions: int, layer_type: str | None = None):
+    """cos and sin (positions, rotary_dim) from the model's own rotary module (any scaling);
+    gemma3's module keeps one table per layer type."""
     with torch.no_grad():
         pos = torch.arange(positions).unsqueeze(0)
-        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+        extra = (layer_type,) if layer_type and _per_layer_type(model) else ()
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos, *extra)
     return cos[0].float(), sin[0].float()
+
+
+def _per_layer_type(model) -> bool:
+    import inspect
+
+    return "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
 
 
 class _Graph:
@@ -246,9 +279,12 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
     shape = decoder_shape(model)
     ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
     g = _Graph(ftype)
-    cos, sin = _rotary_tables(model, shape.max_positions)
     half = shape.rotary_dim // 2
-    rotary = (g.floats("rotary.cos_cache", cos[:, :half]), g.floats("rotary.sin_cache", sin[:, :half]))
+    rotary = {}  # layer type (None: every layer) -> (cos cache, sin cache)
+    for kind in sorted(set(shape.layer_types)) if _per_layer_type(model) else [None]:
+        cos, sin = _rotary_tables(model, shape.max_positions, kind)
+        tag = f"rotary.{kind}" if kind else "rotary"
+        rotary[kind] = (g.floats(f"{tag}.cos_cache", cos[:, :half]), g.floats(f"{tag}.sin_cache", sin[:, :half]))
 
     lengths = _lengths(g)  # shared by every layer's attention
 
@@ -266,12 +302,19 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         p = f"model.layers.{i}"
         h, residual = _norm(g, delta, residual, x, norm_weight(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm",
                             shape.eps)
-        attn_out = _attention(g, h, i, p, params, linears, shape, rotary, lengths, accuracy_level)
+        tables = rotary[shape.layer_types[i] if None not in rotary else None]
+        attn_out = _attention(g, h, i, p, params, linears, shape, tables, lengths, accuracy_level)
         o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
-        h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.post_attention_layernorm.weight"),
-                            f"{p}.post_attention_layernorm", shape.eps)
+        if shape.sandwich:  # o is normed on its own, and the MLP's input norm is pre_feedforward_layernorm
+            o, _ = _norm(g, None, None, o, norm_weight(f"{p}.post_attention_layernorm.weight"),
+                         f"{p}.post_attention_layernorm", shape.eps)
+        mlp_norm = "pre_feedforward_layernorm" if shape.sandwich else "post_attention_layernorm"
+        h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.{mlp_norm}.weight"), f"{p}.{mlp_norm}", shape.eps)
         delta = (_moe if f"{p}.mlp.experts.gate_up_proj" in linears else _mlp)(g, h, f"{p}.mlp", linears, shape,
                                                                                accuracy_level)
+        if shape.sandwich:
+            delta, _ = _norm(g, None, None, delta, norm_weight(f"{p}.post_feedforward_layernorm.weight"),
+                             f"{p}.post_feedforward_layernorm", shape.eps)
     delta, residual = _keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
     return _head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantize_embedding,
@@ -285,7 +328,9 @@ def _head_and_model(g: _Graph, h: str, head: LinearWeights, params, table_name: 
     table = params[table_name]
     tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
             and torch.equal(head.matrix, table))
-    _linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
+    logits = _linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
+    if shape.final_softcap:
+        logits = _softcap(g, logits, shape.final_softcap, "lm_head")
     g.nodes[-1].output[0] = "logits"  # the head's last node writes the graph output
     inputs, outputs = _signature(shape, g.float_type)
     graph = helper.make_graph(g.nodes, graph_name, inputs, outputs, g.initializers)
@@ -294,6 +339,12 @@ def _head_and_model(g: _Graph, h: str, head: LinearWeights, params, table_name: 
                                     producer_name="awq-graph")
     model_proto.ir_version = 10
     return model_proto
+
+
+def _softcap(g: _Graph, x: str, cap: float, name: str) -> str:
+    c = g.floats(f"{name}.softcap", np.array(cap))
+    return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c], f"{name}/softcap_Div")], f"{name}/softcap_Tanh"), c],
+                f"{name}/softcap_Mul")
 
 
 def _lengths(g: _Graph):
@@ -348,14 +399,18 @@ def _attention(g: _Graph, h: str, i: int, p: str, params, linears, shape: Decode
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
     outs = [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"]
     attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
-                 local_window_size=shape.window)
+                 local_window_size=shape.layer_window(i))
+    if shape.attn_softcap:
+        attrs["softcap"] = shape.attn_softcap
     # rotary as its own op, at position_ids: GroupQueryAttention's built-in rotary (one op less per
     # layer, no measurable gain on SmolLM2) derives positions from the mask and ignores position_ids on CPU
     q, k, v = g.op("Split", [qkv, g.const(f"{p}.self_attn.split", np.array(
         [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{p}.self_attn/Split", outputs=3, axis=-1)
     if f"{p}.self_attn.q_norm.weight" in params:
-        q = _head_norm(g, q, params[f"{p}.self_attn.q_norm.weight"], f"{p}.self_attn.q_norm", shape)
-        k = _head_norm(g, k, params[f"{p}.self_attn.k_norm.weight"], f"{p}.self_attn.k_norm", shape)
+        q = _head_norm(g, q, params[f"{p}.self_attn.q_norm.weight"].float() + shape.norm_offset,
+                       f"{p}.self_attn.q_norm", shape)
+        k = _head_norm(g, k, params[f"{p}.self_attn.k_norm.weight"].float() + shape.norm_offset,
+                       f"{p}.self_attn.k_norm", shape)
     q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/q_rotary",
              domain="com.microsoft", num_heads=shape.heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
     k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/k_rotary",

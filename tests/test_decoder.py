@@ -26,6 +26,10 @@ FAMILY = {
     "gemma": {},  # scaled embedding, x * (1 + w) norms, GELU (tanh) gate
     "phi3": {"pad_token_id": 0, "sliding_window": 6},  # fused qkv_proj and gate_up_proj, local window
     "mistral": {"sliding_window": 5},  # local attention window shorter than the test sequence
+    # sandwich norms, local (window 5) then global layers, scores and logits capped by c * tanh(x / c)
+    "gemma2": {"sliding_window": 5},
+    # and per-head q/k norms, local layers with their own rotary base
+    "gemma3_text": {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
@@ -102,12 +106,12 @@ def test_float16_activations_run_on_cpu_close_to_float32(tmp_path):
 
 
 def test_a_model_outside_the_fused_family_gets_the_logits_only_graph_and_still_generates(tmp_path):
-    model = tiny_random_model("gemma2")  # softcapping and sandwich norms: not in the fused family
+    model = tiny_random_model("granite")  # embedding, residual and logit multipliers: not in the fused family
     calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
-    result = awq_graph.compile(model, calib, tmp_path / "gemma2", scheme="uint4_wo_16", n_samples=2, seqlen=32)
+    result = awq_graph.compile(model, calib, tmp_path / "granite", scheme="uint4_wo_16", n_samples=2, seqlen=32)
     assert result.report["graph"]["kind"] == "logits-only"
-    assert any("no KV-cache decoder for this model (model type 'gemma2'" in w for w in result.report["warnings"])
-    onnx_model = CompiledModel(tmp_path / "gemma2")
+    assert any("no KV-cache decoder for this model (model type 'granite'" in w for w in result.report["warnings"])
+    onnx_model = CompiledModel(tmp_path / "granite")
     assert not onnx_model.has_kv_cache
     prompt = [5, 17, 3]
     tokens = onnx_model.greedy_ids(prompt, 5)
@@ -216,7 +220,7 @@ def test_score_is_the_perplexity_of_the_text_under_the_onnx_model(compiled_tiny)
     assert tokens == 2 * 63 and abs(ppl - float(torch.exp(nll))) < 1e-3 * ppl
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "phi3", "gpt2"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2"])
 def test_awq_compiles_of_the_other_family_members_pass_the_decoder_check(model_type, tmp_path):
     """Folded scales included: gemma's (1 + w) norms carry 1/s in w, the decoder adds the 1."""
     model = tiny_random_model("gpt2") if model_type == "gpt2" else tiny_model(model_type, **FAMILY[model_type])
@@ -245,3 +249,10 @@ def test_cuda_provider_generates_what_the_cpu_provider_generates(tmp_path):
     ref, got = cpu.logits(ids).numpy(), cuda.logits(ids).numpy()
     assert np.abs(got - ref).max() < 3e-2 * np.abs(ref).max()
     assert cuda.greedy_ids([5, 6, 7], 8)[:4] == cpu.greedy_ids([5, 6, 7], 8)[:4]
+
+
+def test_the_lm_head_is_found_behind_gemma2s_logit_softcap():
+    from awq_graph.search import output_head
+
+    model = tiny_model("gemma2")  # logits = 30 * tanh(lm_head(h) / 30)
+    assert model.config.final_logit_softcapping and output_head(export_model(model)) == "lm_head"

@@ -16,7 +16,7 @@ from passes.channel_flow import example_values
 from passes.check_config import derive_groups
 
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
-           "qwen2_moe", "qwen3_moe"]
+           "qwen2_moe", "qwen3_moe", "granite", "starcoder2"]
 
 
 def main(argv: list[str]) -> int:
