@@ -1,5 +1,7 @@
 """Mixture of experts: banks of experts are quantized by the search (routers stay float) and
 run in onnxruntime's QMoE, which computes what transformers' Mixtral block computes."""
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -146,3 +148,25 @@ def test_a_group_size_qmoe_cannot_use_fails_before_calibration(mixtral, tmp_path
                                                      r"the group size 128 .*e\.g\. 64\); nothing was quantized"):
         awq_graph.compile(mixtral, "self", tmp_path / "out")  # no tokenizer: calibration would fail, were it reached
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_compiles_a_mixtral_checkpoint_and_generates_from_it(mixtral, tmp_path, capsys):
+    from awq_graph.cli import main
+
+    from conftest import tiny_tokenizer
+
+    folder = tmp_path / "tiny-mixtral"
+    mixtral.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"  # calibration text sampled from the model itself
+    assert main(["compile", str(folder), "-o", str(out), "--n-samples", "4", "--seqlen", "32", "--group-size", "32"]) == 0
+    assert json.loads((out / "report.json").read_text())["graph"]["kind"] == "kv-decoder"
+    capsys.readouterr()
+    assert main(["generate", str(out), "the king of", "--max-new-tokens", "8", "--greedy"]) == 0
+    text, err = capsys.readouterr()
+    model = CompiledModel(out)
+    greedy = model.greedy_ids(model.tokenizer("the king of").input_ids, 8)
+    eos = model.tokenizer.eos_token_id
+    greedy = greedy[:greedy.index(eos)] if eos in greedy else greedy
+    assert text.rstrip("\n") == "the king of" + model.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert "(KV cache)" in err
