@@ -151,7 +151,8 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         (tmp / "awq_config.json").write_text(json.dumps(quark, indent=2) + "\n")
         report = _report(result, qscheme, emitted.quantized_linears, timings, calib_ids, rtn_only, skipped, clip)
         report["graph"] = {"kind": emitted.kind, "act_dtype": act_dtype, "accuracy_level": accuracy_level,
-                           "lm_head_bits": lm_head_bits if quantize_lm_head else None, "check_deviation": emitted.check_deviation}
+                           "lm_head_bits": lm_head_bits if quantize_lm_head else None, "check_deviation": emitted.check_deviation,
+                           "float_check_deviation": emitted.float_check_deviation}
         report["calibration_source"] = None if rtn_only else calib_source
         report["warnings"] = warnings_
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))

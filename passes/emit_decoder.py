@@ -515,6 +515,15 @@ def _head_norm(g: _Graph, x: str, weight, name: str, shape: DecoderShape) -> str
     return g.op("Reshape", [normed, g.const(f"{name}.flat", np.array([0, 0, -1], np.int64))], f"{name}/Flatten")
 
 
+def set_accuracy_level(model_proto: onnx.ModelProto, level: int) -> None:
+    """Every MatMulNBits and QMoE of the graph at ``level`` (0: float activations, 4: int8), in place."""
+    for node in model_proto.graph.node:
+        if node.op_type in ("MatMulNBits", "QMoE"):
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+
+
 def save_decoder(model_proto: onnx.ModelProto, path) -> None:
     onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)

@@ -181,16 +181,14 @@ def set_accuracy_level(src: Path, dst: Path, level: int) -> None:
     """A copy of a compiled folder with every MatMulNBits at ``level`` (the weights are shared)."""
     import onnx
 
+    from passes.emit_decoder import set_accuracy_level as set_level
+
     dst.mkdir(exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name != "model.onnx" and not (dst / f.name).exists():
             os.link(f, dst / f.name)
     proto = onnx.load(src / "model.onnx", load_external_data=False)
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = level
+    set_level(proto, level)
     onnx.save(proto, dst / "model.onnx")
 
 
