@@ -96,13 +96,16 @@ def main() -> int:
               f"{base / row['decode_ms']:8.2f}x {size / 1e6:8.1f} {row['load_avg']:5.2f}")
     report = facts["report"]
     print(f"compile (AWQ, {args.samples} x {args.seqlen} random-id calibration): {report['compile_s'] or 0:.0f} s "
-          f"(search {report['search_s']:.0f} s), decoder check {report['graph']['check_deviation']:.1e}")
+          f"(search {report['search_s']:.0f} s), peak RSS {report['peak_rss_mb'] / 1e3:.1f} GB; decoder check "
+          f"{report['graph']['float_check_deviation']:.1e} (float activations), "
+          f"{report['graph']['check_deviation']:.1e} (int8, level 4)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": {"shape": SHAPE, "params": facts["params"], "active_params": facts["active_params"]},
         "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
         "compile": {"seconds": report["compile_s"], "search_s": report["search_s"], "timings_s": report["timings_s"],
-                    "check_deviation": report["graph"]["check_deviation"]},
+                    "peak_rss_mb": report["peak_rss_mb"], "check_deviation": report["graph"]["check_deviation"],
+                    "float_check_deviation": report["graph"]["float_check_deviation"]},
         "runtimes": {name: {**row, "size_bytes": size} for name, (row, size) in rows.items()},
     }, indent=2, default=str) + "\n")
     return 0
