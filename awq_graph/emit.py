@@ -18,7 +18,7 @@ import torch
 
 from passes.emit_decoder import LinearWeights, build_decoder, fused_support, save_decoder, set_accuracy_level
 from passes.emit_decoder_gpt2 import build_gpt2_decoder, gpt2_support
-from passes.emit_onnx import export_float_onnx, rewrite_matmulnbits, save_model
+from passes.emit_onnx import custom_translations, export_float_onnx, rewrite_matmulnbits, save_model
 
 from .errors import ExportError, InputError
 from .graph import GraphModel, module_path
@@ -126,12 +126,13 @@ def untranslatable_ops(gm: GraphModel) -> dict[str, str]:
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     registry = _registration.ONNXRegistry.from_torchlib()
+    ours = custom_translations()
     where: dict[str, str] = {}
     for node in gm.graph.nodes:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
             continue
-        if target.namespace in ("aten", "prims") or registry.is_registered(target):
+        if target.namespace in ("aten", "prims") or registry.is_registered(target) or target in ours:
             continue
         where.setdefault(f"{target.namespace}.{target._opname}", module_path(node) or "top level")
     return where

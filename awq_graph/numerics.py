@@ -100,6 +100,10 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.zero, self.scheme.group_size)
 
+    def take_rows(self, index) -> "QuantizedWeight":
+        """Some output rows (a slice or an index tensor), e.g. one expert of a bank."""
+        return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.scheme)
+
 
 def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0):
     """Per-group scale and zero point, range shrunk by ``shrink``.

@@ -452,7 +452,7 @@ def _moe(g: _Graph, h: str, m: str, linears, shape: DecoderShape, accuracy_level
     # QMoE reads gate and up interleaved: row 2j is gate j, row 2j + 1 is up j
     per_expert = torch.stack([torch.arange(rows // 2), torch.arange(rows // 2) + rows // 2], 1).reshape(-1)
     order = (torch.arange(experts)[:, None] * rows + per_expert).reshape(-1)
-    fc1 = _expert_bank(g, _take_rows(gate_up.quantized, order), experts, f"{m}.experts.gate_up_proj")
+    fc1 = _expert_bank(g, gate_up.quantized.take_rows(order), experts, f"{m}.experts.gate_up_proj")
     fc2 = _expert_bank(g, down.quantized, experts, f"{m}.experts.down_proj")
     scheme = gate_up.quantized.scheme
     inputs = [h, logits, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2]]
@@ -469,10 +469,6 @@ def _moe(g: _Graph, h: str, m: str, linears, shape: DecoderShape, accuracy_level
     weight = g.op("Sigmoid", [_linear(g, h, linears[f"{m}.shared_expert_gate"], f"{m}.shared_expert_gate",
                                       accuracy_level)], f"{m}.shared_expert_gate/Sigmoid")
     return g.op("Add", [routed, g.op("Mul", [weight, shared], f"{m}.shared_expert_gate/Mul")], f"{m}/Add")
-
-
-def _take_rows(qw: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
-    return QuantizedWeight(qw.q[order], qw.scale[order], qw.zero[order], qw.scheme)
 
 
 def _expert_bank(g: _Graph, qw: QuantizedWeight, experts: int, name: str):

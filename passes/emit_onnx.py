@@ -4,6 +4,12 @@ Rewrite (per quantized linear with weight W, integers q, scales, zero points):
 
     MatMul(x, Transpose(W))            ->  com.microsoft::MatMulNBits(x, B, scales[, zp])
     Gemm(x, W, transB=1) / + bias      ->  MatMulNBits(x, B, scales, zp, bias)
+    MatMul(x, Gather(Transpose(W), e)) ->  MatMulNBits of expert e's rows (a bank W (E, out, in))
+
+transformers' MoE experts (``transformers.grouped_mm_fallback``: rows sorted by expert, a bank
+of weights, cumulative row counts) have no torch.onnx translation of their own; ``_grouped_mm``
+is ours: one MatMul per expert over every row, each row keeping its own expert's product (E
+times the work of the routed rows: a portable fallback; the fused decoder uses QMoE).
 
 B, scales and zp are packed by ``awq_graph.numerics.pack_matmulnbits`` from the exact
 integers the search chose. W's float initializer is removed.
@@ -26,15 +32,42 @@ log = logging.getLogger(__name__)
 _PREFIX = "lm."
 
 
+def custom_translations() -> dict:
+    """ONNX translations of custom ops the exported graphs use, by OpOverload."""
+    grouped = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    return {grouped.default: _grouped_mm} if grouped is not None else {}
+
+
+def _grouped_mm(x, weight, offsets):
+    """y[r] = x[r] @ weight[e(r)] with e(r) the expert whose rows [offsets[e-1], offsets[e])
+    hold r. x (S, in), weight (E, in, out), offsets (E,). Traced once, E unrolled."""
+    from onnxscript import opset18 as op
+
+    rows = op.Range(op.Constant(value_int=0), op.Gather(op.Shape(x), op.Constant(value_int=0), axis=0),
+                    op.Constant(value_int=1))
+    ends = op.Cast(offsets, to=ir.DataType.INT64)
+    start, out = op.Constant(value_int=0), None
+    for e in range(weight.shape[0]):
+        end = op.Gather(ends, op.Constant(value_int=e), axis=0)
+        y = op.MatMul(x, op.Gather(weight, op.Constant(value_int=e), axis=0))
+        mine = op.Unsqueeze(op.And(op.GreaterOrEqual(rows, start), op.Less(rows, end)), op.Constant(value_ints=[1]))
+        out = op.Where(mine, y, op.Mul(y, op.Constant(value_float=0.0)) if out is None else out)
+        start = end
+    return out
+
+
 def export_float_onnx(gm: GraphModel) -> ir.Model:
     """torch.onnx (dynamo) export of the program with its current (folded) parameters."""
     example = torch.randint(0, 2, (1, 8))
+    # torchlib's index_put makes an empty Constant and onnx_ir logs a warning about its type
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm.program, (example,), dynamo=True, optimize=False,
                                         external_data=True, verbose=False,
-                                        input_names=["input_ids"], output_names=["logits"])
+                                        input_names=["input_ids"], output_names=["logits"],
+                                        custom_translation_table=custom_translations())
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {_onnx_failure(exc)}") from exc
     return program.model
@@ -56,12 +89,14 @@ def _initializer(graph: ir.Graph, param: str) -> ir.Value | None:
 
 def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
                         weight_param: dict[str, str], accuracy_level: int = 0) -> int:
-    """Replace each quantized linear's MatMul (or Gemm) with MatMulNBits; returns how many.
+    """Replace each quantized linear's MatMul (or Gemm) with MatMulNBits; returns how many
+    (a bank of experts counts once).
 
     Patterns, by how the exporter wrote the linear:
       1. MatMul(x, Transpose(W))        W stored (out, in): aten.linear
       2. MatMul(x, W)                   W stored (in, out): Conv1D's addmm
       3. Gemm(x, W, bias, transB=0|1)   either layout; the bias moves into MatMulNBits
+      4. MatMul(x, Gather(Transpose(W), e)) for each expert e of a bank W (E, out, in)
     """
     graph = model.graph
     count = 0
@@ -71,57 +106,91 @@ def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
             raise ExportError(f"ONNX graph has no initializer for '{weight_param[layer]}'")
         uses = list(w_value.uses())
         # a tied lm_head shares its table with the embedding lookup, which stays float
-        lookups = [u for u in uses if u[0].op_type == "Gather" and u[1] == 0]
+        lookups = [u for u in uses if u[0].op_type == "Gather" and u[1] == 0 and len(w_value.shape) == 2]
         uses = [u for u in uses if u not in lookups]
         if len(uses) != 1:
             raise ExportError(f"'{layer}': its weight has {len(uses)} uses in the ONNX graph, expected 1")
         user, index = uses[0]
-        bias = None
-        if user.op_type == "Transpose":  # Pattern 1
-            mm_uses = list(user.outputs[0].uses())
-            if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
-                raise ExportError(f"'{layer}': the transposed weight does not feed one MatMul")
-            target, dead = mm_uses[0][0], [mm_uses[0][0], user]
-        elif user.op_type == "MatMul" and index == 1:  # Pattern 2
-            target, dead = user, [user]
-        elif user.op_type == "Gemm" and index == 1:  # Pattern 3
-            attrs = {k: a.value for k, a in user.attributes.items()}
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-                raise ExportError(f"'{layer}': Gemm with transA/alpha/beta is not rewritten")
-            target, dead = user, [user]
-            bias = user.inputs[2] if len(user.inputs) > 2 else None
-        else:
-            raise ExportError(f"'{layer}': its weight feeds {user.op_type}, not a MatMul or Gemm")
-        n, k = qw.q.shape
-        b, scales, zp = pack_matmulnbits(qw)
         base = weight_param[layer].removesuffix(".weight")
-        inputs = [target.inputs[0],
-                  _add_initializer(graph, f"{base}.qweight", b),
-                  _add_initializer(graph, f"{base}.scales", scales.astype(np.float32)),
-                  _add_initializer(graph, f"{base}.qzeros", zp) if zp is not None else None]
-        if bias is not None:
-            inputs += [None, bias]
-        while inputs[-1] is None:
-            inputs.pop()
-        node = ir.node("MatMulNBits", inputs=inputs, domain="com.microsoft",
-                       attributes={"K": k, "N": n, "bits": qw.scheme.bits, "block_size": qw.scheme.group_size,
-                                   "accuracy_level": accuracy_level},
-                       name=f"{base}.MatMulNBits")
-        graph.insert_before(target, node)
-        out = target.outputs[0]
-        is_output = out in graph.outputs
-        ir.convenience.replace_all_uses_with(out, node.outputs[0], replace_graph_outputs=is_output)
-        if is_output:  # keep the graph output's name ("logits")
-            name, out.name = out.name, None
-            node.outputs[0].name = name
+        if len(w_value.shape) == 3:  # Pattern 4
+            _rewrite_bank(graph, layer, user, qw, base, accuracy_level)
         else:
-            node.outputs[0].name = f"{base}.out"
-        graph.remove(dead, safe=True)
+            target, dead, bias = _linear_pattern(layer, user, index)
+            _to_matmulnbits(graph, target, qw, base, bias, accuracy_level)
+            graph.remove(dead, safe=True)
         if not lookups:
             del graph.initializers[w_value.name]
         count += 1
     model.opset_imports.setdefault("com.microsoft", 1)
     return count
+
+
+def _linear_pattern(layer: str, user: ir.Node, index: int):
+    """(the MatMul or Gemm to replace, the nodes that go with it, the bias) of patterns 1-3."""
+    if user.op_type == "Transpose":  # Pattern 1
+        mm_uses = list(user.outputs[0].uses())
+        if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
+            raise ExportError(f"'{layer}': the transposed weight does not feed one MatMul")
+        return mm_uses[0][0], [mm_uses[0][0], user], None
+    if user.op_type == "MatMul" and index == 1:  # Pattern 2
+        return user, [user], None
+    if user.op_type == "Gemm" and index == 1:  # Pattern 3
+        attrs = {k: a.value for k, a in user.attributes.items()}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            raise ExportError(f"'{layer}': Gemm with transA/alpha/beta is not rewritten")
+        return user, [user], user.inputs[2] if len(user.inputs) > 2 else None
+    raise ExportError(f"'{layer}': its weight feeds {user.op_type}, not a MatMul or Gemm")
+
+
+def _rewrite_bank(graph: ir.Graph, layer: str, user: ir.Node, qw: QuantizedWeight, base: str,
+                  accuracy_level: int) -> None:
+    """Pattern 4: ``_grouped_mm``'s per-expert MatMuls over Gather(Transpose(W), e)."""
+    perm = user.attributes.get("perm")
+    if user.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1]:
+        raise ExportError(f"'{layer}': the bank of experts does not feed a Transpose(perm=[0, 2, 1])")
+    gathers = [u for u, _ in user.outputs[0].uses()]
+    out_f = qw.q.shape[0] // len(gathers)
+    for gather in gathers:
+        index = ir.convenience.get_const_tensor(gather.inputs[1]) if gather.op_type == "Gather" else None
+        mm_uses = list(gather.outputs[0].uses()) if index is not None else []
+        if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
+            raise ExportError(f"'{layer}': an expert's weight does not feed one MatMul")
+        e = int(index.numpy())
+        _to_matmulnbits(graph, mm_uses[0][0], qw.take_rows(slice(e * out_f, (e + 1) * out_f)), f"{base}.{e}", None,
+                        accuracy_level)
+        index_value = gather.inputs[1]
+        graph.remove([mm_uses[0][0], gather], safe=True)
+        constant = index_value.producer()
+        if constant is not None and constant.op_type == "Constant" and not list(index_value.uses()):
+            graph.remove(constant, safe=True)
+    graph.remove(user, safe=True)
+
+
+def _to_matmulnbits(graph: ir.Graph, target: ir.Node, qw: QuantizedWeight, base: str, bias, accuracy_level: int):
+    """MatMulNBits(target's x, the packed integers) in place of ``target``'s output."""
+    n, k = qw.q.shape
+    b, scales, zp = pack_matmulnbits(qw)
+    inputs = [target.inputs[0],
+              _add_initializer(graph, f"{base}.qweight", b),
+              _add_initializer(graph, f"{base}.scales", scales.astype(np.float32)),
+              _add_initializer(graph, f"{base}.qzeros", zp) if zp is not None else None]
+    if bias is not None:
+        inputs += [None, bias]
+    while inputs[-1] is None:
+        inputs.pop()
+    node = ir.node("MatMulNBits", inputs=inputs, domain="com.microsoft",
+                   attributes={"K": k, "N": n, "bits": qw.scheme.bits, "block_size": qw.scheme.group_size,
+                               "accuracy_level": accuracy_level},
+                   name=f"{base}.MatMulNBits")
+    graph.insert_before(target, node)
+    out = target.outputs[0]
+    is_output = out in graph.outputs
+    ir.convenience.replace_all_uses_with(out, node.outputs[0], replace_graph_outputs=is_output)
+    if is_output:  # keep the graph output's name ("logits")
+        name, out.name = out.name, None
+        node.outputs[0].name = name
+    else:
+        node.outputs[0].name = f"{base}.out"
 
 
 def _add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -16,7 +16,7 @@ from passes.channel_flow import example_values
 from passes.check_config import derive_groups
 
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
-           "qwen2_moe", "qwen3_moe", "granite", "starcoder2"]
+           "qwen2_moe", "qwen3_moe", "olmoe", "granite", "starcoder2"]
 
 
 def main(argv: list[str]) -> int:
@@ -45,12 +45,13 @@ def main(argv: list[str]) -> int:
 
 
 def _graph(model, gm) -> str:
+    experts = any(s.experts for s in gm.linears.values())
     if decoder_support(model) is None:
-        return "KV-cache decoder" + (", experts in QMoE" if any(s.experts for s in gm.linears.values()) else "")
+        return "KV-cache decoder" + (", experts in QMoE" if experts else "")
     blockers = untranslatable_ops(gm)
     if blockers:
         return f"none: no ONNX translation for {next(iter(blockers))}"
-    return "logits-only (torch.onnx)"
+    return "logits-only (torch.onnx)" + (", a MatMulNBits per expert" if experts else "")
 
 
 if __name__ == "__main__":

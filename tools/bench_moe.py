@@ -4,7 +4,8 @@
 There is no small real MoE checkpoint offline, so the weights are random (seeded) and the
 figures are about speed and size only, not quality. onnxruntime-genai's model builder has no
 Mixtral, Qwen2-MoE or Qwen3-MoE (it builds PhiMoE, GPT-OSS and a few others), and torch.onnx
-has no translation for transformers' grouped_mm_fallback, so torch eager is the baseline.
+has no translation of its own for transformers' grouped_mm_fallback (our logits-only fallback
+has no KV cache), so torch eager is the baseline.
 
     python tools/bench_moe.py            # builds bench/moe/ (ignored), figures -> tools/results/moe.json
 
