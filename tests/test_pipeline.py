@@ -120,3 +120,34 @@ def test_quantize_lm_head_makes_the_head_8bit_and_the_embedding_int4(tmp_path, t
     with torch.no_grad():
         ref = model(ids).logits
     assert float((got - ref).norm() / ref.norm()) < 0.2  # int4 of a random model: measured ~0.07
+
+
+@torch.library.custom_op("awq_graph_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Doubled(torch.nn.Module):
+    """A module whose output goes through a custom op torch.onnx cannot translate."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.ops.awq_graph_test.double(self.inner(x))
+
+
+def test_a_graph_no_emitter_can_write_fails_before_calibration(tmp_path):
+    model = tiny_model()
+    model.model.norm = _Doubled(model.model.norm)
+    with pytest.raises(awq_graph.ExportError, match=r"no ONNX translation for the op awq_graph_test\.double "
+                                                     r"\(used in 'model\.norm'\), and no KV-cache decoder: "
+                                                     r"--no-kv-cache; nothing was quantized"):
+        awq_graph.compile(model, "self", tmp_path / "out", kv_cache=False)  # no tokenizer: calibration would fail
+    assert not (tmp_path / "out").exists()
