@@ -1,5 +1,5 @@
 """Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, gemma2,
-gemma3_text, phi3, and the MoE models mixtral, qwen2_moe, qwen3_moe).
+gemma3_text, phi3, and the MoE models mixtral, qwen2_moe, qwen3_moe, olmoe).
 
 One file serves prefill and decode:
 
@@ -38,16 +38,16 @@ from onnx import TensorProto, helper, numpy_helper
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
-          "qwen3_moe")  # RMSNorm, rotary GQA, gated MLP
+          "qwen3_moe", "olmoe")  # RMSNorm, rotary GQA, gated MLP
 # qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
 # by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); gemma2 and gemma3
 # add a norm after attention and around the MLP ("sandwich"), alternate local and global
 # attention layers, and cap attention scores (gemma2: and logits) with c * tanh(x / c); gemma3
 # also norms q and k per head and gives local layers their own rotary base; phi3 fuses q|k|v
 # and gate|up into single linears; mixtral's MLP is a router and top-k of E gated experts (QMoE),
-# qwen2_moe's and qwen3_moe's too (qwen2_moe adds a gated shared expert; some layers may keep a
-# dense MLP)
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+# qwen2_moe's, qwen3_moe's and olmoe's too (qwen2_moe adds a gated shared expert; qwen3_moe may
+# keep a dense MLP in some layers; olmoe norms all of q and k, and may clamp q, k, v)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # norms multiply by (1 + w)
 SANDWICH = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -75,6 +75,7 @@ class DecoderShape:
     attn_softcap: float = 0.0  # attention scores -> c * tanh(scores / c); 0: none
     final_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0: none
     layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" (uses ``window``) or "full_attention"
+    clip_qkv: float = 0.0  # olmoe: q, k, v clamped to [-c, c]; 0: none
 
     def layer_window(self, i: int) -> int:
         return self.window if not self.layer_types or self.layer_types[i] == "sliding_attention" else -1
@@ -146,7 +147,8 @@ def decoder_shape(model) -> DecoderShape:
         experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0,
         renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
         sandwich=cfg.model_type in SANDWICH, attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
-        final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0), layer_types=_layer_types(cfg))
+        final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0), layer_types=_layer_types(cfg),
+        clip_qkv=float(getattr(cfg, "clip_qkv", None) or 0.0))
 
 
 def _layer_types(cfg) -> tuple[str, ...]:
@@ -406,11 +408,15 @@ def _attention(g: _Graph, h: str, i: int, p: str, params, linears, shape: Decode
     # layer, no measurable gain on SmolLM2) derives positions from the mask and ignores position_ids on CPU
     q, k, v = g.op("Split", [qkv, g.const(f"{p}.self_attn.split", np.array(
         [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{p}.self_attn/Split", outputs=3, axis=-1)
-    if f"{p}.self_attn.q_norm.weight" in params:
+    if f"{p}.self_attn.q_norm.weight" in params:  # per head (qwen3, gemma3) or over all of q and k (olmoe)
         q = _head_norm(g, q, params[f"{p}.self_attn.q_norm.weight"].float() + shape.norm_offset,
                        f"{p}.self_attn.q_norm", shape)
         k = _head_norm(g, k, params[f"{p}.self_attn.k_norm.weight"].float() + shape.norm_offset,
                        f"{p}.self_attn.k_norm", shape)
+    if shape.clip_qkv:  # olmoe: q, k (after their norms) and v clamped to [-c, c]
+        bounds = [g.floats(f"{p}.self_attn.clip_min", np.array(-shape.clip_qkv)),
+                  g.floats(f"{p}.self_attn.clip_max", np.array(shape.clip_qkv))]
+        q, k, v = (g.op("Clip", [t, *bounds], f"{p}.self_attn/{n}_Clip") for t, n in ((q, "q"), (k, "k"), (v, "v")))
     q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/q_rotary",
              domain="com.microsoft", num_heads=shape.heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
     k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/k_rotary",
@@ -503,7 +509,11 @@ def _activate(g: _Graph, x: str, activation: str, name: str) -> str:
 
 
 def _head_norm(g: _Graph, x: str, weight, name: str, shape: DecoderShape) -> str:
-    """RMSNorm over each head_dim slice of (B, S, heads * head_dim)."""
+    """RMSNorm over each head_dim slice of (B, S, heads * head_dim); over the whole last axis
+    when the weight covers every head (olmoe)."""
+    if weight.numel() != shape.head_dim:
+        return g.op("SimplifiedLayerNormalization", [x, g.floats(f"{name}.weight", weight)],
+                    f"{name}/SimplifiedLayerNormalization", axis=-1, epsilon=shape.eps, stash_type=1)
     heads = g.op("Reshape", [x, g.const(f"{name}.heads", np.array([0, 0, -1, shape.head_dim], np.int64))],
                  f"{name}/Reshape")
     normed = g.op("SimplifiedLayerNormalization", [heads, g.floats(f"{name}.weight", weight)],

@@ -36,7 +36,7 @@ EXPECTED = {
                 ("post_attention_layernorm", "mlp.gate,mlp.experts.gate_up_proj"),
                 ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")],
     "qwen3_moe": "mixtral",
-    "olmoe": "mixtral",  # q and k normed over the whole projection: no fused decoder, logits-only
+    "olmoe": "mixtral",  # q and k normed over the whole projection
     "qwen2_moe": [("input_layernorm", "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"),
                   ("self_attn.v_proj", "self_attn.o_proj"),
                   # a shared expert and its sigmoid gate read the normed tensor beside the router
@@ -71,9 +71,9 @@ def test_derived_groups_contain_the_known_pairs_and_are_exact(arch):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3", "gemma2", "olmoe"])
 def test_compiled_int4_model_matches_fake_quant_torch(model_type, tmp_path):
-    """Conv1D (addmm), fused projections, (1 + w) norms and banks of MoE experts (olmoe: no fused
-    decoder; our translation of grouped_mm_fallback, one MatMulNBits per expert) all reach a
-    correct logits-only MatMulNBits model."""
+    """Conv1D (addmm), fused projections, (1 + w) norms and banks of MoE experts (our translation
+    of grouped_mm_fallback, one MatMulNBits per expert) all reach a correct logits-only
+    MatMulNBits model."""
     gm = export_model(tiny_random_model(model_type))
     _, per_layer, _ = derive_groups(gm)
     calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -125,6 +125,7 @@ MOE_MODELS = {  # config overrides; what each adds to the graph
     "mixtral": {},  # routing weights renormalized over the top-k
     "qwen3_moe": {"norm_topk_prob": False, "mlp_only_layers": [0]},  # full-softmax weights; layer 0 dense
     "qwen2_moe": {},  # a shared expert gated by sigmoid(shared_expert_gate(h)) beside the routed ones
+    "olmoe": {"clip_qkv": 0.05},  # q and k normed over the whole projection; q, k, v clamped
 }
 
 
