@@ -1,5 +1,5 @@
 """Emit a KV-cache decoder built from onnxruntime's fused ops (llama, mistral, qwen2, qwen3, gemma, gemma2,
-gemma3_text, phi3, and the MoE models mixtral, qwen2_moe, qwen3_moe, olmoe).
+gemma3_text, phi3, granite, and the MoE models mixtral, qwen2_moe, qwen3_moe, olmoe).
 
 One file serves prefill and decode:
 
@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
-          "qwen3_moe", "olmoe")  # RMSNorm, rotary GQA, gated MLP
+          "qwen3_moe", "olmoe", "granite")  # RMSNorm, rotary GQA, gated MLP
 # qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
 # by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); gemma2 and gemma3
 # add a norm after attention and around the MLP ("sandwich"), alternate local and global
@@ -48,6 +48,8 @@ FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"
 # qwen2_moe's, qwen3_moe's and olmoe's too (qwen2_moe adds a gated shared expert; qwen3_moe may
 # keep a dense MLP in some layers; olmoe norms all of q and k, and may clamp q, k, v)
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# granite is llama with multipliers: on the embedding, on each layer's outputs before they join the
+# residual stream, as the attention scale, and a divisor on the logits
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # norms multiply by (1 + w)
 SANDWICH = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -76,6 +78,8 @@ class DecoderShape:
     final_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0: none
     layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" (uses ``window``) or "full_attention"
     clip_qkv: float = 0.0  # olmoe: q, k, v clamped to [-c, c]; 0: none
+    residual_scale: float = 1.0  # granite: attention and MLP outputs are multiplied before the residual add
+    logits_divisor: float = 1.0  # granite: logits = lm_head(h) / divisor
 
     def layer_window(self, i: int) -> int:
         return self.window if not self.layer_types or self.layer_types[i] == "sliding_attention" else -1
@@ -143,12 +147,14 @@ def decoder_shape(model) -> DecoderShape:
         max_positions=int(cfg.max_position_embeddings), window=window,
         activation=ACTIVATIONS[_activation(cfg)], norm_offset=1.0 if cfg.model_type in GEMMA else 0.0,
         embed_scale=float(model.model.embed_tokens.embed_scale) if hasattr(model.model.embed_tokens, "embed_scale")
-        else None,
+        else float(cfg.embedding_multiplier) if cfg.model_type == "granite" else None,
         experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0,
         renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
         sandwich=cfg.model_type in SANDWICH, attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
         final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0), layer_types=_layer_types(cfg),
-        clip_qkv=float(getattr(cfg, "clip_qkv", None) or 0.0))
+        clip_qkv=float(getattr(cfg, "clip_qkv", None) or 0.0),
+        residual_scale=float(cfg.residual_multiplier) if cfg.model_type == "granite" else 1.0,
+        logits_divisor=float(cfg.logits_scaling) if cfg.model_type == "granite" else 1.0)
 
 
 def _layer_types(cfg) -> tuple[str, ...]:
@@ -306,7 +312,8 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
                             shape.eps)
         tables = rotary[shape.layer_types[i] if None not in rotary else None]
         attn_out = _attention(g, h, i, p, params, linears, shape, tables, lengths, accuracy_level)
-        o = _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj", accuracy_level)
+        o = _residual_scale(g, _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj",
+                                       accuracy_level), shape, f"{p}.self_attn")
         if shape.sandwich:  # o is normed on its own, and the MLP's input norm is pre_feedforward_layernorm
             o, _ = _norm(g, None, None, o, norm_weight(f"{p}.post_attention_layernorm.weight"),
                          f"{p}.post_attention_layernorm", shape.eps)
@@ -314,6 +321,7 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.{mlp_norm}.weight"), f"{p}.{mlp_norm}", shape.eps)
         delta = (_moe if f"{p}.mlp.experts.gate_up_proj" in linears else _mlp)(g, h, f"{p}.mlp", linears, shape,
                                                                                accuracy_level)
+        delta = _residual_scale(g, delta, shape, f"{p}.mlp")
         if shape.sandwich:
             delta, _ = _norm(g, None, None, delta, norm_weight(f"{p}.post_feedforward_layernorm.weight"),
                              f"{p}.post_feedforward_layernorm", shape.eps)
@@ -333,6 +341,8 @@ def _head_and_model(g: _Graph, h: str, head: LinearWeights, params, table_name: 
     logits = _linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
     if shape.final_softcap:
         logits = _softcap(g, logits, shape.final_softcap, "lm_head")
+    if shape.logits_divisor != 1.0:
+        logits = g.op("Div", [logits, g.floats("lm_head.logits_divisor", np.array(shape.logits_divisor))], "lm_head/Div")
     g.nodes[-1].output[0] = "logits"  # the head's last node writes the graph output
     inputs, outputs = _signature(shape, g.float_type)
     graph = helper.make_graph(g.nodes, graph_name, inputs, outputs, g.initializers)
@@ -341,6 +351,12 @@ def _head_and_model(g: _Graph, h: str, head: LinearWeights, params, table_name: 
                                     producer_name="awq-graph")
     model_proto.ir_version = 10
     return model_proto
+
+
+def _residual_scale(g: _Graph, x: str, shape: DecoderShape, name: str) -> str:
+    if shape.residual_scale == 1.0:
+        return x
+    return g.op("Mul", [x, g.floats(f"{name}.residual_scale", np.array(shape.residual_scale))], f"{name}/residual_Mul")
 
 
 def _softcap(g: _Graph, x: str, cap: float, name: str) -> str:

@@ -30,6 +30,9 @@ FAMILY = {
     "gemma2": {"sliding_window": 5},
     # and per-head q/k norms, local layers with their own rotary base
     "gemma3_text": {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
+    # multipliers on the embedding, on each layer's outputs, as the attention scale; logits divided
+    "granite": {"embedding_multiplier": 3.0, "residual_multiplier": 0.3, "attention_multiplier": 0.05,
+                "logits_scaling": 4.0},
 }
 
 
@@ -106,12 +109,12 @@ def test_float16_activations_run_on_cpu_close_to_float32(tmp_path):
 
 
 def test_a_model_outside_the_fused_family_gets_the_logits_only_graph_and_still_generates(tmp_path):
-    model = tiny_random_model("granite")  # embedding, residual and logit multipliers: not in the fused family
+    model = tiny_random_model("starcoder2")  # LayerNorm with bias and a plain GELU MLP: not in the fused family
     calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
-    result = awq_graph.compile(model, calib, tmp_path / "granite", scheme="uint4_wo_16", n_samples=2, seqlen=32)
+    result = awq_graph.compile(model, calib, tmp_path / "starcoder2", scheme="uint4_wo_16", n_samples=2, seqlen=32)
     assert result.report["graph"]["kind"] == "logits-only"
-    assert any("no KV-cache decoder for this model (model type 'granite'" in w for w in result.report["warnings"])
-    onnx_model = CompiledModel(tmp_path / "granite")
+    assert any("no KV-cache decoder for this model (model type 'starcoder2'" in w for w in result.report["warnings"])
+    onnx_model = CompiledModel(tmp_path / "starcoder2")
     assert not onnx_model.has_kv_cache
     prompt = [5, 17, 3]
     tokens = onnx_model.greedy_ids(prompt, 5)
