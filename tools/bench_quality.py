@@ -55,8 +55,11 @@ def main() -> int:
     model = args.model or Path(subprocess.check_output([sys.executable, str(REPO / "tools" / "smollm2_path.py")], text=True).strip())
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
     args.work.mkdir(exist_ok=True)
-    tag = "peers" if args.peers else f"g{group}-{n_samples}x{args.seqlen}"
-    awq, rtn = args.work / f"awq-{tag}", args.work / f"rtn-g{group}"
+    tag = ("peers" if args.peers else f"g{group}-{n_samples}x{args.seqlen}")
+    if args.model:  # another model's figures go to their own files
+        tag = f"{args.model.stem}-{tag}"
+    awq = args.work / f"awq-{tag}"
+    rtn = args.work / (f"rtn-{args.model.stem}-g{group}" if args.model else f"rtn-g{group}")
     calib = args.data / "wikitext2-valid-tokenized.txt"
     text = args.data / "wikitext2-test.txt"
 
