@@ -132,8 +132,10 @@ class GraphModel:
         return env[out.args[0][0]]
 
 
-def export_model(lm: torch.nn.Module, example_seq: int = 8) -> GraphModel:
-    """torch.export with dynamic batch and sequence length -> GraphModel."""
+def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True) -> GraphModel:
+    """torch.export with dynamic batch and sequence length -> GraphModel. ``private``: the
+    program gets its own copies of the weights, so folding never edits ``lm``'s; False shares
+    them (one copy of the weights less in memory, for a model nobody else holds)."""
     lm.eval()
     wrapper = LogitsOnly(lm)
     vocab = int(getattr(lm.config, "vocab_size", 2))
@@ -154,7 +156,9 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8) -> GraphModel:
     # The program gets private copies of the tensors: folding edits them, never the caller's model.
     copies: dict[int, torch.Tensor] = {}
 
-    def private(t: torch.Tensor) -> torch.Tensor:
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if not private:
+            return t
         if id(t) not in copies:
             copy = t.detach().clone()
             copies[id(t)] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
@@ -163,7 +167,7 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8) -> GraphModel:
     for store in (program.state_dict, getattr(program, "constants", None) or {}):
         for name in list(store):
             if isinstance(store[name], torch.Tensor):
-                store[name] = private(store[name])
+                store[name] = own(store[name])
     state = {**program.state_dict, **(getattr(program, "constants", None) or {})}
     placeholder_param = {}
     params = {}

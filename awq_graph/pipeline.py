@@ -79,12 +79,15 @@ def compile(model, calib=None, out_dir="out", scheme="uint4_wo_128", config=None
         timings[stage] = round(now - t, 3)
         t = now
 
-    if isinstance(model, (str, os.PathLike)):
+    loaded_here = isinstance(model, (str, os.PathLike))
+    if loaded_here:
         model, tokenizer = load_model(model)
     model.eval()
     lap("load")
 
-    gm = export_model(model)  # before calibration: a model we cannot export or emit fails in seconds
+    # before calibration: a model we cannot export or emit fails in seconds. The folds edit the
+    # weights in place: a model we loaded ourselves shares them, a caller's gets copies.
+    gm = export_model(model, private=not loaded_here)
     check_emittable(gm, model, kv_cache, qscheme.group_size)
     lap("export")
 
