@@ -113,7 +113,7 @@ def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
         user, index = uses[0]
         base = weight_param[layer].removesuffix(".weight")
         if len(w_value.shape) == 3:  # Pattern 4
-            _rewrite_bank(graph, layer, user, qw, base, accuracy_level)
+            _rewrite_bank(graph, layer, user, qw, int(w_value.shape[1]), base, accuracy_level)
         else:
             target, dead, bias = _linear_pattern(layer, user, index)
             _to_matmulnbits(graph, target, qw, base, bias, accuracy_level)
@@ -142,14 +142,13 @@ def _linear_pattern(layer: str, user: ir.Node, index: int):
     raise ExportError(f"'{layer}': its weight feeds {user.op_type}, not a MatMul or Gemm")
 
 
-def _rewrite_bank(graph: ir.Graph, layer: str, user: ir.Node, qw: QuantizedWeight, base: str,
+def _rewrite_bank(graph: ir.Graph, layer: str, user: ir.Node, qw: QuantizedWeight, out_f: int, base: str,
                   accuracy_level: int) -> None:
     """Pattern 4: ``_grouped_mm``'s per-expert MatMuls over Gather(Transpose(W), e)."""
     perm = user.attributes.get("perm")
     if user.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1]:
         raise ExportError(f"'{layer}': the bank of experts does not feed a Transpose(perm=[0, 2, 1])")
     gathers = [u for u, _ in user.outputs[0].uses()]
-    out_f = qw.q.shape[0] // len(gathers)
     for gather in gathers:
         index = ir.convenience.get_const_tensor(gather.inputs[1]) if gather.op_type == "Gather" else None
         mm_uses = list(gather.outputs[0].uses()) if index is not None else []
