@@ -42,8 +42,7 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
                quantize_embedding: QuantScheme | None = None) -> Emitted:
     """Write the model to ``path``: the fused KV-cache decoder when it fits, else logits-only."""
     group_size = next((q.scheme.group_size for q in quantized.values()), None)
-    reason = ("--no-kv-cache" if not kv_cache else
-              "no HF model object" if model is None else decoder_support(model, group_size))
+    reason = _why_no_decoder(model, kv_cache, group_size)
     if reason is None:
         linears = linear_weights(gm, quantized)
         builder = build_gpt2_decoder if model.config.model_type == "gpt2" else build_decoder
@@ -100,11 +99,17 @@ def decoder_support(model, group_size: int | None = None) -> str | None:
     return gpt2_support(model) if model.config.model_type == "gpt2" else fused_support(model, group_size)
 
 
+def _why_no_decoder(model, kv_cache: bool, group_size: int | None) -> str | None:
+    """None when the KV-cache decoder is to be written; otherwise why not."""
+    if not kv_cache:
+        return "--no-kv-cache"
+    return "no HF model object" if model is None else decoder_support(model, group_size)
+
+
 def check_emittable(gm: GraphModel, model, kv_cache: bool = True, group_size: int | None = None) -> None:
     """Fail before the search when the graph can be written by neither emitter: the fused
     decoder does not fit and the exported graph holds a custom op torch.onnx cannot translate."""
-    reason = ("--no-kv-cache" if not kv_cache else
-              "no HF model object" if model is None else decoder_support(model, group_size))
+    reason = _why_no_decoder(model, kv_cache, group_size)
     if reason is not None:
         _refuse_untranslatable(gm, f"no KV-cache decoder: {reason}", "; nothing was quantized")
 

@@ -134,7 +134,8 @@ def decoder_shape(model) -> DecoderShape:
     cfg = model.config
     attn = model.model.layers[0].self_attn
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cos, _ = _rotary_tables(model, 1, _layer_types(cfg)[0] if _layer_types(cfg) else None)
+    layer_types = _layer_types(cfg)
+    cos, _ = _rotary_tables(model, 1, layer_types[0] if layer_types else None)
     window = -1
     uses_window = (cfg.model_type in ("mistral", "phi3", "mixtral") + SANDWICH
                    or getattr(cfg, "use_sliding_window", False))
@@ -151,7 +152,7 @@ def decoder_shape(model) -> DecoderShape:
         experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0,
         renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
         sandwich=cfg.model_type in SANDWICH, attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
-        final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0), layer_types=_layer_types(cfg),
+        final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0), layer_types=layer_types,
         clip_qkv=float(getattr(cfg, "clip_qkv", None) or 0.0),
         residual_scale=float(cfg.residual_multiplier) if cfg.model_type == "granite" else 1.0,
         logits_divisor=float(cfg.logits_scaling) if cfg.model_type == "granite" else 1.0)
