@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_inference import _size  # noqa: E402  (tools/, this script's folder)
+
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
              num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
              max_position_embeddings=4096, sliding_window=None, tie_word_embeddings=False)
@@ -66,10 +68,6 @@ def _time(kind: str, path: Path, args) -> dict:
     if done.returncode:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".onnx", ".data"))
 
 
 def main() -> int:
