@@ -44,6 +44,18 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+def greedy_continuation(folder, prompt: str, max_new_tokens: int) -> str:
+    """What `awq-graph generate FOLDER PROMPT --greedy` must print: the prompt, then the decoded
+    greedy ids of the compiled model, stopped at end-of-text."""
+    from awq_graph.runtime import CompiledModel
+
+    model = CompiledModel(folder)
+    greedy = model.greedy_ids(model.tokenizer(prompt).input_ids, max_new_tokens)
+    eos = model.tokenizer.eos_token_id
+    greedy = greedy[:greedy.index(eos)] if eos in greedy else greedy
+    return prompt + model.tokenizer.decode(greedy, skip_special_tokens=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A saved tiny Llama (grouped-query attention) with a byte-level BPE tokenizer."""

@@ -17,7 +17,7 @@ from awq_graph.runtime import CompiledModel
 from awq_graph.search import SearchOptions, awq_search
 from passes.check_config import derive_groups
 
-from conftest import tiny_model
+from conftest import greedy_continuation, tiny_model
 
 FAMILY = {
     "llama": {},  # grouped-query attention: 4 heads over 2 kv heads
@@ -166,11 +166,7 @@ def test_generate_streams_the_continuation_and_reports_tokens_per_second(compile
     out, err = capsys.readouterr()
     assert out.startswith("the king of") and len(out.strip()) > len("the king of")
     assert "prefill" in err and "tok/s" in err and "(KV cache)" in err
-    model = CompiledModel(compiled_tiny)
-    greedy = model.greedy_ids(model.tokenizer("the king of").input_ids, 12)
-    eos = model.tokenizer.eos_token_id
-    greedy = greedy[:greedy.index(eos)] if eos in greedy else greedy  # generation stops at end-of-text
-    assert out.rstrip("\n") == "the king of" + model.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert out.rstrip("\n") == greedy_continuation(compiled_tiny, "the king of", 12)
 
 
 def test_sampling_is_reproducible_with_a_seed(compiled_tiny, capsys):

@@ -160,7 +160,7 @@ def test_a_group_size_qmoe_cannot_use_gives_the_logits_only_graph_with_int4_expe
 def test_the_command_line_compiles_a_mixtral_checkpoint_and_generates_from_it(mixtral, tmp_path, capsys):
     from awq_graph.cli import main
 
-    from conftest import tiny_tokenizer
+    from conftest import greedy_continuation, tiny_tokenizer
 
     folder = tmp_path / "tiny-mixtral"
     mixtral.save_pretrained(folder)
@@ -171,9 +171,5 @@ def test_the_command_line_compiles_a_mixtral_checkpoint_and_generates_from_it(mi
     capsys.readouterr()
     assert main(["generate", str(out), "the king of", "--max-new-tokens", "8", "--greedy"]) == 0
     text, err = capsys.readouterr()
-    model = CompiledModel(out)
-    greedy = model.greedy_ids(model.tokenizer("the king of").input_ids, 8)
-    eos = model.tokenizer.eos_token_id
-    greedy = greedy[:greedy.index(eos)] if eos in greedy else greedy
-    assert text.rstrip("\n") == "the king of" + model.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert text.rstrip("\n") == greedy_continuation(out, "the king of", 8)
     assert "(KV cache)" in err
