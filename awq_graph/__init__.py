@@ -1,7 +1,7 @@
 """awq-graph: AWQ int4 compilation of Hugging Face causal LMs to onnxruntime MatMulNBits models,
 with scaling groups derived from the torch.export graph."""
-from .errors import AwqGraphError, ConfigError, ExportError, InputError, SchemeError
-from .numerics import QuantScheme
+from .core.errors import AwqGraphError, ConfigError, ExportError, InputError, SchemeError
+from .core.numerics import QuantScheme
 from .pipeline import CompileResult, compile
 
 __all__ = ["compile", "CompileResult", "QuantScheme", "AwqGraphError", "ConfigError", "ExportError",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .core.errors import InputError
 
 
 def read_text(path: str | Path) -> str:

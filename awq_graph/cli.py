@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import AwqGraphError
+from .core.errors import AwqGraphError
 
 
 def _progress(it, desc, total):
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _graph_of(spec: str):
     """MODEL as a path, or a transformers model type -> (GraphModel, label)."""
-    from .graph import export_model
+    from .export import export_model
     from .load import load_model, tiny_random_model
 
     if Path(spec).exists() or "/" in spec or spec.endswith(".gguf"):
@@ -107,9 +107,9 @@ def _graph_of(spec: str):
 
 
 def _infer(args) -> int:
-    from passes.channel_flow import example_values
-    from passes.check_config import derive_groups
-    from passes.groups import to_quark_config
+    from awq_graph.core.analysis import example_values
+    from awq_graph.passes.check_config import derive_groups
+    from awq_graph.core.records import to_quark_config
 
     gm, label = _graph_of(args.model)
     prefix, per_layer, skipped = derive_groups(gm, example_values(gm))
@@ -136,9 +136,9 @@ def _infer(args) -> int:
 
 
 def _check(args) -> int:
-    from passes.channel_flow import example_values
-    from passes.check_config import derive_groups, resolve_config
-    from passes.groups import read_quark_config
+    from awq_graph.core.analysis import example_values
+    from awq_graph.passes.check_config import derive_groups, resolve_config
+    from awq_graph.core.records import read_quark_config
     from .verify import verify_groups
 
     gm, label = _graph_of(args.model)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compile(args) -> int:
-    from .numerics import QuantScheme
+    from .core.numerics import QuantScheme
     from .pipeline import compile as run_compile
 
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym)
@@ -241,7 +241,7 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    from .errors import InputError
+    from .core.errors import InputError
     from .runtime import CompiledModel
 
     if args.max_new_tokens < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -13,17 +13,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from passes.check_config import derive_groups, resolve_config
-from passes.channel_flow import example_values
-from passes.groups import read_quark_config, to_quark_config
+from awq_graph.passes.check_config import derive_groups, resolve_config
+from awq_graph.core.records import read_quark_config, to_quark_config
 
 from . import calib as calibration
 from .emit import check_emittable, write_onnx
-from .errors import ConfigError, InputError
-from .graph import export_model
+from .core.errors import ConfigError, InputError
+from .export import export_model
 from .load import load_model
-from .numerics import QuantScheme, quantize
-from .search import SearchOptions, SearchResult, awq_search, output_head, rtn
+from .core.numerics import QuantScheme, quantize
+from .core.analysis import example_values, output_head
+from .search import SearchOptions, SearchResult, awq_search, rtn
 from .verify import verify_groups
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import InputError
+from .core.errors import InputError
 
 PAST = "past_key_values."
 
@@ -153,7 +153,7 @@ class CompiledModel:
         shown = ""
         steps: list[float] = []
         t0 = time.perf_counter()
-        logits, advance = self._decoding(prompt_ids, max_new_tokens)
+        logits, advance = self.decoding(prompt_ids, max_new_tokens)
         prefill_s = time.perf_counter() - t0
         for _ in range(max_new_tokens):
             token = _pick(np.asarray(logits, np.float32), temperature, top_k, rng)
@@ -186,14 +186,14 @@ class CompiledModel:
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation as token ids (no tokenizer needed, no end-of-text stop)."""
         out: list[int] = []
-        logits, advance = self._decoding(prompt_ids, max_new_tokens)
+        logits, advance = self.decoding(prompt_ids, max_new_tokens)
         for k in range(max_new_tokens):
             out.append(int(np.argmax(logits)))
             if k + 1 < max_new_tokens:
                 logits = advance(out[-1])
         return out
 
-    def _decoding(self, prompt_ids: list[int], max_new_tokens: int):
+    def decoding(self, prompt_ids: list[int], max_new_tokens: int):
         """(the prompt's last logits, advance): advance(token) -> the next logits. Against the
         KV cache, or re-running the whole prefix on a logits-only model."""
         if not self.has_kv_cache:

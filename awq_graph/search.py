@@ -30,16 +30,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from passes.channel_flow import real_users
-from passes.check_config import decoder_layers
-from passes.fold import fold_scales
-from passes.groups import ScalingGroup
-
-from .graph import GraphModel, in_module, module_path, run_nodes
-from .numerics import (QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_quadratic_error,
-                       fake_quantize, quadratic_output_error, quantize, weight_magnitude)
-
-aten = torch.ops.aten
+from .core.analysis import decoder_layers, feeds_attention_scores, quantizable_linears
+from .core.ir import GraphModel, in_module, module_path, run_nodes
+from .core.numerics import (QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_quadratic_error,
+                            fake_quantize, quadratic_output_error, quantize, weight_magnitude)
+from .core.records import ScalingGroup
+from .passes.fold import fold_scales
 
 
 @dataclass(frozen=True)
@@ -84,28 +80,6 @@ class SearchResult:
     groups: list[GroupReport] = field(default_factory=list)
     clips: list[ClipReport] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def quantizable_linears(gm: GraphModel) -> list[str]:
-    """Linears of the decoder layers with a private weight, MoE expert banks included. The
-    lm_head, tied weights and MoE routers (their output picks the experts: a rounding error
-    there sends tokens elsewhere) stay float."""
-    prefix, _ = decoder_layers(gm)
-    return [n for n, site in gm.linears.items()
-            if n.startswith(prefix + ".") and len(real_users(site.weight_node)) == 1
-            and not _routes_tokens(site.node)]
-
-
-def output_head(gm: GraphModel) -> str | None:
-    """The linear that writes the logits (``lm_head``), found from the graph output."""
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
-    # back through casts and gemma2's softcap c * tanh(x / c): ops of one tensor and constants
-    passthrough = (aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.tanh.default,
-                   aten.div.Tensor, aten.mul.Tensor, aten.div.Scalar, aten.mul.Scalar)
-    while (out.op == "call_function" and out.target in passthrough
-           and sum(isinstance(a, fx.Node) for a in out.args) == 1 and isinstance(out.args[0], fx.Node)):
-        out = out.args[0]
-    return next((name for name, site in gm.linears.items() if site.node is out), None)
 
 
 def rtn(gm: GraphModel, scheme: QuantScheme) -> SearchResult:
@@ -161,37 +135,6 @@ class _Stages:
                 if a.op == "call_function":
                     for k in range(stage_of[a], stage_of[node]):
                         self.keep_after[k].add(a)
-
-
-def _reaches(site_node: fx.Node, hit, depth: int = 16) -> bool:
-    """True when the linear's output reaches a node ``hit(node, operand)`` accepts before the
-    next linear."""
-    frontier, seen = [site_node], set()
-    for _ in range(depth):
-        nxt = []
-        for node in frontier:
-            for user in node.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                if hit(user, node):
-                    return True
-                if user.target in (aten.linear.default, aten.addmm.default):
-                    continue
-                nxt.append(user)
-        frontier = nxt
-    return False
-
-
-def _feeds_attention_scores(site_node: fx.Node) -> bool:
-    """True when the linear's output reaches softmax or the q/k operand of attention."""
-    return _reaches(site_node, lambda user, operand: user.target in (aten._softmax.default, aten.softmax.int) or (
-        user.target is aten.scaled_dot_product_attention.default and operand in user.args[:2]))
-
-
-def _routes_tokens(site_node: fx.Node) -> bool:
-    """True for an MoE router: its output reaches the top-k that picks the experts."""
-    return _reaches(site_node, lambda user, operand: user.target is aten.topk.default, depth=8)
 
 
 class _Stat:
@@ -393,7 +336,7 @@ def _clip_search(name, w, gram, numel, opts, node):
     if not opts.clip:
         return 1.0, None
     numel = max(numel, 1)
-    if _feeds_attention_scores(node):
+    if feeds_attention_scores(node):
         base = blockwise_quadratic_error(fake_quantize(w, scheme) - w, gram, scheme.group_size)
         loss = float(base.sum()) / numel
         return 1.0, ClipReport(name, False, loss, loss, 1.0)

@@ -10,15 +10,15 @@ import math
 
 import torch
 
-from passes.fold import fold_scales
-
-from .graph import GraphModel
+from .core.analysis import token_table
+from .core.ir import GraphModel
+from .passes.fold import fold_scales
 
 
 @torch.no_grad()
 def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seqlen: int = 24) -> float:
     gen = torch.Generator().manual_seed(seed)
-    size = _vocab(gm)
+    size = int(gm.params[token_table(gm)].shape[0])
     ids = torch.randint(0, size, (batch, seqlen), generator=gen)
     before = gm.run(ids)
     saved = {k: v.clone() for k, v in gm.params.items()}
@@ -34,10 +34,3 @@ def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seql
         for k, v in saved.items():
             gm.params[k].copy_(v)
     return float((after - before).abs().max() / before.abs().max().clamp(min=1e-12))
-
-
-def _vocab(gm: GraphModel) -> int:
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
-            return int(gm.params[gm.param_of(node.args[0])].shape[0])
-    return 2

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from awq_graph.graph import GraphModel, linear_site, module_path, run_nodes
-from passes.groups import ScalingGroup, SkippedGroup
+from awq_graph.core.analysis import example_values, real_users
+from awq_graph.core.ir import GraphModel, linear_site, module_path
+from awq_graph.core.records import FoldKind, ScalingGroup, SkippedGroup
 
 aten = torch.ops.aten
 
@@ -65,7 +66,7 @@ COMMUTING = MOVEMENT | CASTS | HOMOGENEOUS | ELEMENTWISE_MUL | ELEMENTWISE_DIV |
 
 @dataclass(frozen=True)
 class FoldPoint:
-    kind: str  # "norm_weight" | "norm_offset" | "layer_norm" | "linear"
+    kind: FoldKind
     module: str
     node: fx.Node  # the node whose output is the scaled tensor
     params: tuple[str, ...]  # parameter names the fold edits
@@ -85,14 +86,9 @@ class Stop:
     reason: str
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
     t = node.target
     return getattr(t, "__name__", str(t)).split(".")[0]
-
-
-def real_users(node: fx.Node) -> list[fx.Node]:
-    """Users that compute something (export's metadata assertions do not)."""
-    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
 def param_through_casts(gm: GraphModel, arg) -> tuple[str | None, bool]:
@@ -128,13 +124,13 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
             if b is None:
                 return Stop(node, f"'{site.module}' has a bias that is not a private parameter")
             params.append(b)
-        kind = "linear_t" if site.transposed else "linear"
+        kind = FoldKind.LINEAR_T if site.transposed else FoldKind.LINEAR
         return FoldPoint(kind, site.module, node, tuple(params), site.out_features)
     if t is aten.layer_norm.default and len(node.args) > 2 and gm.param_of(node.args[2]):  # Case C
         params = [_single_use_param(gm, a) for a in node.args[2:4] if a is not None]
         if None in params:
             return Stop(node, f"'{module_path(node)}' shares its affine parameters")
-        return FoldPoint("layer_norm", module_path(node), node, tuple(params), int(gm.params[params[0]].shape[0]))
+        return FoldPoint(FoldKind.LAYER_NORM, module_path(node), node, tuple(params), int(gm.params[params[0]].shape[0]))
     if t is aten.mul.Tensor:
         out = example.get(node)
         if not isinstance(out, torch.Tensor):
@@ -151,7 +147,7 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
             if channel_vector(name):
                 if not private:
                     return Stop(node, f"parameter '{name}' is used elsewhere too")
-                return FoldPoint("norm_weight", module_path(node), node, (name,), out.shape[-1])  # Case A
+                return FoldPoint(FoldKind.NORM_WEIGHT, module_path(node), node, (name,), out.shape[-1])  # Case A
             if isinstance(a, fx.Node) and a.op == "call_function" and a.target is aten.add.Tensor \
                     and len(real_users(a)) == 1:
                 p, c = a.args[0], a.args[1]
@@ -161,7 +157,7 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
                 if channel_vector(name) and c == 1:
                     if not private:
                         return Stop(node, f"parameter '{name}' is used elsewhere too")
-                    return FoldPoint("norm_offset", module_path(node), node, (name,), out.shape[-1])  # Case B
+                    return FoldPoint(FoldKind.NORM_OFFSET, module_path(node), node, (name,), out.shape[-1])  # Case B
     return None
 
 
@@ -189,7 +185,7 @@ def trace_up(gm: GraphModel, start: fx.Node, example: dict) -> Trace | Stop:
         if t in MOVEMENT or t in CASTS or t in HOMOGENEOUS:
             nxt = cur.args[0]
             if isinstance(nxt, (list, tuple)):
-                return Stop(cur, f"{cur.name} ({_op_name(cur)}) has several inputs")
+                return Stop(cur, f"{cur.name} ({op_name(cur)}) has several inputs")
         elif t is aten.cat.default:
             sources = [a for a in cur.args[0] if isinstance(a, fx.Node)]
             found = [trace_up(gm, a, example) for a in sources]
@@ -207,7 +203,7 @@ def trace_up(gm: GraphModel, start: fx.Node, example: dict) -> Trace | Stop:
                 if not ok:
                     reasons = "; ".join(tr.reason for _, tr in found if isinstance(tr, Stop))
                     return Stop(cur, reasons or f"{cur.name} (mul) has no scalable operand")
-                return Stop(cur, f"{cur.name} ({_op_name(cur)}) multiplies two scalable tensors")
+                return Stop(cur, f"{cur.name} ({op_name(cur)}) multiplies two scalable tensors")
             nxt = ok[0][0]
         elif t in SDPA:
             nxt = cur.args[2]
@@ -215,7 +211,7 @@ def trace_up(gm: GraphModel, start: fx.Node, example: dict) -> Trace | Stop:
             nxt = cur.args[1]
         else:
             return Stop(cur, f"'{module_path(cur) or cur.name}' reaches it only through {cur.name} "
-                             f"({_op_name(cur)}), which does not commute with scaling")
+                             f"({op_name(cur)}), which does not commute with scaling")
         path.append(cur)
         carriers[cur] = nxt
         cur = nxt
@@ -255,15 +251,6 @@ def propagate_tags(source: FoldPoint, path: list[fx.Node], carriers: dict, examp
 class _Inconsistent(Exception):
     def __init__(self, node):
         self.node = node
-
-
-def example_values(gm: GraphModel, seq: int = 6) -> dict:
-    """Concrete values of every node for a small input: shapes for the analysis."""
-    env = gm.param_env()
-    ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
-    env[gm.input_node()] = ids
-    with torch.no_grad():
-        return run_nodes([n for n in gm.graph.nodes if n.op == "call_function"], env)
 
 
 def find_groups(gm: GraphModel, linears: list[str] | None = None, example: dict | None = None):
@@ -334,7 +321,7 @@ def _check_consumers(gm: GraphModel, source: FoldPoint, members, tags, used, exa
             what = module_path(user) or user.name
             if linear_site(gm, user) is not None:
                 return f"'{what}' also reads the scaled tensor but is not compensated"
-            return f"the scaled tensor also flows into {user.name} ({_op_name(user)}) in '{what}', which cannot be compensated"
+            return f"the scaled tensor also flows into {user.name} ({op_name(user)}) in '{what}', which cannot be compensated"
     # Rules 2 and 4 need the other operand free of scaled channels. Every way a scaled
     # channel leaves the path was checked above, so it suffices that the other operand is
     # not itself on the path (x * x, or q/k computed from the scaled tensor).
@@ -343,7 +330,7 @@ def _check_consumers(gm: GraphModel, source: FoldPoint, members, tags, used, exa
             operands = _tensor_args(node)
             carrier = tr.carriers[node]
             if operands.count(carrier) > 1 or any(o in on_path for o in operands if o is not carrier):
-                return f"{node.name} ({_op_name(node)}) combines the scaled tensor with itself"
+                return f"{node.name} ({op_name(node)}) combines the scaled tensor with itself"
     for name, _ in members:
         if len(real_users(gm.linears[name].weight_node)) != 1:
             return f"'{name}' shares its weight with another op (tied weights)"

@@ -7,37 +7,10 @@ entry against the graph; each fault is a string that starts with the config path
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
-
-from awq_graph.errors import ConfigError
-from awq_graph.graph import GraphModel, module_path
-from passes.channel_flow import COMMUTING, Stop, _op_name, example_values, find_groups, resolve_members, trace_up
-from passes.groups import ScalingGroup, common_module
-
-_INDEXED = re.compile(r"^(.*)\.(\d+)$")
-
-
-def decoder_layers(gm: GraphModel) -> tuple[str, int]:
-    """The repeated block that holds the linears: ("model.layers", 30) for Llama."""
-    counts: Counter = Counter()
-    indices: dict[str, set] = {}
-    for path in gm.linears:
-        parts = path.split(".")
-        for k in range(len(parts) - 1, 0, -1):
-            if parts[k].isdigit():
-                prefix = ".".join(parts[:k])
-                counts[prefix] += 1
-                indices.setdefault(prefix, set()).add(int(parts[k]))
-                break
-    if not counts:
-        raise ConfigError("no repeated decoder block with linear layers was found in the graph")
-    prefix = max(counts, key=lambda p: (counts[p], -len(p)))
-    return prefix, max(indices[prefix]) + 1
-
-
-def layer_linears(gm: GraphModel, prefix: str, i: int) -> list[str]:
-    return [name for name in gm.linears if name.startswith(f"{prefix}.{i}.")]
+from awq_graph.core.analysis import decoder_layers, example_values, layer_linears
+from awq_graph.core.ir import GraphModel, module_path
+from awq_graph.core.records import ScalingGroup, common_module
+from awq_graph.passes.channel_flow import COMMUTING, Stop, find_groups, op_name, resolve_members, trace_up
 
 
 def derive_groups(gm: GraphModel, example=None):
@@ -94,12 +67,12 @@ def resolve_config(gm: GraphModel, cfg: dict, example=None):
                     if isinstance(tr, Stop):
                         culprit = module_path(tr.node) or tr.node.name
                         fault = (f"{where}: prev_op '{entry['prev_op']}' reaches '{rel}' only through "
-                                 f"'{_rel(culprit, base)}' ({_op_name(tr.node)}), which does not commute with scaling")
+                                 f"'{_rel(culprit, base)}' ({op_name(tr.node)}), which does not commute with scaling")
                         break
                     if tr.source.module != prev:
                         culprit = _blocking_op(gm, prev, gm.linears[path].input)
                         fault = (f"{where}: prev_op '{entry['prev_op']}' reaches '{rel}' only through "
-                                 f"'{_rel(module_path(culprit), base)}' ({_op_name(culprit)}), which does not "
+                                 f"'{_rel(module_path(culprit), base)}' ({op_name(culprit)}), which does not "
                                  f"commute with scaling" if culprit is not None else
                                  f"{where}: layer '{rel}' does not read prev_op '{entry['prev_op']}': its input "
                                  f"scales back to '{_rel(tr.source.module, base)}'")

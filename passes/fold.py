@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from passes.groups import ScalingGroup
+from awq_graph.core.records import ScalingGroup
 
 
 @torch.no_grad()

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from awq_graph import runtime
-from awq_graph.graph import export_model
+from awq_graph.export import export_model
 from awq_graph.load import tiny_random_model
-from awq_graph.numerics import QuantScheme
+from awq_graph.core.numerics import QuantScheme
 from awq_graph.emit import write_onnx
 from awq_graph.search import SearchOptions, awq_search
 from awq_graph.verify import verify_groups
-from passes.check_config import derive_groups
+from awq_graph.passes.check_config import derive_groups
 
 # architecture -> pairs (prev_op, layers) that must be among the groups of decoder layer 0
 EXPECTED = {

@@ -1,9 +1,9 @@
 """Scaling groups derived from the torch.export graph, and Quark configs checked against it."""
 import pytest
 
-from awq_graph.graph import export_model
-from passes.check_config import derive_groups, resolve_config
-from passes.groups import to_quark_config
+from awq_graph.export import export_model
+from awq_graph.passes.check_config import derive_groups, resolve_config
+from awq_graph.core.records import to_quark_config
 
 from conftest import tiny_model
 

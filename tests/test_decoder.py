@@ -10,12 +10,12 @@ import torch
 import awq_graph
 from awq_graph.cli import main
 from awq_graph.emit import fake_quant_overrides, write_onnx
-from awq_graph.graph import export_model
+from awq_graph.export import export_model
 from awq_graph.load import tiny_random_model
-from awq_graph.numerics import QuantScheme
+from awq_graph.core.numerics import QuantScheme
 from awq_graph.runtime import CompiledModel
 from awq_graph.search import SearchOptions, awq_search
-from passes.check_config import derive_groups
+from awq_graph.passes.check_config import derive_groups
 
 from conftest import greedy_continuation, tiny_model
 
@@ -124,7 +124,7 @@ def test_a_model_outside_the_fused_family_gets_the_logits_only_graph_and_still_g
 
 
 def test_a_decoder_that_differs_from_torch_is_replaced_by_the_logits_only_graph(tmp_path, monkeypatch):
-    import passes.emit_decoder as emit_decoder
+    import awq_graph.emit.decoder as emit_decoder
 
     real = emit_decoder.decoder_shape
     monkeypatch.setattr(emit_decoder, "decoder_shape", lambda m: real(m).__class__(**{**real(m).__dict__, "eps": 0.5}))
@@ -136,7 +136,7 @@ def test_a_decoder_that_differs_from_torch_is_replaced_by_the_logits_only_graph(
 
 
 def test_a_decoder_onnxruntime_refuses_is_replaced_by_the_logits_only_graph(tmp_path, monkeypatch):
-    import passes.emit_decoder as emit_decoder
+    import awq_graph.emit.decoder as emit_decoder
 
     monkeypatch.setattr(emit_decoder, "_activate", lambda g, x, activation, name: g.op("NoSuchOp", [x], name))
     model = tiny_model()
@@ -251,7 +251,7 @@ def test_cuda_provider_generates_what_the_cpu_provider_generates(tmp_path):
 
 
 def test_the_lm_head_is_found_behind_gemma2s_logit_softcap():
-    from awq_graph.search import output_head
+    from awq_graph.core.analysis import output_head
 
     model = tiny_model("gemma2")  # logits = 30 * tanh(lm_head(h) / 30)
     assert model.config.final_logit_softcapping and output_head(export_model(model)) == "lm_head"

@@ -1,9 +1,9 @@
 """Folding alone (no quantization) leaves the float function unchanged."""
 import torch
 
-from awq_graph.graph import export_model
-from passes.check_config import derive_groups
-from passes.fold import fold_scales
+from awq_graph.export import export_model
+from awq_graph.passes.check_config import derive_groups
+from awq_graph.passes.fold import fold_scales
 
 from conftest import tiny_model
 

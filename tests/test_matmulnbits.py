@@ -5,7 +5,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from awq_graph.numerics import QuantScheme, pack_matmulnbits, quantize
+from awq_graph.core.numerics import QuantScheme, pack_matmulnbits, quantize
 
 
 def unpack_reference(b, scales, zp, n, k, block, symmetric, bits=4):
@@ -66,14 +66,14 @@ def test_matmulnbits_equals_numpy_dequantization(bits, symmetric, block, k):
 @pytest.mark.parametrize("k", [256, 200])
 def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k):
     """The int4 embedding: rows packed as MatMulNBits packs them, looked up by GatherBlockQuantized."""
-    from passes.emit_decoder import _embedding, _Graph
+    from awq_graph.emit.builder import GraphBuilder, embedding
 
     torch.manual_seed(k)
     vocab, block = 40, 32
     table = torch.randn(vocab, k)
     scheme = QuantScheme(4, block, symmetric)
-    g = _Graph(TensorProto.FLOAT)
-    out = _embedding(g, "ids", table, scheme, quantized=True)
+    g = GraphBuilder(TensorProto.FLOAT)
+    out = embedding(g, "ids", table, scheme, quantized=True)
     graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["B", "S", k])], g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])

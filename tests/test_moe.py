@@ -11,13 +11,16 @@ from onnx import TensorProto, helper
 
 import awq_graph
 from awq_graph.emit import fake_quant_overrides
-from awq_graph.graph import export_model
+from awq_graph.export import export_model
 from awq_graph.load import tiny_random_model
-from awq_graph.numerics import QuantScheme, blockwise_quadratic_error, quadratic_output_error, quantize
+from awq_graph.core.numerics import QuantScheme, blockwise_quadratic_error, quadratic_output_error, quantize
 from awq_graph.runtime import CompiledModel
-from awq_graph.search import SearchOptions, awq_search, quantizable_linears, rtn
-from passes.check_config import derive_groups
-from passes.emit_decoder import DecoderShape, LinearWeights, _Graph, _moe
+from awq_graph.core.analysis import quantizable_linears
+from awq_graph.search import SearchOptions, awq_search, rtn
+from awq_graph.passes.check_config import derive_groups
+from awq_graph.emit.builder import GraphBuilder, LinearWeights
+from awq_graph.emit.decoder import moe_block
+from awq_graph.emit.families import DecoderShape
 
 E, HIDDEN, INTER, TOP_K = 4, 64, 32, 2
 
@@ -51,11 +54,11 @@ def test_qmoe_over_our_packed_banks_equals_a_numpy_mixtral_block(scheme):
     router = torch.randn(E, HIDDEN, generator=gen)
     gate_up = quantize(torch.randn(E * 2 * INTER, HIDDEN, generator=gen), scheme)  # expert by expert, gate rows first
     down = quantize(torch.randn(E * HIDDEN, INTER, generator=gen) * 0.1, scheme)
-    g = _Graph(TensorProto.FLOAT)
+    g = GraphBuilder(TensorProto.FLOAT)
     shape = DecoderShape(1, HIDDEN, 1, 1, HIDDEN, HIDDEN, 2, 1e-6, 1.0, 8, -1, experts_per_token=TOP_K)
     linears = {"m.mlp.gate": LinearWeights(None, router), "m.mlp.experts.gate_up_proj": LinearWeights(gate_up, None),
                "m.mlp.experts.down_proj": LinearWeights(down, None)}
-    y = _moe(g, "x", "m.mlp", linears, shape, accuracy_level=0)
+    y = moe_block(g, "x", "m.mlp", linears, shape, accuracy_level=0)
     graph = helper.make_graph(g.nodes, "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", HIDDEN])],
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, "S", HIDDEN])], g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from awq_graph.errors import SchemeError
-from awq_graph.numerics import QuantScheme, blockwise_quadratic_error, dequantize, fake_quantize, quantize
+from awq_graph.core.errors import SchemeError
+from awq_graph.core.numerics import QuantScheme, blockwise_quadratic_error, dequantize, fake_quantize, quantize
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from awq_graph import runtime
-from awq_graph.graph import export_model
-from awq_graph.numerics import QuantScheme
+from awq_graph.export import export_model
+from awq_graph.core.numerics import QuantScheme
 from awq_graph.emit import write_onnx
 from awq_graph.search import SearchOptions, awq_search
-from passes.check_config import derive_groups
+from awq_graph.passes.check_config import derive_groups
 
 from conftest import tiny_model
 

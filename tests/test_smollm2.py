@@ -38,9 +38,9 @@ def test_int4_smollm2_greedy_starts_like_the_fake_quant_torch_model(smollm2_gguf
     import torch
 
     from awq_graph.emit import fake_quant_overrides, write_onnx
-    from awq_graph.graph import export_model
+    from awq_graph.export import export_model
     from awq_graph.load import load_model
-    from awq_graph.numerics import QuantScheme
+    from awq_graph.core.numerics import QuantScheme
     from awq_graph.runtime import CompiledModel
     from awq_graph.search import rtn
 

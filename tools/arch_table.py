@@ -9,11 +9,11 @@ import sys
 import warnings
 
 from awq_graph.emit import decoder_support, untranslatable_ops
-from awq_graph.graph import export_model
+from awq_graph.export import export_model
 from awq_graph.load import tiny_random_model
 from awq_graph.verify import verify_groups
-from passes.channel_flow import example_values
-from passes.check_config import derive_groups
+from awq_graph.core.analysis import example_values
+from awq_graph.passes.check_config import derive_groups
 
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
            "qwen2_moe", "qwen3_moe", "olmoe", "granite", "starcoder2"]

@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
-def _size(*paths: Path) -> int:
+def model_bytes(*paths: Path) -> int:
     total = 0
     for p in paths:
         files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and f.suffix in (".onnx", ".data", ".gguf", ".safetensors")]
@@ -75,7 +74,7 @@ def run_ours(path: Path, prompt, new, threads, spinning=False):
 
     model = CompiledModel(path, threads=threads, spinning=spinning)
     t = time.perf_counter()  # what `generate` times, without the tokenizer
-    logits, advance = model._decoding(prompt, new)
+    logits, advance = model.decoding(prompt, new)
     prefill = time.perf_counter() - t
     steps = []
     for _ in range(new - 1):
@@ -144,7 +143,7 @@ def _build(work: Path, gguf: Path, int4: Path | None):
     import torch
 
     from awq_graph.emit import write_onnx
-    from awq_graph.graph import export_model
+    from awq_graph.export import export_model
     from awq_graph.load import load_model
 
     work.mkdir(parents=True, exist_ok=True)
@@ -186,7 +185,7 @@ def set_accuracy_level(src: Path, dst: Path, level: int) -> None:
     """A copy of a compiled folder with every MatMulNBits at ``level`` (the weights are shared)."""
     import onnx
 
-    from passes.emit_decoder import set_accuracy_level as set_level
+    from awq_graph.emit.decoder import set_accuracy_level as set_level
 
     dst.mkdir(exist_ok=True)
     for f in src.iterdir():
@@ -256,16 +255,16 @@ def main() -> int:
     gguf = args.model or Path(subprocess.check_output([sys.executable, str(REPO / "tools" / "smollm2_path.py")],
                                                       text=True).strip())
     hf, fp32, level0, level4, genai = _build(args.work, gguf, args.int4)
-    contenders = [("(a) torch eager float32", "torch", hf, _size(hf)),
-                  ("(b) onnxruntime float32 (same graph)", "ours", fp32, _size(fp32)),
-                  ("(c) ours int4, accuracy_level 0", "ours", level0, _size(level0)),
-                  ("(c) ours int4, accuracy_level 4", "ours", level4, _size(level4)),
-                  ("(c) ours int4, level 4, spinning on", "ours-spin", level4, _size(level4))]
+    contenders = [("(a) torch eager float32", "torch", hf, model_bytes(hf)),
+                  ("(b) onnxruntime float32 (same graph)", "ours", fp32, model_bytes(fp32)),
+                  ("(c) ours int4, accuracy_level 0", "ours", level0, model_bytes(level0)),
+                  ("(c) ours int4, accuracy_level 4", "ours", level4, model_bytes(level4)),
+                  ("(c) ours int4, level 4, spinning on", "ours-spin", level4, model_bytes(level4))]
     if _has("llama_cpp"):
-        contenders.append(("(d) llama.cpp Q4_1 GGUF", "llama.cpp", gguf, _size(gguf)))
+        contenders.append(("(d) llama.cpp Q4_1 GGUF", "llama.cpp", gguf, model_bytes(gguf)))
     if (genai / "model.onnx").exists():
         _genai_threads(genai, args.threads)
-        contenders.append(("(e) onnxruntime-genai builder int4", "genai", genai, _size(genai)))
+        contenders.append(("(e) onnxruntime-genai builder int4", "genai", genai, model_bytes(genai)))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
     native = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp: its own thread policy
     rows = []

@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench_inference import _size  # noqa: E402  (tools/, this script's folder)
+from bench_inference import model_bytes  # tools/, this script's folder, is on sys.path
 
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
              num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
@@ -82,9 +81,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "moe.json")
     args = p.parse_args()
     hf, ours, facts = build(args.work, args.samples, args.seqlen)
-    rows = {"torch eager float32": (_time("torch", hf, args), _size(hf)),
-            "ours AWQ int4 (QMoE), level 4": (_time("ours", ours, args), _size(ours)),
-            "ours, spinning on": (_time("ours-spin", ours, args), _size(ours))}
+    rows = {"torch eager float32": (_time("torch", hf, args), model_bytes(hf)),
+            "ours AWQ int4 (QMoE), level 4": (_time("ours", ours, args), model_bytes(ours)),
+            "ours, spinning on": (_time("ours-spin", ours, args), model_bytes(ours))}
     base = rows["torch eager float32"][0]["decode_ms"]
     print(f"Mixtral-shaped, random weights: {facts['params'] / 1e6:.0f}M parameters, "
           f"{facts['active_params'] / 1e6:.0f}M active per token; {args.threads} threads, "

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def upcycle(dense, experts: int, noise: float, seed: int = 0):

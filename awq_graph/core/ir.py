@@ -1,5 +1,5 @@
-"""The exported graph: torch.export of a causal LM, its parameters by module name, and a
-small interpreter that runs any part of it.
+"""The IR: an exported causal LM (``GraphModel``), its parameters by module name, its linear
+layers (``LinearSite``), and a small interpreter that runs any part of it.
 
 Names: every module path and parameter name is the Hugging Face one (``model.layers.0.
 self_attn.q_proj``), exactly what a Quark config names.
@@ -11,20 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .errors import ExportError, InterpretError
+from .errors import InterpretError
 
-_PREFIX = "lm."  # the wrapper's attribute below: stripped from every name
-
-
-class LogitsOnly(torch.nn.Module):
-    """``input_ids -> logits``, without a KV cache, so that torch.export sees plain tensors."""
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, use_cache=False).logits
+PREFIX = "lm."  # the attribute of the exported wrapper (``awq_graph.export``): stripped from every name
 
 
 @dataclass(frozen=True)
@@ -68,7 +57,7 @@ def module_path(node: fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     path = path.removeprefix("L['self'].")
-    return path[len(_PREFIX):] if path.startswith(_PREFIX) else ("" if path + "." == _PREFIX else path)
+    return path[len(PREFIX):] if path.startswith(PREFIX) else ("" if path + "." == PREFIX else path)
 
 
 def in_module(node: fx.Node, path: str) -> bool:
@@ -132,62 +121,11 @@ class GraphModel:
         return env[out.args[0][0]]
 
 
-def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True) -> GraphModel:
-    """torch.export with dynamic batch and sequence length -> GraphModel. ``private``: the
-    program gets its own copies of the weights, so folding never edits ``lm``'s; False shares
-    them (one copy of the weights less in memory, for a model nobody else holds)."""
-    lm.eval()
-    wrapper = LogitsOnly(lm)
-    vocab = int(getattr(lm.config, "vocab_size", 2))
-    example = torch.randint(0, max(vocab, 2), (2, example_seq))
-    batch = torch.export.Dim("batch", max=4096)
-    seq = torch.export.Dim("seq", min=2, max=int(getattr(lm.config, "max_position_embeddings", 8192) or 8192))
-    try:
-        with torch.no_grad():
-            program = torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
-    except Exception as exc:  # torch raises many kinds; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            f"torch.export could not capture {type(lm).__name__}: {first} "
-            "(awq-graph works on the exported graph, so --config does not help here; a transformers "
-            "release whose modeling code exports for this architecture may)"
-        ) from exc
-    sig = program.graph_signature
-    # The program gets private copies of the tensors: folding edits them, never the caller's model.
-    copies: dict[int, torch.Tensor] = {}
-
-    def own(t: torch.Tensor) -> torch.Tensor:
-        if not private:
-            return t
-        if id(t) not in copies:
-            copy = t.detach().clone()
-            copies[id(t)] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
-        return copies[id(t)]
-
-    for store in (program.state_dict, getattr(program, "constants", None) or {}):
-        for name in list(store):
-            if isinstance(store[name], torch.Tensor):
-                store[name] = own(store[name])
-    state = {**program.state_dict, **(getattr(program, "constants", None) or {})}
-    placeholder_param = {}
-    params = {}
-    for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
-        hf = name.removeprefix(_PREFIX)
-        placeholder_param[ph] = hf
-        params[hf] = state[name]
-    for ph, name in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
-        placeholder_param[ph] = name
-        params[name] = state[name]
-    gm = GraphModel(program, params, placeholder_param)
-    _index_modules(gm)
-    return gm
-
-
-def _index_modules(gm: GraphModel) -> None:
+def index_modules(gm: GraphModel) -> None:
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         for path, cls in stack.values():
-            path = path.removeprefix(_PREFIX)
+            path = path.removeprefix(PREFIX)
             name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
             gm.module_types.setdefault(path, name.rsplit(".", 1)[-1])
         site = linear_site(gm, node)

@@ -1,4 +1,4 @@
-"""Emit: the folded float graph to ONNX, then every quantized linear to one MatMulNBits.
+"""Rewrite: every quantized linear of a torch.onnx graph to one com.microsoft::MatMulNBits.
 
 Rewrite (per quantized linear with weight W, integers q, scales, zero points):
 
@@ -6,85 +6,21 @@ Rewrite (per quantized linear with weight W, integers q, scales, zero points):
     Gemm(x, W, transB=1) / + bias      ->  MatMulNBits(x, B, scales, zp, bias)
     MatMul(x, Gather(Transpose(W), e)) ->  MatMulNBits of expert e's rows (a bank W (E, out, in))
 
-transformers' MoE experts (``transformers.grouped_mm_fallback``: rows sorted by expert, a bank
-of weights, cumulative row counts) have no torch.onnx translation of their own; ``_grouped_mm``
-is ours: one MatMul per expert over every row, each row keeping its own expert's product (E
-times the work of the routed rows: a portable fallback; the fused decoder uses QMoE).
-
-B, scales and zp are packed by ``awq_graph.numerics.pack_matmulnbits`` from the exact
+B, scales and zp are packed by ``awq_graph.core.numerics.pack_matmulnbits`` from the exact
 integers the search chose. W's float initializer is removed.
 """
 from __future__ import annotations
 
-import logging
-import re
-import warnings
-
 import numpy as np
 import onnx_ir as ir
-import torch
 
-from awq_graph.graph import GraphModel
-from awq_graph.numerics import QuantizedWeight, pack_matmulnbits
-from awq_graph.errors import ExportError
-
-log = logging.getLogger(__name__)
-_PREFIX = "lm."
-
-
-def custom_translations() -> dict:
-    """ONNX translations of custom ops the exported graphs use, by OpOverload."""
-    grouped = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
-    return {grouped.default: _grouped_mm} if grouped is not None else {}
-
-
-def _grouped_mm(x, weight, offsets):
-    """y[r] = x[r] @ weight[e(r)] with e(r) the expert whose rows [offsets[e-1], offsets[e])
-    hold r. x (S, in), weight (E, in, out), offsets (E,). Traced once, E unrolled."""
-    from onnxscript import opset18 as op
-
-    rows = op.Range(op.Constant(value_int=0), op.Gather(op.Shape(x), op.Constant(value_int=0), axis=0),
-                    op.Constant(value_int=1))
-    ends = op.Cast(offsets, to=ir.DataType.INT64)
-    start, out = op.Constant(value_int=0), None
-    for e in range(weight.shape[0]):
-        end = op.Gather(ends, op.Constant(value_int=e), axis=0)
-        y = op.MatMul(x, op.Gather(weight, op.Constant(value_int=e), axis=0))
-        mine = op.Unsqueeze(op.And(op.GreaterOrEqual(rows, start), op.Less(rows, end)), op.Constant(value_ints=[1]))
-        out = op.Where(mine, y, op.Mul(y, op.Constant(value_float=0.0)) if out is None else out)
-        start = end
-    return out
-
-
-def export_float_onnx(gm: GraphModel) -> ir.Model:
-    """torch.onnx (dynamo) export of the program with its current (folded) parameters."""
-    example = torch.randint(0, 2, (1, 8))
-    # torchlib's index_put makes an empty Constant and onnx_ir logs a warning about its type
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm.program, (example,), dynamo=True, optimize=False,
-                                        external_data=True, verbose=False,
-                                        input_names=["input_ids"], output_names=["logits"],
-                                        custom_translation_table=custom_translations())
-    except Exception as exc:
-        raise ExportError(f"ONNX export failed: {_onnx_failure(exc)}") from exc
-    return program.model
-
-
-def _onnx_failure(exc: Exception) -> str:
-    """The line of torch.onnx's long report that names the op it could not translate."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    match = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
-    if match:
-        return f"no ONNX translation for the op {match.group(1)} (the model's modeling code uses it)"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+from awq_graph.core.errors import ExportError
+from awq_graph.core.ir import PREFIX
+from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
 
 
 def _initializer(graph: ir.Graph, param: str) -> ir.Value | None:
-    return graph.initializers.get(_PREFIX + param) or graph.initializers.get(param)
+    return graph.initializers.get(PREFIX + param) or graph.initializers.get(param)
 
 
 def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
@@ -197,7 +133,3 @@ def _add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
                      shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
     graph.register_initializer(value)
     return value
-
-
-def save_model(model: ir.Model, path) -> None:
-    ir.save(model, str(path), external_data=path.name + ".data")

@@ -28,14 +28,16 @@ says which models it fits, and the pipeline checks the result against the torch 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
-from awq_graph.numerics import QuantizedWeight, pack_matmulnbits, quantize
+from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
+from awq_graph.emit.builder import (GraphBuilder, LinearWeights, attention_lengths, embedding, head_and_model,
+                                    keep_last, linear, out_rows)
+from awq_graph.emit.families import DecoderShape
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
           "qwen3_moe", "olmoe", "granite")  # RMSNorm, rotary GQA, gated MLP
@@ -53,44 +55,6 @@ MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # norms multiply by (1 + w)
 SANDWICH = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-
-
-@dataclass(frozen=True)
-class DecoderShape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    rotary_dim: int
-    vocab: int
-    eps: float
-    scaling: float
-    max_positions: int
-    window: int  # GroupQueryAttention's local_window_size; -1: full attention
-    activation: str = "silu"  # of the gate: silu, gelu_tanh, gelu
-    norm_offset: float = 0.0  # gemma's norms multiply by (offset + w)
-    embed_scale: float | None = None  # gemma multiplies the looked-up rows by sqrt(hidden)
-    experts_per_token: int = 0  # MoE: top-k of the router (0: a dense MLP)
-    renormalize: bool = True  # MoE: the picked experts' softmax weights are rescaled to sum to 1
-    sandwich: bool = False  # gemma2/3: norms after attention and before and after the MLP
-    attn_softcap: float = 0.0  # attention scores -> c * tanh(scores / c); 0: none
-    final_softcap: float = 0.0  # logits -> c * tanh(logits / c); 0: none
-    layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" (uses ``window``) or "full_attention"
-    clip_qkv: float = 0.0  # olmoe: q, k, v clamped to [-c, c]; 0: none
-    residual_scale: float = 1.0  # granite: attention and MLP outputs are multiplied before the residual add
-    logits_divisor: float = 1.0  # granite: logits = lm_head(h) / divisor
-
-    def layer_window(self, i: int) -> int:
-        return self.window if not self.layer_types or self.layer_types[i] == "sliding_attention" else -1
-
-    @property
-    def q_size(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.kv_heads * self.head_dim
 
 
 def fused_support(model, group_size: int | None = None) -> str | None:
@@ -179,103 +143,6 @@ def _per_layer_type(model) -> bool:
     return "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
 
 
-class _Graph:
-    """Nodes and initializers, named after the HF modules they come from."""
-
-    def __init__(self, float_type):
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.float_type = float_type  # TensorProto.FLOAT or FLOAT16
-        self.np_float = np.float16 if float_type == TensorProto.FLOAT16 else np.float32
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def floats(self, name: str, tensor) -> str:
-        array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-        return self.const(name, array.astype(self.np_float))
-
-    def op(self, op_type: str, inputs: list, name: str, outputs: int | list = 1, domain: str = "", **attrs):
-        outs = [f"{name}/out{k}" for k in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], outs, name=name,
-                                           domain=domain, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-
-@dataclass
-class LinearWeights:
-    """What one (possibly fused) linear needs: its integers, or its float matrix (out, in)."""
-
-    quantized: QuantizedWeight | None
-    matrix: torch.Tensor | None
-    bias: torch.Tensor | None = None
-
-    @staticmethod
-    def concat(parts: list["LinearWeights"]) -> "LinearWeights":
-        """Rows of several linears that read the same input, as one linear."""
-        biases = [p.bias for p in parts]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else torch.zeros(_rows(p)) for b, p in zip(biases, parts)])
-        if all(p.quantized is not None for p in parts) and len({p.quantized.scheme for p in parts}) == 1:
-            q = [p.quantized for p in parts]
-            merged = QuantizedWeight(torch.cat([x.q for x in q]), torch.cat([x.scale for x in q]),
-                                     torch.cat([x.zero for x in q]), q[0].scheme)
-            return LinearWeights(merged, None, bias)
-        matrices = [p.quantized.dequantize() if p.quantized is not None else p.matrix for p in parts]
-        return LinearWeights(None, torch.cat(matrices), bias)
-
-
-def _rows(lw: LinearWeights) -> int:
-    return lw.quantized.q.shape[0] if lw.quantized is not None else lw.matrix.shape[0]
-
-
-def _linear(g: _Graph, x: str, lw: LinearWeights, name: str, accuracy_level: int, tied_table: str | None = None) -> str:
-    """x @ W^T (+ b). ``tied_table``: W is this (out, in) initializer already (a tied lm_head
-    reads the embedding table; onnxruntime folds the Transpose once at load)."""
-    if lw.quantized is None:
-        if tied_table is not None:
-            w = g.op("Transpose", [tied_table], f"{name}/Transpose", perm=[1, 0])
-        else:
-            w = g.floats(f"{name}.weight_t", lw.matrix.T.contiguous())
-        y = g.op("MatMul", [x, w], f"{name}/MatMul")
-        if lw.bias is not None:
-            y = g.op("Add", [y, g.floats(f"{name}.bias", lw.bias)], f"{name}/Add")
-        return y
-    qw = lw.quantized
-    n, k = qw.q.shape
-    packed, scales, zeros = pack_matmulnbits(qw)
-    inputs = [x, g.const(f"{name}.qweight", packed), g.const(f"{name}.scales", scales.astype(g.np_float)),
-              g.const(f"{name}.qzeros", zeros) if zeros is not None else None]
-    if lw.bias is not None:
-        inputs += [None, g.floats(f"{name}.bias", lw.bias)]
-    return g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n,
-                bits=qw.scheme.bits, block_size=qw.scheme.group_size, accuracy_level=accuracy_level)
-
-
-def _embedding(g: _Graph, ids: str, table: torch.Tensor, scheme, quantized: bool,
-               name: str = "model.embed_tokens") -> str:
-    if not quantized:
-        return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # keep the name: see lm_head
-    qw = quantize(table.detach().float(), scheme)  # round-to-nearest, rows = tokens
-    vocab, hidden = qw.q.shape
-    packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks
-    blocks = packed.shape[1]
-    data = g.const(f"{name}.qweight", packed.reshape(vocab, -1))
-    scale = g.const(f"{name}.scales", scales.reshape(vocab, blocks).astype(g.np_float))
-    inputs = [data, ids, scale]
-    if zeros is not None:
-        inputs.append(g.const(f"{name}.qzeros", zeros.reshape(vocab, -1)))
-    rows = g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain="com.microsoft",
-                bits=scheme.bits, block_size=scheme.group_size, gather_axis=0, quantize_axis=1)
-    if blocks * scheme.group_size == hidden:
-        return rows
-    return g.op("Slice", [rows, g.const(f"{name}.start", np.array([0], np.int64)),
-                          g.const(f"{name}.end", np.array([hidden], np.int64)),
-                          g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
-
-
 def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
                   quantize_embedding=None, accuracy_level: int = 0,
                   act_dtype: str = "float32") -> onnx.ModelProto:
@@ -287,7 +154,7 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
     """
     shape = decoder_shape(model)
     ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
-    g = _Graph(ftype)
+    g = GraphBuilder(ftype)
     half = shape.rotary_dim // 2
     rotary = {}  # layer type (None: every layer) -> (cos cache, sin cache)
     for kind in sorted(set(shape.layer_types)) if _per_layer_type(model) else [None]:
@@ -295,12 +162,12 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
         tag = f"rotary.{kind}" if kind else "rotary"
         rotary[kind] = (g.floats(f"{tag}.cos_cache", cos[:, :half]), g.floats(f"{tag}.sin_cache", sin[:, :half]))
 
-    lengths = _lengths(g)  # shared by every layer's attention
+    lengths = attention_lengths(g)  # shared by every layer's attention
 
     def norm_weight(name):  # the factor each norm multiplies by
         return params[name].detach().float() + shape.norm_offset
 
-    x = _embedding(g, "input_ids", params["model.embed_tokens.weight"], quantize_embedding,
+    x = embedding(g, "input_ids", params["model.embed_tokens.weight"], quantize_embedding,
                    quantize_embedding is not None)
     if shape.embed_scale is not None:
         x = g.op("Mul", [x, g.floats("model.embed_tokens.embed_scale", np.array(shape.embed_scale))],
@@ -313,108 +180,39 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
                             shape.eps)
         tables = rotary[shape.layer_types[i] if None not in rotary else None]
         attn_out = _attention(g, h, i, p, params, linears, shape, tables, lengths, accuracy_level)
-        o = _residual_scale(g, _linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj",
+        o = _residual_scale(g, linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj",
                                        accuracy_level), shape, f"{p}.self_attn")
         if shape.sandwich:  # o is normed on its own, and the MLP's input norm is pre_feedforward_layernorm
             o, _ = _norm(g, None, None, o, norm_weight(f"{p}.post_attention_layernorm.weight"),
                          f"{p}.post_attention_layernorm", shape.eps)
         mlp_norm = "pre_feedforward_layernorm" if shape.sandwich else "post_attention_layernorm"
         h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.{mlp_norm}.weight"), f"{p}.{mlp_norm}", shape.eps)
-        delta = (_moe if f"{p}.mlp.experts.gate_up_proj" in linears else _mlp)(g, h, f"{p}.mlp", linears, shape,
+        delta = (moe_block if f"{p}.mlp.experts.gate_up_proj" in linears else _mlp)(g, h, f"{p}.mlp", linears, shape,
                                                                                accuracy_level)
         delta = _residual_scale(g, delta, shape, f"{p}.mlp")
         if shape.sandwich:
             delta, _ = _norm(g, None, None, delta, norm_weight(f"{p}.post_feedforward_layernorm.weight"),
                              f"{p}.post_feedforward_layernorm", shape.eps)
-    delta, residual = _keep_last(g, delta, residual)
+    delta, residual = keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
-    return _head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantize_embedding,
+    return head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantize_embedding,
                            accuracy_level, shape, "awq_graph_decoder")
 
 
-def _head_and_model(g: _Graph, h: str, head: LinearWeights, params, table_name: str, quantize_embedding,
-                    accuracy_level: int, shape: DecoderShape, graph_name: str) -> onnx.ModelProto:
-    """lm_head (reading the float embedding table ``table_name`` when tied to it) into the
-    ``logits`` output, then the model around the graph."""
-    table = params[table_name]
-    tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
-            and torch.equal(head.matrix, table))
-    logits = _linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
-    if shape.final_softcap:
-        logits = _softcap(g, logits, shape.final_softcap, "lm_head")
-    if shape.logits_divisor != 1.0:
-        logits = g.op("Div", [logits, g.floats("lm_head.logits_divisor", np.array(shape.logits_divisor))], "lm_head/Div")
-    g.nodes[-1].output[0] = "logits"  # the head's last node writes the graph output
-    inputs, outputs = _signature(shape, g.float_type)
-    graph = helper.make_graph(g.nodes, graph_name, inputs, outputs, g.initializers)
-    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                          helper.make_opsetid("com.microsoft", 1)],
-                                    producer_name="awq-graph")
-    model_proto.ir_version = 10
-    return model_proto
-
-
-def _residual_scale(g: _Graph, x: str, shape: DecoderShape, name: str) -> str:
+def _residual_scale(g: GraphBuilder, x: str, shape: DecoderShape, name: str) -> str:
     if shape.residual_scale == 1.0:
         return x
     return g.op("Mul", [x, g.floats(f"{name}.residual_scale", np.array(shape.residual_scale))], f"{name}/residual_Mul")
 
 
-def _softcap(g: _Graph, x: str, cap: float, name: str) -> str:
-    c = g.floats(f"{name}.softcap", np.array(cap))
-    return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c], f"{name}/softcap_Div")], f"{name}/softcap_Tanh"), c],
-                f"{name}/softcap_Mul")
-
-
-def _lengths(g: _Graph):
-    """GroupQueryAttention's seqlens_k (tokens - 1 per row) and total_sequence_length, from the
-    attention mask (right-padded batches)."""
-    mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
-                    "attention_mask/ReduceSum", keepdims=0)
-    seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one", np.array(1, np.int64))], "seqlens/Sub")],
-                   "seqlens_k", to=TensorProto.INT32)
-    total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "attention_mask/Shape"),
-                                          g.const("index_1", np.array(1, np.int64))], "total/Gather")],
-                 "total_sequence_length", to=TensorProto.INT32)
-    return seqlens, total
-
-
-def _keep_last(g: _Graph, delta: str, residual: str):
-    """The last ``logits_to_keep`` positions of the residual stream (0: all). Generation asks
-    for one, which spares the prompt's (S x vocab) head product and its copy."""
-    keep = g.op("Reshape", ["logits_to_keep", g.const("shape_1", np.array([1], np.int64))], "logits_to_keep/Reshape")
-    start = g.op("Neg", [keep], "logits_to_keep/Neg")  # -k: the last k positions; -0: all of them
-    end = g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64))
-    axis = g.const("axis_1", np.array([1], np.int64))
-    return (g.op("Slice", [delta, start, end, axis], "logits_to_keep/Slice_delta"),
-            g.op("Slice", [residual, start, end, axis], "logits_to_keep/Slice_residual"))
-
-
-def _signature(shape: DecoderShape, ftype):
-    """Graph inputs and outputs (see the module docstring)."""
-    batch, seq, past, total_len = "batch", "sequence", "past_sequence", "total_sequence"
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [batch, seq]),
-              helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [])]
-    outputs = [helper.make_tensor_value_info("logits", ftype, [batch, "kept_sequence", shape.vocab])]
-    for i in range(shape.layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", ftype,
-                                                        [batch, shape.kv_heads, past, shape.head_dim]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", ftype,
-                                                         [batch, shape.kv_heads, total_len, shape.head_dim]))
-    return inputs, outputs
-
-
-def _attention(g: _Graph, h: str, i: int, p: str, params, linears, shape: DecoderShape, rotary, lengths,
+def _attention(g: GraphBuilder, h: str, i: int, p: str, params, linears, shape: DecoderShape, rotary, lengths,
                accuracy_level: int) -> str:
     """q|k|v projection, rotary at position_ids, GroupQueryAttention over the layer's cache."""
     cos_cache, sin_cache = rotary
     seqlens, total = lengths
     fused_qkv = linears.get(f"{p}.self_attn.qkv_proj")  # phi3 stores q|k|v as one linear already
     attn = fused_qkv or LinearWeights.concat([linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"])
-    qkv = _linear(g, h, attn, f"{p}.self_attn.qkv_proj", accuracy_level)
+    qkv = linear(g, h, attn, f"{p}.self_attn.qkv_proj", accuracy_level)
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
     outs = [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"]
     attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
@@ -443,29 +241,29 @@ def _attention(g: _Graph, h: str, i: int, p: str, params, linears, shape: Decode
     return attn_out
 
 
-def _mlp(g: _Graph, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+def _mlp(g: GraphBuilder, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
     """down(act(gate(h)) * up(h)); phi3's gate|up is one linear, split in halves."""
     if f"{m}.gate_up_proj" in linears:  # phi3: gate and up as the two halves of one linear
         gate_up = linears[f"{m}.gate_up_proj"]
-        half = np.array([_rows(gate_up) // 2] * 2, np.int64)
-        gate, up = g.op("Split", [_linear(g, h, gate_up, f"{m}.gate_up_proj", accuracy_level),
+        half = np.array([out_rows(gate_up) // 2] * 2, np.int64)
+        gate, up = g.op("Split", [linear(g, h, gate_up, f"{m}.gate_up_proj", accuracy_level),
                                   g.const(f"{m}.split", half)], f"{m}/Split", outputs=2, axis=-1)
     else:
-        gate = _linear(g, h, linears[f"{m}.gate_proj"], f"{m}.gate_proj", accuracy_level)
-        up = _linear(g, h, linears[f"{m}.up_proj"], f"{m}.up_proj", accuracy_level)
+        gate = linear(g, h, linears[f"{m}.gate_proj"], f"{m}.gate_proj", accuracy_level)
+        up = linear(g, h, linears[f"{m}.up_proj"], f"{m}.up_proj", accuracy_level)
     act = _activate(g, gate, shape.activation, f"{m}.act_fn")
-    return _linear(g, g.op("Mul", [act, up], f"{m}/Mul"), linears[f"{m}.down_proj"],
+    return linear(g, g.op("Mul", [act, up], f"{m}/Mul"), linears[f"{m}.down_proj"],
                    f"{m}.down_proj", accuracy_level)
 
 
-def _moe(g: _Graph, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+def moe_block(g: GraphBuilder, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
     """The router (float) picks ``experts_per_token`` of E experts per token; QMoE runs
     down(silu(gate(h)) * up(h)) of each over its int4 bank and sums them weighted by the
     softmax of the router logits at the picked experts, renormalized over them (QMoE's own
     weighting) or not (the full softmax passed in as router_weights). A shared expert
     (qwen2_moe) is added, gated."""
-    router = _linear(g, h, linears[f"{m}.gate"], f"{m}.gate", accuracy_level)
-    experts = _rows(linears[f"{m}.gate"])
+    router = linear(g, h, linears[f"{m}.gate"], f"{m}.gate", accuracy_level)
+    experts = out_rows(linears[f"{m}.gate"])
     logits = g.op("Reshape", [router, g.const(f"{m}.router_shape", np.array([-1, experts], np.int64))],
                   f"{m}.gate/Reshape")  # (tokens, E)
     gate_up, down = linears[f"{m}.experts.gate_up_proj"], linears[f"{m}.experts.down_proj"]
@@ -489,12 +287,12 @@ def _moe(g: _Graph, h: str, m: str, linears, shape: DecoderShape, accuracy_level
         return routed
     # qwen2_moe: a dense expert every token takes, weighted by sigmoid(shared_expert_gate(h))
     shared = _mlp(g, h, f"{m}.shared_expert", linears, shape, accuracy_level)
-    weight = g.op("Sigmoid", [_linear(g, h, linears[f"{m}.shared_expert_gate"], f"{m}.shared_expert_gate",
+    weight = g.op("Sigmoid", [linear(g, h, linears[f"{m}.shared_expert_gate"], f"{m}.shared_expert_gate",
                                       accuracy_level)], f"{m}.shared_expert_gate/Sigmoid")
     return g.op("Add", [routed, g.op("Mul", [weight, shared], f"{m}.shared_expert_gate/Mul")], f"{m}/Add")
 
 
-def _expert_bank(g: _Graph, qw: QuantizedWeight, experts: int, name: str):
+def _expert_bank(g: GraphBuilder, qw: QuantizedWeight, experts: int, name: str):
     """QMoE's (weights, scales, zero points) of a bank whose (E * out, in) rows go expert by
     expert: MatMulNBits' packing, one (out, ...) slab per expert."""
     packed, scales, zeros = pack_matmulnbits(qw)
@@ -505,7 +303,7 @@ def _expert_bank(g: _Graph, qw: QuantizedWeight, experts: int, name: str):
     return weights, scale, zero
 
 
-def _norm(g: _Graph, delta, residual, x, weight, name: str, eps: float):
+def _norm(g: GraphBuilder, delta, residual, x, weight, name: str, eps: float):
     """RMSNorm of the residual stream; with ``delta``, first residual += delta (one fused op).
     Returns (normed, residual stream)."""
     w = g.floats(f"{name}.weight", weight)
@@ -519,13 +317,13 @@ def _norm(g: _Graph, delta, residual, x, weight, name: str, eps: float):
     return normed, summed
 
 
-def _activate(g: _Graph, x: str, activation: str, name: str) -> str:
+def _activate(g: GraphBuilder, x: str, activation: str, name: str) -> str:
     if activation == "silu":
         return g.op("Mul", [x, g.op("Sigmoid", [x], f"{name}/Sigmoid")], f"{name}/Mul")
     return g.op("Gelu", [x], f"{name}/Gelu", approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
-def _head_norm(g: _Graph, x: str, weight, name: str, shape: DecoderShape) -> str:
+def _head_norm(g: GraphBuilder, x: str, weight, name: str, shape: DecoderShape) -> str:
     """RMSNorm over each head_dim slice of (B, S, heads * head_dim); over the whole last axis
     when the weight covers every head (olmoe)."""
     if weight.numel() != shape.head_dim:
@@ -538,15 +336,3 @@ def _head_norm(g: _Graph, x: str, weight, name: str, shape: DecoderShape) -> str
     return g.op("Reshape", [normed, g.const(f"{name}.flat", np.array([0, 0, -1], np.int64))], f"{name}/Flatten")
 
 
-def set_accuracy_level(model_proto: onnx.ModelProto, level: int) -> None:
-    """Every MatMulNBits and QMoE of the graph at ``level`` (0: float activations, 4: int8), in place."""
-    for node in model_proto.graph.node:
-        if node.op_type in ("MatMulNBits", "QMoE"):
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = level
-
-
-def save_decoder(model_proto: onnx.ModelProto, path) -> None:
-    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)

@@ -1,4 +1,5 @@
-"""Scaling-group records and their projection to AMD Quark's AWQ config format.
+"""The records the stages hand each other: scaling groups (and the sources that could not be
+one), the kinds of fold point, and their projection to AMD Quark's AWQ config format.
 
 A ScalingGroup is frozen data (names and integers): the source module whose output channels
 take ``1/s``, the linears whose input columns take ``s``, and for each linear the channel map
@@ -12,10 +13,26 @@ per-decoder-layer template of these records:
 """
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 
-from awq_graph.errors import ConfigError
+from .errors import ConfigError
+
+
+class FoldKind(str, enum.Enum):
+    """Where a group's ``1/s`` goes: the cases of ``awq_graph.passes.fold``."""
+
+    NORM_WEIGHT = "norm_weight"  # Case A: x_hat * w            -> w / s
+    NORM_OFFSET = "norm_offset"  # Case B: x_hat * (1 + w)      -> (1 + w) / s - 1
+    LAYER_NORM = "layer_norm"  # Case C: aten.layer_norm w, b -> w / s, b / s
+    LINEAR = "linear"  # Case D: a linear's rows (out, in) and bias
+    LINEAR_T = "linear_t"  # Case D for a Conv1D weight stored (in, out): its columns are the rows
+
+    @property
+    def norm_offset(self) -> float:
+        """The constant the norm adds to its weight before multiplying: 1 for Case B, else 0."""
+        return 1.0 if self is FoldKind.NORM_OFFSET else 0.0
 
 
 def common_module(paths) -> str:
@@ -42,7 +59,7 @@ def map_kind(cmap: tuple[int, ...], channels: int) -> str:
 @dataclass(frozen=True)
 class ScalingGroup:
     prev_op: str  # module path of the fold point
-    prev_kind: str  # "norm_weight" | "norm_offset" | "layer_norm" | "linear"
+    prev_kind: FoldKind
     prev_params: tuple[str, ...]
     channels: int  # source channels = length of s
     layers: tuple[str, ...]
@@ -53,7 +70,7 @@ class ScalingGroup:
     @classmethod
     def build(cls, prev_op, prev_kind, prev_params, channels, layers, maps, inp=None, module2inspect=None):
         layers = tuple(layers)
-        return cls(prev_op, prev_kind, tuple(prev_params), int(channels), layers,
+        return cls(prev_op, FoldKind(prev_kind), tuple(prev_params), int(channels), layers,
                    tuple(tuple(maps[name]) for name in layers), inp or layers[0],
                    module2inspect if module2inspect is not None else common_module(layers))
 
@@ -67,12 +84,28 @@ class ScalingGroup:
     def kinds(self) -> list[str]:
         return [map_kind(m, self.channels) for m in self.channel_maps]
 
+    def to_json(self) -> dict:
+        """Names, integers and strings only: ``from_json(to_json())`` is the same group."""
+        return {"prev_op": self.prev_op, "prev_kind": self.prev_kind.value, "prev_params": list(self.prev_params),
+                "channels": self.channels, "layers": list(self.layers),
+                "channel_maps": [list(m) for m in self.channel_maps], "inp": self.inp,
+                "module2inspect": self.module2inspect}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ScalingGroup":
+        return cls(data["prev_op"], FoldKind(data["prev_kind"]), tuple(data["prev_params"]), int(data["channels"]),
+                   tuple(data["layers"]), tuple(tuple(m) for m in data["channel_maps"]), data["inp"],
+                   data["module2inspect"])
+
 
 @dataclass(frozen=True)
 class SkippedGroup:
     prev_op: str
     layers: tuple[str, ...]
     reason: str
+
+    def to_json(self) -> dict:
+        return {"prev_op": self.prev_op, "layers": list(self.layers), "reason": self.reason}
 
 
 def _relative(path: str, layer_prefix: str) -> str:

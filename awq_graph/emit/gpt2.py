@@ -14,8 +14,9 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from passes.emit_decoder import (DecoderShape, LinearWeights, _embedding, _Graph, _head_and_model, _keep_last,
-                                 _lengths, _linear)
+from awq_graph.emit.builder import (GraphBuilder, LinearWeights, attention_lengths, embedding, head_and_model,
+                                    keep_last, linear)
+from awq_graph.emit.families import DecoderShape
 
 
 def gpt2_support(model) -> str | None:
@@ -43,9 +44,9 @@ def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str
                        quantize_embedding=None, accuracy_level: int = 0, act_dtype: str = "float32") -> onnx.ModelProto:
     shape = gpt2_shape(model)
     ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
-    g = _Graph(ftype)
-    seqlens, total = _lengths(g)
-    tokens = _embedding(g, "input_ids", params["transformer.wte.weight"], quantize_embedding,
+    g = GraphBuilder(ftype)
+    seqlens, total = attention_lengths(g)
+    tokens = embedding(g, "input_ids", params["transformer.wte.weight"], quantize_embedding,
                         quantize_embedding is not None, name="transformer.wte")
     positions = g.op("Gather", [g.floats("transformer.wpe.weight", params["transformer.wpe.weight"]), "position_ids"],
                      "transformer.wpe/Gather")
@@ -54,7 +55,7 @@ def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str
     for i in range(shape.layers):
         p = f"transformer.h.{i}"
         h, residual = _layer_norm(g, delta, residual, params, f"{p}.ln_1", shape.eps)
-        qkv = _linear(g, h, linears[f"{p}.attn.c_attn"], f"{p}.attn.c_attn", accuracy_level)
+        qkv = linear(g, h, linears[f"{p}.attn.c_attn"], f"{p}.attn.c_attn", accuracy_level)
         q, k, v = g.op("Split", [qkv, g.const(f"{p}.attn.split", np.array([shape.hidden] * 3, np.int64))],
                        f"{p}.attn/Split", outputs=3, axis=-1)
         attn_out, _, _ = g.op("GroupQueryAttention",
@@ -63,18 +64,18 @@ def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str
                               outputs=[f"{p}.attn/out", f"present.{i}.key", f"present.{i}.value"],
                               domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads,
                               scale=shape.scaling)
-        o = _linear(g, attn_out, linears[f"{p}.attn.c_proj"], f"{p}.attn.c_proj", accuracy_level)
+        o = linear(g, attn_out, linears[f"{p}.attn.c_proj"], f"{p}.attn.c_proj", accuracy_level)
         h, residual = _layer_norm(g, o, residual, params, f"{p}.ln_2", shape.eps)
-        up = _linear(g, h, linears[f"{p}.mlp.c_fc"], f"{p}.mlp.c_fc", accuracy_level)
+        up = linear(g, h, linears[f"{p}.mlp.c_fc"], f"{p}.mlp.c_fc", accuracy_level)
         act = g.op("Gelu", [up], f"{p}.mlp.act/Gelu", approximate="tanh" if shape.activation == "gelu_tanh" else "none")
-        delta = _linear(g, act, linears[f"{p}.mlp.c_proj"], f"{p}.mlp.c_proj", accuracy_level)
-    delta, residual = _keep_last(g, delta, residual)
+        delta = linear(g, act, linears[f"{p}.mlp.c_proj"], f"{p}.mlp.c_proj", accuracy_level)
+    delta, residual = keep_last(g, delta, residual)
     h, _ = _layer_norm(g, delta, residual, params, "transformer.ln_f", shape.eps)
-    return _head_and_model(g, h, linears["lm_head"], params, "transformer.wte.weight", quantize_embedding,
+    return head_and_model(g, h, linears["lm_head"], params, "transformer.wte.weight", quantize_embedding,
                            accuracy_level, shape, "awq_graph_gpt2_decoder")
 
 
-def _layer_norm(g: _Graph, delta, residual, params, name: str, eps: float):
+def _layer_norm(g: GraphBuilder, delta, residual, params, name: str, eps: float):
     """LayerNorm (with bias) of residual (+ delta, fused). Returns (normed, residual stream)."""
     w = g.floats(f"{name}.weight", params[f"{name}.weight"])
     b = g.floats(f"{name}.bias", params[f"{name}.bias"])

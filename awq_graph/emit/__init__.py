@@ -16,13 +16,15 @@ import numpy as np
 import onnx
 import torch
 
-from passes.emit_decoder import LinearWeights, build_decoder, fused_support, save_decoder, set_accuracy_level
-from passes.emit_decoder_gpt2 import build_gpt2_decoder, gpt2_support
-from passes.emit_onnx import custom_translations, export_float_onnx, rewrite_matmulnbits, save_model
-
-from .errors import ExportError, InputError
-from .graph import GraphModel, module_path
-from .numerics import QuantizedWeight, QuantScheme, quantize
+from awq_graph.core.analysis import token_lookup
+from awq_graph.core.errors import ExportError, InputError
+from awq_graph.core.ir import GraphModel, module_path
+from awq_graph.core.numerics import QuantizedWeight, QuantScheme, quantize
+from awq_graph.emit.builder import LinearWeights, save_decoder, set_accuracy_level
+from awq_graph.emit.decoder import build_decoder, fused_support
+from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
+from awq_graph.emit.logits_only import custom_translations, export_float_onnx, save_model
+from awq_graph.passes.matmulnbits import rewrite_matmulnbits
 
 
 @dataclass
@@ -164,9 +166,9 @@ def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantize_embeddi
     """Per decoder file, ||onnx - torch|| / ||torch|| over the logits of a prefill of ``tokens``
     random ids followed by ``decode_steps`` one-token steps against the cache; the torch
     reference is computed once."""
-    from .runtime import CompiledModel
+    from awq_graph.runtime import CompiledModel
 
-    lookup = _token_lookup(gm)
+    lookup = token_lookup(gm)
     table_name = gm.param_of(lookup.args[0])
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, gm.params[table_name].shape[0], (1, tokens + decode_steps), generator=gen)
@@ -183,16 +185,3 @@ def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantize_embeddi
         got = CompiledModel(path, threads=1).logits_with_cache(ids.numpy(), prefill=tokens)
         deviations.append(float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12)))
     return deviations
-
-
-def _token_lookup(gm: GraphModel):
-    """The aten.embedding node that looks up input_ids (GPT-2 also looks up positions)."""
-    input_node = gm.input_node()
-    for node in gm.graph.nodes:
-        if node.target is torch.ops.aten.embedding.default:
-            ids = node.args[1]
-            while ids is not input_node and ids.op == "call_function" and ids.args:  # views of input_ids
-                ids = ids.args[0]
-            if ids is input_node:
-                return node
-    raise ExportError("the graph has no embedding lookup of input_ids")

@@ -1,0 +1,71 @@
+"""Export: torch.export of a causal LM (logits only, dynamic batch and sequence) -> ``GraphModel``."""
+from __future__ import annotations
+
+import torch
+
+from .core.errors import ExportError
+from .core.ir import PREFIX, GraphModel, index_modules
+
+
+class LogitsOnly(torch.nn.Module):
+    """``input_ids -> logits``, without a KV cache, so that torch.export sees plain tensors."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+
+
+def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True) -> GraphModel:
+    """torch.export with dynamic batch and sequence length -> GraphModel. ``private``: the
+    program gets its own copies of the weights, so folding never edits ``lm``'s; False shares
+    them (one copy of the weights less in memory, for a model nobody else holds)."""
+    lm.eval()
+    wrapper = LogitsOnly(lm)
+    vocab = int(getattr(lm.config, "vocab_size", 2))
+    example = torch.randint(0, max(vocab, 2), (2, example_seq))
+    batch = torch.export.Dim("batch", max=4096)
+    seq = torch.export.Dim("seq", min=2, max=int(getattr(lm.config, "max_position_embeddings", 8192) or 8192))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
+    except Exception as exc:  # torch raises many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"torch.export could not capture {type(lm).__name__}: {first} "
+            "(awq-graph works on the exported graph, so --config does not help here; a transformers "
+            "release whose modeling code exports for this architecture may)"
+        ) from exc
+    sig = program.graph_signature
+    # The program gets private copies of the tensors: folding edits them, never the caller's model.
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if not private:
+            return t
+        if id(t) not in copies:
+            copy = t.detach().clone()
+            copies[id(t)] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
+        return copies[id(t)]
+
+    for store in (program.state_dict, getattr(program, "constants", None) or {}):
+        for name in list(store):
+            if isinstance(store[name], torch.Tensor):
+                store[name] = own(store[name])
+    state = {**program.state_dict, **(getattr(program, "constants", None) or {})}
+    placeholder_param = {}
+    params = {}
+    for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
+        hf = name.removeprefix(PREFIX)
+        placeholder_param[ph] = hf
+        params[hf] = state[name]
+    for ph, name in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+        placeholder_param[ph] = name
+        params[name] = state[name]
+    gm = GraphModel(program, params, placeholder_param)
+    index_modules(gm)
+    return gm
