@@ -107,13 +107,11 @@ def _graph_of(spec: str):
 
 
 def _infer(args) -> int:
-    from awq_graph.core.analysis import example_values
-    from awq_graph.passes.check_config import derive_groups
-    from awq_graph.core.records import to_quark_config
+    from .match import match
 
     gm, label = _graph_of(args.model)
-    prefix, per_layer, skipped = derive_groups(gm, example_values(gm))
-    config = to_quark_config(per_layer[0] if per_layer else [], prefix, len(per_layer))
+    found = match(gm)
+    config, prefix, per_layer = found.quark, found.prefix, found.per_layer
     if args.json:
         print(json.dumps(config, indent=2))
         return 0
@@ -126,7 +124,7 @@ def _infer(args) -> int:
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    for s in skipped:
+    for s in found.skipped:
         layers = ", ".join(x.removeprefix(base) for x in s.layers)
         if s.prev_op.startswith(base):
             print(f"no group at {s.prev_op.removeprefix(base)} -> {layers}: {s.reason}")
@@ -136,30 +134,23 @@ def _infer(args) -> int:
 
 
 def _check(args) -> int:
-    from awq_graph.core.analysis import example_values
-    from awq_graph.passes.check_config import derive_groups, resolve_config
-    from awq_graph.core.records import read_quark_config
-    from .verify import verify_groups
+    from .core.records import read_quark_config
+    from .match import VERIFY_TOLERANCE, match
 
     gm, label = _graph_of(args.model)
-    example = example_values(gm)
-    if args.config == "-":
-        _, per_layer, _ = derive_groups(gm, example)
-        faults = []
-    else:
-        per_layer, faults = resolve_config(gm, read_quark_config(args.config), example)
-    for fault in faults:
+    found = match(gm, None if args.config == "-" else read_quark_config(args.config), verify=args.verify)
+    for fault in found.faults:
         print(fault)
-    n_groups = sum(len(g) for g in per_layer)
-    if faults:
-        print(f"{len(faults)} fault(s) in {args.config} for {label}")
+    if found.faults:
+        print(f"{len(found.faults)} fault(s) in {args.config} for {label}")
         return 1
-    print(f"{args.config if args.config != '-' else 'derived config'}: {n_groups} groups fit {label}")
+    print(f"{args.config if args.config != '-' else 'derived config'}: {found.n_groups} groups fit {label}")
     if args.verify:
-        deviation = verify_groups(gm, per_layer)
-        ok = deviation <= 1e-4
-        print(f"verify: largest relative logit deviation {deviation:.2e} after folding random scales "
-              f"along {n_groups} groups ({'ok' if ok else 'ABOVE 1e-4'})")
+        check = found.verification
+        ok = check.deviation <= VERIFY_TOLERANCE
+        print(f"verify: largest relative logit deviation {check.deviation:.2e} after folding random scales "
+              f"along {found.n_groups} groups, {check.changed_params} parameters changed "
+              f"({'ok' if ok else f'ABOVE {VERIFY_TOLERANCE:.0e}'})")
         return 0 if ok else 1
     return 0
 
@@ -191,15 +182,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compile(args) -> int:
     from .core.numerics import QuantScheme
+    from .pipeline import CompileOptions
     from .pipeline import compile as run_compile
 
-    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym)
-    options = {"loss_tokens": args.loss_tokens} if args.loss_tokens else None
-    result = run_compile(args.model, args.calib, args.out, scheme, args.config, n_samples=args.n_samples,
-                         seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
-                         accuracy_level=args.accuracy_level, overwrite=args.overwrite, progress=_progress,
-                         search_options=options, quantize_lm_head=args.quantize_lm_head, lm_head_bits=args.lm_head_bits,
-                         act_dtype=args.act_dtype, kv_cache=not args.no_kv_cache)
+    options = CompileOptions(
+        scheme=QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym), config=args.config,
+        n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
+        accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
+        lm_head_bits=args.lm_head_bits, act_dtype=args.act_dtype, kv_cache=not args.no_kv_cache,
+        loss_tokens=args.loss_tokens)
+    result = run_compile(args.model, args.calib, args.out, options, progress=_progress)
     rep = result.report
     for warning in rep.get("warnings", []):
         print(f"awq-graph: warning: {warning}", file=sys.stderr)

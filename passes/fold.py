@@ -10,21 +10,34 @@ The float function is unchanged (exact up to float rounding): the invariant the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from awq_graph.core.records import ScalingGroup
+from awq_graph.core.records import FoldKind, ScalingGroup
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What one fold changed: the group, its scale per source channel, and every parameter it
+    edited (the source's, then the layers' weights)."""
+
+    group: ScalingGroup
+    scale: torch.Tensor  # (channels,)
+    params: tuple[str, ...]
 
 
 @torch.no_grad()
-def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor, sites: dict) -> None:
-    """Fold ``s`` along ``group``; ``sites`` maps each layer to its ``LinearSite``."""
+def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor, sites: dict) -> Folded:
+    """Fold ``s`` along ``group`` in place on ``params``; ``sites`` maps each layer to its
+    ``LinearSite``. Returns what changed."""
     s = s.to(torch.float32)
     assert s.shape == (group.channels,) and bool((s > 0).all()), "scales must be positive, one per source channel"
     kind = group.prev_kind
-    if kind == "norm_offset":  # Case B
+    if kind is FoldKind.NORM_OFFSET:  # Case B
         w = params[group.prev_params[0]]
         w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
-    elif kind == "linear_t":  # Case D for a Conv1D weight stored (in, out): its columns are the rows
+    elif kind is FoldKind.LINEAR_T:  # Case D for a Conv1D weight stored (in, out): its columns are the rows
         w = params[group.prev_params[0]]
         w.copy_((w.float() / s).to(w.dtype))
         for name in group.prev_params[1:]:
@@ -38,3 +51,4 @@ def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
         w = sites[layer].matrix(params)  # (out, in) view; (E * out, in) for experts
         col = s[torch.tensor(cmap)]
         w.copy_((w.float() * col).to(w.dtype))
+    return Folded(group, s, tuple(group.prev_params) + tuple(sites[layer].weight for layer in group.layers))

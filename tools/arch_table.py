@@ -11,9 +11,7 @@ import warnings
 from awq_graph.emit import decoder_support, untranslatable_ops
 from awq_graph.export import export_model
 from awq_graph.load import tiny_random_model
-from awq_graph.verify import verify_groups
-from awq_graph.core.analysis import example_values
-from awq_graph.passes.check_config import derive_groups
+from awq_graph.match import match
 
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
            "qwen2_moe", "qwen3_moe", "olmoe", "granite", "starcoder2"]
@@ -27,7 +25,8 @@ def main(argv: list[str]) -> int:
     for arch in argv or DEFAULT:
         model = tiny_random_model(arch)
         gm = export_model(model)
-        prefix, per_layer, skipped = derive_groups(gm, example_values(gm))
+        found = match(gm, verify=True)
+        prefix, per_layer, skipped = found.prefix, found.per_layer, found.skipped
         base = f"{prefix}.0."
         def pair(g):
             return f"{g.prev_op.removeprefix(base)} -> {', '.join(x.removeprefix(base) for x in g.layers)}"
@@ -39,7 +38,7 @@ def main(argv: list[str]) -> int:
         missing = "; ".join(sorted({f"{s.prev_op.removeprefix(base) or '?'} -> "
                                     f"{', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason.replace(base, '')}"
                                     for s in skipped if all(x.startswith(base) for x in s.layers)}))
-        deviation = verify_groups(gm, per_layer)
+        deviation = found.verification.deviation
         print(f"| {arch} | {groups} | {beyond or '-'} | {deviation:.0e} | {missing or '-'} | {_graph(model, gm)} |")
     return 0
 

@@ -19,7 +19,7 @@ import torch
 from awq_graph.core.analysis import token_lookup
 from awq_graph.core.errors import ExportError, InputError
 from awq_graph.core.ir import GraphModel, module_path
-from awq_graph.core.numerics import QuantizedWeight, QuantScheme, quantize
+from awq_graph.core.numerics import QuantizedWeight
 from awq_graph.emit.builder import LinearWeights, save_decoder, set_accuracy_level
 from awq_graph.emit.decoder import build_decoder, fused_support
 from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
@@ -39,17 +39,41 @@ class Emitted:
 INT8_TOLERANCE = 0.25  # relative logit error allowed with int8 activations (accuracy level 4)
 
 
+@dataclass(frozen=True)
+class GraphPlan:
+    """Which graph compile writes, decided once before calibration: the fused KV-cache decoder
+    (``reason`` None), or the logits-only graph and why."""
+
+    reason: str | None
+
+    @property
+    def kv_decoder(self) -> bool:
+        return self.reason is None
+
+
+def plan_graph(gm: GraphModel, model, kv_cache: bool = True, group_size: int | None = None) -> GraphPlan:
+    """The graph to write. Fails (before any search) when neither emitter can write this graph:
+    the fused decoder does not fit and the exported graph holds a custom op torch.onnx cannot
+    translate."""
+    reason = _why_no_decoder(model, kv_cache, group_size)
+    if reason is not None:
+        _refuse_untranslatable(gm, f"no KV-cache decoder: {reason}", "; nothing was quantized")
+    return GraphPlan(reason)
+
+
 def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path, *, model=None,
                accuracy_level: int = 0, act_dtype: str = "float32", kv_cache: bool = True,
-               quantize_embedding: QuantScheme | None = None) -> Emitted:
-    """Write the model to ``path``: the fused KV-cache decoder when it fits, else logits-only."""
-    group_size = next((q.scheme.group_size for q in quantized.values()), None)
-    reason = _why_no_decoder(model, kv_cache, group_size)
-    if reason is None:
+               quantized_table: QuantizedWeight | None = None, plan: GraphPlan | None = None) -> Emitted:
+    """Write the model to ``path``: the fused KV-cache decoder when ``plan`` says so and it passes
+    its check, else logits-only. ``quantized_table``: the token table's integers (GatherBlockQuantized)."""
+    if plan is None:
+        plan = plan_graph(gm, model, kv_cache, next((q.scheme.group_size for q in quantized.values()), None))
+    reason = plan.reason
+    if plan.kv_decoder:
         linears = linear_weights(gm, quantized)
         builder = build_gpt2_decoder if model.config.model_type == "gpt2" else build_decoder
-        proto = builder(model, gm.params, linears, quantize_embedding=quantize_embedding,
-                        accuracy_level=accuracy_level, act_dtype=act_dtype)
+        proto = builder(model, gm.params, linears, quantized_table=quantized_table, accuracy_level=accuracy_level,
+                        act_dtype=act_dtype)
         save_decoder(proto, path)  # the proto's tensors now point into path's data file
         # The check: the graph with float activations against torch, tightly (the structure), and
         # with int8 activations (accuracy level 4) loosely: their rounding is amplified with depth
@@ -62,7 +86,7 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
             onnx.save_model(proto, graphs[0])
         del proto
         try:
-            deviations = dict(zip(graphs, check_decoder(list(graphs.values()), gm, quantized, quantize_embedding)))
+            deviations = dict(zip(graphs, check_decoder(list(graphs.values()), gm, quantized, quantized_table)))
         except Exception as exc:  # onnxruntime refused the graph: our bug, and the logits-only graph may still do
             deviations, failure = {0: float("inf")}, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         else:
@@ -107,14 +131,6 @@ def _why_no_decoder(model, kv_cache: bool, group_size: int | None) -> str | None
     return "no HF model object" if model is None else decoder_support(model, group_size)
 
 
-def check_emittable(gm: GraphModel, model, kv_cache: bool = True, group_size: int | None = None) -> None:
-    """Fail before the search when the graph can be written by neither emitter: the fused
-    decoder does not fit and the exported graph holds a custom op torch.onnx cannot translate."""
-    reason = _why_no_decoder(model, kv_cache, group_size)
-    if reason is not None:
-        _refuse_untranslatable(gm, f"no KV-cache decoder: {reason}", "; nothing was quantized")
-
-
 def _refuse_untranslatable(gm: GraphModel, why_not_fused: str, tail: str = "") -> None:
     blockers = untranslatable_ops(gm)
     if blockers:
@@ -126,11 +142,8 @@ def _refuse_untranslatable(gm: GraphModel, why_not_fused: str, tail: str = "") -
 def untranslatable_ops(gm: GraphModel) -> dict[str, str]:
     """Custom (non-aten) ops in the graph that torch.onnx has no translation for -> the first
     module that uses each."""
-    import logging
-
     from torch.onnx._internal.exporter import _registration
 
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     registry = _registration.ONNXRegistry.from_torchlib()
     ours = custom_translations()
     where: dict[str, str] = {}
@@ -161,7 +174,7 @@ def fake_quant_overrides(gm: GraphModel, quantized: dict[str, QuantizedWeight]) 
     return {gm.linears[n].weight: gm.linears[n].stored(q.dequantize()) for n, q in quantized.items()}
 
 
-def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantize_embedding,
+def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantized_table: QuantizedWeight | None,
                   tokens: int = 12, decode_steps: int = 3, seed: int = 0) -> list[float]:
     """Per decoder file, ||onnx - torch|| / ||torch|| over the logits of a prefill of ``tokens``
     random ids followed by ``decode_steps`` one-token steps against the cache; the torch
@@ -174,9 +187,8 @@ def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantize_embeddi
     ids = torch.randint(0, gm.params[table_name].shape[0], (1, tokens + decode_steps), generator=gen)
     overrides = fake_quant_overrides(gm, quantized)
     fixed = {}
-    if quantize_embedding is not None:  # the lookup reads an int4 copy of the table (tied or not)
-        table = quantize(gm.params[table_name].detach().float(), quantize_embedding).dequantize()
-        fixed[lookup] = torch.nn.functional.embedding(ids, table)
+    if quantized_table is not None:  # the lookup reads an int4 copy of the table (tied or not)
+        fixed[lookup] = torch.nn.functional.embedding(ids, quantized_table.dequantize())
     with torch.no_grad():
         ref = gm.run(ids, overrides=overrides, fixed=fixed).float().numpy()
     del overrides  # a float copy of every quantized weight: not held while onnxruntime loads the file

@@ -10,7 +10,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits, quantize
+from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
 
 
@@ -89,11 +89,13 @@ def linear(g: GraphBuilder, x: str, lw: LinearWeights, name: str, accuracy_level
                 bits=qw.scheme.bits, block_size=qw.scheme.group_size, accuracy_level=accuracy_level)
 
 
-def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, scheme, quantized: bool,
-               name: str = "model.embed_tokens") -> str:
-    if not quantized:
+def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: QuantizedWeight | None,
+              name: str = "model.embed_tokens") -> str:
+    """The rows of the token table: a Gather over the float table, or GatherBlockQuantized over
+    its integers (``quantized``, rows = tokens)."""
+    if quantized is None:
         return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # keep the name: see lm_head
-    qw = quantize(table.detach().float(), scheme)  # round-to-nearest, rows = tokens
+    qw, scheme = quantized, quantized.scheme
     vocab, hidden = qw.q.shape
     packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks
     blocks = packed.shape[1]
@@ -111,12 +113,12 @@ def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, scheme, quantized:
                           g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
 
 
-def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, params, table_name: str, quantize_embedding,
+def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, params, table_name: str, quantized_table,
                     accuracy_level: int, shape: DecoderShape, graph_name: str) -> onnx.ModelProto:
     """lm_head (reading the float embedding table ``table_name`` when tied to it) into the
     ``logits`` output, then the model around the graph."""
     table = params[table_name]
-    tied = (head.quantized is None and quantize_embedding is None and head.matrix.shape == table.shape
+    tied = (head.quantized is None and quantized_table is None and head.matrix.shape == table.shape
             and torch.equal(head.matrix, table))
     logits = linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
     if shape.final_softcap:

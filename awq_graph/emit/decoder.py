@@ -144,13 +144,13 @@ def _per_layer_type(model) -> bool:
 
 
 def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
-                  quantize_embedding=None, accuracy_level: int = 0,
+                  quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
                   act_dtype: str = "float32") -> onnx.ModelProto:
     """The fused KV-cache decoder of ``model`` with the given (folded) parameters.
 
     params: HF name -> tensor (norm weights, the embedding table). linears: HF module name
-    (``model.layers.0.self_attn.q_proj``, ``lm_head``) -> its weights. quantize_embedding: a
-    QuantScheme to store the embedding table as int4 (GatherBlockQuantized), or None.
+    (``model.layers.0.self_attn.q_proj``, ``lm_head``) -> its weights. quantized_table:
+    the token table's int4 integers (GatherBlockQuantized), or None for the float table.
     """
     shape = decoder_shape(model)
     ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
@@ -167,8 +167,7 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
     def norm_weight(name):  # the factor each norm multiplies by
         return params[name].detach().float() + shape.norm_offset
 
-    x = embedding(g, "input_ids", params["model.embed_tokens.weight"], quantize_embedding,
-                   quantize_embedding is not None)
+    x = embedding(g, "input_ids", params["model.embed_tokens.weight"], quantized_table)
     if shape.embed_scale is not None:
         x = g.op("Mul", [x, g.floats("model.embed_tokens.embed_scale", np.array(shape.embed_scale))],
                  "model.embed_tokens/Mul")
@@ -195,7 +194,7 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
                              f"{p}.post_feedforward_layernorm", shape.eps)
     delta, residual = keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
-    return head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantize_embedding,
+    return head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantized_table,
                            accuracy_level, shape, "awq_graph_decoder")
 
 

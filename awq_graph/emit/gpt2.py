@@ -14,6 +14,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
+from awq_graph.core.numerics import QuantizedWeight
 from awq_graph.emit.builder import (GraphBuilder, LinearWeights, attention_lengths, embedding, head_and_model,
                                     keep_last, linear)
 from awq_graph.emit.families import DecoderShape
@@ -41,13 +42,13 @@ def gpt2_shape(model) -> DecoderShape:
 
 
 def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
-                       quantize_embedding=None, accuracy_level: int = 0, act_dtype: str = "float32") -> onnx.ModelProto:
+                       quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
+                       act_dtype: str = "float32") -> onnx.ModelProto:
     shape = gpt2_shape(model)
     ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
     g = GraphBuilder(ftype)
     seqlens, total = attention_lengths(g)
-    tokens = embedding(g, "input_ids", params["transformer.wte.weight"], quantize_embedding,
-                        quantize_embedding is not None, name="transformer.wte")
+    tokens = embedding(g, "input_ids", params["transformer.wte.weight"], quantized_table, name="transformer.wte")
     positions = g.op("Gather", [g.floats("transformer.wpe.weight", params["transformer.wpe.weight"]), "position_ids"],
                      "transformer.wpe/Gather")
     x = g.op("Add", [tokens, positions], "transformer/embeddings")
@@ -71,7 +72,7 @@ def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str
         delta = linear(g, act, linears[f"{p}.mlp.c_proj"], f"{p}.mlp.c_proj", accuracy_level)
     delta, residual = keep_last(g, delta, residual)
     h, _ = _layer_norm(g, delta, residual, params, "transformer.ln_f", shape.eps)
-    return head_and_model(g, h, linears["lm_head"], params, "transformer.wte.weight", quantize_embedding,
+    return head_and_model(g, h, linears["lm_head"], params, "transformer.wte.weight", quantized_table,
                            accuracy_level, shape, "awq_graph_gpt2_decoder")
 
 

@@ -9,7 +9,6 @@ times the work of the routed rows: a portable fallback; the fused decoder uses Q
 """
 from __future__ import annotations
 
-import logging
 import re
 import warnings
 
@@ -19,7 +18,6 @@ import torch
 from awq_graph.core.errors import ExportError
 from awq_graph.core.ir import GraphModel
 
-log = logging.getLogger(__name__)
 
 
 def custom_translations() -> dict:
@@ -49,8 +47,6 @@ def _grouped_mm(x, weight, offsets):
 def export_float_onnx(gm: GraphModel) -> ir.Model:
     """torch.onnx (dynamo) export of the program with its current (folded) parameters."""
     example = torch.randint(0, 2, (1, 8))
-    # torchlib's index_put makes an empty Constant and onnx_ir logs a warning about its type
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
