@@ -31,6 +31,11 @@ class Match:
     def n_groups(self) -> int:
         return sum(len(groups) for groups in self.per_layer)
 
+    def to_json(self) -> dict:
+        """The decoder-layer prefix, groups per layer, and layer 0's groups whole (the goldens)."""
+        return {"decoder_layers": self.prefix, "groups_per_layer": [len(groups) for groups in self.per_layer],
+                "layer0": [g.to_json() for g in (self.per_layer[0] if self.per_layer else [])]}
+
     def for_search(self) -> tuple[list[list[ScalingGroup]], list[str]]:
         """The groups the search may use, and the warnings when it may use none: groups that
         failed verification are dropped whole (a wrong fold would change the model)."""

@@ -1,6 +1,10 @@
 """Scaling groups across the causal-LM architectures transformers ships, from tiny random
 models built offline: every derived group must be exact (folding random scales leaves the
-logits unchanged), and the usual pairs must be found without any per-architecture table."""
+logits unchanged), the usual pairs must be found without any per-architecture table, and the
+derived groups must equal the reviewed goldens (tests/golden/groups, made by tools/golden_groups.py)."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,8 +14,10 @@ from awq_graph.load import tiny_random_model
 from awq_graph.core.numerics import QuantScheme
 from awq_graph.emit import write_onnx
 from awq_graph.search import SearchOptions, awq_search
-from awq_graph.verify import verify_groups
+from awq_graph.match import match
 from awq_graph.passes.check_config import derive_groups
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "groups"  # written by tools/golden_groups.py
 
 # architecture -> pairs (prev_op, layers) that must be among the groups of decoder layer 0
 EXPECTED = {
@@ -61,12 +67,24 @@ def arch(request):
 
 def test_derived_groups_contain_the_known_pairs_and_are_exact(arch):
     model_type, gm = arch
-    prefix, per_layer, _ = derive_groups(gm)
+    found = match(gm, verify=True)
     expected = EXPECTED[model_type]
     expected = EXPECTED[expected] if isinstance(expected, str) else expected
-    assert set(expected) <= _pairs(prefix, per_layer[0])
-    deviation = verify_groups(gm, per_layer)
-    assert deviation < 1e-4, deviation  # measured 2e-7 .. 8e-7
+    assert set(expected) <= _pairs(found.prefix, found.per_layer[0])
+    check = found.verification
+    assert check.deviation < 1e-4, check  # measured 2e-7 .. 8e-7
+    # every group's fold edits its source and its layers: more parameters changed than groups
+    assert check.changed_params > found.n_groups, check
+
+
+@pytest.mark.parametrize("model_type", sorted(EXPECTED) + ["granite", "starcoder2"])
+def test_derived_groups_equal_the_reviewed_golden_groups(model_type):
+    """Exactly the golden groups: an extra (wrong) group, a lost one or a changed channel map fails."""
+    path = GOLDEN / f"{model_type}.json"
+    assert path.exists(), f"no golden for {model_type}: run python tools/golden_groups.py {model_type}"
+    found = match(export_model(tiny_random_model(model_type)))
+    assert {"model_type": model_type, **found.to_json()} == json.loads(path.read_text()), \
+        f"groups differ from {path.name}: regenerate with tools/golden_groups.py and review the diff"
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3", "gemma2", "olmoe"])

@@ -27,15 +27,19 @@ def test_compile_then_eval_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsy
     report = json.loads((out / "report.json").read_text())
     assert report["scheme"] == "uint4_wo_32" and report["quantized_linears"] == 14
     assert report["calibration"] == {"samples": 8, "seqlen": 64}
-    assert all(g["loss_awq"] <= g["loss_rtn"] for g in report["groups"])  # identity is a candidate
+    assert any(g["ratio"] is not None and g["loss_awq"] < g["loss_rtn"] for g in report["groups"])  # a scale won
     assert set(report["timings_s"]) >= {"load", "calibration", "export", "match", "search", "emit"}
     config = json.loads((out / "awq_config.json").read_text())
     assert len(config["scaling_layers"]) == 4
     capsys.readouterr()
     assert main(["eval", str(out), "--text", str(calib), "--seqlen", "64", "--max-windows", "3", "--json"]) == 0
-    line = capsys.readouterr().out.strip()
-    result = json.loads(line)
-    assert result["tokens"] == 3 * 63 and result["ppl"] > 1
+    int4 = json.loads(capsys.readouterr().out.strip())
+    assert main(["eval", str(tiny_checkpoint), "--text", str(calib), "--seqlen", "64", "--max-windows", "3",
+                 "--json"]) == 0  # the float checkpoint, in torch
+    float_ = json.loads(capsys.readouterr().out.strip())
+    assert int4["tokens"] == float_["tokens"] == 3 * 63
+    # int4 (g32) of the random tiny model stays near its float perplexity: measured 332.9 vs 331.6 (+0.4%)
+    assert abs(int4["ppl"] / float_["ppl"] - 1) < 0.03, (int4, float_)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 

@@ -33,6 +33,7 @@ FAMILY = {
     # multipliers on the embedding, on each layer's outputs, as the attention scale; logits divided
     "granite": {"embedding_multiplier": 3.0, "residual_multiplier": 0.3, "attention_multiplier": 0.05,
                 "logits_scaling": 4.0},
+    "gpt2": {},  # LayerNorm with bias, learned positions, Conv1D weights, no rotary (its own block)
 }
 
 

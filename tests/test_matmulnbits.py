@@ -73,7 +73,7 @@ def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k):
     table = torch.randn(vocab, k)
     scheme = QuantScheme(4, block, symmetric)
     g = GraphBuilder(TensorProto.FLOAT)
-    out = embedding(g, "ids", table, scheme, quantized=True)
+    out = embedding(g, "ids", table, quantize(table, scheme))
     graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["B", "S", k])], g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])

@@ -100,8 +100,9 @@ def test_mixtral_quantizes_attention_and_experts_and_keeps_routers_as_matmul(mix
     result = awq_graph.compile(mixtral, calib, tmp_path / "out", scheme="uint4_wo_32", n_samples=8, seqlen=32)
     assert result.report["quantized_linears"] == 12  # q, k, v, o and the two banks, in 2 layers
     graph = result.report["graph"]
-    # checked twice: the graph with float activations tightly, the written one (int8 activations) loosely
-    assert graph["float_check_deviation"] < 1e-5 and graph["check_deviation"] < 0.25
+    # checked twice: the graph with float activations tightly, the written one (int8 activations) loosely;
+    # the library refuses above 0.25, this model measures 5.0e-3 (a wrong graph is O(1))
+    assert graph["float_check_deviation"] < 1e-5 and 1e-4 < graph["check_deviation"] < 2e-2, graph
     assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.onnx", "model.onnx.data"]
     ops = [n.op_type for n in onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph.node]
     assert ops.count("QMoE") == 2 and ops.count("MatMulNBits") == 4  # q|k|v and o per layer

@@ -23,8 +23,14 @@ def test_int4_onnx_logits_equal_the_fake_quant_torch_model(tmp_path, scheme):
     path = tmp_path / "model.onnx"
     emitted = write_onnx(gm, result.quantized, path, kv_cache=False)  # the logits-only torch.onnx graph
     assert emitted.kind == "logits-only" and emitted.quantized_linears == len(result.quantized) == 2 * 7
-    ops = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 14 and "Transpose" not in [op for op in ops if op == "MatMulNBits"]
+    graph = onnx.load(path, load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("MatMulNBits") == 14
+    # no float copy of a quantized weight is left, and nothing transposes a weight at run time
+    initializers = {i.name for i in graph.initializer}
+    float_weights = {gm.linears[n].weight for n in result.quantized}
+    assert not {name.removeprefix("lm.") for name in initializers} & float_weights
+    transposed = {i for n in graph.node if n.op_type == "Transpose" for i in n.input if i in initializers}
+    assert transposed == {"lm.lm_head.weight"}  # only the float head's weight
     ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(1))
     fake = {gm.linears[n].weight: gm.linears[n].stored(qw.dequantize()) for n, qw in result.quantized.items()}
     with torch.no_grad():

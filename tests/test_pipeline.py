@@ -67,7 +67,8 @@ def test_an_architecture_with_nothing_to_scale_still_compiles_with_a_warning(tmp
     rtn_warning, graph_warning = report["warnings"]
     assert "plain RTN and clipping" in rtn_warning and ("gelu" in rtn_warning or "embedding" in rtn_warning)
     assert "logits-only" in graph_warning and "NoNormLM is not transformers' own llama class" in graph_warning
-    assert any(c["clipped"] for c in report["clipping"])
+    # clipping changed something: on int4 of random weights a shrunk range wins in some groups
+    assert any(c["loss_after"] < 0.99 * c["loss_before"] for c in report["clipping"]), report["clipping"]
     ids = torch.randint(0, 64, (1, 10))
     got = runtime.CompiledModel(tmp_path / "out").logits(ids)
     with torch.no_grad():
