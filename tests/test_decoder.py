@@ -128,7 +128,8 @@ def test_a_decoder_that_differs_from_torch_is_replaced_by_the_logits_only_graph(
     import awq_graph.emit.decoder as emit_decoder
 
     real = emit_decoder.decoder_shape
-    monkeypatch.setattr(emit_decoder, "decoder_shape", lambda m: real(m).__class__(**{**real(m).__dict__, "eps": 0.5}))
+    monkeypatch.setattr(emit_decoder, "decoder_shape",
+                        lambda m, family: real(m, family).__class__(**{**real(m, family).__dict__, "eps": 0.5}))
     model = tiny_model()
     emitted = write_onnx(export_model(model), {}, tmp_path / "model.onnx", model=model)
     assert emitted.kind == "logits-only"

@@ -120,6 +120,19 @@ def test_the_layer_test_sees_every_module():
         < _level("awq_graph.emit") < _level("awq_graph.pipeline") < _level("awq_graph.cli")
 
 
+def test_model_types_are_named_in_the_family_table_only():
+    """No branch on ``config.model_type`` outside awq_graph/emit/families.py: a comparison or a
+    membership test that reads a ``model_type`` attribute, or a literal model type in a comparison."""
+    branching = []
+    for path in [*REPO.glob("awq_graph/**/*.py"), *REPO.glob("passes/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                if any(isinstance(n, ast.Attribute) and n.attr == "model_type" for o in operands for n in ast.walk(o)):
+                    branching.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert {b.split(":")[0] for b in branching} <= {"awq_graph/emit/families.py"}, branching
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the sources (the checkout is not written to)."""

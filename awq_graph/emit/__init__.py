@@ -22,6 +22,7 @@ from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.core.numerics import QuantizedWeight
 from awq_graph.emit.builder import LinearWeights, save_decoder, set_accuracy_level
 from awq_graph.emit.decoder import build_decoder, fused_support
+from awq_graph.emit.families import family_of
 from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
 from awq_graph.emit.logits_only import custom_translations, export_float_onnx, save_model
 from awq_graph.passes.matmulnbits import rewrite_matmulnbits
@@ -71,8 +72,9 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     reason = plan.reason
     if plan.kv_decoder:
         linears = linear_weights(gm, quantized)
-        builder = build_gpt2_decoder if model.config.model_type == "gpt2" else build_decoder
-        proto = builder(model, gm.params, linears, quantized_table=quantized_table, accuracy_level=accuracy_level,
+        family, _ = family_of(model)
+        build = {"llama": build_decoder, "gpt2": build_gpt2_decoder}[family.block]
+        proto = build(model, family, gm.params, linears, quantized_table=quantized_table, accuracy_level=accuracy_level,
                         act_dtype=act_dtype)
         save_decoder(proto, path)  # the proto's tensors now point into path's data file
         # The check: the graph with float activations against torch, tightly (the structure), and
@@ -121,7 +123,10 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
 
 def decoder_support(model, group_size: int | None = None) -> str | None:
     """None when one of the KV-cache decoders fits ``model``; otherwise why none does."""
-    return gpt2_support(model) if model.config.model_type == "gpt2" else fused_support(model, group_size)
+    family, reason = family_of(model)
+    if family is None:
+        return reason
+    return {"llama": fused_support, "gpt2": gpt2_support}[family.block](model, family, group_size)
 
 
 def _why_no_decoder(model, kv_cache: bool, group_size: int | None) -> str | None:

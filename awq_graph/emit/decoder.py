@@ -37,46 +37,26 @@ from onnx import TensorProto
 from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.builder import (GraphBuilder, LinearWeights, attention_lengths, embedding, head_and_model,
                                     keep_last, linear, out_rows)
-from awq_graph.emit.families import DecoderShape
+from awq_graph.emit.families import DecoderShape, Family
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
-          "qwen3_moe", "olmoe", "granite")  # RMSNorm, rotary GQA, gated MLP
-# qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
-# by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); gemma2 and gemma3
-# add a norm after attention and around the MLP ("sandwich"), alternate local and global
-# attention layers, and cap attention scores (gemma2: and logits) with c * tanh(x / c); gemma3
-# also norms q and k per head and gives local layers their own rotary base; phi3 fuses q|k|v
-# and gate|up into single linears; mixtral's MLP is a router and top-k of E gated experts (QMoE),
-# qwen2_moe's, qwen3_moe's and olmoe's too (qwen2_moe adds a gated shared expert; qwen3_moe may
-# keep a dense MLP in some layers; olmoe norms all of q and k, and may clamp q, k, v)
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-# granite is llama with multipliers: on the embedding, on each layer's outputs before they join the
-# residual stream, as the attention scale, and a divisor on the logits
-GEMMA = ("gemma", "gemma2", "gemma3_text")  # norms multiply by (1 + w)
-SANDWICH = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
-def fused_support(model, group_size: int | None = None) -> str | None:
-    """None when the fused decoder fits ``model`` (quantized in groups of ``group_size``);
-    otherwise the reason it does not."""
+def fused_support(model, family: Family, group_size: int | None = None) -> str | None:
+    """None when the fused decoder fits ``model`` of ``family`` (quantized in groups of
+    ``group_size``); otherwise the reason it does not."""
     cfg = model.config
-    if cfg.model_type not in FAMILY:
-        return f"model type '{cfg.model_type}' has no fused decoder (have: {', '.join(FAMILY)})"
-    package = {"gemma3_text": "gemma3"}.get(cfg.model_type, cfg.model_type)
-    if not type(model).__module__.startswith(f"transformers.models.{package}."):
-        return f"{type(model).__name__} is not transformers' own {cfg.model_type} class"
     if _activation(cfg) not in ACTIVATIONS:
         return f"activation '{_activation(cfg)}' (the fused decoder has {', '.join(ACTIVATIONS)})"
     if getattr(cfg, "mlp_bias", False):
         return "MLP biases"
-    if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2":
+    if getattr(cfg, "attention_bias", False) and not family.qkv_bias:
         return "attention biases on o_proj"
     rope = getattr(cfg, "rope_parameters", None) or {}
     for params in rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]:
         if params.get("rope_type", "default") in ("dynamic", "longrope"):  # gemma3: one entry per layer type
             return f"rope type '{params['rope_type']}' (positions would change the cos/sin tables)"
-    if cfg.model_type in MOE:
+    if family.moe:
         if _activation(cfg) != "silu":
             return f"experts gated by '{_activation(cfg)}' (onnxruntime's QMoE gates with SiLU)"
         inter_key = "moe_intermediate_size" if hasattr(cfg, "moe_intermediate_size") else "intermediate_size"
@@ -94,15 +74,14 @@ def _activation(cfg) -> str | None:
     return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
 
 
-def decoder_shape(model) -> DecoderShape:
+def decoder_shape(model, family: Family) -> DecoderShape:
     cfg = model.config
     attn = model.model.layers[0].self_attn
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    layer_types = _layer_types(cfg)
+    layer_types = tuple(cfg.layer_types) if family.sandwich else ()  # local or global attention per layer
     cos, _ = _rotary_tables(model, 1, layer_types[0] if layer_types else None)
     window = -1
-    uses_window = (cfg.model_type in ("mistral", "phi3", "mixtral") + SANDWICH
-                   or getattr(cfg, "use_sliding_window", False))
+    uses_window = family.sliding_window or getattr(cfg, "use_sliding_window", False)
     if uses_window and getattr(cfg, "sliding_window", None):
         window = int(cfg.sliding_window)
     return DecoderShape(
@@ -110,21 +89,16 @@ def decoder_shape(model) -> DecoderShape:
         kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
         rotary_dim=cos.shape[-1], vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), scaling=float(attn.scaling),
         max_positions=int(cfg.max_position_embeddings), window=window,
-        activation=ACTIVATIONS[_activation(cfg)], norm_offset=1.0 if cfg.model_type in GEMMA else 0.0,
+        activation=ACTIVATIONS[_activation(cfg)], norm_offset=family.norm_offset,
         embed_scale=float(model.model.embed_tokens.embed_scale) if hasattr(model.model.embed_tokens, "embed_scale")
-        else float(cfg.embedding_multiplier) if cfg.model_type == "granite" else None,
-        experts_per_token=int(cfg.num_experts_per_tok) if cfg.model_type in MOE else 0,
+        else float(cfg.embedding_multiplier) if family.multipliers else None,
+        experts_per_token=int(cfg.num_experts_per_tok) if family.moe else 0,
         renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
-        sandwich=cfg.model_type in SANDWICH, attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
+        sandwich=family.sandwich, attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
         final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0), layer_types=layer_types,
         clip_qkv=float(getattr(cfg, "clip_qkv", None) or 0.0),
-        residual_scale=float(cfg.residual_multiplier) if cfg.model_type == "granite" else 1.0,
-        logits_divisor=float(cfg.logits_scaling) if cfg.model_type == "granite" else 1.0)
-
-
-def _layer_types(cfg) -> tuple[str, ...]:
-    """gemma2/3's per-layer attention kind; () where every layer attends alike."""
-    return tuple(cfg.layer_types) if cfg.model_type in SANDWICH else ()
+        residual_scale=float(cfg.residual_multiplier) if family.multipliers else 1.0,
+        logits_divisor=float(cfg.logits_scaling) if family.multipliers else 1.0)
 
 
 def _rotary_tables(model, positions: int, layer_type: str | None = None):
@@ -143,7 +117,7 @@ def _per_layer_type(model) -> bool:
     return "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
 
 
-def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
+def build_decoder(model, family: Family, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
                   quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
                   act_dtype: str = "float32") -> onnx.ModelProto:
     """The fused KV-cache decoder of ``model`` with the given (folded) parameters.
@@ -152,7 +126,7 @@ def build_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, Lin
     (``model.layers.0.self_attn.q_proj``, ``lm_head``) -> its weights. quantized_table:
     the token table's int4 integers (GatherBlockQuantized), or None for the float table.
     """
-    shape = decoder_shape(model)
+    shape = decoder_shape(model, family)
     ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
     g = GraphBuilder(ftype)
     half = shape.rotary_dim // 2

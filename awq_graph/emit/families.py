@@ -1,11 +1,66 @@
 """The model families the fused KV-cache decoder knows, and the shape it is built from.
 
-This is the only place that names transformers model types; the block builders read a
-``DecoderShape``, never the model type.
+This is the only place that names transformers model types (``FAMILIES``, one row each); the
+block builders read a ``Family`` and a ``DecoderShape``, never the model type. Adding a family
+is a row here and a test (tests/test_decoder.py: the float decoder against transformers).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the fused decoder must know of one transformers model type beyond its config."""
+
+    block: str = "llama"  # the builder: "llama" (RMSNorm, rotary GQA, gated MLP or experts) or "gpt2"
+    package: str | None = None  # transformers.models.<package> holds its class (default: the model type)
+    moe: bool = False  # the MLP is a router over experts (QMoE)
+    sandwich: bool = False  # norms after attention and around the MLP; local/global attention per layer
+    sliding_window: bool = False  # config.sliding_window applies without use_sliding_window
+    norm_offset: float = 0.0  # its norms multiply by (offset + w)
+    multipliers: bool = False  # embedding, residual and attention multipliers, a logits divisor
+    qkv_bias: bool = False  # attention_bias puts biases on q, k, v only (o_proj has none)
+
+
+# qwen3 adds an RMSNorm over each head of q and k before the rotary; gemma scales the embedding
+# by sqrt(hidden), writes its norms as x * (1 + w) and gates with GELU (tanh); gemma2 and gemma3
+# add a norm after attention and around the MLP ("sandwich"), alternate local and global
+# attention layers, and cap attention scores (gemma2: and logits) with c * tanh(x / c); gemma3
+# also norms q and k per head and gives local layers their own rotary base; phi3 fuses q|k|v
+# and gate|up into single linears; mixtral's MLP is a router and top-k of E gated experts (QMoE),
+# qwen2_moe's, qwen3_moe's and olmoe's too (qwen2_moe adds a gated shared expert; qwen3_moe may
+# keep a dense MLP in some layers; olmoe norms all of q and k, and may clamp q, k, v); granite is
+# llama with multipliers. What a family's config says (head norms, softcaps, clip_qkv, windows
+# per layer type) is read from the config and the parameters, not from this table.
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(sliding_window=True),
+    "qwen2": Family(qkv_bias=True),
+    "qwen3": Family(),
+    "gemma": Family(norm_offset=1.0),
+    "gemma2": Family(norm_offset=1.0, sandwich=True, sliding_window=True),
+    "gemma3_text": Family(package="gemma3", norm_offset=1.0, sandwich=True, sliding_window=True),
+    "phi3": Family(sliding_window=True),
+    "granite": Family(multipliers=True),
+    "mixtral": Family(moe=True, sliding_window=True),
+    "qwen2_moe": Family(moe=True),
+    "qwen3_moe": Family(moe=True),
+    "olmoe": Family(moe=True),
+    "gpt2": Family(block="gpt2"),
+}
+
+
+def family_of(model) -> tuple[Family | None, str | None]:
+    """(the family of ``model``, None) or (None, why it has none)."""
+    model_type = getattr(model.config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        return None, f"model type '{model_type}' has no fused decoder (have: {', '.join(FAMILIES)})"
+    package = family.package or model_type
+    if not type(model).__module__.startswith(f"transformers.models.{package}."):
+        return None, f"{type(model).__name__} is not transformers' own {model_type} class"
+    return family, None
 
 
 @dataclass(frozen=True)

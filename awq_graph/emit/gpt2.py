@@ -17,13 +17,11 @@ from onnx import TensorProto
 from awq_graph.core.numerics import QuantizedWeight
 from awq_graph.emit.builder import (GraphBuilder, LinearWeights, attention_lengths, embedding, head_and_model,
                                     keep_last, linear)
-from awq_graph.emit.families import DecoderShape
+from awq_graph.emit.families import DecoderShape, Family
 
 
-def gpt2_support(model) -> str | None:
+def gpt2_support(model, family: Family, group_size: int | None = None) -> str | None:
     cfg = model.config
-    if not type(model).__module__.startswith("transformers.models.gpt2."):
-        return f"{type(model).__name__} is not transformers' own gpt2 class"
     if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         return f"activation '{cfg.activation_function}'"
     if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn or getattr(cfg, "add_cross_attention", False):
@@ -41,7 +39,7 @@ def gpt2_shape(model) -> DecoderShape:
         activation="gelu" if cfg.activation_function == "gelu" else "gelu_tanh")
 
 
-def build_gpt2_decoder(model, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
+def build_gpt2_decoder(model, family: Family, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
                        quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
                        act_dtype: str = "float32") -> onnx.ModelProto:
     shape = gpt2_shape(model)
