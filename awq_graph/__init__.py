@@ -2,7 +2,7 @@
 with scaling groups derived from the torch.export graph."""
 from .core.errors import AwqGraphError, ConfigError, ExportError, InputError, SchemeError
 from .core.numerics import QuantScheme
-from .pipeline import CompileResult, compile
+from .pipeline import CompileOptions, CompileResult, compile
 
-__all__ = ["compile", "CompileResult", "QuantScheme", "AwqGraphError", "ConfigError", "ExportError",
+__all__ = ["compile", "CompileOptions", "CompileResult", "QuantScheme", "AwqGraphError", "ConfigError", "ExportError",
            "InputError", "SchemeError"]
