@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import torch
 
-from awq_graph.core.analysis import token_lookup
+from awq_graph.core.analysis import head_reads_token_table, token_lookup
 from awq_graph.core.errors import ExportError, InputError
 from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.core.numerics import QuantizedWeight
@@ -75,7 +75,7 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         family, _ = family_of(model)
         build = {"llama": build_decoder, "gpt2": build_gpt2_decoder}[family.block]
         proto = build(model, family, gm.params, linears, quantized_table=quantized_table, accuracy_level=accuracy_level,
-                        act_dtype=act_dtype)
+                      act_dtype=act_dtype, tied_head=head_reads_token_table(gm))
         save_decoder(proto, path)  # the proto's tensors now point into path's data file
         # The check: the graph with float activations against torch, tightly (the structure), and
         # with int8 activations (accuracy level 4) loosely: their rounding is amplified with depth

@@ -113,13 +113,12 @@ def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: Quantiz
                           g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
 
 
-def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, params, table_name: str, quantized_table,
-                    accuracy_level: int, shape: DecoderShape, graph_name: str) -> onnx.ModelProto:
-    """lm_head (reading the float embedding table ``table_name`` when tied to it) into the
-    ``logits`` output, then the model around the graph."""
-    table = params[table_name]
-    tied = (head.quantized is None and quantized_table is None and head.matrix.shape == table.shape
-            and torch.equal(head.matrix, table))
+def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, table_name: str, quantized_table,
+                   accuracy_level: int, shape: DecoderShape, graph_name: str, tied_head: bool) -> onnx.ModelProto:
+    """lm_head into the ``logits`` output, then the model around the graph. ``tied_head``: the
+    head reads the token table's placeholder (a graph fact); while both stay float, it reads the
+    embedding's initializer ``table_name`` instead of a copy."""
+    tied = tied_head and head.quantized is None and quantized_table is None
     logits = linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
     if shape.final_softcap:
         logits = softcap(g, logits, shape.final_softcap, "lm_head")

@@ -119,7 +119,7 @@ def _per_layer_type(model) -> bool:
 
 def build_decoder(model, family: Family, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
                   quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
-                  act_dtype: str = "float32") -> onnx.ModelProto:
+                  act_dtype: str = "float32", tied_head: bool = False) -> onnx.ModelProto:
     """The fused KV-cache decoder of ``model`` with the given (folded) parameters.
 
     params: HF name -> tensor (norm weights, the embedding table). linears: HF module name
@@ -168,8 +168,8 @@ def build_decoder(model, family: Family, params: dict[str, torch.Tensor], linear
                              f"{p}.post_feedforward_layernorm", shape.eps)
     delta, residual = keep_last(g, delta, residual)
     h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
-    return head_and_model(g, h, linears["lm_head"], params, "model.embed_tokens.weight", quantized_table,
-                           accuracy_level, shape, "awq_graph_decoder")
+    return head_and_model(g, h, linears["lm_head"], "model.embed_tokens.weight", quantized_table,
+                           accuracy_level, shape, "awq_graph_decoder", tied_head)
 
 
 def _residual_scale(g: GraphBuilder, x: str, shape: DecoderShape, name: str) -> str:

@@ -41,7 +41,7 @@ def gpt2_shape(model) -> DecoderShape:
 
 def build_gpt2_decoder(model, family: Family, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
                        quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
-                       act_dtype: str = "float32") -> onnx.ModelProto:
+                       act_dtype: str = "float32", tied_head: bool = False) -> onnx.ModelProto:
     shape = gpt2_shape(model)
     ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
     g = GraphBuilder(ftype)
@@ -70,8 +70,8 @@ def build_gpt2_decoder(model, family: Family, params: dict[str, torch.Tensor], l
         delta = linear(g, act, linears[f"{p}.mlp.c_proj"], f"{p}.mlp.c_proj", accuracy_level)
     delta, residual = keep_last(g, delta, residual)
     h, _ = _layer_norm(g, delta, residual, params, "transformer.ln_f", shape.eps)
-    return head_and_model(g, h, linears["lm_head"], params, "transformer.wte.weight", quantized_table,
-                           accuracy_level, shape, "awq_graph_gpt2_decoder")
+    return head_and_model(g, h, linears["lm_head"], "transformer.wte.weight", quantized_table,
+                           accuracy_level, shape, "awq_graph_gpt2_decoder", tied_head)
 
 
 def _layer_norm(g: GraphBuilder, delta, residual, params, name: str, eps: float):
