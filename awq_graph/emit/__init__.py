@@ -37,6 +37,9 @@ class Emitted:
     float_check_deviation: float | None = None  # the same graph with float activations
 
 
+# a family row's ``block`` -> (why the decoder does not fit, or None; the builder of the decoder)
+BLOCK_WRITERS = {"llama": (fused_support, build_decoder), "gpt2": (gpt2_support, build_gpt2_decoder)}
+
 INT8_TOLERANCE = 0.25  # relative logit error allowed with int8 activations (accuracy level 4)
 
 
@@ -73,7 +76,7 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     if plan.kv_decoder:
         linears = linear_weights(gm, quantized)
         family, _ = family_of(model)
-        build = {"llama": build_decoder, "gpt2": build_gpt2_decoder}[family.block]
+        _, build = BLOCK_WRITERS[family.block]
         proto = build(model, family, gm.params, linears, quantized_table=quantized_table, accuracy_level=accuracy_level,
                       act_dtype=act_dtype, tied_head=head_reads_token_table(gm))
         save_decoder(proto, path)  # the proto's tensors now point into path's data file
@@ -126,7 +129,8 @@ def decoder_support(model, group_size: int | None = None) -> str | None:
     family, reason = family_of(model)
     if family is None:
         return reason
-    return {"llama": fused_support, "gpt2": gpt2_support}[family.block](model, family, group_size)
+    supports, _ = BLOCK_WRITERS[family.block]
+    return supports(model, family, group_size)
 
 
 def _why_no_decoder(model, kv_cache: bool, group_size: int | None) -> str | None:
