@@ -35,7 +35,7 @@ from .core.ir import GraphModel, in_module, module_path, run_nodes
 from .core.numerics import (QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_quadratic_error,
                             fake_quantize, quadratic_output_error, quantize, weight_magnitude)
 from .core.records import ScalingGroup
-from .passes.fold import fold_scales
+from .passes.fold import Folded, fold_scales
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class SearchResult:
     quantized: dict[str, QuantizedWeight]
     groups: list[GroupReport] = field(default_factory=list)
     clips: list[ClipReport] = field(default_factory=list)
+    folded: list[Folded] = field(default_factory=list)  # every fold, in order: what it changed
     seconds: float = 0.0
 
 
@@ -174,7 +175,8 @@ def _scatter_mean(values: torch.Tensor, cmap: torch.Tensor, channels: int) -> to
 
 def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch.Tensor,
                opts: SearchOptions, progress=None) -> SearchResult:
-    """Search, fold (in place on ``gm.params``) and quantize every decoder layer.
+    """Search, fold (in place on ``gm.params``; each fold's record in ``result.folded``) and
+    quantize every decoder layer.
 
     ``calib``: (n_samples, seqlen) token ids. ``progress(iterable, desc, total)`` wraps loops.
     """
@@ -211,14 +213,32 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
 
 
 def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result):
-    scheme = opts.scheme
+    """Decoder layer ``li`` in three steps that return records: the scale of each group
+    (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize."""
+    stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages)
+    scales = []
+    for g in groups:
+        s, report = _search_group(gm, li, g, stats, inspect, saved, opts, set(linears))
+        result.groups.append(report)
+        if s is not None:
+            scales.append((g, s))
+    folded = [fold_scales(gm.params, g, s, gm.linears) for g, s in scales]
+    result.folded.extend(folded)
+    quantized, clips = _clip_and_quantize(gm, linears, stats, folded, opts)
+    result.quantized.update(quantized)
+    result.clips.extend(clips)
+
+
+def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages):
+    """Run layer ``li`` over every calibration chunk: the statistics of each linear input, and
+    (chunk 0) the inputs and outputs of each ``module2inspect`` that is not a single linear.
+    Hands the chunks' values on to the next layer through ``stores``."""
     input_nodes = {gm.linears[n].input for n in linears}
     for g in groups:
         input_nodes.add(gm.linears[g.inp].input)
     banks = {gm.linears[n].input: gm.linears[n] for n in linears if gm.linears[n].experts}
     stats = {node: _Stat(node.meta["val"].shape[-1], banks[node].experts if node in banks else 0)
              for node in input_nodes}
-    # module2inspect subgraphs that are not a single linear: run on chunk 0
     inspect = {}
     for g in groups:
         if not (len(g.layers) == 1 and g.module2inspect == g.layers[0]) and g.module2inspect not in inspect:
@@ -241,20 +261,19 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
                 saved[name] = ({a: env[a] for a in ext}, [env[o].clone() for o in outs])
         stores[c] = {n: env[n] for n in stages.keep_after[li + 1]}
         del env
+    return stats, inspect, saved
 
-    col_scale = {n: None for n in linears}
-    folds = []
-    for g in groups:
-        s, report = _search_group(gm, li, g, stats, inspect, saved, opts, set(linears))
-        result.groups.append(report)
-        if s is not None:
-            folds.append((g, s))
-    for g, s in folds:
-        fold_scales(gm.params, g, s, gm.linears)
-        for layer, cmap in zip(g.layers, g.channel_maps):
+
+def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts):
+    """The integers of every quantizable linear of the layer, after the folds: per linear a
+    clipping search on its (now scaled) input statistics, then quantize."""
+    col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
+    for f in folded:
+        for layer, cmap in zip(f.group.layers, f.group.channel_maps):
             if layer in col_scale:
-                col = s[torch.tensor(cmap)]
+                col = f.scale[torch.tensor(cmap)]
                 col_scale[layer] = col if col_scale[layer] is None else col_scale[layer] * col
+    quantized, clips = {}, []
     for name in linears:
         site = gm.linears[name]
         w = site.matrix(gm.params).detach().float()
@@ -265,8 +284,9 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
             gram = gram * inv[:, None] * inv[None, :]
         shrink, report = _clip_search(name, w, gram, stat.tokens * site.out_features, opts, site.node)
         if report is not None:
-            result.clips.append(report)
-        result.quantized[name] = quantize(w, scheme, shrink)
+            clips.append(report)
+        quantized[name] = quantize(w, opts.scheme, shrink)
+    return quantized, clips
 
 
 def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str]):

@@ -161,6 +161,20 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
     return None
 
 
+def norm_offsets(gm: GraphModel) -> dict[str, float]:
+    """Every norm weight of the graph (a fold point of Case A or B) -> the constant its norm adds
+    to it before multiplying: 0 for ``x * w``, 1 for ``x * (1 + w)``. Read off the graph (shapes
+    from the export's metadata), whether or not the norm feeds a scaling group."""
+    shapes = {node: node.meta.get("val") for node in gm.graph.nodes}
+    offsets = {}
+    for node in gm.graph.nodes:
+        if node.target is aten.mul.Tensor:
+            point = fold_point(gm, node, shapes)
+            if isinstance(point, FoldPoint) and point.kind in (FoldKind.NORM_WEIGHT, FoldKind.NORM_OFFSET):
+                offsets[point.params[0]] = point.kind.norm_offset
+    return offsets
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     found = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))

@@ -1,122 +1,169 @@
-"""Rewrite: every quantized linear of a torch.onnx graph to one com.microsoft::MatMulNBits.
+"""MatMulNBits over onnx_ir: the one node builder both ONNX writers use, and two passes.
 
-Rewrite (per quantized linear with weight W, integers q, scales, zero points):
+The node (every quantized linear of either graph):
 
-    MatMul(x, Transpose(W))            ->  com.microsoft::MatMulNBits(x, B, scales[, zp])
-    Gemm(x, W, transB=1) / + bias      ->  MatMulNBits(x, B, scales, zp, bias)
-    MatMul(x, Gather(Transpose(W), e)) ->  MatMulNBits of expert e's rows (a bank W (E, out, in))
+    y = com.microsoft::MatMulNBits(x, B, scales[, zero_points][, , bias])
+        K = in, N = out, bits, block_size = the group size, accuracy_level
 
-B, scales and zp are packed by ``awq_graph.core.numerics.pack_matmulnbits`` from the exact
-integers the search chose. W's float initializer is removed.
+B, scales and zero_points are packed by ``awq_graph.core.numerics.pack_matmulnbits`` from the
+exact integers the search chose, as initializers ``{name}.qweight``, ``{name}.scales`` and
+``{name}.qzeros``; the node is ``{name}/MatMulNBits``.
+
+``RewriteMatMulNBits`` (a torch.onnx graph; per quantized linear with weight W):
+
+    1. MatMul(x, Transpose(W))         W stored (out, in): aten.linear
+    2. MatMul(x, W)                    W stored (in, out): Conv1D's addmm
+    3. Gemm(x, W, bias, transB=0|1)    either layout; the bias moves into MatMulNBits
+    4. MatMul(x, Gather(Transpose(W), e)) for each expert e of a bank W (E, out, in)
+    ->  MatMulNBits(x, ...) and W's float initializer removed (a tied lm_head keeps the table
+        its token lookup reads)
+
+A linear that matches no pattern is left as it was and reported with the reason.
+
+``SetAccuracyLevel``: every MatMulNBits and QMoE at one ``accuracy_level`` (0: float
+activations, 4: int8).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from awq_graph.core.errors import ExportError
 from awq_graph.core.ir import PREFIX
 from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
 
-
-def _initializer(graph: ir.Graph, param: str) -> ir.Value | None:
-    return graph.initializers.get(PREFIX + param) or graph.initializers.get(param)
+QUANTIZED_OPS = ("MatMulNBits", "QMoE")
 
 
-def rewrite_matmulnbits(model: ir.Model, weights: dict[str, QuantizedWeight],
-                        weight_param: dict[str, str], accuracy_level: int = 0) -> int:
-    """Replace each quantized linear's MatMul (or Gemm) with MatMulNBits; returns how many
-    (a bank of experts counts once).
-
-    Patterns, by how the exporter wrote the linear:
-      1. MatMul(x, Transpose(W))        W stored (out, in): aten.linear
-      2. MatMul(x, W)                   W stored (in, out): Conv1D's addmm
-      3. Gemm(x, W, bias, transB=0|1)   either layout; the bias moves into MatMulNBits
-      4. MatMul(x, Gather(Transpose(W), e)) for each expert e of a bank W (E, out, in)
-    """
-    graph = model.graph
-    count = 0
-    for layer, qw in weights.items():
-        w_value = _initializer(graph, weight_param[layer])
-        if w_value is None:
-            raise ExportError(f"ONNX graph has no initializer for '{weight_param[layer]}'")
-        uses = list(w_value.uses())
-        # a tied lm_head shares its table with the embedding lookup, which stays float
-        lookups = [u for u in uses if u[0].op_type == "Gather" and u[1] == 0 and len(w_value.shape) == 2]
-        uses = [u for u in uses if u not in lookups]
-        if len(uses) != 1:
-            raise ExportError(f"'{layer}': its weight has {len(uses)} uses in the ONNX graph, expected 1")
-        user, index = uses[0]
-        base = weight_param[layer].removesuffix(".weight")
-        if len(w_value.shape) == 3:  # Pattern 4
-            _rewrite_bank(graph, layer, user, qw, int(w_value.shape[1]), base, accuracy_level)
-        else:
-            target, dead, bias = _linear_pattern(layer, user, index)
-            _to_matmulnbits(graph, target, qw, base, bias, accuracy_level)
-            graph.remove(dead, safe=True)
-        if not lookups:
-            del graph.initializers[w_value.name]
-        count += 1
-    model.opset_imports.setdefault("com.microsoft", 1)
-    return count
+def initializer(array: np.ndarray, name: str) -> ir.Value:
+    """A graph initializer holding ``array``."""
+    return ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                    type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
 
 
-def _linear_pattern(layer: str, user: ir.Node, index: int):
-    """(the MatMul or Gemm to replace, the nodes that go with it, the bias) of patterns 1-3."""
+def matmulnbits_node(x: ir.Value, qw: QuantizedWeight, name: str, accuracy_level: int,
+                     bias: ir.Value | None = None, scale_dtype=np.float32) -> tuple[ir.Node, list[ir.Value]]:
+    """x @ dequantize(qw)^T (+ bias) as one MatMulNBits node, and the initializers it reads
+    (scales in ``scale_dtype``, the activations' type)."""
+    n, k = qw.q.shape
+    packed, scales, zeros = pack_matmulnbits(qw)
+    weights = [initializer(packed, f"{name}.qweight"), initializer(scales.astype(scale_dtype), f"{name}.scales")]
+    if zeros is not None:
+        weights.append(initializer(zeros, f"{name}.qzeros"))
+    inputs = list(weights) + [None] * (3 - len(weights))
+    if bias is not None:
+        inputs += [None, bias]  # after g_idx
+    while inputs[-1] is None:
+        inputs.pop()
+    node = ir.node("MatMulNBits", [x, *inputs], domain="com.microsoft", name=f"{name}/MatMulNBits",
+                   attributes={"K": k, "N": n, "bits": qw.scheme.bits, "block_size": qw.scheme.group_size,
+                               "accuracy_level": accuracy_level})
+    return node, weights
+
+
+@dataclass
+class MatMulNBitsResult(ir.passes.PassResult):
+    rewritten: list[str] = field(default_factory=list)  # module names, in the order given
+    unmatched: dict[str, str] = field(default_factory=dict)  # module name -> why it was left as it was
+
+
+class RewriteMatMulNBits(ir.passes.InPlacePass):
+    """Patterns 1-4 of the module docstring, for ``weights`` (module name -> integers) whose
+    float weight is the parameter ``weight_param[name]``."""
+
+    def __init__(self, weights: dict[str, QuantizedWeight], weight_param: dict[str, str], accuracy_level: int = 0):
+        super().__init__()
+        self.weights, self.weight_param, self.accuracy_level = weights, weight_param, accuracy_level
+
+    def call(self, model: ir.Model) -> MatMulNBitsResult:
+        graph = model.graph
+        result = MatMulNBitsResult(model, False)
+        for layer, qw in self.weights.items():
+            param = self.weight_param[layer]
+            w_value = graph.initializers.get(PREFIX + param) or graph.initializers.get(param)
+            if w_value is None:
+                result.unmatched[layer] = f"the ONNX graph has no initializer for '{param}'"
+                continue
+            base = param.removesuffix(".weight")
+            uses = list(w_value.uses())
+            # a tied lm_head shares its table with the embedding lookup, which stays float
+            lookups = [u for u in uses if u[0].op_type == "Gather" and u[1] == 0 and len(w_value.shape) == 2]
+            uses = [u for u in uses if u not in lookups]
+            if len(uses) != 1:
+                result.unmatched[layer] = f"its weight has {len(uses)} uses in the ONNX graph, expected 1"
+                continue
+            user, index = uses[0]
+            if len(w_value.shape) == 3:
+                matched = _bank_pattern(user)
+                if isinstance(matched, str):
+                    result.unmatched[layer] = matched
+                    continue
+                out_f = int(w_value.shape[1])
+                for e, (gather, matmul) in matched.items():
+                    _replace(graph, matmul, qw.take_rows(slice(e * out_f, (e + 1) * out_f)), f"{base}.{e}", None,
+                             self.accuracy_level)
+                    index_value = gather.inputs[1]
+                    graph.remove([matmul, gather], safe=True)
+                    constant = index_value.producer()
+                    if constant is not None and constant.op_type == "Constant" and not list(index_value.uses()):
+                        graph.remove(constant, safe=True)
+                graph.remove(user, safe=True)
+            else:
+                matched = _linear_pattern(user, index)
+                if isinstance(matched, str):
+                    result.unmatched[layer] = matched
+                    continue
+                target, dead, bias = matched
+                _replace(graph, target, qw, base, bias, self.accuracy_level)
+                graph.remove(dead, safe=True)
+            if not lookups:
+                del graph.initializers[w_value.name]
+            result.rewritten.append(layer)
+        if result.rewritten:
+            model.opset_imports.setdefault("com.microsoft", 1)
+            result.modified = True
+        return result
+
+
+def _linear_pattern(user: ir.Node, index: int):
+    """(the MatMul or Gemm to replace, the nodes that go with it, the bias) of patterns 1-3,
+    or why none matches."""
     if user.op_type == "Transpose":  # Pattern 1
         mm_uses = list(user.outputs[0].uses())
         if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
-            raise ExportError(f"'{layer}': the transposed weight does not feed one MatMul")
+            return "the transposed weight does not feed one MatMul"
         return mm_uses[0][0], [mm_uses[0][0], user], None
     if user.op_type == "MatMul" and index == 1:  # Pattern 2
         return user, [user], None
     if user.op_type == "Gemm" and index == 1:  # Pattern 3
         attrs = {k: a.value for k, a in user.attributes.items()}
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            raise ExportError(f"'{layer}': Gemm with transA/alpha/beta is not rewritten")
+            return "its Gemm has transA, alpha or beta"
         return user, [user], user.inputs[2] if len(user.inputs) > 2 else None
-    raise ExportError(f"'{layer}': its weight feeds {user.op_type}, not a MatMul or Gemm")
+    return f"its weight feeds {user.op_type}, not a MatMul or Gemm"
 
 
-def _rewrite_bank(graph: ir.Graph, layer: str, user: ir.Node, qw: QuantizedWeight, out_f: int, base: str,
-                  accuracy_level: int) -> None:
-    """Pattern 4: ``_grouped_mm``'s per-expert MatMuls over Gather(Transpose(W), e)."""
+def _bank_pattern(user: ir.Node):
+    """Pattern 4: expert index -> (its Gather, its MatMul), or why the bank does not match."""
     perm = user.attributes.get("perm")
     if user.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1]:
-        raise ExportError(f"'{layer}': the bank of experts does not feed a Transpose(perm=[0, 2, 1])")
-    gathers = [u for u, _ in user.outputs[0].uses()]
-    for gather in gathers:
+        return "the bank of experts does not feed a Transpose(perm=[0, 2, 1])"
+    experts = {}
+    for gather, _ in user.outputs[0].uses():
         index = ir.convenience.get_const_tensor(gather.inputs[1]) if gather.op_type == "Gather" else None
         mm_uses = list(gather.outputs[0].uses()) if index is not None else []
         if len(mm_uses) != 1 or mm_uses[0][0].op_type != "MatMul" or mm_uses[0][1] != 1:
-            raise ExportError(f"'{layer}': an expert's weight does not feed one MatMul")
-        e = int(index.numpy())
-        _to_matmulnbits(graph, mm_uses[0][0], qw.take_rows(slice(e * out_f, (e + 1) * out_f)), f"{base}.{e}", None,
-                        accuracy_level)
-        index_value = gather.inputs[1]
-        graph.remove([mm_uses[0][0], gather], safe=True)
-        constant = index_value.producer()
-        if constant is not None and constant.op_type == "Constant" and not list(index_value.uses()):
-            graph.remove(constant, safe=True)
-    graph.remove(user, safe=True)
+            return "an expert's weight does not feed one MatMul"
+        experts[int(index.numpy())] = (gather, mm_uses[0][0])
+    return experts
 
 
-def _to_matmulnbits(graph: ir.Graph, target: ir.Node, qw: QuantizedWeight, base: str, bias, accuracy_level: int):
+def _replace(graph: ir.Graph, target: ir.Node, qw: QuantizedWeight, base: str, bias, accuracy_level: int) -> None:
     """MatMulNBits(target's x, the packed integers) in place of ``target``'s output."""
-    n, k = qw.q.shape
-    b, scales, zp = pack_matmulnbits(qw)
-    inputs = [target.inputs[0],
-              _add_initializer(graph, f"{base}.qweight", b),
-              _add_initializer(graph, f"{base}.scales", scales.astype(np.float32)),
-              _add_initializer(graph, f"{base}.qzeros", zp) if zp is not None else None]
-    if bias is not None:
-        inputs += [None, bias]
-    while inputs[-1] is None:
-        inputs.pop()
-    node = ir.node("MatMulNBits", inputs=inputs, domain="com.microsoft",
-                   attributes={"K": k, "N": n, "bits": qw.scheme.bits, "block_size": qw.scheme.group_size,
-                               "accuracy_level": accuracy_level},
-                   name=f"{base}.MatMulNBits")
+    node, weights = matmulnbits_node(target.inputs[0], qw, base, accuracy_level, bias)
+    for value in weights:
+        graph.register_initializer(value)
     graph.insert_before(target, node)
     out = target.outputs[0]
     is_output = out in graph.outputs
@@ -128,8 +175,24 @@ def _to_matmulnbits(graph: ir.Graph, target: ir.Node, qw: QuantizedWeight, base:
         node.outputs[0].name = f"{base}.out"
 
 
-def _add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
-                     shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    graph.register_initializer(value)
-    return value
+@dataclass
+class AccuracyLevelResult(ir.passes.PassResult):
+    changed: int = 0  # nodes whose level was another one
+
+
+class SetAccuracyLevel(ir.passes.InPlacePass):
+    """Every MatMulNBits and QMoE at ``level``."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def call(self, model: ir.Model) -> AccuracyLevelResult:
+        changed = 0
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type in QUANTIZED_OPS and node.domain == "com.microsoft":
+                attr = node.attributes.get("accuracy_level")
+                if attr is None or attr.value != self.level:
+                    node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", self.level)
+                    changed += 1
+        return AccuracyLevelResult(model, changed > 0, changed)

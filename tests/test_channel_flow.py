@@ -80,3 +80,15 @@ def test_config_faults_name_the_entry_and_the_graph_reason(tiny_graph, entry, fa
 def test_unknown_decoder_layers_is_a_fault(tiny_graph):
     _, faults = resolve_config(tiny_graph, {"model_decoder_layers": "model.blocks", "scaling_layers": []})
     assert faults and faults[0].startswith("model_decoder_layers: 'model.blocks'")
+
+
+@pytest.mark.parametrize("model_type, offset", [("llama", 0.0), ("gemma", 1.0), ("gemma3_text", 1.0)])
+def test_norm_offsets_are_read_off_the_graph_for_every_norm(model_type, offset):
+    """x * w (llama) against x * (1 + w) (gemma): the emitted norms take the offset the graph has,
+    for the norms of groups and for the others (the final norm, gemma3's q/k and sandwich norms)."""
+    from awq_graph.passes.channel_flow import norm_offsets
+
+    model = tiny_model(model_type)
+    offsets = norm_offsets(export_model(model))
+    norms = {n for n, p in model.named_parameters() if "norm" in n}
+    assert set(offsets) == norms and set(offsets.values()) == {offset}

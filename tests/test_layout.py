@@ -133,6 +133,33 @@ def test_model_types_are_named_in_the_family_table_only():
     assert {b.split(":")[0] for b in branching} <= {"awq_graph/emit/families.py"}, branching
 
 
+HF_NAME_PARTS = ("model.", "transformer.", "layers", "self_attn", "attn.", "_proj", "layernorm", "lm_head",
+                 "embed_tokens", "wte", "wpe", "ln_", "c_attn", "c_fc", "shared_expert", "experts.")
+
+
+def _string_literals(tree: ast.AST):
+    """(text, line) of every string in the code, docstrings and comments left out."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.value, node.lineno
+
+
+def test_module_names_of_the_models_are_written_in_the_family_table_only():
+    """The decoder writers name no HF module: their names come from a family row's ``Names``
+    and from the graph (``GraphFacts``: the layers, the head, the token lookup)."""
+    found = []
+    for path in REPO.glob("awq_graph/emit/*.py"):
+        if path.name == "families.py":
+            continue
+        for text, line in _string_literals(ast.parse(path.read_text())):
+            if any(part in text for part in HF_NAME_PARTS):
+                found.append(f"{path.relative_to(REPO)}:{line}: {text!r}")
+    assert found == []
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the sources (the checkout is not written to)."""

@@ -66,17 +66,17 @@ def test_matmulnbits_equals_numpy_dequantization(bits, symmetric, block, k):
 @pytest.mark.parametrize("k", [256, 200])
 def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k):
     """The int4 embedding: rows packed as MatMulNBits packs them, looked up by GatherBlockQuantized."""
-    from awq_graph.emit.builder import GraphBuilder, embedding
+    import onnx_ir as ir
+
+    from awq_graph.emit.builder import GraphBuilder, embedding, tensor_input
 
     torch.manual_seed(k)
     vocab, block = 40, 32
     table = torch.randn(vocab, k)
     scheme = QuantScheme(4, block, symmetric)
-    g = GraphBuilder(TensorProto.FLOAT)
-    out = embedding(g, "ids", table, quantize(table, scheme))
-    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["B", "S", k])], g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    g = GraphBuilder(ir.DataType.FLOAT, [tensor_input("ids", ir.DataType.INT64, ["B", "S"])])
+    out = embedding(g, "ids", table, quantize(table, scheme), "table")
+    model = ir.serde.serialize_model(g.model([tensor_input(out, ir.DataType.FLOAT, ["B", "S", k])]))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[3, 0, 39, 3], [7, 8, 9, 1]], dtype=np.int64)
     rows = sess.run(None, {"ids": ids})[0]
@@ -84,3 +84,69 @@ def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k):
     w_ref, _ = unpack_reference(b, scales, zp, vocab, k, block, symmetric)
     np.testing.assert_allclose(rows, w_ref[ids], rtol=1e-6, atol=1e-6)
     assert np.abs(rows - table.numpy()[ids]).max() < 0.5  # and it is the table, to int4 precision
+
+
+def _linear_graph(w: np.ndarray, feed: str):
+    """y = x @ Transpose(W) (``feed`` "MatMul", as torch.onnx writes aten.linear) or y = x + W
+    (``feed`` "Add": no pattern of the rewrite), W an initializer named like a parameter."""
+    import onnx_ir as ir
+
+    from awq_graph.passes.matmulnbits import initializer
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["M", w.shape[1]]))
+    weight = initializer(w, "layer.weight")
+    if feed == "MatMul":
+        t = ir.node("Transpose", [weight], attributes={"perm": [1, 0]})
+        y = ir.node("MatMul", [x, t.outputs[0]])
+        nodes = [t, y]
+    else:
+        y = ir.node("Add", [x, weight])
+        nodes = [y]
+    y.outputs[0].name = "y"
+    y.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [y.outputs[0]], nodes=nodes, initializers=[weight], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_the_rewrite_replaces_a_transposed_matmul_by_matmulnbits_of_the_chosen_integers():
+    import onnx_ir as ir
+
+    from awq_graph.passes.matmulnbits import RewriteMatMulNBits
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    qw = quantize(w, QuantScheme(4, 32))
+    model = _linear_graph(w.numpy(), "MatMul")
+    result = RewriteMatMulNBits({"layer": qw}, {"layer": "layer.weight"}, accuracy_level=0)(model)
+    assert result.modified and result.rewritten == ["layer"] and result.unmatched == {}
+    assert [n.op_type for n in model.graph] == ["MatMulNBits"] and "layer.weight" not in model.graph.initializers
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    b, scales, zp = pack_matmulnbits(qw)
+    w_ref, _ = unpack_reference(b, scales, zp, 24, 64, 32, False)
+    ref = x.astype(np.float64) @ w_ref.T
+    got = session.run(None, {"x": x})[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5  # measured ~2e-7
+
+
+def test_a_linear_no_pattern_matches_is_left_as_it_was_with_the_reason():
+    from awq_graph.passes.matmulnbits import RewriteMatMulNBits
+
+    w = np.ones((4, 16), np.float32)
+    model = _linear_graph(w, "Add")
+    result = RewriteMatMulNBits({"layer": quantize(torch.from_numpy(w), QuantScheme(4, 16))},
+                                {"layer": "layer.weight"})(model)
+    assert not result.modified and result.rewritten == []
+    assert result.unmatched == {"layer": "its weight feeds Add, not a MatMul or Gemm"}
+    assert [n.op_type for n in model.graph] == ["Add"] and "layer.weight" in model.graph.initializers
+
+
+def test_set_accuracy_level_reports_the_nodes_it_changed():
+    from awq_graph.passes.matmulnbits import RewriteMatMulNBits, SetAccuracyLevel
+
+    model = _linear_graph(np.ones((8, 16), np.float32), "MatMul")
+    RewriteMatMulNBits({"layer": quantize(torch.ones(8, 16), QuantScheme(4, 16))}, {"layer": "layer.weight"},
+                       accuracy_level=0)(model)
+    first, again = SetAccuracyLevel(4)(model), SetAccuracyLevel(4)(model)
+    assert (first.modified, first.changed) == (True, 1) and (again.modified, again.changed) == (False, 0)
+    assert next(iter(model.graph)).attributes["accuracy_level"].value == 4

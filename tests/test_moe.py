@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 import awq_graph
 from awq_graph.emit import fake_quant_overrides
@@ -18,9 +18,9 @@ from awq_graph.runtime import CompiledModel
 from awq_graph.core.analysis import quantizable_linears
 from awq_graph.search import SearchOptions, awq_search, rtn
 from awq_graph.passes.check_config import derive_groups
-from awq_graph.emit.builder import GraphBuilder, LinearWeights
+from awq_graph.emit.builder import GraphBuilder, LinearWeights, tensor_input
 from awq_graph.emit.decoder import moe_block
-from awq_graph.emit.families import DecoderShape
+from awq_graph.emit.families import DecoderShape, Names
 
 E, HIDDEN, INTER, TOP_K = 4, 64, 32, 2
 
@@ -54,14 +54,12 @@ def test_qmoe_over_our_packed_banks_equals_a_numpy_mixtral_block(scheme):
     router = torch.randn(E, HIDDEN, generator=gen)
     gate_up = quantize(torch.randn(E * 2 * INTER, HIDDEN, generator=gen), scheme)  # expert by expert, gate rows first
     down = quantize(torch.randn(E * HIDDEN, INTER, generator=gen) * 0.1, scheme)
-    g = GraphBuilder(TensorProto.FLOAT)
+    g = GraphBuilder(ir.DataType.FLOAT, [tensor_input("x", ir.DataType.FLOAT, [1, "S", HIDDEN])])
     shape = DecoderShape(1, HIDDEN, 1, 1, HIDDEN, HIDDEN, 2, 1e-6, 1.0, 8, -1, experts_per_token=TOP_K)
     linears = {"m.mlp.gate": LinearWeights(None, router), "m.mlp.experts.gate_up_proj": LinearWeights(gate_up, None),
                "m.mlp.experts.down_proj": LinearWeights(down, None)}
-    y = moe_block(g, "x", "m.mlp", linears, shape, accuracy_level=0)
-    graph = helper.make_graph(g.nodes, "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", HIDDEN])],
-                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, "S", HIDDEN])], g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    y = moe_block(g, "x", "m.mlp", Names(), linears, shape, accuracy_level=0)
+    proto = ir.serde.serialize_model(g.model([tensor_input(y, ir.DataType.FLOAT, [1, "S", HIDDEN])]))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).normal(size=(1, 9, HIDDEN)).astype(np.float32)
     got = session.run(None, {"x": x})[0][0]

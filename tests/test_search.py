@@ -32,5 +32,10 @@ def test_awq_beats_round_to_nearest_where_a_few_channels_carry_large_activations
 
     norm_groups = [g for g in result.groups if g.prev_op.endswith("layernorm")]
     assert norm_groups and all(g.ratio is not None for g in norm_groups)  # every planted group is scaled
+    # one fold record per group whose scale is not the identity, naming the parameters it edited
+    scaled = [(g.prev_op, tuple(g.layers)) for g in result.groups if g.ratio is not None]
+    assert [(f.group.prev_op, f.group.layers) for f in result.folded] == scaled
+    for f in result.folded:
+        assert f.params[0].startswith(f.group.prev_op) and len(f.params) == len(f.group.prev_params) + len(f.group.layers)
     # measured 0.190 vs 0.320 (ratio 0.59); without the planted channels 0.077 vs 0.084 (0.92)
     assert error(awq) < 0.75 * error(plain), (error(awq), error(plain))

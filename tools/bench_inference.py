@@ -183,17 +183,17 @@ def _build(work: Path, gguf: Path, int4: Path | None):
 
 def set_accuracy_level(src: Path, dst: Path, level: int) -> None:
     """A copy of a compiled folder with every MatMulNBits at ``level`` (the weights are shared)."""
-    import onnx
+    import onnx_ir as ir
 
-    from awq_graph.emit.decoder import set_accuracy_level as set_level
+    from awq_graph.passes.matmulnbits import SetAccuracyLevel
 
     dst.mkdir(exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name != "model.onnx" and not (dst / f.name).exists():
             os.link(f, dst / f.name)
-    proto = onnx.load(src / "model.onnx", load_external_data=False)
-    set_level(proto, level)
-    onnx.save(proto, dst / "model.onnx")
+    model = ir.load(src / "model.onnx")  # its tensors stay in the (linked) data file
+    SetAccuracyLevel(level)(model)
+    ir.save(model, dst / "model.onnx")
 
 
 def _has(module: str) -> bool:

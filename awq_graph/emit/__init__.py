@@ -1,11 +1,14 @@
 """Which ONNX graph to write, and the check that it computes what the torch program computes.
 
-Two emitters (both in ``passes/``):
-  * ``emit_decoder`` / ``emit_decoder_gpt2``: a KV-cache decoder of onnxruntime's fused ops, for
-    the model families they know (``decoder_support``). Checked after writing: prefill and one-token decode steps in
-    onnxruntime against the torch program with the same dequantized weights.
-  * ``emit_onnx``: torch.onnx of the folded program (logits only, no KV cache), then each
-    quantized linear rewritten to MatMulNBits. Any architecture torch.onnx can translate.
+Two writers, both over onnx_ir and one MatMulNBits node builder (``awq_graph.passes.matmulnbits``):
+  * ``awq_graph.emit.decoder`` / ``awq_graph.emit.gpt2``: a KV-cache decoder of onnxruntime's
+    fused ops, for the model families of ``awq_graph.emit.families`` (``decoder_support``), from
+    the family's row and the graph's facts (``graph_facts``). Checked after writing: prefill and
+    one-token decode steps in onnxruntime against the torch program with the same dequantized
+    weights.
+  * ``awq_graph.emit.logits_only``: torch.onnx of the folded program (logits only, no KV cache),
+    then each quantized linear rewritten to MatMulNBits (``RewriteMatMulNBits``). Any
+    architecture torch.onnx can translate.
 """
 from __future__ import annotations
 
@@ -13,19 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import torch
 
-from awq_graph.core.analysis import head_reads_token_table, token_lookup
+from awq_graph.core.analysis import decoder_layers, head_reads_token_table, output_head, token_lookup, token_table
 from awq_graph.core.errors import ExportError, InputError
 from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.core.numerics import QuantizedWeight
-from awq_graph.emit.builder import LinearWeights, save_decoder, set_accuracy_level
+from awq_graph.emit.builder import GraphFacts, LinearWeights, save_decoder
 from awq_graph.emit.decoder import build_decoder, fused_support
 from awq_graph.emit.families import family_of
 from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
 from awq_graph.emit.logits_only import custom_translations, export_float_onnx, save_model
-from awq_graph.passes.matmulnbits import rewrite_matmulnbits
+from awq_graph.passes.channel_flow import norm_offsets
+from awq_graph.passes.matmulnbits import RewriteMatMulNBits, SetAccuracyLevel
 
 
 @dataclass
@@ -46,9 +50,10 @@ INT8_TOLERANCE = 0.25  # relative logit error allowed with int8 activations (acc
 @dataclass(frozen=True)
 class GraphPlan:
     """Which graph compile writes, decided once before calibration: the fused KV-cache decoder
-    (``reason`` None), or the logits-only graph and why."""
+    (``reason`` None; from the graph's ``facts``), or the logits-only graph and why."""
 
     reason: str | None
+    facts: GraphFacts | None = None
 
     @property
     def kv_decoder(self) -> bool:
@@ -60,9 +65,24 @@ def plan_graph(gm: GraphModel, model, kv_cache: bool = True, group_size: int | N
     the fused decoder does not fit and the exported graph holds a custom op torch.onnx cannot
     translate."""
     reason = _why_no_decoder(model, kv_cache, group_size)
+    facts = None
+    if reason is None:
+        facts = graph_facts(gm)
+        if facts is None:
+            reason = "no linear writes the logits"
     if reason is not None:
         _refuse_untranslatable(gm, f"no KV-cache decoder: {reason}", "; nothing was quantized")
-    return GraphPlan(reason)
+    return GraphPlan(reason, facts)
+
+
+def graph_facts(gm: GraphModel) -> GraphFacts | None:
+    """What the decoder writers read off the graph (None: no linear writes the logits)."""
+    head = output_head(gm)
+    if head is None:
+        return None
+    layers, _ = decoder_layers(gm)
+    lookup = module_path(token_lookup(gm))
+    return GraphFacts(layers, head, lookup, token_table(gm), head_reads_token_table(gm), norm_offsets(gm))
 
 
 def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path, *, model=None,
@@ -77,9 +97,10 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         linears = linear_weights(gm, quantized)
         family, _ = family_of(model)
         _, build = BLOCK_WRITERS[family.block]
-        proto = build(model, family, gm.params, linears, quantized_table=quantized_table, accuracy_level=accuracy_level,
-                      act_dtype=act_dtype, tied_head=head_reads_token_table(gm))
-        save_decoder(proto, path)  # the proto's tensors now point into path's data file
+        decoder = build(model, family, plan.facts, gm.params, linears, quantized_table=quantized_table,
+                        accuracy_level=accuracy_level, act_dtype=act_dtype)
+        save_decoder(decoder, path)
+        del decoder  # its tensors: the data file holds them now
         # The check: the graph with float activations against torch, tightly (the structure), and
         # with int8 activations (accuracy level 4) loosely: their rounding is amplified with depth
         # and by MoE routing flipping to other experts (5e-2 on a 6-layer random Mixtral), while a
@@ -87,9 +108,10 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         graphs = {0: path}
         if accuracy_level != 0:
             graphs = {0: path.with_name(path.stem + ".float-activations.onnx"), accuracy_level: path}
-            set_accuracy_level(proto, 0)
-            onnx.save_model(proto, graphs[0])
-        del proto
+            float_activations = ir.load(path)  # its tensors stay in path's data file, which the copy reads too
+            SetAccuracyLevel(0)(float_activations)
+            ir.save(float_activations, graphs[0])
+            del float_activations
         try:
             deviations = dict(zip(graphs, check_decoder(list(graphs.values()), gm, quantized, quantized_table)))
         except Exception as exc:  # onnxruntime refused the graph: our bug, and the logits-only graph may still do
@@ -119,9 +141,12 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     _refuse_untranslatable(gm, reason)
     onnx_model = export_float_onnx(gm)
     weight_param = {n: gm.linears[n].weight for n in quantized}
-    count = rewrite_matmulnbits(onnx_model, quantized, weight_param, accuracy_level)
+    rewrite = RewriteMatMulNBits(quantized, weight_param, accuracy_level)(onnx_model)
+    if rewrite.unmatched:
+        layer, why = next(iter(rewrite.unmatched.items()))
+        raise ExportError(f"cannot write '{layer}' as MatMulNBits in the logits-only graph: {why}")
     save_model(onnx_model, Path(path))
-    return Emitted("logits-only", count, [] if reason == "--no-kv-cache" else [warning])
+    return Emitted("logits-only", len(rewrite.rewritten), [] if reason == "--no-kv-cache" else [warning])
 
 
 def decoder_support(model, group_size: int | None = None) -> str | None:

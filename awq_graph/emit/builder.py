@@ -1,41 +1,95 @@
-"""The ONNX builder both decoder writers share: nodes and initializers named after the HF modules
-they come from, one MatMulNBits (or float MatMul) per linear, the token lookup, the head, and
-the graph signature of the KV-cache decoder (see ``awq_graph.emit.decoder``)."""
+"""The ONNX builder both decoder writers share (onnx_ir): nodes and initializers named after the
+HF modules they come from, one MatMulNBits (``awq_graph.passes.matmulnbits.matmulnbits_node``)
+or float MatMul per linear, the token lookup, the head, and the graph signature of the
+KV-cache decoder (see ``awq_graph.emit.decoder``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
+from awq_graph.passes.matmulnbits import initializer, matmulnbits_node
+
+OPSETS = {"": 21, "com.microsoft": 1}
+
+
+def tensor_input(name: str, dtype: ir.DataType, shape: list) -> ir.Value:
+    """A graph input (or an output's declared type): ``shape`` entries are ints or symbolic names."""
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
 
 
 class GraphBuilder:
-    """Nodes and initializers, named after the HF modules they come from."""
+    """An onnx_ir graph built node by node; values are referred to by name (the HF module they
+    come from), so block builders read as lists of ops."""
 
-    def __init__(self, float_type):
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.float_type = float_type  # TensorProto.FLOAT or FLOAT16
-        self.np_float = np.float16 if float_type == TensorProto.FLOAT16 else np.float32
+    def __init__(self, float_type: ir.DataType, inputs: list[ir.Value] = (), name: str = "awq_graph"):
+        self.float_type = float_type  # ir.DataType.FLOAT or FLOAT16
+        self.np_float = float_type.numpy()
+        self.graph = ir.Graph(list(inputs), [], nodes=[], opset_imports=dict(OPSETS), name=name)
+        self.values: dict[str, ir.Value] = {v.name: v for v in inputs}
+
+    def value(self, name: str) -> ir.Value:
+        return self.values[name]
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(array, name))
+        array = np.asarray(array)
+        value = initializer(array if array.flags.c_contiguous else array.copy(order="C"), name)  # 0-d stays 0-d
+        self.graph.register_initializer(value)
+        self.values[name] = value
         return name
 
     def floats(self, name: str, tensor) -> str:
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
         return self.const(name, array.astype(self.np_float))
 
+    def add(self, node: ir.Node, outputs: list[str]) -> None:
+        """Append ``node``, naming its outputs (an empty name: an optional output left unused)."""
+        self.graph.append(node)
+        for value, out in zip(node.outputs, outputs):
+            value.name = out
+            if out:
+                self.values[out] = value
+
     def op(self, op_type: str, inputs: list, name: str, outputs: int | list = 1, domain: str = "", **attrs):
         outs = [f"{name}/out{k}" for k in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], outs, name=name,
-                                           domain=domain, **attrs))
+        node = ir.node(op_type, [self.values[i] if i else None for i in inputs], attributes=attrs, domain=domain,
+                       name=name, num_outputs=len(outs))
+        self.add(node, outs)
         return outs[0] if len(outs) == 1 else outs
+
+    def model(self, outputs: list[ir.Value]) -> ir.Model:
+        """The model whose graph outputs are the values named like ``outputs`` (typed as they are)."""
+        for declared in outputs:
+            value = self.values[declared.name]
+            value.type, value.shape = declared.type, declared.shape
+            self.graph.outputs.append(value)
+        return ir.Model(self.graph, ir_version=10, producer_name="awq-graph")
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the exported graph says that a decoder writer needs (``awq_graph.emit.graph_facts``)."""
+
+    layers: str  # the decoder layers' module list: "model.layers"
+    head: str  # the linear that writes the logits
+    embedding: str  # the module of the token lookup: "model.embed_tokens"
+    table: str  # the parameter it reads (a tied table may carry the head's name: "lm_head.weight")
+    tied_head: bool  # the head reads the token table's placeholder
+    norm_offsets: dict[str, float]  # norm weight parameter -> the constant its norm adds to it (x * (1 + w): 1)
+
+    def layer(self, i: int) -> str:
+        return f"{self.layers}.{i}"
+
+    def norm_factor(self, params: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+        """What the norm ``module`` multiplies by: its weight plus the graph's offset."""
+        name = f"{module}.weight"
+        if name not in self.norm_offsets:
+            raise ValueError(f"'{name}' is not the weight of a norm in the exported graph")
+        return params[name].detach().float() + self.norm_offsets[name]
 
 
 @dataclass
@@ -78,23 +132,19 @@ def linear(g: GraphBuilder, x: str, lw: LinearWeights, name: str, accuracy_level
         if lw.bias is not None:
             y = g.op("Add", [y, g.floats(f"{name}.bias", lw.bias)], f"{name}/Add")
         return y
-    qw = lw.quantized
-    n, k = qw.q.shape
-    packed, scales, zeros = pack_matmulnbits(qw)
-    inputs = [x, g.const(f"{name}.qweight", packed), g.const(f"{name}.scales", scales.astype(g.np_float)),
-              g.const(f"{name}.qzeros", zeros) if zeros is not None else None]
-    if lw.bias is not None:
-        inputs += [None, g.floats(f"{name}.bias", lw.bias)]
-    return g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n,
-                bits=qw.scheme.bits, block_size=qw.scheme.group_size, accuracy_level=accuracy_level)
+    bias = g.value(g.floats(f"{name}.bias", lw.bias)) if lw.bias is not None else None
+    node, weights = matmulnbits_node(g.value(x), lw.quantized, name, accuracy_level, bias, scale_dtype=g.np_float)
+    for value in weights:
+        g.graph.register_initializer(value)
+    g.add(node, [f"{name}/MatMulNBits/out0"])
+    return f"{name}/MatMulNBits/out0"
 
 
-def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: QuantizedWeight | None,
-              name: str = "model.embed_tokens") -> str:
+def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: QuantizedWeight | None, name: str) -> str:
     """The rows of the token table: a Gather over the float table, or GatherBlockQuantized over
     its integers (``quantized``, rows = tokens)."""
     if quantized is None:
-        return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # keep the name: see lm_head
+        return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # its initializer: what a tied float head reads
     qw, scheme = quantized, quantized.scheme
     vocab, hidden = qw.q.shape
     packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks
@@ -113,25 +163,22 @@ def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: Quantiz
                           g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
 
 
-def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, table_name: str, quantized_table,
-                   accuracy_level: int, shape: DecoderShape, graph_name: str, tied_head: bool) -> onnx.ModelProto:
-    """lm_head into the ``logits`` output, then the model around the graph. ``tied_head``: the
-    head reads the token table's placeholder (a graph fact); while both stay float, it reads the
-    embedding's initializer ``table_name`` instead of a copy."""
+def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, head_name: str, table_name: str, quantized_table,
+                   accuracy_level: int, shape: DecoderShape, tied_head: bool) -> ir.Model:
+    """The head ``head_name`` into the ``logits`` output, then the model around the graph.
+    ``tied_head``: the head reads the token table's placeholder (a graph fact); while both stay
+    float, it reads the embedding's initializer ``table_name`` instead of a copy."""
     tied = tied_head and head.quantized is None and quantized_table is None
-    logits = linear(g, h, head, "lm_head", accuracy_level, table_name if tied else None)
+    logits = linear(g, h, head, head_name, accuracy_level, table_name if tied else None)
     if shape.final_softcap:
-        logits = softcap(g, logits, shape.final_softcap, "lm_head")
+        logits = softcap(g, logits, shape.final_softcap, head_name)
     if shape.logits_divisor != 1.0:
-        logits = g.op("Div", [logits, g.floats("lm_head.logits_divisor", np.array(shape.logits_divisor))], "lm_head/Div")
-    g.nodes[-1].output[0] = "logits"  # the head's last node writes the graph output
-    inputs, outputs = signature(shape, g.float_type)
-    graph = helper.make_graph(g.nodes, graph_name, inputs, outputs, g.initializers)
-    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                          helper.make_opsetid("com.microsoft", 1)],
-                                    producer_name="awq-graph")
-    model_proto.ir_version = 10
-    return model_proto
+        logits = g.op("Div", [logits, g.floats(f"{head_name}.logits_divisor", np.array(shape.logits_divisor))],
+                      f"{head_name}/Div")
+    value = g.value(logits)
+    value.name = "logits"  # the head's last node writes the graph output
+    g.values["logits"] = value
+    return g.model(signature(shape, g.float_type)[1])
 
 
 def softcap(g: GraphBuilder, x: str, cap: float, name: str) -> str:
@@ -146,10 +193,10 @@ def attention_lengths(g: GraphBuilder):
     mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
                     "attention_mask/ReduceSum", keepdims=0)
     seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one", np.array(1, np.int64))], "seqlens/Sub")],
-                   "seqlens_k", to=TensorProto.INT32)
+                   "seqlens_k", to=int(ir.DataType.INT32))
     total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "attention_mask/Shape"),
                                           g.const("index_1", np.array(1, np.int64))], "total/Gather")],
-                 "total_sequence_length", to=TensorProto.INT32)
+                 "total_sequence_length", to=int(ir.DataType.INT32))
     return seqlens, total
 
 
@@ -164,32 +211,20 @@ def keep_last(g: GraphBuilder, delta: str, residual: str):
             g.op("Slice", [residual, start, end, axis], "logits_to_keep/Slice_residual"))
 
 
-def signature(shape: DecoderShape, ftype):
-    """Graph inputs and outputs (see the module docstring)."""
+def signature(shape: DecoderShape, ftype: ir.DataType) -> tuple[list[ir.Value], list[ir.Value]]:
+    """Graph inputs and outputs (see ``awq_graph.emit.decoder``)."""
     batch, seq, past, total_len = "batch", "sequence", "past_sequence", "total_sequence"
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total_len]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [batch, seq]),
-              helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [])]
-    outputs = [helper.make_tensor_value_info("logits", ftype, [batch, "kept_sequence", shape.vocab])]
+    int64 = ir.DataType.INT64
+    inputs = [tensor_input("input_ids", int64, [batch, seq]), tensor_input("attention_mask", int64, [batch, total_len]),
+              tensor_input("position_ids", int64, [batch, seq]), tensor_input("logits_to_keep", int64, [])]
+    outputs = [tensor_input("logits", ftype, [batch, "kept_sequence", shape.vocab])]
     for i in range(shape.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", ftype,
-                                                        [batch, shape.kv_heads, past, shape.head_dim]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", ftype,
-                                                         [batch, shape.kv_heads, total_len, shape.head_dim]))
+            inputs.append(tensor_input(f"past_key_values.{i}.{kind}", ftype, [batch, shape.kv_heads, past, shape.head_dim]))
+            outputs.append(tensor_input(f"present.{i}.{kind}", ftype, [batch, shape.kv_heads, total_len, shape.head_dim]))
     return inputs, outputs
 
 
-def set_accuracy_level(model_proto: onnx.ModelProto, level: int) -> None:
-    """Every MatMulNBits and QMoE of the graph at ``level`` (0: float activations, 4: int8), in place."""
-    for node in model_proto.graph.node:
-        if node.op_type in ("MatMulNBits", "QMoE"):
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = level
-
-
-def save_decoder(model_proto: onnx.ModelProto, path) -> None:
-    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+def save_decoder(model: ir.Model, path) -> None:
+    """model.onnx and its external data file (tensors of 1 kB and more) beside it."""
+    ir.save(model, str(path), external_data=path.name + ".data", size_threshold_bytes=1024)

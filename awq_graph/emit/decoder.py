@@ -30,14 +30,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import torch
-from onnx import TensorProto
 
 from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
-from awq_graph.emit.builder import (GraphBuilder, LinearWeights, attention_lengths, embedding, head_and_model,
-                                    keep_last, linear, out_rows)
-from awq_graph.emit.families import DecoderShape, Family
+from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding,
+                                    head_and_model, keep_last, linear, out_rows, signature)
+from awq_graph.emit.families import DecoderShape, Family, Names
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -51,7 +50,7 @@ def fused_support(model, family: Family, group_size: int | None = None) -> str |
     if getattr(cfg, "mlp_bias", False):
         return "MLP biases"
     if getattr(cfg, "attention_bias", False) and not family.qkv_bias:
-        return "attention biases on o_proj"
+        return "attention biases on the output projection"
     rope = getattr(cfg, "rope_parameters", None) or {}
     for params in rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]:
         if params.get("rope_type", "default") in ("dynamic", "longrope"):  # gemma3: one entry per layer type
@@ -74,12 +73,13 @@ def _activation(cfg) -> str | None:
     return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
 
 
-def decoder_shape(model, family: Family) -> DecoderShape:
+def decoder_shape(model, family: Family, facts: GraphFacts) -> DecoderShape:
     cfg = model.config
-    attn = model.model.layers[0].self_attn
+    attn = model.get_submodule(f"{facts.layer(0)}.{family.names.attention}")
+    embed = model.get_submodule(facts.embedding)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     layer_types = tuple(cfg.layer_types) if family.sandwich else ()  # local or global attention per layer
-    cos, _ = _rotary_tables(model, 1, layer_types[0] if layer_types else None)
+    cos, _ = _rotary_tables(model, family.names, 1, layer_types[0] if layer_types else None)
     window = -1
     uses_window = family.sliding_window or getattr(cfg, "use_sliding_window", False)
     if uses_window and getattr(cfg, "sliding_window", None):
@@ -89,8 +89,8 @@ def decoder_shape(model, family: Family) -> DecoderShape:
         kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
         rotary_dim=cos.shape[-1], vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), scaling=float(attn.scaling),
         max_positions=int(cfg.max_position_embeddings), window=window,
-        activation=ACTIVATIONS[_activation(cfg)], norm_offset=family.norm_offset,
-        embed_scale=float(model.model.embed_tokens.embed_scale) if hasattr(model.model.embed_tokens, "embed_scale")
+        activation=ACTIVATIONS[_activation(cfg)],
+        embed_scale=float(embed.embed_scale) if hasattr(embed, "embed_scale")
         else float(cfg.embedding_multiplier) if family.multipliers else None,
         experts_per_token=int(cfg.num_experts_per_tok) if family.moe else 0,
         renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
@@ -101,75 +101,76 @@ def decoder_shape(model, family: Family) -> DecoderShape:
         logits_divisor=float(cfg.logits_scaling) if family.multipliers else 1.0)
 
 
-def _rotary_tables(model, positions: int, layer_type: str | None = None):
+def _rotary_tables(model, names: Names, positions: int, layer_type: str | None = None):
     """cos and sin (positions, rotary_dim) from the model's own rotary module (any scaling);
     gemma3's module keeps one table per layer type."""
+    rotary = model.get_submodule(names.rotary)
     with torch.no_grad():
         pos = torch.arange(positions).unsqueeze(0)
-        extra = (layer_type,) if layer_type and _per_layer_type(model) else ()
-        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos, *extra)
+        extra = (layer_type,) if layer_type and _per_layer_type(rotary) else ()
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos, *extra)
     return cos[0].float(), sin[0].float()
 
 
-def _per_layer_type(model) -> bool:
+def _per_layer_type(rotary) -> bool:
     import inspect
 
-    return "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
+    return "layer_type" in inspect.signature(rotary.forward).parameters
 
 
-def build_decoder(model, family: Family, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
-                  quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
-                  act_dtype: str = "float32", tied_head: bool = False) -> onnx.ModelProto:
+def build_decoder(model, family: Family, facts: GraphFacts, params: dict[str, torch.Tensor],
+                  linears: dict[str, LinearWeights], *, quantized_table: QuantizedWeight | None = None,
+                  accuracy_level: int = 0, act_dtype: str = "float32") -> ir.Model:
     """The fused KV-cache decoder of ``model`` with the given (folded) parameters.
 
     params: HF name -> tensor (norm weights, the embedding table). linears: HF module name
-    (``model.layers.0.self_attn.q_proj``, ``lm_head``) -> its weights. quantized_table:
-    the token table's int4 integers (GatherBlockQuantized), or None for the float table.
+    (``model.layers.0.self_attn.q_proj``, the head) -> its weights. quantized_table: the token
+    table's int4 integers (GatherBlockQuantized), or None for the float table.
     """
-    shape = decoder_shape(model, family)
-    ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
-    g = GraphBuilder(ftype)
+    shape = decoder_shape(model, family, facts)
+    names = family.names
+    ftype = ir.DataType.FLOAT16 if act_dtype == "float16" else ir.DataType.FLOAT
+    g = GraphBuilder(ftype, signature(shape, ftype)[0], "awq_graph_decoder")
     half = shape.rotary_dim // 2
     rotary = {}  # layer type (None: every layer) -> (cos cache, sin cache)
-    for kind in sorted(set(shape.layer_types)) if _per_layer_type(model) else [None]:
-        cos, sin = _rotary_tables(model, shape.max_positions, kind)
+    for kind in sorted(set(shape.layer_types)) if _per_layer_type(model.get_submodule(names.rotary)) else [None]:
+        cos, sin = _rotary_tables(model, names, shape.max_positions, kind)
         tag = f"rotary.{kind}" if kind else "rotary"
         rotary[kind] = (g.floats(f"{tag}.cos_cache", cos[:, :half]), g.floats(f"{tag}.sin_cache", sin[:, :half]))
 
     lengths = attention_lengths(g)  # shared by every layer's attention
 
-    def norm_weight(name):  # the factor each norm multiplies by
-        return params[name].detach().float() + shape.norm_offset
+    def norm(delta, residual, x, module):
+        return _norm(g, delta, residual, x, facts.norm_factor(params, module), module, shape.eps)
 
-    x = embedding(g, "input_ids", params["model.embed_tokens.weight"], quantized_table)
+    embed = facts.embedding
+    x = embedding(g, "input_ids", params[facts.table], quantized_table, embed)
     if shape.embed_scale is not None:
-        x = g.op("Mul", [x, g.floats("model.embed_tokens.embed_scale", np.array(shape.embed_scale))],
-                 "model.embed_tokens/Mul")
+        x = g.op("Mul", [x, g.floats(f"{embed}.embed_scale", np.array(shape.embed_scale))], f"{embed}/Mul")
     residual = None
     delta = None
     for i in range(shape.layers):
-        p = f"model.layers.{i}"
-        h, residual = _norm(g, delta, residual, x, norm_weight(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm",
-                            shape.eps)
+        p = facts.layer(i)
+        h, residual = norm(delta, residual, x, f"{p}.{names.input_norm}")
         tables = rotary[shape.layer_types[i] if None not in rotary else None]
-        attn_out = _attention(g, h, i, p, params, linears, shape, tables, lengths, accuracy_level)
-        o = _residual_scale(g, linear(g, attn_out, linears[f"{p}.self_attn.o_proj"], f"{p}.self_attn.o_proj",
-                                       accuracy_level), shape, f"{p}.self_attn")
-        if shape.sandwich:  # o is normed on its own, and the MLP's input norm is pre_feedforward_layernorm
-            o, _ = _norm(g, None, None, o, norm_weight(f"{p}.post_attention_layernorm.weight"),
-                         f"{p}.post_attention_layernorm", shape.eps)
-        mlp_norm = "pre_feedforward_layernorm" if shape.sandwich else "post_attention_layernorm"
-        h, residual = _norm(g, o, residual, None, norm_weight(f"{p}.{mlp_norm}.weight"), f"{p}.{mlp_norm}", shape.eps)
-        delta = (moe_block if f"{p}.mlp.experts.gate_up_proj" in linears else _mlp)(g, h, f"{p}.mlp", linears, shape,
-                                                                               accuracy_level)
-        delta = _residual_scale(g, delta, shape, f"{p}.mlp")
+        attn_out = _attention(g, h, i, f"{p}.{names.attention}", names, facts, params, linears, shape, tables,
+                              lengths, accuracy_level)
+        o_proj = f"{p}.{names.attention}.{names.o}"
+        o = _residual_scale(g, linear(g, attn_out, linears[o_proj], o_proj, accuracy_level), shape,
+                            f"{p}.{names.attention}")
+        if shape.sandwich:  # o is normed on its own, and the MLP's input norm is the pre-MLP one
+            o, _ = norm(None, None, o, f"{p}.{names.post_attention_norm}")
+        mlp_norm = names.pre_mlp_norm if shape.sandwich else names.post_attention_norm
+        h, residual = norm(o, residual, None, f"{p}.{mlp_norm}")
+        m = f"{p}.{names.mlp}"
+        block = moe_block if f"{m}.{names.experts_gate_up}" in linears else _mlp
+        delta = _residual_scale(g, block(g, h, m, names, linears, shape, accuracy_level), shape, m)
         if shape.sandwich:
-            delta, _ = _norm(g, None, None, delta, norm_weight(f"{p}.post_feedforward_layernorm.weight"),
-                             f"{p}.post_feedforward_layernorm", shape.eps)
+            delta, _ = norm(None, None, delta, f"{p}.{names.post_mlp_norm}")
     delta, residual = keep_last(g, delta, residual)
-    h, _ = _norm(g, delta, residual, x, norm_weight("model.norm.weight"), "model.norm", shape.eps)
-    return head_and_model(g, h, linears["lm_head"], "model.embed_tokens.weight", quantized_table,
-                           accuracy_level, shape, "awq_graph_decoder", tied_head)
+    h, _ = norm(delta, residual, x, names.final_norm)
+    return head_and_model(g, h, linears[facts.head], facts.head, f"{embed}.weight", quantized_table, accuracy_level, shape,
+                          facts.tied_head)
 
 
 def _residual_scale(g: GraphBuilder, x: str, shape: DecoderShape, name: str) -> str:
@@ -178,91 +179,91 @@ def _residual_scale(g: GraphBuilder, x: str, shape: DecoderShape, name: str) -> 
     return g.op("Mul", [x, g.floats(f"{name}.residual_scale", np.array(shape.residual_scale))], f"{name}/residual_Mul")
 
 
-def _attention(g: GraphBuilder, h: str, i: int, p: str, params, linears, shape: DecoderShape, rotary, lengths,
-               accuracy_level: int) -> str:
+def _attention(g: GraphBuilder, h: str, i: int, a: str, names: Names, facts: GraphFacts, params, linears,
+               shape: DecoderShape, rotary, lengths, accuracy_level: int) -> str:
     """q|k|v projection, rotary at position_ids, GroupQueryAttention over the layer's cache."""
     cos_cache, sin_cache = rotary
     seqlens, total = lengths
-    fused_qkv = linears.get(f"{p}.self_attn.qkv_proj")  # phi3 stores q|k|v as one linear already
-    attn = fused_qkv or LinearWeights.concat([linears[f"{p}.self_attn.{n}_proj"] for n in "qkv"])
-    qkv = linear(g, h, attn, f"{p}.self_attn.qkv_proj", accuracy_level)
+    fused_qkv = linears.get(f"{a}.{names.qkv}")  # phi3 stores q|k|v as one linear already
+    attn = fused_qkv or LinearWeights.concat([linears[f"{a}.{n}"] for n in (names.q, names.k, names.v)])
+    qkv = linear(g, h, attn, f"{a}.{names.qkv}", accuracy_level)
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
-    outs = [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"]
+    outs = [f"{a}/out", f"present.{i}.key", f"present.{i}.value"]
     attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
                  local_window_size=shape.layer_window(i))
     if shape.attn_softcap:
         attrs["softcap"] = shape.attn_softcap
     # rotary as its own op, at position_ids: GroupQueryAttention's built-in rotary (one op less per
     # layer, no measurable gain on SmolLM2) derives positions from the mask and ignores position_ids on CPU
-    q, k, v = g.op("Split", [qkv, g.const(f"{p}.self_attn.split", np.array(
-        [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{p}.self_attn/Split", outputs=3, axis=-1)
-    if f"{p}.self_attn.q_norm.weight" in params:  # per head (qwen3, gemma3) or over all of q and k (olmoe)
-        q = _head_norm(g, q, params[f"{p}.self_attn.q_norm.weight"].float() + shape.norm_offset,
-                       f"{p}.self_attn.q_norm", shape)
-        k = _head_norm(g, k, params[f"{p}.self_attn.k_norm.weight"].float() + shape.norm_offset,
-                       f"{p}.self_attn.k_norm", shape)
+    q, k, v = g.op("Split", [qkv, g.const(f"{a}.split", np.array(
+        [shape.q_size, shape.kv_size, shape.kv_size], np.int64))], f"{a}/Split", outputs=3, axis=-1)
+    if f"{a}.{names.q_norm}.weight" in params:  # per head (qwen3, gemma3) or over all of q and k (olmoe)
+        q = _head_norm(g, q, facts.norm_factor(params, f"{a}.{names.q_norm}"), f"{a}.{names.q_norm}", shape)
+        k = _head_norm(g, k, facts.norm_factor(params, f"{a}.{names.k_norm}"), f"{a}.{names.k_norm}", shape)
     if shape.clip_qkv:  # olmoe: q, k (after their norms) and v clamped to [-c, c]
-        bounds = [g.floats(f"{p}.self_attn.clip_min", np.array(-shape.clip_qkv)),
-                  g.floats(f"{p}.self_attn.clip_max", np.array(shape.clip_qkv))]
-        q, k, v = (g.op("Clip", [t, *bounds], f"{p}.self_attn/{n}_Clip") for t, n in ((q, "q"), (k, "k"), (v, "v")))
-    q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/q_rotary",
+        bounds = [g.floats(f"{a}.clip_min", np.array(-shape.clip_qkv)),
+                  g.floats(f"{a}.clip_max", np.array(shape.clip_qkv))]
+        q, k, v = (g.op("Clip", [t, *bounds], f"{a}/{n}_Clip") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+    q = g.op("RotaryEmbedding", [q, "position_ids", cos_cache, sin_cache], f"{a}/q_rotary",
              domain="com.microsoft", num_heads=shape.heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
-    k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{p}.self_attn/k_rotary",
+    k = g.op("RotaryEmbedding", [k, "position_ids", cos_cache, sin_cache], f"{a}/k_rotary",
              domain="com.microsoft", num_heads=shape.kv_heads, rotary_embedding_dim=shape.rotary_dim, interleaved=0)
-    attn_out, _, _ = g.op("GroupQueryAttention", [q, k, v, *past], f"{p}.self_attn/GroupQueryAttention",
+    attn_out, _, _ = g.op("GroupQueryAttention", [q, k, v, *past], f"{a}/GroupQueryAttention",
                           outputs=outs, **attrs)
     return attn_out
 
 
-def _mlp(g: GraphBuilder, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+def _mlp(g: GraphBuilder, h: str, m: str, names: Names, linears, shape: DecoderShape, accuracy_level: int) -> str:
     """down(act(gate(h)) * up(h)); phi3's gate|up is one linear, split in halves."""
-    if f"{m}.gate_up_proj" in linears:  # phi3: gate and up as the two halves of one linear
-        gate_up = linears[f"{m}.gate_up_proj"]
+    if f"{m}.{names.gate_up}" in linears:  # phi3: gate and up as the two halves of one linear
+        gate_up = linears[f"{m}.{names.gate_up}"]
         half = np.array([out_rows(gate_up) // 2] * 2, np.int64)
-        gate, up = g.op("Split", [linear(g, h, gate_up, f"{m}.gate_up_proj", accuracy_level),
+        gate, up = g.op("Split", [linear(g, h, gate_up, f"{m}.{names.gate_up}", accuracy_level),
                                   g.const(f"{m}.split", half)], f"{m}/Split", outputs=2, axis=-1)
     else:
-        gate = linear(g, h, linears[f"{m}.gate_proj"], f"{m}.gate_proj", accuracy_level)
-        up = linear(g, h, linears[f"{m}.up_proj"], f"{m}.up_proj", accuracy_level)
+        gate = linear(g, h, linears[f"{m}.{names.gate}"], f"{m}.{names.gate}", accuracy_level)
+        up = linear(g, h, linears[f"{m}.{names.up}"], f"{m}.{names.up}", accuracy_level)
     act = _activate(g, gate, shape.activation, f"{m}.act_fn")
-    return linear(g, g.op("Mul", [act, up], f"{m}/Mul"), linears[f"{m}.down_proj"],
-                   f"{m}.down_proj", accuracy_level)
+    return linear(g, g.op("Mul", [act, up], f"{m}/Mul"), linears[f"{m}.{names.down}"],
+                  f"{m}.{names.down}", accuracy_level)
 
 
-def moe_block(g: GraphBuilder, h: str, m: str, linears, shape: DecoderShape, accuracy_level: int) -> str:
+def moe_block(g: GraphBuilder, h: str, m: str, names: Names, linears, shape: DecoderShape,
+              accuracy_level: int) -> str:
     """The router (float) picks ``experts_per_token`` of E experts per token; QMoE runs
     down(silu(gate(h)) * up(h)) of each over its int4 bank and sums them weighted by the
     softmax of the router logits at the picked experts, renormalized over them (QMoE's own
     weighting) or not (the full softmax passed in as router_weights). A shared expert
     (qwen2_moe) is added, gated."""
-    router = linear(g, h, linears[f"{m}.gate"], f"{m}.gate", accuracy_level)
-    experts = out_rows(linears[f"{m}.gate"])
+    r = f"{m}.{names.router}"
+    router = linear(g, h, linears[r], r, accuracy_level)
+    experts = out_rows(linears[r])
     logits = g.op("Reshape", [router, g.const(f"{m}.router_shape", np.array([-1, experts], np.int64))],
-                  f"{m}.gate/Reshape")  # (tokens, E)
-    gate_up, down = linears[f"{m}.experts.gate_up_proj"], linears[f"{m}.experts.down_proj"]
+                  f"{r}/Reshape")  # (tokens, E)
+    gate_up, down = linears[f"{m}.{names.experts_gate_up}"], linears[f"{m}.{names.experts_down}"]
     if gate_up.quantized is None or down.quantized is None:
-        raise ValueError(f"{m}.experts: the fused decoder writes quantized experts only")
+        raise ValueError(f"{m}: the fused decoder writes quantized experts only")
     rows = gate_up.quantized.q.shape[0] // experts  # 2 * intermediate per expert: gate rows, then up rows
     # QMoE reads gate and up interleaved: row 2j is gate j, row 2j + 1 is up j
     per_expert = torch.stack([torch.arange(rows // 2), torch.arange(rows // 2) + rows // 2], 1).reshape(-1)
     order = (torch.arange(experts)[:, None] * rows + per_expert).reshape(-1)
-    fc1 = _expert_bank(g, gate_up.quantized.take_rows(order), experts, f"{m}.experts.gate_up_proj")
-    fc2 = _expert_bank(g, down.quantized, experts, f"{m}.experts.down_proj")
+    fc1 = _expert_bank(g, gate_up.quantized.take_rows(order), experts, f"{m}.{names.experts_gate_up}")
+    fc2 = _expert_bank(g, down.quantized, experts, f"{m}.{names.experts_down}")
     scheme = gate_up.quantized.scheme
     inputs = [h, logits, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2]]
     if not shape.renormalize:
-        inputs += [None, g.op("Softmax", [logits], f"{m}.gate/Softmax", axis=-1)]
+        inputs += [None, g.op("Softmax", [logits], f"{r}/Softmax", axis=-1)]
     routed = g.op("QMoE", inputs,
                 f"{m}/QMoE", domain="com.microsoft", k=shape.experts_per_token, activation_type="swiglu",
                 swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(shape.renormalize),
                 expert_weight_bits=scheme.bits, block_size=scheme.group_size, accuracy_level=accuracy_level)
-    if f"{m}.shared_expert.down_proj" not in linears:
+    shared, shared_gate = f"{m}.{names.shared_expert}", f"{m}.{names.shared_expert_gate}"
+    if f"{shared}.{names.down}" not in linears:
         return routed
     # qwen2_moe: a dense expert every token takes, weighted by sigmoid(shared_expert_gate(h))
-    shared = _mlp(g, h, f"{m}.shared_expert", linears, shape, accuracy_level)
-    weight = g.op("Sigmoid", [linear(g, h, linears[f"{m}.shared_expert_gate"], f"{m}.shared_expert_gate",
-                                      accuracy_level)], f"{m}.shared_expert_gate/Sigmoid")
-    return g.op("Add", [routed, g.op("Mul", [weight, shared], f"{m}.shared_expert_gate/Mul")], f"{m}/Add")
+    dense = _mlp(g, h, shared, names, linears, shape, accuracy_level)
+    weight = g.op("Sigmoid", [linear(g, h, linears[shared_gate], shared_gate, accuracy_level)], f"{shared_gate}/Sigmoid")
+    return g.op("Add", [routed, g.op("Mul", [weight, dense], f"{shared_gate}/Mul")], f"{m}/Add")
 
 
 def _expert_bank(g: GraphBuilder, qw: QuantizedWeight, experts: int, name: str):

@@ -1,5 +1,5 @@
-"""Emit the KV-cache decoder for GPT-2: the same signature and cache as ``emit_decoder``,
-GPT-2's block.
+"""Emit the KV-cache decoder for GPT-2: the same signature and cache as ``awq_graph.emit.decoder``,
+GPT-2's block (module names from its family row).
 
     x = wte[input_ids] + wpe[position_ids]
     per layer: SkipLayerNormalization (LayerNorm with bias) -> MatMulNBits c_attn (q|k|v, bias)
@@ -10,13 +10,12 @@ GPT-2's block.
 from __future__ import annotations
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import torch
-from onnx import TensorProto
 
 from awq_graph.core.numerics import QuantizedWeight
-from awq_graph.emit.builder import (GraphBuilder, LinearWeights, attention_lengths, embedding, head_and_model,
-                                    keep_last, linear)
+from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding,
+                                    head_and_model, keep_last, linear, signature)
 from awq_graph.emit.families import DecoderShape, Family
 
 
@@ -39,39 +38,41 @@ def gpt2_shape(model) -> DecoderShape:
         activation="gelu" if cfg.activation_function == "gelu" else "gelu_tanh")
 
 
-def build_gpt2_decoder(model, family: Family, params: dict[str, torch.Tensor], linears: dict[str, LinearWeights], *,
-                       quantized_table: QuantizedWeight | None = None, accuracy_level: int = 0,
-                       act_dtype: str = "float32", tied_head: bool = False) -> onnx.ModelProto:
+def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[str, torch.Tensor],
+                       linears: dict[str, LinearWeights], *, quantized_table: QuantizedWeight | None = None,
+                       accuracy_level: int = 0, act_dtype: str = "float32") -> ir.Model:
     shape = gpt2_shape(model)
-    ftype = TensorProto.FLOAT16 if act_dtype == "float16" else TensorProto.FLOAT
-    g = GraphBuilder(ftype)
+    names = family.names
+    ftype = ir.DataType.FLOAT16 if act_dtype == "float16" else ir.DataType.FLOAT
+    g = GraphBuilder(ftype, signature(shape, ftype)[0], "awq_graph_gpt2_decoder")
     seqlens, total = attention_lengths(g)
-    tokens = embedding(g, "input_ids", params["transformer.wte.weight"], quantized_table, name="transformer.wte")
-    positions = g.op("Gather", [g.floats("transformer.wpe.weight", params["transformer.wpe.weight"]), "position_ids"],
-                     "transformer.wpe/Gather")
-    x = g.op("Add", [tokens, positions], "transformer/embeddings")
+    embed = facts.embedding
+    tokens = embedding(g, "input_ids", params[facts.table], quantized_table, embed)
+    positions = g.op("Gather", [g.floats(f"{names.positions}.weight", params[f"{names.positions}.weight"]),
+                                "position_ids"], f"{names.positions}/Gather")
+    x = g.op("Add", [tokens, positions], "embeddings/Add")
     residual, delta = x, None
     for i in range(shape.layers):
-        p = f"transformer.h.{i}"
-        h, residual = _layer_norm(g, delta, residual, params, f"{p}.ln_1", shape.eps)
-        qkv = linear(g, h, linears[f"{p}.attn.c_attn"], f"{p}.attn.c_attn", accuracy_level)
-        q, k, v = g.op("Split", [qkv, g.const(f"{p}.attn.split", np.array([shape.hidden] * 3, np.int64))],
-                       f"{p}.attn/Split", outputs=3, axis=-1)
+        p = facts.layer(i)
+        a, m = f"{p}.{names.attention}", f"{p}.{names.mlp}"
+        h, residual = _layer_norm(g, delta, residual, params, f"{p}.{names.input_norm}", shape.eps)
+        qkv = linear(g, h, linears[f"{a}.{names.qkv}"], f"{a}.{names.qkv}", accuracy_level)
+        q, k, v = g.op("Split", [qkv, g.const(f"{a}.split", np.array([shape.hidden] * 3, np.int64))],
+                       f"{a}/Split", outputs=3, axis=-1)
         attn_out, _, _ = g.op("GroupQueryAttention",
                               [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
-                              f"{p}.attn/GroupQueryAttention",
-                              outputs=[f"{p}.attn/out", f"present.{i}.key", f"present.{i}.value"],
+                              f"{a}/GroupQueryAttention", outputs=[f"{a}/out", f"present.{i}.key", f"present.{i}.value"],
                               domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads,
                               scale=shape.scaling)
-        o = linear(g, attn_out, linears[f"{p}.attn.c_proj"], f"{p}.attn.c_proj", accuracy_level)
-        h, residual = _layer_norm(g, o, residual, params, f"{p}.ln_2", shape.eps)
-        up = linear(g, h, linears[f"{p}.mlp.c_fc"], f"{p}.mlp.c_fc", accuracy_level)
-        act = g.op("Gelu", [up], f"{p}.mlp.act/Gelu", approximate="tanh" if shape.activation == "gelu_tanh" else "none")
-        delta = linear(g, act, linears[f"{p}.mlp.c_proj"], f"{p}.mlp.c_proj", accuracy_level)
+        o = linear(g, attn_out, linears[f"{a}.{names.o}"], f"{a}.{names.o}", accuracy_level)
+        h, residual = _layer_norm(g, o, residual, params, f"{p}.{names.post_attention_norm}", shape.eps)
+        up = linear(g, h, linears[f"{m}.{names.up}"], f"{m}.{names.up}", accuracy_level)
+        act = g.op("Gelu", [up], f"{m}.act/Gelu", approximate="tanh" if shape.activation == "gelu_tanh" else "none")
+        delta = linear(g, act, linears[f"{m}.{names.down}"], f"{m}.{names.down}", accuracy_level)
     delta, residual = keep_last(g, delta, residual)
-    h, _ = _layer_norm(g, delta, residual, params, "transformer.ln_f", shape.eps)
-    return head_and_model(g, h, linears["lm_head"], "transformer.wte.weight", quantized_table,
-                           accuracy_level, shape, "awq_graph_gpt2_decoder", tied_head)
+    h, _ = _layer_norm(g, delta, residual, params, names.final_norm, shape.eps)
+    return head_and_model(g, h, linears[facts.head], facts.head, f"{embed}.weight", quantized_table, accuracy_level, shape,
+                          facts.tied_head)
 
 
 def _layer_norm(g: GraphBuilder, delta, residual, params, name: str, eps: float):
