@@ -56,6 +56,20 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   shared_expert_intermediate_size=64, sliding_window=16, n_positions=512)
 
 
+def check_finite(model) -> None:
+    """Fail with one line naming the first parameter that holds NaN or inf: a damaged checkpoint
+    would otherwise compile into a model whose every output is NaN. (Buffers may hold -inf on
+    purpose: attention masks.)"""
+    import torch
+
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise InputError(f"weight '{name}' holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
+                                 f"(of {tensor.numel()}): the checkpoint is damaged; nothing was compiled")
+
+
 def tiny_random_model(model_type: str, seed: int = 0, **overrides):
     """A shrunk random model of a transformers architecture, built offline from its config
     (``overrides``: config fields to set besides the shrinking).

@@ -11,12 +11,28 @@ from pathlib import Path
 from .core.errors import InputError
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Fail before any work when OUT cannot be written as asked."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Fail before any work when OUT cannot be written as asked. ``inputs``: the paths compile
+    reads (the checkpoint, the calibration file); OUT may be none of them, nor inside one, nor
+    hold one, since replacing OUT deletes what it held."""
+    target = out_dir.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            relation = ("is" if target == source else "holds" if target in source.parents else "is inside")
+            raise InputError(f"output folder {out_dir} {relation} the input {given}: choose another -o "
+                             "(the input is never replaced)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output path {out_dir} is a file, not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"output folder {out_dir} already exists and is not empty (pass --overwrite to replace it)")
-    if not out_dir.parent.exists():
+    parent = target.parent
+    if not parent.exists():
         raise InputError(f"the parent folder of {out_dir} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"the parent of {out_dir} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"the parent folder of {out_dir} is not writable")
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ clip, quantize per layer) -> quantize the head and the token table -> emit -> th
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -18,7 +19,7 @@ from .core.numerics import QuantScheme
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
 from .export import export_model
-from .load import load_model
+from .load import check_finite, load_model
 from .match import match
 from .outdir import atomic_out_dir, check_out_dir
 from .quantize import quantize_head, quantize_token_table
@@ -96,7 +97,8 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     """
     opts = options if options is not None else _options(option_fields)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, opts.overwrite)
+    inputs = [x for x in (model, calib) if isinstance(x, (str, os.PathLike)) and str(x) != "self"]
+    check_out_dir(out_dir, opts.overwrite, tuple(inputs))
     if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" and not opts.rtn_only and not Path(calib).is_file():
         raise InputError(f"calibration file {calib} does not exist (give a .txt or .jsonl file, or 'self')")
     lap = _Laps()
@@ -105,6 +107,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     if loaded_here:
         model, tokenizer = load_model(model)
     model.eval()
+    check_finite(model)
     lap("load")
     # The folds edit the weights in place: a model we loaded ourselves shares them, a caller's gets copies.
     gm = export_model(model, private=not loaded_here)
@@ -144,7 +147,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
         report["warnings"] = warnings + emitted.warnings
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     return CompileResult(out_dir, files, report)
 
@@ -182,6 +185,17 @@ def _calibration(calib, model, tokenizer, opts: CompileOptions, progress):
             raise InputError("a calibration text file needs the tokenizer (pass tokenizer=...)")
         return calibration.from_file(calib, tokenizer, opts.n_samples, opts.seqlen), str(calib)
     return calibration.from_tensors(calib, opts.n_samples, opts.seqlen), "tensors"
+
+
+def _finite(value):
+    """The report with every NaN or inf float as null (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _report(result: SearchResult, opts: CompileOptions, n_q: int, timings, calib_ids, skipped):

@@ -1,6 +1,7 @@
 """The command line end to end on a tiny checkpoint, and one-line errors on bad input."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,59 @@ def test_an_existing_output_folder_is_not_overwritten_unless_asked(tiny_checkpoi
     assert (out / "keep.txt").read_text() == "mine"
     assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+
+
+def _tree(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("where", ["the checkpoint", "inside the checkpoint", "above the checkpoint"])
+def test_an_output_folder_that_is_holds_or_sits_in_the_input_is_refused_even_with_overwrite(
+        tiny_checkpoint, tmp_path, capsys, where):
+    import shutil
+
+    model = tmp_path / "parent" / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    before = _tree(tmp_path / "parent")
+    out = {"the checkpoint": model, "inside the checkpoint": model / "out", "above the checkpoint": model.parent}[where]
+    assert main(["compile", str(model), "-o", str(out), "--rtn", "--group-size", "16", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("awq-graph: error:") == 1 and f"the input {model}" in err and "Traceback" not in err, err
+    assert _tree(tmp_path / "parent") == before  # the user's checkpoint, byte for byte
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file"])
+def test_an_output_path_that_cannot_be_a_folder_fails_before_loading(tiny_checkpoint, tmp_path, capsys, case):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    out = blocker if case == "a file" else blocker / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err and "load" not in err, err
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("tensor, value", [("model.layers.1.mlp.down_proj.weight", float("nan")),
+                                           ("model.layers.0.input_layernorm.weight", float("inf"))])
+def test_a_checkpoint_with_nan_or_inf_weights_is_refused_naming_the_tensor(tmp_path, capsys, tensor, value):
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    model = tiny_model()
+    with torch.no_grad():
+        param = model.get_parameter(tensor)
+        if tensor.endswith("down_proj.weight"):
+            param[3, 5] = value  # one entry
+        else:
+            param.fill_(value)  # a whole norm
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["compile", str(tmp_path / "model"), "-o", str(out), "--rtn", "--group-size", "16"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("awq-graph: error:") == 1 and f"weight '{tensor}' holds" in err and "Traceback" not in err, err
+    assert not out.exists()
 
 
 def test_infer_config_prints_the_quark_template_for_a_model_type(capsys):
