@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -26,8 +27,41 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``awq-graph: error: argument --seqlen: ...``), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"awq-graph: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _number(minimum: float):
+    """An argparse type: a finite number of at least ``minimum``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got '{text}'") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number of at least {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="awq-graph", description="AWQ int4 compiler: HF causal LM -> MatMulNBits ONNX")
+    p = _Parser(prog="awq-graph", description="AWQ int4 compiler: HF causal LM -> MatMulNBits ONNX")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -35,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="checkpoint folder or .gguf file")
     c.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
     c.add_argument("--calib", default="self", help="text or jsonl file, or 'self' (default): text sampled from the model")
-    c.add_argument("--n-samples", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--n-samples", type=_integer(1), default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seqlen", type=_integer(2), default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--bits", type=int, default=4)
     c.add_argument("--group-size", type=int, default=128)
     sym = c.add_mutually_exclusive_group()
@@ -48,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (4: int8 activations on CPU)")
-    c.add_argument("--loss-tokens", type=int, default=None, help="tokens of the loss subsample (whole sequences)")
+    c.add_argument("--loss-tokens", type=_integer(1), default=None, help="tokens of the loss subsample (whole sequences)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quantize-lm-head", action="store_true",
                    help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized (round-to-nearest)")
@@ -62,22 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a compiled folder (onnxruntime) or of MODEL (torch, float)")
     e.add_argument("model", help="compiled folder, checkpoint folder or .gguf file")
     e.add_argument("--text", required=True, help="text file to score")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--seqlen", type=_integer(2), default=2048, help="tokens per scored window (default 2048)")
+    e.add_argument("--max-windows", type=_integer(1), default=None)
+    e.add_argument("--threads", type=_integer(1), default=None)
     e.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...} on one line')
     e.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT from a compiled folder (onnxruntime)")
     g.add_argument("model", help="compiled folder")
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_integer(1), default=64)
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    mode.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (> 0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    mode.add_argument("--temperature", type=_number(0.0), default=0.0, help="sample at this temperature (> 0)")
+    g.add_argument("--top-k", type=_integer(0), default=0, help="sample among the k likeliest tokens (0: all)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--threads", type=_integer(1), default=None)
     g.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--spin", action="store_true",
                    help="let onnxruntime's threads busy-wait between ops: faster decode, a busy CPU")

@@ -155,6 +155,30 @@ def test_a_checkpoint_with_nan_or_inf_weights_is_refused_naming_the_tensor(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["compile", "M", "-o", "O", "--n-samples", "0"], "--n-samples"),
+    (["compile", "M", "-o", "O", "--n-samples", "-3"], "--n-samples"),
+    (["compile", "M", "-o", "O", "--seqlen", "0"], "--seqlen"),
+    (["compile", "M", "-o", "O", "--seqlen", "1"], "--seqlen"),  # one token has nothing to predict
+    (["compile", "M", "-o", "O", "--seqlen", "-5"], "--seqlen"),
+    (["compile", "M", "-o", "O", "--loss-tokens", "0"], "--loss-tokens"),
+    (["eval", "M", "--text", "T", "--seqlen", "1"], "--seqlen"),
+    (["eval", "M", "--text", "T", "--max-windows", "-1"], "--max-windows"),
+    (["eval", "M", "--text", "T", "--threads", "0"], "--threads"),
+    (["generate", "M", "hi", "--temperature", "nan"], "--temperature"),
+    (["generate", "M", "hi", "--temperature", "-1"], "--temperature"),
+    (["generate", "M", "hi", "--top-k", "-3"], "--top-k"),
+    (["generate", "M", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "M", "hi", "--max-new-tokens", "ten"], "--max-new-tokens"),
+])
+def test_an_option_out_of_range_is_one_line_naming_the_flag_before_anything_is_read(argv, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)  # M, O and T do not exist: the option is checked first
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"awq-graph: error: argument {flag}: must be") and "Traceback" not in err, err
+
+
 def test_infer_config_prints_the_quark_template_for_a_model_type(capsys):
     assert main(["infer-config", "qwen2", "--json"]) == 0
     config = json.loads(capsys.readouterr().out)
