@@ -9,12 +9,20 @@ import torch
 from .core.errors import InputError
 
 
-def read_text(path: str | Path) -> str:
-    """A .txt file as is; a .jsonl file's ``text`` fields joined by blank lines."""
+def read_text(path: str | Path, what: str = "calibration file") -> str:
+    """A .txt file as is; a .jsonl file's ``text`` fields joined by blank lines. UTF-8 only:
+    other bytes would reach the tokenizer as replacement characters."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise InputError(f"calibration file {path} does not exist")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+        raise InputError(f"{what} {path} does not exist")
+    data = path.read_bytes()
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}, line {line})") from None
     if path.suffix.lower() != ".jsonl":
         return raw
     texts = []
@@ -22,9 +30,12 @@ def read_text(path: str | Path) -> str:
         if not line.strip():
             continue
         try:
-            texts.append(json.loads(line)["text"])
+            text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"calibration file {path}, line {i}: not a JSON object with a 'text' field") from None
+            raise InputError(f"{what} {path}, line {i}: not a JSON object with a 'text' field") from None
+        if not isinstance(text, str):
+            raise InputError(f"{what} {path}, line {i}: 'text' is a {type(text).__name__}, not a string")
+        texts.append(text)
     return "\n\n".join(texts)
 
 

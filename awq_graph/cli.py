@@ -34,28 +34,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"awq-graph: error: {message} (see {self.prog} --help)\n")
 
 
-def _integer(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got '{text}'") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
+def _at_least(minimum, kind=int):
+    """An argparse type: an ``kind`` (int, or float: finite) of at least ``minimum``."""
+    noun = "an integer" if kind is int else "a finite number"
 
-
-def _number(minimum: float):
-    """An argparse type: a finite number of at least ``minimum``."""
-    def parse(text: str) -> float:
+    def parse(text: str):
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got '{text}'") from None
+            raise argparse.ArgumentTypeError(f"must be {noun}, got '{text}'") from None
         if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a finite number of at least {minimum:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {noun} of at least {minimum:g}, got {text}")
         return value
     return parse
 
@@ -69,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="checkpoint folder or .gguf file")
     c.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
     c.add_argument("--calib", default="self", help="text or jsonl file, or 'self' (default): text sampled from the model")
-    c.add_argument("--n-samples", type=_integer(1), default=128, help="calibration sequences (default 128)")
-    c.add_argument("--seqlen", type=_integer(2), default=512, help="tokens per calibration sequence (default 512)")
+    c.add_argument("--n-samples", type=_at_least(1), default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--bits", type=int, default=4)
     c.add_argument("--group-size", type=int, default=128)
     sym = c.add_mutually_exclusive_group()
@@ -82,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (4: int8 activations on CPU)")
-    c.add_argument("--loss-tokens", type=_integer(1), default=None, help="tokens of the loss subsample (whole sequences)")
+    c.add_argument("--loss-tokens", type=_at_least(1), default=None, help="tokens of the loss subsample (whole sequences)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quantize-lm-head", action="store_true",
                    help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized (round-to-nearest)")
@@ -96,22 +85,23 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a compiled folder (onnxruntime) or of MODEL (torch, float)")
     e.add_argument("model", help="compiled folder, checkpoint folder or .gguf file")
     e.add_argument("--text", required=True, help="text file to score")
-    e.add_argument("--seqlen", type=_integer(2), default=2048, help="tokens per scored window (default 2048)")
-    e.add_argument("--max-windows", type=_integer(1), default=None)
-    e.add_argument("--threads", type=_integer(1), default=None)
+    e.add_argument("--seqlen", type=_at_least(2), default=None,
+                   help="tokens per scored window (default 2048, or the model's context if shorter)")
+    e.add_argument("--max-windows", type=_at_least(1), default=None)
+    e.add_argument("--threads", type=_at_least(1), default=None)
     e.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...} on one line')
     e.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT from a compiled folder (onnxruntime)")
     g.add_argument("model", help="compiled folder")
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--max-new-tokens", type=_integer(1), default=64)
+    g.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    mode.add_argument("--temperature", type=_number(0.0), default=0.0, help="sample at this temperature (> 0)")
-    g.add_argument("--top-k", type=_integer(0), default=0, help="sample among the k likeliest tokens (0: all)")
+    mode.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="sample at this temperature (> 0)")
+    g.add_argument("--top-k", type=_at_least(0), default=0, help="sample among the k likeliest tokens (0: all)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=_integer(1), default=None)
+    g.add_argument("--threads", type=_at_least(1), default=None)
     g.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--spin", action="store_true",
                    help="let onnxruntime's threads busy-wait between ops: faster decode, a busy CPU")
@@ -239,25 +229,32 @@ def _compile(args) -> int:
 
 def _eval(args) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from . import runtime
     from .calib import read_text
 
+    from .core.errors import InputError
+
     target = Path(args.model)
+    text = read_text(args.text, "text file")
     if target.is_dir() and (target / "model.onnx").exists():
-        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-        logits_fn = runtime.CompiledModel(target, threads=args.threads, provider=args.provider,
-                                          tokenizer=tokenizer).logits
+        compiled = runtime.CompiledModel(target, threads=args.threads, provider=args.provider)
+        tokenizer = compiled.tokenizer
+        logits_fn, context = compiled.logits, compiled.max_positions
     else:
-        from .load import load_model
+        from .load import load_model, tokenizer_files
 
         model, tokenizer = load_model(target)
+        if tokenizer is None:
+            raise InputError(f"eval needs a tokenizer, and {tokenizer_files(target.parent if target.is_file() else target)}")
         if args.threads:
             torch.set_num_threads(args.threads)
-        logits_fn = runtime.torch_logits(model)
-    ids = tokenizer(read_text(args.text), add_special_tokens=False).input_ids
-    ppl, tokens = runtime.perplexity(logits_fn, ids, args.seqlen, args.max_windows,
+        logits_fn, context = runtime.torch_logits(model), getattr(model.config, "max_position_embeddings", None)
+    seqlen = args.seqlen or min(2048, context or 2048)
+    if context and seqlen > context:
+        raise InputError(f"--seqlen {seqlen} is longer than the model's context of {context} positions")
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ppl, tokens = runtime.perplexity(logits_fn, ids, seqlen, args.max_windows,
                                      progress=None if args.json else _progress)
     if args.json:
         print(json.dumps({"ppl": ppl, "tokens": tokens}))
@@ -270,8 +267,6 @@ def _generate(args) -> int:
     from .core.errors import InputError
     from .runtime import CompiledModel
 
-    if args.max_new_tokens < 1:
-        raise InputError("--max-new-tokens must be at least 1")
     folder = Path(args.model)
     if not (folder / "model.onnx").is_file():
         raise InputError(f"{folder} is not a compiled awq-graph folder (no model.onnx)")
@@ -280,9 +275,18 @@ def _generate(args) -> int:
     if args.chat:
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                      add_generation_prompt=True)
+    prompt_ids = model.encode(prompt)
+    new_tokens = args.max_new_tokens
+    if model.max_positions and len(prompt_ids) + new_tokens > model.max_positions:
+        new_tokens = model.max_positions - len(prompt_ids)
+        if new_tokens < 1:
+            raise InputError(f"the prompt has {len(prompt_ids)} tokens: the model's context of "
+                             f"{model.max_positions} positions leaves none to generate")
+        print(f"awq-graph: note: generating {new_tokens} tokens, not {args.max_new_tokens}: the prompt has "
+              f"{len(prompt_ids)} and the model's context is {model.max_positions} positions", file=sys.stderr)
     if not args.chat:
         print(prompt, end="", flush=True)
-    result = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    result = model.generate(prompt_ids, new_tokens, temperature=args.temperature, top_k=args.top_k,
                             seed=args.seed, on_text=lambda piece: print(piece, end="", flush=True))
     print()
     cache = "KV cache" if model.has_kv_cache else "no KV cache: each token re-runs the prefix"

@@ -13,12 +13,19 @@ log = logging.getLogger(__name__)
 
 
 def _first_line(exc: Exception) -> str:
+    """The message as one line: its first paragraph, lines joined (transformers wraps sentences)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return " ".join(line.strip() for line in text.split("\n\n")[0].splitlines() if line.strip())
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def load_model(path: str | Path):
-    """Returns (model in float32 eval mode, tokenizer). Nothing is fetched from a hub."""
+    """Returns (model in float32 eval mode, tokenizer or None when the folder has none: only
+    calibration from text, eval and generate need one). Nothing is fetched from a hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -36,18 +43,29 @@ def load_model(path: str | Path):
     else:
         if not (path / "config.json").exists():
             raise InputError(f"model folder {path} has no config.json: not a Hugging Face checkpoint")
+        if not any((path / name).exists() for name in WEIGHT_FILES):
+            raise InputError(f"model folder {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
         kwargs, folder = {}, path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kwargs)
-    except InputError:
-        raise
     except Exception as exc:
         raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    except Exception as exc:
+        log.info("no tokenizer in %s: %s", folder, _first_line(exc))
+        tokenizer = None
     model.eval()
     return model, tokenizer
+
+
+def tokenizer_files(folder: Path) -> str:
+    """What a tokenizer needs, for messages."""
+    return f"{folder} has no tokenizer (tokenizer.json, or tokenizer_config.json with its vocabulary files)"
 
 
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

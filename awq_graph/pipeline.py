@@ -19,10 +19,11 @@ from .core.numerics import QuantScheme
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
 from .export import export_model
-from .load import check_finite, load_model
+from .load import check_finite, load_model, tokenizer_files
 from .match import match
 from .outdir import atomic_out_dir, check_out_dir
 from .quantize import quantize_head, quantize_token_table
+from .core.analysis import quantizable_linears
 from .search import SearchOptions, SearchResult, awq_search, rtn
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -100,27 +101,37 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     inputs = [x for x in (model, calib) if isinstance(x, (str, os.PathLike)) and str(x) != "self"]
     check_out_dir(out_dir, opts.overwrite, tuple(inputs))
     if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" and not opts.rtn_only and not Path(calib).is_file():
-        raise InputError(f"calibration file {calib} does not exist (give a .txt or .jsonl file, or 'self')")
+        state = "is a folder, not a file" if Path(calib).is_dir() else "does not exist"
+        raise InputError(f"calibration file {calib} {state} (give a .txt or .jsonl file, or 'self')")
     lap = _Laps()
 
     loaded_here = isinstance(model, (str, os.PathLike))
+    source = Path(model) if loaded_here else None
     if loaded_here:
         model, tokenizer = load_model(model)
     model.eval()
     check_finite(model)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not opts.rtn_only and context and opts.seqlen > context:
+        raise InputError(f"seqlen {opts.seqlen} (--seqlen) is longer than the model's context of {context} positions")
     lap("load")
     # The folds edit the weights in place: a model we loaded ourselves shares them, a caller's gets copies.
     gm = export_model(model, private=not loaded_here)
     plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)  # a graph nobody can write fails here
+    narrow = _narrower_than_a_group(gm, opts.scheme.group_size)
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
-        calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress)
+        calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source)
         lap("calibration")
     found = match(gm, opts.config, verify=opts.config is None)
     if found.faults:
         raise ConfigError("config does not fit the model: " + "; ".join(found.faults))
     per_layer, warnings = found.for_search()
+    warnings += narrow
+    if calib_ids is not None and calib_ids.shape[0] < opts.n_samples:
+        warnings.append(f"calibration from {calib_source} gave {calib_ids.shape[0]} samples of {opts.seqlen} tokens, "
+                        f"fewer than the {opts.n_samples} asked (n_samples)")
     lap("match")
     result = rtn(gm, opts.scheme) if opts.rtn_only else awq_search(gm, per_layer, calib_ids, opts.search_options(),
                                                                    progress=progress)
@@ -173,18 +184,38 @@ class _Laps:
         self._t = now
 
 
-def _calibration(calib, model, tokenizer, opts: CompileOptions, progress):
+def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None):
     """(token ids (n, seqlen), where they came from)."""
+    def missing(what: str) -> InputError:
+        folder = None if source is None else (source.parent if source.is_file() else source)
+        where = tokenizer_files(folder) if folder else "no tokenizer was given (pass tokenizer=...)"
+        return InputError(f"{what} needs a tokenizer, and {where}; round-to-nearest (--rtn) or token tensors need none")
+
     if calib is None or (isinstance(calib, str) and calib == "self"):
         if tokenizer is None:
-            raise InputError("calibration 'self' needs the tokenizer (pass tokenizer=...)")
+            raise missing("calibration 'self'")
         return calibration.self_generated(model, tokenizer, opts.n_samples, opts.seqlen, opts.seed,
                                           progress=progress), "self"
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:
-            raise InputError("a calibration text file needs the tokenizer (pass tokenizer=...)")
+            raise missing(f"calibration from the text file {calib}")
         return calibration.from_file(calib, tokenizer, opts.n_samples, opts.seqlen), str(calib)
     return calibration.from_tensors(calib, opts.n_samples, opts.seqlen), "tensors"
+
+
+def _narrower_than_a_group(gm, group_size: int) -> list[str]:
+    """Refuse a group size wider than every quantized linear's input (each row would be one
+    padded block: a file larger than the float one); warn when only some are narrower."""
+    widths = {name: gm.linears[name].in_features for name in quantizable_linears(gm)}
+    narrow = sorted(n for n, w in widths.items() if w < group_size)
+    if not narrow:
+        return []
+    widest = max(widths, key=widths.get)
+    if len(narrow) == len(widths):
+        raise InputError(f"group size {group_size} (--group-size) is wider than every quantized layer's input "
+                         f"(the widest, {widest}, has {widths[widest]}): choose at most {widths[widest]}")
+    return [f"{len(narrow)} linears have inputs narrower than the group size {group_size} (e.g. {narrow[0]}, "
+            f"{widths[narrow[0]]}): each of their rows is one padded block"]
 
 
 def _finite(value):

@@ -86,6 +86,8 @@ class CompiledModel:
             self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
             self.vocab = int(self.session.get_outputs()[0].shape[-1])
             self.np_dtype = np.float16 if "float16" in first.type else np.float32
+        context = self.session.get_modelmeta().custom_metadata_map.get("max_position_embeddings")
+        self.max_positions = int(context) if context else None  # None: a folder written before it was recorded
         self._ort = ort
         self._tokenizer = tokenizer
 
@@ -196,6 +198,9 @@ class CompiledModel:
     def decoding(self, prompt_ids: list[int], max_new_tokens: int):
         """(the prompt's last logits, advance): advance(token) -> the next logits. Against the
         KV cache, or re-running the whole prefix on a logits-only model."""
+        if self.max_positions and len(prompt_ids) + max_new_tokens > self.max_positions:
+            raise InputError(f"the prompt's {len(prompt_ids)} tokens plus {max_new_tokens} new ones exceed the "
+                             f"model's context of {self.max_positions} positions")
         if not self.has_kv_cache:
             ids = list(prompt_ids)
 

@@ -70,8 +70,39 @@ def _corrupt_gguf(tmp_path, magic):
     return path
 
 
+def _file(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _folder(path):
+    path.mkdir()
+    return path
+
+
+def _weights_only(checkpoint, tmp_path, keep=("config.json", "model.safetensors")):
+    """A copy of the checkpoint with only the files ``keep``."""
+    import shutil
+
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    for name in keep:
+        shutil.copy(checkpoint / name, folder / name)
+    return folder
+
+
 @pytest.mark.parametrize("case,args,culprit", [
     ("missing folder", lambda ck, tmp: ["/no/such/model"], "/no/such/model"),
+    ("only a config", lambda ck, tmp: [str(_weights_only(ck, tmp, ["config.json"]))], "has no weights"),
+    ("no tokenizer for self calibration", lambda ck, tmp: [str(_weights_only(ck, tmp))], "has no tokenizer"),
+    ("random bytes", lambda ck, tmp: [str(ck), "--calib", str(_file(tmp, "noise.txt", bytes(range(256)) * 80))],
+     "noise.txt is not UTF-8 text"),
+    ("jsonl text not a string", lambda ck, tmp: [str(ck), "--calib", str(_file(tmp, "c.jsonl", b'{"text": 5}\n'))],
+     "line 1: 'text' is a int, not a string"),
+    ("calibration folder", lambda ck, tmp: [str(ck), "--calib", str(_folder(tmp / "texts"))], "is a folder, not a file"),
+    ("group wider than every layer", lambda ck, tmp: [str(ck), "--group-size", "4096"],
+     "wider than every quantized layer's input"),
     ("not gguf", lambda ck, tmp: [str(_corrupt_gguf(tmp, False))], "broken.gguf"),
     ("truncated gguf", lambda ck, tmp: [str(_corrupt_gguf(tmp, True))], "broken.gguf"),
     ("unknown module in config", lambda ck, tmp: [str(ck), "--config", str(_bad_config(tmp))], "self_attn.qkv_fused"),
@@ -177,6 +208,45 @@ def test_an_option_out_of_range_is_one_line_naming_the_flag_before_anything_is_r
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"awq-graph: error: argument {flag}: must be") and "Traceback" not in err, err
+
+
+def test_a_checkpoint_without_a_tokenizer_compiles_round_to_nearest(tiny_checkpoint, tmp_path, capsys):
+    folder = _weights_only(tiny_checkpoint, tmp_path)
+    assert main(["compile", str(folder), "-o", str(tmp_path / "out"), "--rtn", "--group-size", "16"]) == 0
+    assert main(["infer-config", str(folder)]) == 0
+    assert "awq-graph: error" not in capsys.readouterr().err
+
+
+def test_a_calibration_longer_than_the_context_is_refused_naming_both_lengths(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--n-samples", "2", "--seqlen", "600"]) == 1
+    err = capsys.readouterr().err
+    assert "seqlen 600 (--seqlen) is longer than the model's context of 512 positions" in err and not out.exists()
+
+
+def test_a_short_calibration_file_says_how_many_samples_it_gave(tiny_checkpoint, tmp_path, capsys):
+    text = _file(tmp_path, "short.txt", " ".join(f"word{i}" for i in range(200)).encode())
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--calib", str(text), "--n-samples", "64",
+                 "--seqlen", "32", "--group-size", "16"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    given = report["calibration"]["samples"]
+    assert 0 < given < 64
+    assert f"gave {given} samples of 32 tokens, fewer than the 64 asked" in capsys.readouterr().err
+
+
+def test_eval_and_generate_stay_within_the_models_context(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16"]) == 0
+    text = _file(tmp_path, "t.txt", " ".join(f"w{i % 97}" for i in range(3000)).encode())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(text), "--max-windows", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 511  # the default window is the context, 512
+    assert main(["eval", str(out), "--text", str(text), "--seqlen", "1024"]) == 1
+    assert "--seqlen 1024 is longer than the model's context of 512 positions" in capsys.readouterr().err
+    assert main(["generate", str(out), "the king of", "--max-new-tokens", "4000", "--greedy"]) == 0
+    err = capsys.readouterr().err
+    assert "the model's context is 512 positions" in err and "Traceback" not in err, err
 
 
 def test_infer_config_prints_the_quark_template_for_a_model_type(capsys):

@@ -44,6 +44,8 @@ class Emitted:
 # a family row's ``block`` -> (why the decoder does not fit, or None; the builder of the decoder)
 BLOCK_WRITERS = {"llama": (fused_support, build_decoder), "gpt2": (gpt2_support, build_gpt2_decoder)}
 
+CONTEXT_KEY = "max_position_embeddings"  # model metadata: the positions the graph was written for
+
 INT8_TOLERANCE = 0.25  # relative logit error allowed with int8 activations (accuracy level 4)
 
 
@@ -99,6 +101,7 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         _, build = BLOCK_WRITERS[family.block]
         decoder = build(model, family, plan.facts, gm.params, linears, quantized_table=quantized_table,
                         accuracy_level=accuracy_level, act_dtype=act_dtype)
+        _record_context(decoder, model)
         save_decoder(decoder, path)
         del decoder  # its tensors: the data file holds them now
         # The check: the graph with float activations against torch, tightly (the structure), and
@@ -145,8 +148,16 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     if rewrite.unmatched:
         layer, why = next(iter(rewrite.unmatched.items()))
         raise ExportError(f"cannot write '{layer}' as MatMulNBits in the logits-only graph: {why}")
+    _record_context(onnx_model, model)
     save_model(onnx_model, Path(path))
     return Emitted("logits-only", len(rewrite.rewritten), [] if reason == "--no-kv-cache" else [warning])
+
+
+def _record_context(onnx_model: ir.Model, model) -> None:
+    """The checkpoint's context length in the model's metadata, for the runtime's limits."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions:
+        onnx_model.metadata_props[CONTEXT_KEY] = str(int(positions))
 
 
 def decoder_support(model, group_size: int | None = None) -> str | None:
