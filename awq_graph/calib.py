@@ -23,6 +23,7 @@ def read_text(path: str | Path, what: str = "calibration file") -> str:
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}, line {line})") from None
+    raw = raw.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads them
     if path.suffix.lower() != ".jsonl":
         return raw
     texts = []

@@ -210,6 +210,15 @@ def test_an_option_out_of_range_is_one_line_naming_the_flag_before_anything_is_r
     assert err.startswith(f"awq-graph: error: argument {flag}: must be") and "Traceback" not in err, err
 
 
+def test_text_files_are_read_with_universal_newlines(tmp_path):
+    """WikiText-2's test file has CRLF line ends: they read as text mode reads them (the
+    perplexities in the README depend on it)."""
+    from awq_graph.calib import read_text
+
+    path = _file(tmp_path, "crlf.txt", "one\r\ntwo\rthree\n\u00e9".encode())
+    assert read_text(path) == path.read_text(encoding="utf-8") == "one\ntwo\nthree\n\u00e9"
+
+
 def test_a_checkpoint_without_a_tokenizer_compiles_round_to_nearest(tiny_checkpoint, tmp_path, capsys):
     folder = _weights_only(tiny_checkpoint, tmp_path)
     assert main(["compile", str(folder), "-o", str(tmp_path / "out"), "--rtn", "--group-size", "16"]) == 0
