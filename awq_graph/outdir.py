@@ -35,12 +35,38 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = ()) -> None:
         raise InputError(f"the parent folder of {out_dir} is not writable")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(out_dir: Path) -> list[Path]:
+    """The hidden siblings a killed compile left (``.OUT.tmp-PID-*``, ``.OUT.old-PID``) whose
+    process is gone: removed; returns them."""
+    parent = out_dir.resolve().parent
+    removed = []
+    for kind in ("tmp", "old"):
+        for stale in parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = stale.name[len(f".{out_dir.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_out_dir(out_dir: Path):
     """Yields the folder to write into; on a normal exit it becomes ``out_dir`` (replacing an old
-    one), with the permissions a plain mkdir/open would have given."""
+    one), with the permissions a plain mkdir/open would have given. What an earlier, killed run
+    left beside ``out_dir`` is removed first."""
     parent = out_dir.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    remove_stale(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
     try:
         yield tmp
         _default_permissions(tmp)

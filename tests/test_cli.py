@@ -219,6 +219,31 @@ def test_text_files_are_read_with_universal_newlines(tmp_path):
     assert read_text(path) == path.read_text(encoding="utf-8") == "one\ntwo\nthree\n\u00e9"
 
 
+def test_a_compile_killed_with_sigkill_leaves_nothing_the_next_run_does_not_remove(tiny_checkpoint, tmp_path):
+    """A killed compile cannot clean up: its hidden sibling of OUT carries its pid, and the next
+    compile into OUT removes it once that process is gone (a live one's is left alone)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(tiny_checkpoint), "-o", str(out), "--n-samples",
+           "64", "--seqlen", "64", "--group-size", "16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # until it has made its hidden folder (it writes there only at the end)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = list(tmp_path.glob(".out.tmp-*"))
+    assert left and not out.exists()  # what the kill left
+    live = tmp_path / ".out.tmp-1-other"  # a running process's (pid 1 runs as long as the machine): kept
+    live.mkdir()
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [live.name]
+
+
 def test_a_checkpoint_without_a_tokenizer_compiles_round_to_nearest(tiny_checkpoint, tmp_path, capsys):
     folder = _weights_only(tiny_checkpoint, tmp_path)
     assert main(["compile", str(folder), "-o", str(tmp_path / "out"), "--rtn", "--group-size", "16"]) == 0
