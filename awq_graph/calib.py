@@ -9,14 +9,19 @@ import torch
 from .core.errors import InputError
 
 
+def check_text_file(path: str | Path, what: str = "calibration file", hint: str = "") -> None:
+    """Fail when ``path`` is not a file to read (``hint``: what to give instead, for the message)."""
+    path = Path(path)
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"{what} {path} {state}{hint}")
+
+
 def read_text(path: str | Path, what: str = "calibration file") -> str:
     """A .txt file as is; a .jsonl file's ``text`` fields joined by blank lines. UTF-8 only:
     other bytes would reach the tokenizer as replacement characters."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
-        raise InputError(f"{what} {path} does not exist")
+    check_text_file(path, what)
     data = path.read_bytes()
     try:
         raw = data.decode("utf-8")

@@ -232,7 +232,6 @@ def _eval(args) -> int:
 
     from . import runtime
     from .calib import read_text
-
     from .core.errors import InputError
 
     target = Path(args.model)
@@ -246,7 +245,7 @@ def _eval(args) -> int:
 
         model, tokenizer = load_model(target)
         if tokenizer is None:
-            raise InputError(f"eval needs a tokenizer, and {tokenizer_files(target.parent if target.is_file() else target)}")
+            raise InputError(f"eval needs a tokenizer, and {tokenizer_files(target)}")
         if args.threads:
             torch.set_num_threads(args.threads)
         logits_fn, context = runtime.torch_logits(model), getattr(model.config, "max_position_embeddings", None)

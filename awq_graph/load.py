@@ -63,8 +63,10 @@ def load_model(path: str | Path):
     return model, tokenizer
 
 
-def tokenizer_files(folder: Path) -> str:
-    """What a tokenizer needs, for messages."""
+def tokenizer_files(model_path: str | Path) -> str:
+    """That the checkpoint (folder, or the folder of a .gguf) has no tokenizer, and what one needs."""
+    path = Path(model_path)
+    folder = path.parent if path.is_file() else path
     return f"{folder} has no tokenizer (tokenizer.json, or tokenizer_config.json with its vocabulary files)"
 
 
@@ -78,8 +80,6 @@ def check_finite(model) -> None:
     """Fail with one line naming the first parameter that holds NaN or inf: a damaged checkpoint
     would otherwise compile into a model whose every output is NaN. (Buffers may hold -inf on
     purpose: attention masks.)"""
-    import torch
-
     for name, tensor in model.named_parameters():
         if tensor.is_floating_point() and tensor.device.type != "meta":
             bad = int((~torch.isfinite(tensor)).sum())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import calib as calibration
+from .core.analysis import quantizable_linears
 from .core.errors import ConfigError, InputError
 from .core.numerics import QuantScheme
 from .core.records import read_quark_config
@@ -23,7 +24,6 @@ from .load import check_finite, load_model, tokenizer_files
 from .match import match
 from .outdir import atomic_out_dir, check_out_dir
 from .quantize import quantize_head, quantize_token_table
-from .core.analysis import quantizable_linears
 from .search import SearchOptions, SearchResult, awq_search, rtn
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -98,11 +98,10 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     """
     opts = options if options is not None else _options(option_fields)
     out_dir = Path(out_dir)
-    inputs = [x for x in (model, calib) if isinstance(x, (str, os.PathLike)) and str(x) != "self"]
-    check_out_dir(out_dir, opts.overwrite, tuple(inputs))
-    if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" and not opts.rtn_only and not Path(calib).is_file():
-        state = "is a folder, not a file" if Path(calib).is_dir() else "does not exist"
-        raise InputError(f"calibration file {calib} {state} (give a .txt or .jsonl file, or 'self')")
+    calib_file = calib if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" else None
+    check_out_dir(out_dir, opts.overwrite, tuple(x for x in (model, calib_file) if isinstance(x, (str, os.PathLike))))
+    if calib_file is not None and not opts.rtn_only:
+        calibration.check_text_file(calib_file, hint=" (give a .txt or .jsonl file, or 'self')")
     lap = _Laps()
 
     loaded_here = isinstance(model, (str, os.PathLike))
@@ -187,8 +186,7 @@ class _Laps:
 def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None):
     """(token ids (n, seqlen), where they came from)."""
     def missing(what: str) -> InputError:
-        folder = None if source is None else (source.parent if source.is_file() else source)
-        where = tokenizer_files(folder) if folder else "no tokenizer was given (pass tokenizer=...)"
+        where = tokenizer_files(source) if source else "no tokenizer was given (pass tokenizer=...)"
         return InputError(f"{what} needs a tokenizer, and {where}; round-to-nearest (--rtn) or token tensors need none")
 
     if calib is None or (isinstance(calib, str) and calib == "self"):

@@ -65,6 +65,9 @@ class Generation:
         return len(self.steps) / self.decode_s if self.decode_s else float("nan")
 
 
+CONTEXT_KEY = "max_position_embeddings"  # ONNX metadata: the positions the model was written for
+
+
 class CompiledModel:
     """A compiled folder (or one .onnx file) in onnxruntime."""
 
@@ -86,7 +89,7 @@ class CompiledModel:
             self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
             self.vocab = int(self.session.get_outputs()[0].shape[-1])
             self.np_dtype = np.float16 if "float16" in first.type else np.float32
-        context = self.session.get_modelmeta().custom_metadata_map.get("max_position_embeddings")
+        context = self.session.get_modelmeta().custom_metadata_map.get(CONTEXT_KEY)
         self.max_positions = int(context) if context else None  # None: a folder written before it was recorded
         self._ort = ort
         self._tokenizer = tokenizer

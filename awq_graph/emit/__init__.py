@@ -30,6 +30,7 @@ from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
 from awq_graph.emit.logits_only import custom_translations, export_float_onnx, save_model
 from awq_graph.passes.channel_flow import norm_offsets
 from awq_graph.passes.matmulnbits import RewriteMatMulNBits, SetAccuracyLevel
+from awq_graph.runtime import CONTEXT_KEY
 
 
 @dataclass
@@ -43,8 +44,6 @@ class Emitted:
 
 # a family row's ``block`` -> (why the decoder does not fit, or None; the builder of the decoder)
 BLOCK_WRITERS = {"llama": (fused_support, build_decoder), "gpt2": (gpt2_support, build_gpt2_decoder)}
-
-CONTEXT_KEY = "max_position_embeddings"  # model metadata: the positions the graph was written for
 
 INT8_TOLERANCE = 0.25  # relative logit error allowed with int8 activations (accuracy level 4)
 

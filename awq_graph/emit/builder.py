@@ -164,8 +164,9 @@ def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: Quantiz
 
 
 def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, head_name: str, table_name: str, quantized_table,
-                   accuracy_level: int, shape: DecoderShape, tied_head: bool) -> ir.Model:
-    """The head ``head_name`` into the ``logits`` output, then the model around the graph.
+                   accuracy_level: int, shape: DecoderShape, tied_head: bool, outputs: list[ir.Value]) -> ir.Model:
+    """The head ``head_name`` into the ``logits`` output, then the model around the graph (its
+    ``outputs`` as ``signature`` declares them).
     ``tied_head``: the head reads the token table's placeholder (a graph fact); while both stay
     float, it reads the embedding's initializer ``table_name`` instead of a copy."""
     tied = tied_head and head.quantized is None and quantized_table is None
@@ -178,7 +179,7 @@ def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, head_name: str,
     value = g.value(logits)
     value.name = "logits"  # the head's last node writes the graph output
     g.values["logits"] = value
-    return g.model(signature(shape, g.float_type)[1])
+    return g.model(outputs)
 
 
 def softcap(g: GraphBuilder, x: str, cap: float, name: str) -> str:

@@ -130,7 +130,8 @@ def build_decoder(model, family: Family, facts: GraphFacts, params: dict[str, to
     shape = decoder_shape(model, family, facts)
     names = family.names
     ftype = ir.DataType.FLOAT16 if act_dtype == "float16" else ir.DataType.FLOAT
-    g = GraphBuilder(ftype, signature(shape, ftype)[0], "awq_graph_decoder")
+    inputs, outputs = signature(shape, ftype)
+    g = GraphBuilder(ftype, inputs, "awq_graph_decoder")
     half = shape.rotary_dim // 2
     rotary = {}  # layer type (None: every layer) -> (cos cache, sin cache)
     for kind in sorted(set(shape.layer_types)) if _per_layer_type(model.get_submodule(names.rotary)) else [None]:
@@ -170,7 +171,7 @@ def build_decoder(model, family: Family, facts: GraphFacts, params: dict[str, to
     delta, residual = keep_last(g, delta, residual)
     h, _ = norm(delta, residual, x, names.final_norm)
     return head_and_model(g, h, linears[facts.head], facts.head, f"{embed}.weight", quantized_table, accuracy_level, shape,
-                          facts.tied_head)
+                          facts.tied_head, outputs)
 
 
 def _residual_scale(g: GraphBuilder, x: str, shape: DecoderShape, name: str) -> str:

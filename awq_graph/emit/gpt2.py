@@ -44,7 +44,8 @@ def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[st
     shape = gpt2_shape(model)
     names = family.names
     ftype = ir.DataType.FLOAT16 if act_dtype == "float16" else ir.DataType.FLOAT
-    g = GraphBuilder(ftype, signature(shape, ftype)[0], "awq_graph_gpt2_decoder")
+    inputs, outputs = signature(shape, ftype)
+    g = GraphBuilder(ftype, inputs, "awq_graph_gpt2_decoder")
     seqlens, total = attention_lengths(g)
     embed = facts.embedding
     tokens = embedding(g, "input_ids", params[facts.table], quantized_table, embed)
@@ -72,7 +73,7 @@ def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[st
     delta, residual = keep_last(g, delta, residual)
     h, _ = _layer_norm(g, delta, residual, params, names.final_norm, shape.eps)
     return head_and_model(g, h, linears[facts.head], facts.head, f"{embed}.weight", quantized_table, accuracy_level, shape,
-                          facts.tied_head)
+                          facts.tied_head, outputs)
 
 
 def _layer_norm(g: GraphBuilder, delta, residual, params, name: str, eps: float):
