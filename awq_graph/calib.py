@@ -85,16 +85,17 @@ def self_generated(model, tokenizer, n_samples: int, seqlen: int, seed: int = 0,
     progress = progress or (lambda it, desc, total: it)
     gen = torch.Generator().manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)
-    torch.manual_seed(seed)
-    out = []
-    steps = range(0, n_samples, batch)
-    for i in progress(steps, "self-calibration", len(steps)):
-        b = min(batch, n_samples - i)
-        first = torch.full((b, 1), start, dtype=torch.long)
-        # a random first word per sample keeps the samples apart
-        second = torch.randint(0, int(model.config.vocab_size), (b, 1), generator=gen)
-        ids = model.generate(input_ids=torch.cat([first, second], 1), attention_mask=torch.ones(b, 2, dtype=torch.long),
-                             do_sample=True, top_k=50, temperature=1.0, max_new_tokens=seqlen - 2,
-                             min_new_tokens=seqlen - 2, pad_token_id=start)
-        out.append(ids[:, :seqlen])
+    with torch.random.fork_rng(devices=[]):  # generate() samples from the global RNG: the caller's is kept
+        torch.manual_seed(seed)
+        out = []
+        steps = range(0, n_samples, batch)
+        for i in progress(steps, "self-calibration", len(steps)):
+            b = min(batch, n_samples - i)
+            first = torch.full((b, 1), start, dtype=torch.long)
+            # a random first word per sample keeps the samples apart
+            second = torch.randint(0, int(model.config.vocab_size), (b, 1), generator=gen)
+            ids = model.generate(input_ids=torch.cat([first, second], 1), attention_mask=torch.ones(b, 2, dtype=torch.long),
+                                 do_sample=True, top_k=50, temperature=1.0, max_new_tokens=seqlen - 2,
+                                 min_new_tokens=seqlen - 2, pad_token_id=start)
+            out.append(ids[:, :seqlen])
     return torch.cat(out)

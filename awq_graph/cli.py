@@ -6,17 +6,23 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from .core.errors import AwqGraphError
+from .interrupt import catch_signals, checkpoint
 
 
 def _progress(it, desc, total):
+    """A progress bar on stderr; between items, a signal a finalizer swallowed is raised again."""
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+    checkpoint()
+    for item in tqdm(it, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True):
+        checkpoint()
+        yield item
 
 
 def _quiet() -> None:
@@ -198,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"awq-graph: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("awq-graph: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"awq-graph: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        return 128 + signum
     return 0
 
 
@@ -215,10 +222,9 @@ def _compile(args) -> int:
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
         lm_head_bits=args.lm_head_bits, act_dtype=args.act_dtype, kv_cache=not args.no_kv_cache,
         loss_tokens=args.loss_tokens)
-    result = run_compile(args.model, args.calib, args.out, options, progress=_progress)
+    result = run_compile(args.model, args.calib, args.out, options, progress=_progress,
+                         warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr))
     rep = result.report
-    for warning in rep.get("warnings", []):
-        print(f"awq-graph: warning: {warning}", file=sys.stderr)
     groups = rep["groups"]
     better = sum(1 for g in groups if g["ratio"] is not None)
     print(f"wrote {result.out_dir} ({rep['scheme']}, {rep['method']}): {rep['quantized_linears']} MatMulNBits, "
@@ -235,8 +241,8 @@ def _eval(args) -> int:
     from .core.errors import InputError
 
     target = Path(args.model)
-    text = read_text(args.text, "text file")
-    if target.is_dir() and (target / "model.onnx").exists():
+    text = read_text(args.text, "--text file")
+    if _compiled_folder(target):
         compiled = runtime.CompiledModel(target, threads=args.threads, provider=args.provider)
         tokenizer = compiled.tokenizer
         logits_fn, context = compiled.logits, compiled.max_positions
@@ -262,12 +268,22 @@ def _eval(args) -> int:
     return 0
 
 
+def _compiled_folder(path: Path) -> bool:
+    """A folder compile wrote (model.onnx). One with compile's report.json but no model.onnx is
+    a compiled folder that lost its model (a partial copy), not a checkpoint: said so."""
+    from .core.errors import InputError
+
+    if path.is_dir() and not (path / "model.onnx").is_file() and (path / "report.json").is_file():
+        raise InputError(f"{path} is a compiled awq-graph folder (report.json) without its model.onnx")
+    return path.is_dir() and (path / "model.onnx").is_file()
+
+
 def _generate(args) -> int:
     from .core.errors import InputError
     from .runtime import CompiledModel
 
     folder = Path(args.model)
-    if not (folder / "model.onnx").is_file():
+    if not _compiled_folder(folder):
         raise InputError(f"{folder} is not a compiled awq-graph folder (no model.onnx)")
     model = CompiledModel(folder, threads=args.threads, provider=args.provider, spinning=args.spin)
     prompt = args.prompt
@@ -295,6 +311,8 @@ def _generate(args) -> int:
 
 
 def entry() -> None:
+    """The console script: SIGTERM and SIGHUP end a run as Ctrl-C does (OUT as it was before)."""
+    catch_signals()
     sys.exit(main())
 if __name__ == "__main__":
     entry()

@@ -27,7 +27,7 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True
     lm.eval()
     wrapper = LogitsOnly(lm)
     vocab = int(getattr(lm.config, "vocab_size", 2))
-    example = torch.randint(0, max(vocab, 2), (2, example_seq))
+    example = torch.randint(0, max(vocab, 2), (2, example_seq), generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", max=4096)
     seq = torch.export.Dim("seq", min=2, max=int(getattr(lm.config, "max_position_embeddings", 8192) or 8192))
     try:

@@ -110,8 +110,9 @@ def tiny_random_model(model_type: str, seed: int = 0, **overrides):
             shape[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
     try:
         config = AutoConfig.for_model(model_type, **{**shape, **overrides})
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        with torch.random.fork_rng(devices=[]):  # from_config draws from the global RNG: the caller's is kept
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:
         raise InputError(f"could not build a tiny '{model_type}' causal LM: {_first_line(exc)}") from exc
     with torch.no_grad():

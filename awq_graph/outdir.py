@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .core.errors import InputError
+from .interrupt import checkpoint
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = ()) -> None:
@@ -33,6 +34,10 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = ()) -> None:
         raise InputError(f"the parent of {out_dir} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"the parent folder of {out_dir} is not writable")
+    try:  # what only trying shows: a read-only or refusing filesystem, root on a locked folder
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=parent))
+    except OSError as exc:
+        raise InputError(f"cannot create folders beside {out_dir} ({parent}: {exc.strerror})") from None
 
 
 def _alive(pid: int) -> bool:
@@ -46,17 +51,23 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(out_dir: Path) -> list[Path]:
-    """The hidden siblings a killed compile left (``.OUT.tmp-PID-*``, ``.OUT.old-PID``) whose
-    process is gone: removed; returns them."""
+    """The hidden siblings a killed compile left whose process is gone: a ``.OUT.tmp-PID-*``
+    (unfinished) is removed; a ``.OUT.old-PID`` (the previous OUT, set aside for the new one) is
+    removed when OUT is there, and put back as OUT when the kill came between the two renames.
+    Returns what was removed or put back."""
     parent = out_dir.resolve().parent
-    removed = []
+    handled = []
     for kind in ("tmp", "old"):
         for stale in parent.glob(f".{out_dir.name}.{kind}-*"):
             pid = stale.name[len(f".{out_dir.name}.{kind}-"):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out_dir.exists():
+                stale.rename(out_dir)
+            else:
                 shutil.rmtree(stale, ignore_errors=True)
-                removed.append(stale)
-    return removed
+            handled.append(stale)
+    return handled
 
 
 @contextlib.contextmanager
@@ -67,19 +78,20 @@ def atomic_out_dir(out_dir: Path):
     parent = out_dir.resolve().parent
     remove_stale(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
+    old = parent / f".{out_dir.name}.old-{os.getpid()}"
     try:
         yield tmp
+        checkpoint()  # a signal swallowed while the files were written: OUT stays as it was
         _default_permissions(tmp)
         if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
+        tmp.rename(out_dir)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: OUT as it was
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _default_permissions(folder: Path) -> None:

@@ -10,6 +10,7 @@ import math
 import os
 import resource
 import time
+import warnings as pywarnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .core.numerics import QuantScheme
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
 from .export import export_model
+from .interrupt import checkpoint
 from .load import check_finite, load_model, tokenizer_files
 from .match import match
 from .outdir import atomic_out_dir, check_out_dir
@@ -87,14 +89,15 @@ class CompileResult:
 
 
 def compile(model, calib=None, out_dir="out", options: CompileOptions | None = None, *, tokenizer=None,
-            progress=None, **option_fields) -> CompileResult:
+            progress=None, warn=None, **option_fields) -> CompileResult:
     """Quantize a causal LM with AWQ and write an int4 MatMulNBits ONNX model to ``out_dir``.
 
     model: a ``PreTrainedModel`` (then pass ``tokenizer`` to have it saved) or a path to a
     checkpoint folder or .gguf file. calib: None or "self" (text sampled from the model), a
     .txt/.jsonl path, or token tensors (a tensor, a list, a dataloader). options: a
     ``CompileOptions``, or its fields as keywords (``scheme="uint4_wo_64", n_samples=32``).
-    Nothing is written to ``out_dir`` until everything succeeded.
+    Nothing is written to ``out_dir`` until everything succeeded. ``warn(message)`` is called
+    with each warning as soon as it is known (default: ``warnings.warn``); the report lists them.
     """
     opts = options if options is not None else _options(option_fields)
     out_dir = Path(out_dir)
@@ -131,6 +134,9 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     if calib_ids is not None and calib_ids.shape[0] < opts.n_samples:
         warnings.append(f"calibration from {calib_source} gave {calib_ids.shape[0]} samples of {opts.seqlen} tokens, "
                         f"fewer than the {opts.n_samples} asked (n_samples)")
+    warn = warn or (lambda message: pywarnings.warn(message, stacklevel=3))
+    for message in warnings:  # before the long search, not after it
+        warn(message)
     lap("match")
     result = rtn(gm, opts.scheme) if opts.rtn_only else awq_search(gm, per_layer, calib_ids, opts.search_options(),
                                                                    progress=progress)
@@ -154,6 +160,8 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
                            "check_deviation": emitted.check_deviation,
                            "float_check_deviation": emitted.float_check_deviation}
         report["calibration_source"] = calib_source
+        for message in emitted.warnings:
+            warn(message)
         report["warnings"] = warnings + emitted.warnings
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -171,7 +179,8 @@ def _options(option_fields: dict) -> CompileOptions:
 
 
 class _Laps:
-    """Seconds per stage, in the order the stages ran."""
+    """Seconds per stage, in the order the stages ran; a stage's end is where a signal that a
+    finalizer swallowed stops the run (``interrupt.checkpoint``)."""
 
     def __init__(self):
         self.timings: dict[str, float] = {}
@@ -181,6 +190,7 @@ class _Laps:
         now = time.perf_counter()
         self.timings[stage] = round(now - self._t, 3)
         self._t = now
+        checkpoint()
 
 
 def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None):

@@ -161,6 +161,7 @@ def test_an_output_path_that_cannot_be_a_folder_fails_before_loading(tiny_checkp
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and "Traceback" not in err and "load" not in err, err
     assert blocker.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]  # no .blocker.old-* or .tmp-* beside it
 
 
 @pytest.mark.parametrize("tensor, value", [("model.layers.1.mlp.down_proj.weight", float("nan")),
@@ -194,6 +195,8 @@ def test_a_checkpoint_with_nan_or_inf_weights_is_refused_naming_the_tensor(tmp_p
     (["compile", "M", "-o", "O", "--seqlen", "-5"], "--seqlen"),
     (["compile", "M", "-o", "O", "--loss-tokens", "0"], "--loss-tokens"),
     (["eval", "M", "--text", "T", "--seqlen", "1"], "--seqlen"),
+    (["eval", "M", "--text", "T", "--seqlen", "0"], "--seqlen"),
+    (["eval", "M", "--text", "T", "--seqlen", "-5"], "--seqlen"),
     (["eval", "M", "--text", "T", "--max-windows", "-1"], "--max-windows"),
     (["eval", "M", "--text", "T", "--threads", "0"], "--threads"),
     (["generate", "M", "hi", "--temperature", "nan"], "--temperature"),

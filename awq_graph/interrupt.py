@@ -1,0 +1,45 @@
+"""Signals as exceptions. SIGTERM (what kill, timeout and job schedulers send), SIGHUP and
+Ctrl-C raise ``Interrupted`` where the program is, so the same clean-up runs for all three.
+
+An exception raised inside a finalizer (a ``__del__`` the garbage collector happened to run) is
+printed as "Exception ignored" and lost, and the program goes on: the signal is therefore also
+recorded, and ``checkpoint()``, called between stages and between the items of a long loop,
+raises it again."""
+from __future__ import annotations
+
+import signal
+import sys
+
+_received: list[int] = []
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the run; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise(signum, frame):
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def _quiet_when_interrupted(unraisable, default=sys.unraisablehook):
+    """A swallowed ``Interrupted`` is not a fault to print (``checkpoint`` raises it again)."""
+    if not isinstance(unraisable.exc_value, Interrupted):
+        default(unraisable)
+
+
+def catch_signals() -> None:
+    """From now on SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` (the console script calls this)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise)
+    sys.unraisablehook = _quiet_when_interrupted
+
+
+def checkpoint() -> None:
+    """Raise a signal received earlier whose exception was swallowed; nothing otherwise."""
+    if _received:
+        raise Interrupted(_received[0])

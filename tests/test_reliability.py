@@ -1,0 +1,164 @@
+"""Interruptions, the output folder's life and the caller's state: a compile that is stopped at any
+moment leaves OUT as it was and nothing beside it, says so on one line, and a library call leaves
+the caller's random state alone."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from awq_graph.cli import main
+
+
+def _siblings(folder: Path, out: Path) -> list[str]:
+    """What sits beside OUT under its name (hidden tmp/old/probe folders)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def _tree(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _strict_json(path: Path):
+    """json.loads would take NaN and Infinity, which are not JSON: refuse them."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _start_compile(checkpoint: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(checkpoint), "-o", str(out), "--n-samples", "64",
+           "--seqlen", "64", "--group-size", "16", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _when_writing(out: Path):
+    """Waits until the compile has made its hidden folder (it writes there only at the end)."""
+    deadline = time.time() + 180
+    while not list(out.parent.glob(f".{out.name}.tmp-*")) and time.time() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum, moment", [
+    (signal.SIGINT, 1.0),        # Ctrl-C while torch is still importing
+    (signal.SIGTERM, 6.0),       # what kill and timeout send, during load, export or calibration
+    (signal.SIGHUP, "writing"),  # the terminal closed, while the ONNX files are being written
+    (signal.SIGTERM, "writing"),
+])
+def test_a_signal_at_any_moment_is_one_line_and_leaves_out_as_it_was(tiny_checkpoint, tmp_path, signum, moment):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier compile's output")
+    before = _tree(out)
+    proc = _start_compile(tiny_checkpoint, out, "--overwrite")
+    if moment == "writing":
+        _when_writing(out)
+    else:
+        time.sleep(moment)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == f"awq-graph: interrupted ({name}); nothing was written", err
+    assert "Traceback" not in err and err.count("awq-graph:") == 1, err
+    assert _tree(out) == before  # the earlier output, byte for byte
+    assert _siblings(tmp_path, out) == []
+
+
+def test_a_kill_between_the_two_renames_is_undone_by_the_next_compile(tiny_checkpoint, tmp_path):
+    """The one moment OUT is missing: the earlier OUT set aside as .OUT.old-PID, the new one not yet
+    in place. The next compile puts the earlier one back before it starts."""
+    from awq_graph.outdir import remove_stale
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has ended
+    aside = tmp_path / f".out.old-{dead}"
+    aside.mkdir()
+    (aside / "earlier.txt").write_text("an earlier compile's output")
+    assert remove_stale(out) == [aside]
+    assert (out / "earlier.txt").read_text() == "an earlier compile's output"
+    assert _siblings(tmp_path, out) == []
+
+
+def test_the_package_imports_without_torch():
+    """Ctrl-C during the command's start is a one-line interruption only if the heavy imports
+    happen inside main(): importing the command line and the package must not load torch."""
+    probe = "import sys, awq_graph, awq_graph.cli; print(sorted({'torch', 'transformers', 'onnx'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    import awq_graph
+
+    assert awq_graph.compile.__module__ == "awq_graph.pipeline"  # the public names still resolve
+
+
+def test_compile_leaves_the_callers_random_state_alone(tiny_checkpoint, tmp_path):
+    """Self calibration samples with the global RNG inside compile(); the caller's stream goes on
+    as if compile had not run."""
+    from awq_graph import compile
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    compile(tiny_checkpoint, "self", tmp_path / "out", n_samples=2, seqlen=16, scheme="uint4_wo_16")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_warning_is_given_before_the_search_not_after(tiny_checkpoint, tmp_path):
+    """Group size 128 is wider than the 64-wide inputs of the tiny Llama's attention and MLP
+    projections (down_proj, 128 wide, still fits): said before the calibration search starts."""
+    from awq_graph import compile
+
+    events = []
+    compile(tiny_checkpoint, "self", tmp_path / "out", n_samples=2, seqlen=16, scheme="uint4_wo_128",
+            warn=lambda message: events.append(("warning", message)),
+            progress=lambda it, desc, total: events.append(("progress", desc)) or it)
+    warnings = [i for i, (kind, text) in enumerate(events) if kind == "warning" and "narrower than the group" in text]
+    search = [i for i, (kind, text) in enumerate(events) if kind == "progress" and text != "self-calibration"]
+    assert warnings and search and warnings[0] < search[0], events
+    report = _strict_json(tmp_path / "out" / "report.json")
+    assert any("narrower than the group size 128" in w for w in report["warnings"])
+
+
+def test_an_output_on_a_filesystem_that_refuses_folders_fails_before_loading(tiny_checkpoint, capsys):
+    if not Path("/sys").is_dir():
+        pytest.skip("needs Linux's /sys, where no one may create folders")
+    assert main(["compile", str(tiny_checkpoint), "-o", "/sys/awq-graph-out", "--rtn"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "awq-graph: error: cannot create folders beside /sys/awq-graph-out (/sys: Operation not permitted)"
+
+
+def test_eval_of_a_compiled_folder_that_lost_its_model_says_so(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16"]) == 0
+    (out / "model.onnx").unlink()
+    text = tmp_path / "t.txt"
+    text.write_text("the king of the city")
+    capsys.readouterr()
+    for argv in (["eval", str(out), "--text", str(text)], ["generate", str(out), "the king"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.strip() == f"awq-graph: error: {out} is a compiled awq-graph folder (report.json) without its model.onnx"
+
+
+def test_eval_names_its_text_file_as_the_flag(tiny_checkpoint, tmp_path, capsys):
+    assert main(["eval", str(tiny_checkpoint), "--text", str(tmp_path / "missing.txt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"awq-graph: error: --text file {tmp_path / 'missing.txt'} does not exist"), err
+
+
+def test_a_gpt2_calibration_beyond_its_positions_is_refused_naming_both(tmp_path):
+    """GPT-2 calls its context n_positions; a longer calibration would fail inside the position
+    lookup, as a failed graph node."""
+    from awq_graph import InputError, compile
+    from conftest import tiny_model
+
+    model = tiny_model("gpt2", max_position_embeddings=32)  # GPT2Config maps it to n_positions
+    assert model.config.n_positions == 32
+    ids = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match="seqlen 48 .* longer than the model's context of 32 positions"):
+        compile(model, ids, tmp_path / "out", n_samples=4, seqlen=48, scheme="uint4_wo_16")
+    assert not (tmp_path / "out").exists()
