@@ -213,6 +213,14 @@ def test_an_option_out_of_range_is_one_line_naming_the_flag_before_anything_is_r
     assert err.startswith(f"awq-graph: error: argument {flag}: must be") and "Traceback" not in err, err
 
 
+def test_an_option_that_applies_only_with_another_is_refused_without_it(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["compile", "M", "-o", "O", "--lm-head-bits", "4"])  # the head stays float without --quantize-lm-head
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("awq-graph: error: argument --lm-head-bits: applies only with "
+                                                   "--quantize-lm-head"), err
+
+
 def test_text_files_are_read_with_universal_newlines(tmp_path):
     """WikiText-2's test file has CRLF line ends: they read as text mode reads them (the
     perplexities in the README depend on it)."""
