@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (4: int8 activations on CPU)")
     c.add_argument("--loss-tokens", type=_at_least(1), default=None, help="tokens of the loss subsample (whole sequences)")
+    c.add_argument("--device", default="auto",
+                   help="where the search runs: cpu, cuda, cuda:N or auto (default: a CUDA GPU if torch sees one)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quantize-lm-head", action="store_true",
                    help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized (round-to-nearest)")
@@ -224,7 +226,7 @@ def _compile(args) -> int:
         n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
         lm_head_bits=args.lm_head_bits or 8, act_dtype=args.act_dtype, kv_cache=not args.no_kv_cache,
-        loss_tokens=args.loss_tokens)
+        loss_tokens=args.loss_tokens, device=args.device)
     result = run_compile(args.model, args.calib, args.out, options, progress=_progress,
                          warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr))
     rep = result.report

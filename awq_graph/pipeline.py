@@ -41,6 +41,8 @@ class CompileOptions:
     the KV-cache decoder, the token table as int4 GatherBlockQuantized. act_dtype: "float32" or
     "float16" activations (KV-cache decoder). kv_cache: the fused KV-cache decoder where the
     model family has one (else logits-only). loss_tokens: tokens of the search's loss subsample.
+    device: where the search runs, "cpu", "cuda" (or "cuda:N") or "auto" (a CUDA GPU when torch
+    sees one); the rest of the compile stays on the CPU.
     """
 
     scheme: QuantScheme | str = "uint4_wo_128"
@@ -57,8 +59,10 @@ class CompileOptions:
     act_dtype: str = "float32"
     kv_cache: bool = True
     loss_tokens: int | None = None
+    device: str = "auto"
 
     def __post_init__(self):
+        object.__setattr__(self, "device", resolve_device(self.device))
         if not isinstance(self.scheme, QuantScheme):
             object.__setattr__(self, "scheme", QuantScheme.parse(str(self.scheme)))
         if isinstance(self.config, (str, os.PathLike)):
@@ -78,7 +82,7 @@ class CompileOptions:
 
     def search_options(self) -> SearchOptions:
         extra = {"loss_tokens": self.loss_tokens} if self.loss_tokens else {}
-        return SearchOptions(scheme=self.scheme, clip=self.clip, **extra)
+        return SearchOptions(scheme=self.scheme, clip=self.clip, device=self.device, **extra)
 
 
 @dataclass
@@ -170,6 +174,27 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     return CompileResult(out_dir, files, report)
 
 
+def resolve_device(asked: str) -> str:
+    """"auto" -> "cuda" when torch sees a CUDA GPU, else "cpu"; "cuda" without one is an error
+    (before anything is loaded)."""
+    import torch
+
+    asked = str(asked)
+    if asked == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if asked == "cpu":
+        return asked
+    if asked == "cuda" or asked.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "it sees no CUDA GPU"
+            raise InputError(f"--device {asked}: {why} (torch {torch.__version__}); use --device cpu")
+        index = int(asked.split(":", 1)[1]) if ":" in asked else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {asked}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+        return asked
+    raise InputError(f"--device {asked}: choose cpu, cuda, cuda:N or auto")
+
+
 def _options(option_fields: dict) -> CompileOptions:
     known = {f.name for f in fields(CompileOptions)}
     unknown = sorted(set(option_fields) - known)
@@ -245,9 +270,10 @@ def _report(result: SearchResult, opts: CompileOptions, n_q: int, timings, calib
         "calibration": None if calib_ids is None else {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1])},
         "timings_s": timings,
         "search_s": round(result.seconds, 3),
+        "device": opts.device,
         "groups": [
             {"layer": g.layer, "prev_op": g.prev_op, "layers": g.layers,
-             "ratio": g.ratio, "loss_rtn": g.loss_rtn, "loss_awq": g.loss_awq}
+             "ratio": g.ratio, "loss_rtn": g.loss_rtn, "loss_awq": g.loss_awq, "loss_form": g.loss_form}
             for g in result.groups
         ],
         "clipping": [

@@ -6,10 +6,13 @@ candidate scales s(a) = x_mean^a / w_mean^(1-a) (a = 0, 1/20, ..., 19/20) plus s
     L(s) = || f(X; Q(W_i diag(s[m_i])) diag(s[m_i])^-1) - f(X; W_i) ||^2 / numel
 
 where f is the ``module2inspect`` subgraph run by the interpreter. When f is the single
-linear of the group, L(s) = tr(dW H dW^T) / numel with H = X^T X accumulated once over
-every calibration token, so a grid point costs one (out, in) x (in, in) product instead of
-a forward pass. Otherwise f runs on a fixed subsample of whole sequences (``loss_tokens``);
-the statistics (x_mean, H) always use every token.
+linear of the group, L(s) = ||X dW^T||^2 / numel over every calibration token, in whichever of
+two equal forms costs less (the loss cost model, ``loss_form``): the quadratic form
+tr(dW H dW^T) with H = X^T X accumulated once (out x in^2 per grid point, in^2 float64 held),
+or, when the calibration has fewer tokens than the input has channels, the direct form from
+the rows X themselves (out x in x tokens per grid point, tokens x in floats held). Otherwise f
+runs on a fixed subsample of whole sequences (``loss_tokens``); the statistics (x_mean, and
+H or X) always use every token.
 
 Then per linear, a clipping search: each group's range [min, max] shrinks by r in
 1, 0.95, ..., 0.55 (asymmetric: both ends toward 0), r chosen per (row, group) by
@@ -32,8 +35,9 @@ from torch import fx
 
 from .core.analysis import decoder_layers, feeds_attention_scores, quantizable_linears
 from .core.ir import GraphModel, in_module, module_path, run_nodes
-from .core.numerics import (QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_quadratic_error,
-                            fake_quantize, quadratic_output_error, quantize, weight_magnitude)
+from .core.numerics import (QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
+                            diagonal_blocks_of_rows, direct_output_error, fake_quantize, quadratic_output_error,
+                            quantize, weight_magnitude)
 from .core.records import ScalingGroup
 from .passes.fold import Folded, fold_scales
 
@@ -49,10 +53,32 @@ class SearchOptions:
     # perplexity (24.90 vs 24.81 with 1024) at 1.3x the search time
     loss_tokens: int = 1024
     chunk_tokens: int = 4096  # tokens per interpreter pass
+    # the single-linear loss: "auto" (direct when there are fewer tokens than input channels),
+    # or one form forced ("quadratic", "direct"); both give the same loss
+    loss_form: str = "auto"
+    # where the calibration forward, the statistics, the grid and the clipping run; each
+    # layer's weights go there only while it is searched, and the integers come back to the CPU
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.n_grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1:
             raise ValueError("n_grid and clip_grid must be >= 1 and 0 <= max_shrink < 1")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
+
+
+LOSS_FORMS = ("auto", "quadratic", "direct")
+
+
+def loss_form(tokens: int, channels: int, experts: int, asked: str = "auto") -> str:
+    """The cheaper exact form of a linear's output error: "direct" (from the rows X, out x in x
+    tokens per grid point) when there are fewer tokens than channels, else "quadratic" (from
+    H = X^T X, out x in^2). A bank of experts keeps one H per expert (its rows are routed)."""
+    if experts:
+        return "quadratic"
+    if asked != "auto":
+        return asked
+    return "direct" if tokens < channels else "quadratic"
 
 
 @dataclass
@@ -63,6 +89,7 @@ class GroupReport:
     ratio: float | None  # None: the identity (plain RTN) won
     loss_rtn: float
     loss_awq: float
+    loss_form: str = "forward"  # "forward" (module2inspect run), or a single linear's "quadratic" / "direct"
 
 
 @dataclass
@@ -139,20 +166,27 @@ class _Stages:
 
 
 class _Stat:
-    """Per input node: sum |x| per channel, H = X^T X, token count. The input of a bank of E
-    experts (rows sorted by expert, ``offsets`` the cumulative row counts) gets one H per
-    expert, (E, C, C), from the rows routed to it, in float32 (E times the memory of one H:
-    6.6 GB for Mixtral-8x7B's down_proj)."""
+    """Per input node: sum |x| per channel, the token count, and what the output error of a
+    linear reading it needs, in the form ``loss_form`` chose: H = X^T X ("quadratic", float64),
+    or the rows X themselves ("direct", float32). The input of a bank of E experts (rows sorted
+    by expert, ``offsets`` the cumulative row counts) gets one H per expert, (E, C, C), from the
+    rows routed to it, in float32 (E times the memory of one H: 6.6 GB for Mixtral-8x7B's
+    down_proj)."""
 
-    def __init__(self, channels: int, experts: int = 0):
-        self.abs_sum = torch.zeros(channels, dtype=torch.float64)
+    def __init__(self, channels: int, experts: int = 0, form: str = "quadratic", device="cpu"):
+        self.form = form
+        self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         shape = (experts, channels, channels) if experts else (channels, channels)
-        self.gram = torch.zeros(shape, dtype=torch.float32 if experts else torch.float64)
+        self.gram = (torch.zeros(shape, dtype=torch.float32 if experts else torch.float64, device=device)
+                     if form == "quadratic" else None)
+        self._rows: list[torch.Tensor] = []
         self.tokens = 0
 
     def add(self, x: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, C)
-        if self.gram.dim() == 3:
+        if self.form == "direct":
+            self._rows.append(x2)
+        elif self.gram.dim() == 3:
             ends = offsets.tolist()
             x2 = x2[:ends[-1]]  # rows past the last offset are routed nowhere
             for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
@@ -166,10 +200,30 @@ class _Stat:
     def x_mean(self) -> torch.Tensor:
         return (self.abs_sum / max(self.tokens, 1)).float()
 
+    def scaled(self, inv: torch.Tensor | None):
+        """H or X of the input x * inv (per channel), in float32."""
+        if self.form == "direct":
+            if len(self._rows) > 1:
+                self._rows = [torch.cat(self._rows)]
+            rows = self._rows[0]
+            return rows if inv is None else rows * inv[None, :]
+        gram = self.gram.float()
+        return gram if inv is None else gram * inv[:, None] * inv[None, :]
+
+    def output_error(self, dw: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+        """sum over tokens of ||x dW^T||^2, ``moment`` being ``scaled(...)``."""
+        return direct_output_error(dw, moment) if self.form == "direct" else quadratic_output_error(dw, moment)
+
+    def blocks(self, moment: torch.Tensor, group_size: int) -> torch.Tensor:
+        """The diagonal (group, group) blocks of H, for the clipping search."""
+        if self.form == "direct":
+            return diagonal_blocks_of_rows(moment, group_size)
+        return diagonal_blocks(moment, group_size)
+
 
 def _scatter_mean(values: torch.Tensor, cmap: torch.Tensor, channels: int) -> torch.Tensor:
-    total = torch.zeros(channels).index_add_(0, cmap, values.float())
-    count = torch.zeros(channels).index_add_(0, cmap, torch.ones_like(values, dtype=torch.float32))
+    total = torch.zeros(channels, device=values.device).index_add_(0, cmap, values.float())
+    count = torch.zeros(channels, device=values.device).index_add_(0, cmap, torch.ones_like(values, dtype=torch.float32))
     return total / count.clamp(min=1)
 
 
@@ -194,10 +248,11 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     params_env = gm.param_env()
     stores: list[dict] = [{} for _ in chunks]
     with torch.no_grad():
-        for c, ids in enumerate(chunks):  # pre stage: embeddings, rotary tables, masks
+        for c, ids in enumerate(chunks):  # pre stage (embeddings, rotary tables, masks), on the CPU
             env = {**params_env, input_node: ids}
             run_nodes(stages.stages[0], env)
-            stores[c] = {n: env[n] for n in stages.keep_after[0]}
+            stores[c] = {n: _on(env[n], opts.device) for n in stages.keep_after[0]}
+    chunks = [ids.to(opts.device) for ids in chunks]
 
     quantizable = set(quantizable_linears(gm))
     result = SearchResult({})
@@ -207,21 +262,37 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
         base = f"{stages.prefix}.{li}"
         linears = [n for n in gm.linears if n.startswith(base + ".") and n in quantizable]
         with torch.no_grad():
-            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result)
+            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result):
+def _on(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _layer_params(gm, nodes, device) -> dict:
+    """The parameters the layer's nodes read, on ``device`` (on the CPU: the tensors themselves)."""
+    env = {}
+    for node in nodes:
+        for a in node.all_input_nodes:
+            if a.op == "placeholder" and a.name in gm.placeholder_param and a not in env:
+                env[a] = gm.params[gm.placeholder_param[a.name]].to(device)
+    return env
+
+
+def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens):
     """Decoder layer ``li`` in three steps that return records: the scale of each group
     (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize."""
-    stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages)
+    stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages,
+                                              lambda channels, experts: loss_form(tokens, channels, experts,
+                                                                                  opts.loss_form), opts.device)
     scales = []
     for g in groups:
         s, report = _search_group(gm, li, g, stats, inspect, saved, opts, set(linears))
         result.groups.append(report)
         if s is not None:
-            scales.append((g, s))
+            scales.append((g, s.cpu()))  # the folds edit the parameters where they live
     folded = [fold_scales(gm.params, g, s, gm.linears) for g, s in scales]
     result.folded.extend(folded)
     quantized, clips = _clip_and_quantize(gm, linears, stats, folded, opts)
@@ -229,16 +300,19 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
     result.clips.extend(clips)
 
 
-def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages):
-    """Run layer ``li`` over every calibration chunk: the statistics of each linear input, and
-    (chunk 0) the inputs and outputs of each ``module2inspect`` that is not a single linear.
-    Hands the chunks' values on to the next layer through ``stores``."""
+def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu"):
+    """Run layer ``li`` over every calibration chunk: the statistics of each linear input (in the
+    form ``form_of(channels, experts)`` picks), and (chunk 0) the inputs and outputs of each
+    ``module2inspect`` that is not a single linear. Hands the chunks' values on to the next
+    layer through ``stores``."""
     input_nodes = {gm.linears[n].input for n in linears}
     for g in groups:
         input_nodes.add(gm.linears[g.inp].input)
     banks = {gm.linears[n].input: gm.linears[n] for n in linears if gm.linears[n].experts}
-    stats = {node: _Stat(node.meta["val"].shape[-1], banks[node].experts if node in banks else 0)
-             for node in input_nodes}
+    stats = {}
+    for node in input_nodes:
+        channels, experts = node.meta["val"].shape[-1], banks[node].experts if node in banks else 0
+        stats[node] = _Stat(channels, experts, form_of(channels, experts), device)
     inspect = {}
     for g in groups:
         if not (len(g.layers) == 1 and g.module2inspect == g.layers[0]) and g.module2inspect not in inspect:
@@ -249,11 +323,11 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages):
                     and isinstance(n.meta.get("val"), torch.Tensor)]
             inspect[g.module2inspect] = (sub, ext, outs)
     saved = {}
-    params_env = gm.param_env()
+    params_env = _layer_params(gm, nodes, device)
     input_node = gm.input_node()
     for c, ids in enumerate(chunks):
         env = {**params_env, **stores[c], input_node: ids}
-        run_nodes(nodes, env)
+        run_nodes(nodes, env, device)
         for node, st in stats.items():
             st.add(env[node], env[banks[node].node.args[2]] if node in banks else None)
         if c == 0:
@@ -276,30 +350,29 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts):
     quantized, clips = {}, []
     for name in linears:
         site = gm.linears[name]
-        w = site.matrix(gm.params).detach().float()
+        w = site.matrix(gm.params).detach().to(opts.device, torch.float32)
         stat = stats[site.input]
-        gram = stat.gram.float()
-        if col_scale[name] is not None:  # the input is now x / s: H -> diag(1/s) H diag(1/s)
-            inv = 1.0 / col_scale[name]
-            gram = gram * inv[:, None] * inv[None, :]
-        shrink, report = _clip_search(name, w, gram, stat.tokens * site.out_features, opts, site.node)
+        inv = None if col_scale[name] is None else 1.0 / col_scale[name].to(opts.device)  # the input is now x / s
+        blocks = stat.blocks(stat.scaled(inv), opts.scheme.group_size) if opts.clip else None
+        shrink, report = _clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
         if report is not None:
             clips.append(report)
-        quantized[name] = quantize(w, opts.scheme, shrink)
+        quantized[name] = quantize(w, opts.scheme, shrink).to("cpu")
     return quantized, clips
 
 
 def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str]):
     """The best scale for group ``g`` (None: the identity); only the layers in ``quantized``
     are rounded in the loss (an MoE router in the group is scaled but stays float)."""
-    scheme = opts.scheme
+    scheme, device = opts.scheme, opts.device
     inp_stat = stats[gm.linears[g.inp].input]
-    inp_map = torch.tensor(g.channel_map(g.inp))
+    inp_map = torch.tensor(g.channel_map(g.inp), device=device)
     x_mean = _scatter_mean(inp_stat.x_mean, inp_map, g.channels)
-    weights = {name: gm.linears[name].matrix(gm.params).detach().float() for name in g.layers if name in quantized}
+    weights = {name: gm.linears[name].matrix(gm.params).detach().to(device, torch.float32)
+               for name in g.layers if name in quantized}
     if not weights:
         return None, GroupReport(li, g.prev_op, list(g.layers), None, 0.0, 0.0)
-    maps = {name: torch.tensor(g.channel_map(name)) for name in g.layers}
+    maps = {name: torch.tensor(g.channel_map(name), device=device) for name in g.layers}
     rows = sum(w.shape[0] for w in weights.values())
     w_mean = sum(_scatter_mean(weight_magnitude(w, scheme.group_size), maps[n], g.channels) * w.shape[0]
                  for n, w in weights.items()) / rows
@@ -307,15 +380,17 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
     linear_inspect = len(g.layers) == 1 and g.module2inspect == g.layers[0]
     if linear_inspect:
         name = g.layers[0]
-        gram = stats[gm.linears[name].input].gram.float()
-        numel = stats[gm.linears[name].input].tokens * gm.linears[name].out_features
+        stat = stats[gm.linears[name].input]
+        moment, form = stat.scaled(None), stat.form
+        numel = stat.tokens * gm.linears[name].out_features
 
         def loss_of(s):
             sc = s[maps[name]]
             w = weights[name]
             dw = fake_quantize(w * sc, scheme) / sc - w
-            return float(quadratic_output_error(dw, gram)) / numel
+            return float(stat.output_error(dw, moment)) / numel
     else:
+        form = "forward"
         sub, ext, outs = inspect[g.module2inspect]
         ext_values, refs = saved[g.module2inspect]
         placeholders = {name: gm.linears[name].weight_node for name in weights}
@@ -326,11 +401,11 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
             for name, w in weights.items():
                 sc = s[maps[name]]
                 env[placeholders[name]] = gm.linears[name].stored(fake_quantize(w * sc, scheme) / sc)
-            run_nodes(sub, env)
+            run_nodes(sub, env, device)
             return sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs)) / numel
 
-    ones = torch.ones(g.channels)
-    used = torch.tensor(g.used_channels())
+    ones = torch.ones(g.channels, device=device)
+    used = torch.tensor(g.used_channels(), device=device)
     loss_rtn = loss_of(ones)
     best_loss, best_ratio, best_s = loss_rtn, None, None
     for k in range(opts.n_grid):
@@ -342,11 +417,11 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         loss = loss_of(s)
         if loss < best_loss:
             best_loss, best_ratio, best_s = loss, ratio, s
-    return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss)
+    return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss, form)
 
 
-def _clip_search(name, w, gram, numel, opts, node):
-    """Per (row, group) range shrink minimizing dW_g H_gg dW_g^T.
+def _clip_search(name, w, blocks, numel, opts, node):
+    """Per (row, group) range shrink minimizing dW_g H_gg dW_g^T (``blocks``: the H_gg).
 
     Three sweeps over r = 1, 0.95, ..., 1 - max_shrink: both ends together (AWQ's search),
     then, for an asymmetric scheme, the min end with the max end fixed, then the max end
@@ -357,14 +432,14 @@ def _clip_search(name, w, gram, numel, opts, node):
         return 1.0, None
     numel = max(numel, 1)
     if feeds_attention_scores(node):
-        base = blockwise_quadratic_error(fake_quantize(w, scheme) - w, gram, scheme.group_size)
+        base = blockwise_error(fake_quantize(w, scheme) - w, blocks)
         loss = float(base.sum()) / numel
         return 1.0, ClipReport(name, False, loss, loss, 1.0)
     steps = max(1, int(round(opts.max_shrink * opts.clip_grid)))
     ratios = [1.0 - k / opts.clip_grid for k in range(steps)]
 
     def error(hi, lo):
-        return blockwise_quadratic_error(fake_quantize(w, scheme, (hi, lo)) - w, gram, scheme.group_size)
+        return blockwise_error(fake_quantize(w, scheme, (hi, lo)) - w, blocks)
 
     best_err = error(1.0, 1.0)  # (out, G)
     before = float(best_err.sum()) / numel

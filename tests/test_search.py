@@ -39,3 +39,68 @@ def test_awq_beats_round_to_nearest_where_a_few_channels_carry_large_activations
         assert f.params[0].startswith(f.group.prev_op) and len(f.params) == len(f.group.prev_params) + len(f.group.layers)
     # measured 0.190 vs 0.320 (ratio 0.59); without the planted channels 0.077 vs 0.084 (0.92)
     assert error(awq) < 0.75 * error(plain), (error(awq), error(plain))
+
+
+def test_the_loss_cost_model_picks_the_cheaper_form_and_both_forms_choose_the_same():
+    """A single-linear group's loss ||X dW^T||^2 is either tr(dW H dW^T) (out x in^2 per grid point)
+    or taken from the rows X (out x in x tokens): with 96 calibration tokens the tiny Llama's
+    o_proj (64 inputs) gets the quadratic form and its down_proj (128 inputs) the direct one. Forcing
+    either form everywhere chooses the same ratios, clips and integers."""
+    from awq_graph.search import loss_form
+
+    assert loss_form(tokens=8192, channels=14336, experts=0) == "direct"  # Llama-3-8B's down_proj, 16 x 512
+    assert loss_form(tokens=8192, channels=4096, experts=0) == "quadratic"
+    assert loss_form(tokens=8, channels=4096, experts=8) == "quadratic"  # experts: one H per expert
+    calib = torch.randint(0, 320, (3, 32), generator=torch.Generator().manual_seed(1))
+    scheme = QuantScheme(4, 16)
+    results = {}
+    for form in ("auto", "quadratic", "direct"):
+        gm = export_model(tiny_model())
+        with torch.no_grad():
+            results[form] = awq_search(gm, match(gm).per_layer, calib, SearchOptions(scheme=scheme, loss_form=form))
+    auto = {(g.layer, g.layers[0]): g.loss_form for g in results["auto"].groups if g.loss_form != "forward"}
+    assert auto == {(i, f"model.layers.{i}.{name}"): form for i in (0, 1)
+                    for name, form in (("self_attn.o_proj", "quadratic"), ("mlp.down_proj", "direct"))}
+    quadratic, direct = results["quadratic"], results["direct"]
+    assert [g.ratio for g in quadratic.groups] == [g.ratio for g in direct.groups]
+    for q, d in zip(quadratic.groups, direct.groups):  # the same loss, up to float32 rounding
+        assert abs(q.loss_awq - d.loss_awq) <= 1e-4 * q.loss_awq, (q, d)
+    assert [c.mean_shrink for c in quadratic.clips] == [c.mean_shrink for c in direct.clips]
+    for name, qw in quadratic.quantized.items():
+        assert torch.equal(qw.q, direct.quantized[name].q), name
+
+
+def test_device_cuda_without_a_gpu_is_one_line_before_loading(capsys):
+    import pytest
+
+    from awq_graph.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert main(["compile", "/no/such/model", "-o", "/tmp/never-written", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("awq-graph: error: --device cuda: ") and err.count("\n") == 1 and "use --device cpu" in err, err
+    assert main(["compile", "/no/such/model", "-o", "/tmp/never-written", "--device", "tpu"]) == 1
+    assert "choose cpu, cuda, cuda:N or auto" in capsys.readouterr().err
+
+
+def test_the_search_on_cuda_chooses_what_the_cpu_search_chooses():
+    """Each layer's weights go to the GPU while it is searched; the integers come back. Float32
+    on both: the same ratios, and integers equal but for rounding ties."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for device in ("cpu", "cuda"):
+        gm = export_model(tiny_model())
+        with torch.no_grad():
+            results[device] = awq_search(gm, match(gm).per_layer, calib,
+                                         SearchOptions(scheme=QuantScheme(4, 16), device=device))
+    cpu, cuda = results["cpu"], results["cuda"]
+    assert [g.ratio for g in cpu.groups] == [g.ratio for g in cuda.groups]
+    for name, qw in cpu.quantized.items():
+        assert qw.q.device.type == "cpu" and cuda.quantized[name].q.device.type == "cpu"
+        differ = float((qw.q != cuda.quantized[name].q).float().mean())
+        assert differ <= 0.01, (name, differ)  # measured on an H200: not yet run

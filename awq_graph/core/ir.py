@@ -176,10 +176,12 @@ def _experts_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
     return LinearSite(weight, node, x, w_t.args[0], weight, None, int(out_f), int(in_f), experts=int(experts))
 
 
-def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object]) -> dict[fx.Node, object]:
+def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None) -> dict[fx.Node, object]:
     """The interpreter: evaluate ``call_function`` nodes in order over ``env`` (node -> value).
 
     Every node's inputs must already be in ``env``; ``env`` is extended in place and returned.
+    ``device``: where tensors the graph creates go (the export baked the CPU into their ``device``
+    argument); None leaves them as traced.
     """
     def lookup(n: fx.Node):
         return env[n]
@@ -187,6 +189,8 @@ def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object]) -> dict[fx.Node,
     for node in nodes:
         args = fx.node.map_arg(node.args, lookup)
         kwargs = fx.node.map_arg(node.kwargs, lookup)
+        if device is not None and kwargs.get("device") is not None:
+            kwargs = {**kwargs, "device": device}
         try:
             env[node] = node.target(*args, **kwargs)
         except Exception as exc:

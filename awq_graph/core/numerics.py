@@ -100,6 +100,9 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.zero, self.scheme.group_size)
 
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.q.to(device), self.scale.to(device), self.zero.to(device), self.scheme)
+
     def take_rows(self, index) -> "QuantizedWeight":
         """Some output rows (a slice or an index tensor), e.g. one expert of a bank."""
         return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.scheme)
@@ -121,10 +124,11 @@ def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0):
         scale = absmax.clamp(min=1e-8) / (scheme.sym_zero - 1)
         zero = torch.full_like(scale, float(scheme.sym_zero))
     else:
-        wmax = wg.amax(dim=2).clamp(min=0) * hi
-        wmin = wg.amin(dim=2).clamp(max=0) * lo
-        scale = (wmax - wmin).clamp(min=1e-8) / scheme.qmax
-        zero = torch.round(-wmin / scale).clamp(0, scheme.qmax)
+        wmin, wmax = torch.aminmax(wg, dim=2)  # one pass for both ends
+        wmax = wmax.clamp_(min=0) * hi
+        wmin = wmin.clamp_(max=0) * lo
+        scale = (wmax - wmin).clamp_(min=1e-8) / scheme.qmax
+        zero = torch.round(-wmin / scale).clamp_(0, scheme.qmax)
     return scale, zero
 
 
@@ -152,8 +156,9 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0) -> torch.Ten
     """dequantize(quantize(w)) in float, shape of ``w``."""
     scale, zero = group_range(w, scheme, shrink)
     wg = to_groups(w, scheme.group_size)
-    q = torch.round(wg / scale.unsqueeze(2) + zero.unsqueeze(2)).clamp(0, scheme.qmax)
-    return from_groups((q - zero.unsqueeze(2)) * scale.unsqueeze(2), w.shape[1])
+    scale, zero = scale.unsqueeze(2), zero.unsqueeze(2)
+    q = (wg / scale).add_(zero).round_().clamp_(0, scheme.qmax)  # in place: the same numbers, one buffer
+    return from_groups(q.sub_(zero).mul_(scale), w.shape[1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,23 +193,52 @@ def quadratic_output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor
     return ((dw @ gram) * dw).sum()
 
 
-def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per (row, group) output error dW_g H_gg dW_g^T, ignoring cross-group terms.
+def direct_output_error(dw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The same sum as ``quadratic_output_error`` from the input rows X (tokens, in) instead of
+    H = X^T X: ||X dW^T||^2, costing out x in x tokens instead of out x in^2 (cheaper when there
+    are fewer tokens than input channels)."""
+    return (rows @ dw.T).square().sum()
 
-    (out, in), (in, in) -> (out, G); (E * out, in), (E, in, in) -> (E * out, G) for experts. This is the clipping objective: every group's range is
-    chosen on its own, as AWQ's clip search does, but on all calibration tokens through H.
-    """
-    if gram.dim() == 3:  # a bank of experts, as in quadratic_output_error
-        parts = dw.reshape(gram.shape[0], -1, dw.shape[1])
-        return torch.cat([blockwise_quadratic_error(d, h, group_size) for d, h in zip(parts, gram)])
-    out_f, in_f = dw.shape
+
+def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal (group, group) blocks H_gg of H (in, in) -> (G, gs, gs), the last one padded
+    with zeros; experts' (E, in, in) -> (E, G, gs, gs)."""
+    if gram.dim() == 3:
+        return torch.stack([diagonal_blocks(h, group_size) for h in gram])
+    in_f = gram.shape[0]
     g = n_groups(in_f, group_size)
     pad = g * group_size - in_f
-    dwp = F.pad(dw, (0, pad)).reshape(out_f, g, group_size)  # (out, G, gs)
     hp = F.pad(gram, (0, pad, 0, pad))
     idx = torch.arange(g)
-    blocks = hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]  # (G, gs, gs)
+    return hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]
+
+
+def diagonal_blocks_of_rows(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``diagonal_blocks`` of X^T X from the rows X (tokens, in), without forming H."""
+    tokens, in_f = rows.shape
+    g = n_groups(in_f, group_size)
+    xg = F.pad(rows, (0, g * group_size - in_f)).reshape(tokens, g, group_size)
+    return torch.einsum("tgi,tgj->gij", xg, xg)
+
+
+def blockwise_error(dw: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Per (row, group) output error dW_g H_gg dW_g^T from the diagonal blocks, ignoring
+    cross-group terms: (out, in), (G, gs, gs) -> (out, G); experts (E * out, in), (E, G, gs, gs)
+    -> (E * out, G), each expert's rows against its own blocks. This is the clipping objective:
+    every group's range is chosen on its own, as AWQ's clip search does, but on all calibration
+    tokens."""
+    if blocks.dim() == 4:
+        parts = dw.reshape(blocks.shape[0], -1, dw.shape[1])
+        return torch.cat([blockwise_error(d, b) for d, b in zip(parts, blocks)])
+    g, group_size = blocks.shape[0], blocks.shape[1]
+    out_f, in_f = dw.shape
+    dwp = F.pad(dw, (0, g * group_size - in_f)).reshape(out_f, g, group_size)  # (out, G, gs)
     return torch.einsum("ogi,gij,ogj->og", dwp, blocks, dwp)
+
+
+def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``blockwise_error`` straight from H (in, in), or experts' (E, in, in)."""
+    return blockwise_error(dw, diagonal_blocks(gram, group_size))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Scale benchmark (not a test): compile random-weight Llama checkpoints of real shapes and
+measure peak RSS, seconds per decoder layer, total time and OUT size.
+
+    python tools/bench_scale.py --shapes smollm2 1b --layers 4 8 --modes rtn awq
+    python tools/bench_scale.py --shapes 3b --modes rtn            # the whole depth
+
+Checkpoints (bf16, sharded, written tensor by tensor by tools/random_checkpoint.py) are built
+once under bench/scale/ (ignored). Each compile runs alone in its own process under
+/usr/bin/time -v; AWQ calibrates on WikiText-2 validation (--data) with --n-samples x --seqlen
+(default 8 x 256). The same width at two depths shows whether peak memory grows with depth.
+Figures go to tools/results/scale.json, and a Markdown table is printed with the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from random_checkpoint import SHAPES, build, smollm2_tokenizer  # noqa: E402
+
+
+def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
+    folder = work / f"{shape}-{layers or SHAPES[shape][1]}L"
+    if not (folder / "config.json").exists():
+        print(f"building {folder.name} ...", file=sys.stderr, flush=True)
+        build(folder, shape, layers, tokenizer=smollm2_tokenizer())
+    return folder
+
+
+def _compile(folder: Path, out: Path, mode: str, args, env) -> dict:
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "awq_graph.cli", "compile", str(folder), "-o", str(out),
+           "--overwrite", "--group-size", "128"]
+    if mode == "rtn":
+        cmd.append("--rtn")
+    else:
+        cmd += ["--calib", str(args.data / "wikitext2-valid-tokenized.txt"), "--n-samples", str(args.n_samples),
+                "--seqlen", str(args.seqlen)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    row = {"mode": mode, "rc": proc.returncode, "wall_s": round(wall, 1),
+           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+    if proc.returncode == 0:
+        report = json.loads((out / "report.json").read_text())
+        row["timings_s"] = report["timings_s"]
+        row["out_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1)
+    else:
+        row["error"] = [line for line in proc.stderr.splitlines() if "error" in line.lower()][-1:] or proc.stderr[-300:]
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["smollm2", "1b"], choices=sorted(SHAPES))
+    p.add_argument("--layers", nargs="+", type=int, default=[None], help="depths to build (default: the shape's)")
+    p.add_argument("--modes", nargs="+", default=["rtn", "awq"], choices=["rtn", "awq"])
+    p.add_argument("--n-samples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "scale")
+    p.add_argument("--results", type=Path, default=REPO / "tools" / "results" / "scale.json")
+    args = p.parse_args()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes:
+        for layers in args.layers:
+            folder = _checkpoint(args.work, shape, layers)
+            config = json.loads((folder / "config.json").read_text())
+            n_layers = config["num_hidden_layers"]
+            disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            for mode in args.modes:
+                row = {"shape": shape, "layers": n_layers, "params_b": round(disk / 2 / 1e9, 3),
+                       "load_avg": os.getloadavg()[0], **_compile(folder, args.work / f"out-{folder.name}-{mode}",
+                                                                  mode, args, env)}
+                if "timings_s" in row:
+                    row["search_s_per_layer"] = round(row["timings_s"].get("search", 0.0) / n_layers, 2)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
+    print("| shape | layers | params | mode | peak RSS | search s/layer | total s | OUT MB | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | "
+              f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
+              f"{r['wall_s']} | {r.get('out_mb', r.get('error', '-'))} | {r['load_avg']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
