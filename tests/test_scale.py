@@ -40,3 +40,38 @@ def test_compile_takes_a_sharded_bf16_checkpoint(tmp_path):
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     graph = report["graph"]  # the float-activations copy against torch with the same integers (measured 1e-6 order)
     assert graph["kind"] == "kv-decoder" and graph["float_check_deviation"] < 1e-4, graph
+
+
+def test_the_decoder_checks_torch_reference_holds_one_dequantized_weight_at_a_time():
+    """The check's reference runs the program with every quantized linear dequantized; made
+    where it is read and dropped after, the float copies are not all in memory at once. Same
+    logits as with every copy made up front."""
+    import weakref
+
+    from awq_graph.core.numerics import QuantScheme
+    from awq_graph.emit import fake_quant_makers, fake_quant_overrides
+    from awq_graph.export import export_model
+    from awq_graph.search import rtn
+    from conftest import tiny_model
+
+    gm = export_model(tiny_model(num_hidden_layers=3))
+    quantized = rtn(gm, QuantScheme(4, 16)).quantized
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    alive, most = [], 0
+
+    def watched(make):
+        def made():
+            nonlocal most
+            tensor = make()
+            alive.append(weakref.ref(tensor))
+            most = max(most, sum(r() is not None for r in alive))
+            return tensor
+        return made
+
+    makers = {name: watched(make) for name, make in fake_quant_makers(gm, quantized).items()}
+    with torch.no_grad():
+        eager = gm.run(ids, overrides=fake_quant_overrides(gm, quantized))
+        lazy = gm.run(ids, made=makers)
+    assert torch.equal(eager, lazy)
+    assert len(alive) == len(quantized) == 21
+    assert most == 1, most  # each one dropped before the next is made (the count includes the new one)

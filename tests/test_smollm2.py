@@ -58,3 +58,19 @@ def test_int4_smollm2_greedy_starts_like_the_fake_quant_torch_model(smollm2_gguf
             for _ in range(8):
                 ids = torch.cat([ids, gm.run(ids, overrides=fake)[:, -1:].argmax(-1)], dim=1)
         assert onnx_model.greedy_ids(ids[0, :n].tolist(), 8)[:6] == ids[0, n:n + 6].tolist(), prompt
+
+
+def test_the_gguf_read_tensor_by_tensor_equals_transformers_whole_file_dequantization(smollm2_gguf):
+    """The per-tensor reader (memory-mapped, one tensor dequantized at a time) gives every
+    parameter exactly as transformers' loading of the whole file does, q/k row order included."""
+    import torch
+
+    from awq_graph.gguf_weights import GGUFWeights
+    from awq_graph.load import load_model
+
+    weights = GGUFWeights(smollm2_gguf)
+    model, _ = load_model(smollm2_gguf)
+    params = dict(model.named_parameters())
+    assert set(weights.names()) == set(params)  # the tied head is the table: one tensor in the file
+    for name in weights.names():
+        assert torch.equal(weights.get(name), params[name].detach()), name

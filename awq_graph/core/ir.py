@@ -107,18 +107,24 @@ class GraphModel:
         return None
 
     def run(self, input_ids: torch.Tensor, overrides: dict[str, torch.Tensor] | None = None,
-            fixed: dict[fx.Node, torch.Tensor] | None = None) -> torch.Tensor:
+            fixed: dict[fx.Node, torch.Tensor] | None = None, made: dict[str, object] | None = None) -> torch.Tensor:
         """Logits of the whole graph, with parameters optionally replaced by name, and the
-        values of some nodes optionally given (``fixed``: those nodes are not evaluated)."""
+        values of some nodes optionally given (``fixed``: those nodes are not evaluated).
+        ``made``: parameter name -> a function making its replacement, called just before the
+        first node that reads it and dropped after the last (one replaced weight in memory at a
+        time, not all of them)."""
         env = self.param_env()
         for name, t in (overrides or {}).items():
             env[self.param_node(name)] = t
+        makers = {self.param_node(name): make for name, make in (made or {}).items()}
+        for node in makers:
+            del env[node]
         env[self.input_node()] = input_ids
         env.update(fixed or {})
         nodes = [n for n in self.graph.nodes if n.op == "call_function" and n not in (fixed or {})]
-        env = run_nodes(nodes, env)
-        out = next(n for n in self.graph.nodes if n.op == "output")
-        return env[out.args[0][0]]
+        out = next(n for n in self.graph.nodes if n.op == "output").args[0][0]
+        env = run_nodes(nodes, env, made=makers, keep={out} if makers else None)
+        return env[out]
 
 
 def index_modules(gm: GraphModel) -> None:
@@ -176,17 +182,29 @@ def _experts_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
     return LinearSite(weight, node, x, w_t.args[0], weight, None, int(out_f), int(in_f), experts=int(experts))
 
 
-def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None) -> dict[fx.Node, object]:
+def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None,
+              made: dict[fx.Node, object] | None = None, keep: set | None = None) -> dict[fx.Node, object]:
     """The interpreter: evaluate ``call_function`` nodes in order over ``env`` (node -> value).
 
-    Every node's inputs must already be in ``env``; ``env`` is extended in place and returned.
-    ``device``: where tensors the graph creates go (the export baked the CPU into their ``device``
-    argument); None leaves them as traced.
+    Every node's inputs must already be in ``env``, or in ``made`` (node -> a function making
+    its value, called before the first node that reads it); ``env`` is extended in place and
+    returned. With ``keep`` given, every value but those is dropped after its last reader, so
+    a made value (and the views of it) lives only while it is used. ``device``: where tensors
+    the graph creates go (the export baked the CPU into their ``device`` argument); None leaves
+    them as traced.
     """
     def lookup(n: fx.Node):
         return env[n]
 
+    made = made or {}
+    last_reader = {}
+    for node in nodes if keep is not None else ():
+        for a in node.all_input_nodes:
+            last_reader[a] = node
     for node in nodes:
+        for a in node.all_input_nodes:
+            if a not in env and a in made:
+                env[a] = made[a]()
         args = fx.node.map_arg(node.args, lookup)
         kwargs = fx.node.map_arg(node.kwargs, lookup)
         if device is not None and kwargs.get("device") is not None:
@@ -195,4 +213,7 @@ def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None) -> 
             env[node] = node.target(*args, **kwargs)
         except Exception as exc:
             raise InterpretError(f"node {node.name} ({node.target}) in {module_path(node) or 'top level'} failed: {exc}") from exc
+        for a in node.all_input_nodes if keep is not None else ():
+            if last_reader.get(a) is node and a not in keep:
+                env.pop(a, None)
     return env

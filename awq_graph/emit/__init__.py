@@ -215,7 +215,16 @@ def linear_weights(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> dic
 
 def fake_quant_overrides(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
     """Parameter name -> dequantized weight in the parameter's layout: the torch reference."""
-    return {gm.linears[n].weight: gm.linears[n].stored(q.dequantize()) for n, q in quantized.items()}
+    return {name: make() for name, make in fake_quant_makers(gm, quantized).items()}
+
+
+def fake_quant_makers(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> dict[str, object]:
+    """Parameter name -> a function making its dequantized weight (``GraphModel.run``'s ``made``:
+    one dequantized weight in memory at a time)."""
+    def maker(name):
+        site, q = gm.linears[name], quantized[name]
+        return lambda: site.stored(q.dequantize())
+    return {gm.linears[n].weight: maker(n) for n in quantized}
 
 
 def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantized_table: QuantizedWeight | None,
@@ -229,13 +238,11 @@ def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantized_table:
     table_name = gm.param_of(lookup.args[0])
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, gm.params[table_name].shape[0], (1, tokens + decode_steps), generator=gen)
-    overrides = fake_quant_overrides(gm, quantized)
     fixed = {}
     if quantized_table is not None:  # the lookup reads an int4 copy of the table (tied or not)
         fixed[lookup] = torch.nn.functional.embedding(ids, quantized_table.dequantize())
-    with torch.no_grad():
-        ref = gm.run(ids, overrides=overrides, fixed=fixed).float().numpy()
-    del overrides  # a float copy of every quantized weight: not held while onnxruntime loads the file
+    with torch.no_grad():  # each dequantized weight made where it is read, then dropped
+        ref = gm.run(ids, fixed=fixed, made=fake_quant_makers(gm, quantized)).float().numpy()
     deviations = []
     for path in paths:
         got = CompiledModel(path, threads=1).logits_with_cache(ids.numpy(), prefill=tokens)

@@ -44,7 +44,7 @@ class GraphBuilder:
 
     def floats(self, name: str, tensor) -> str:
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-        return self.const(name, array.astype(self.np_float))
+        return self.const(name, array.astype(self.np_float, copy=False))  # float32 in, float32 out: the tensor's own memory
 
     def add(self, node: ir.Node, outputs: list[str]) -> None:
         """Append ``node``, naming its outputs (an empty name: an optional output left unused)."""
