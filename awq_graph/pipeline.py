@@ -168,7 +168,8 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
             warn(message)
         report["warnings"] = warnings + emitted.warnings
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
-        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        report["peak_rss_mb"] = _peak_rss_mb()
+        report["peak_rss_mb_after"] = lap.peak_rss_mb  # where the peak grows, stage by stage
         (tmp / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     return CompileResult(out_dir, files, report)
@@ -209,13 +210,19 @@ class _Laps:
 
     def __init__(self):
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}  # the process's peak so far, at the end of each stage
         self._t = time.perf_counter()
 
     def __call__(self, stage: str) -> None:
         now = time.perf_counter()
         self.timings[stage] = round(now - self._t, 3)
+        self.peak_rss_mb[stage] = _peak_rss_mb()
         self._t = now
         checkpoint()
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None):

@@ -25,21 +25,62 @@ class Verification:
 
 @torch.no_grad()
 def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seqlen: int = 24) -> Verification:
+    """The parameters are not edited: the folded ones are made while the program runs, the
+    parameters a set of groups shares together (one decoder layer's, in practice), and each
+    dropped after its last reader, so about one layer's folded copies are in memory at a time."""
     gen = torch.Generator().manual_seed(seed)
     size = int(gm.params[token_table(gm)].shape[0])
     ids = torch.randint(0, size, (batch, seqlen), generator=gen)
     before = gm.run(ids)
-    saved = {k: v.clone() for k, v in gm.params.items()}
-    try:
-        for groups in per_layer:
-            for g in groups:
-                s = torch.ones(g.channels)
-                used = torch.tensor(g.used_channels())
-                s[used] = torch.exp(torch.empty(len(used)).uniform_(-math.log(8), math.log(8), generator=gen))
-                fold_scales(gm.params, g, s, gm.linears)
-        after = gm.run(ids)
-        changed = sum(not torch.equal(gm.params[k], v) for k, v in saved.items())
-    finally:
-        for k, v in saved.items():
-            gm.params[k].copy_(v)
-    return Verification(float((after - before).abs().max() / before.abs().max().clamp(min=1e-12)), changed)
+    folds = []
+    for groups in per_layer:
+        for g in groups:
+            s = torch.ones(g.channels)
+            used = torch.tensor(g.used_channels())
+            s[used] = torch.exp(torch.empty(len(used)).uniform_(-math.log(8), math.log(8), generator=gen))
+            folds.append((g, s))
+    makers, changed = _folded_makers(gm, folds)
+    after = gm.run(ids, made=makers)
+    return Verification(float((after - before).abs().max() / before.abs().max().clamp(min=1e-12)), len(changed))
+
+
+def _folded_makers(gm: GraphModel, folds) -> tuple[dict, set]:
+    """Parameter name -> a function making its folded copy. Groups that share a parameter are
+    folded together (in their order) when the first of their parameters is read. The returned
+    set fills, as the copies are made, with the names whose values the folds changed."""
+    def touched(g):
+        return list(g.prev_params) + [gm.linears[layer].weight for layer in g.layers]
+
+    parent: dict[str, str] = {}
+
+    def root(name):
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    for g, _ in folds:
+        names = touched(g)
+        for name in names[1:]:
+            parent[root(name)] = root(names[0])
+    members: dict[str, list[str]] = {}
+    for name in parent:
+        members.setdefault(root(name), []).append(name)
+    made: dict[str, dict] = {}
+    changed: set[str] = set()
+
+    def make(name):
+        key = root(name)
+        if key not in made:
+            local = {n: gm.params[n].clone() for n in members[key]}
+            for g, s in folds:
+                if root(touched(g)[0]) == key:
+                    fold_scales(local, g, s, gm.linears)
+            made[key] = local
+        value = made[key].pop(name)
+        if not made[key]:
+            del made[key]
+        if not torch.equal(value, gm.params[name]):
+            changed.add(name)
+        return value
+
+    return {name: (lambda name=name: make(name)) for name in parent}, changed
