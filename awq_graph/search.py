@@ -273,12 +273,8 @@ def _on(value, device):
 
 def _layer_params(gm, nodes, device) -> dict:
     """The parameters the layer's nodes read, on ``device`` (on the CPU: the tensors themselves)."""
-    env = {}
-    for node in nodes:
-        for a in node.all_input_nodes:
-            if a.op == "placeholder" and a.name in gm.placeholder_param and a not in env:
-                env[a] = gm.params[gm.placeholder_param[a.name]].to(device)
-    return env
+    params = gm.param_env()
+    return {a: params[a].to(device) for node in nodes for a in node.all_input_nodes if a in params}
 
 
 def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens):

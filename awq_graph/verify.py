@@ -14,7 +14,7 @@ import torch
 
 from .core.analysis import token_table
 from .core.ir import GraphModel
-from .passes.fold import fold_scales
+from .passes.fold import fold_scales, folded_params
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,6 @@ def _folded_makers(gm: GraphModel, folds) -> tuple[dict, set]:
     """Parameter name -> a function making its folded copy. Groups that share a parameter are
     folded together (in their order) when the first of their parameters is read. The returned
     set fills, as the copies are made, with the names whose values the folds changed."""
-    def touched(g):
-        return list(g.prev_params) + [gm.linears[layer].weight for layer in g.layers]
-
     parent: dict[str, str] = {}
 
     def root(name):
@@ -59,12 +56,16 @@ def _folded_makers(gm: GraphModel, folds) -> tuple[dict, set]:
         return name
 
     for g, _ in folds:
-        names = touched(g)
+        names = folded_params(g, gm.linears)
+        first = root(names[0])
         for name in names[1:]:
-            parent[root(name)] = root(names[0])
+            parent[root(name)] = first
     members: dict[str, list[str]] = {}
     for name in parent:
         members.setdefault(root(name), []).append(name)
+    folds_of: dict[str, list] = {}  # a set's folds, in their order
+    for g, s in folds:
+        folds_of.setdefault(root(folded_params(g, gm.linears)[0]), []).append((g, s))
     made: dict[str, dict] = {}
     changed: set[str] = set()
 
@@ -72,9 +73,8 @@ def _folded_makers(gm: GraphModel, folds) -> tuple[dict, set]:
         key = root(name)
         if key not in made:
             local = {n: gm.params[n].clone() for n in members[key]}
-            for g, s in folds:
-                if root(touched(g)[0]) == key:
-                    fold_scales(local, g, s, gm.linears)
+            for g, s in folds_of[key]:
+                fold_scales(local, g, s, gm.linears)
             made[key] = local
         value = made[key].pop(name)
         if not made[key]:

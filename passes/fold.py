@@ -27,6 +27,11 @@ class Folded:
     params: tuple[str, ...]
 
 
+def folded_params(group: ScalingGroup, sites: dict) -> tuple[str, ...]:
+    """The parameters a fold along ``group`` edits: its source's, then each layer's weight."""
+    return tuple(group.prev_params) + tuple(sites[layer].weight for layer in group.layers)
+
+
 @torch.no_grad()
 def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor, sites: dict) -> Folded:
     """Fold ``s`` along ``group`` in place on ``params``; ``sites`` maps each layer to its
@@ -51,4 +56,4 @@ def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
         w = sites[layer].matrix(params)  # (out, in) view; (E * out, in) for experts
         col = s[torch.tensor(cmap)]
         w.copy_((w.float() * col).to(w.dtype))
-    return Folded(group, s, tuple(group.prev_params) + tuple(sites[layer].weight for layer in group.layers))
+    return Folded(group, s, folded_params(group, sites))

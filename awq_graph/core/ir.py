@@ -202,7 +202,7 @@ def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None,
         for a in node.all_input_nodes:
             last_reader[a] = node
     for node in nodes:
-        for a in node.all_input_nodes:
+        for a in node.all_input_nodes if made else ():  # the search's hot loop has none
             if a not in env and a in made:
                 env[a] = made[a]()
         args = fx.node.map_arg(node.args, lookup)
