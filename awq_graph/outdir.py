@@ -73,10 +73,8 @@ def remove_stale(out_dir: Path) -> list[Path]:
 @contextlib.contextmanager
 def atomic_out_dir(out_dir: Path):
     """Yields the folder to write into; on a normal exit it becomes ``out_dir`` (replacing an old
-    one), with the permissions a plain mkdir/open would have given. What an earlier, killed run
-    left beside ``out_dir`` is removed first."""
+    one), with the permissions a plain mkdir/open would have given."""
     parent = out_dir.resolve().parent
-    remove_stale(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
     old = parent / f".{out_dir.name}.old-{os.getpid()}"
     try:

@@ -24,7 +24,7 @@ from .export import export_model
 from .interrupt import checkpoint
 from .load import check_finite, load_model, tokenizer_files
 from .match import match
-from .outdir import atomic_out_dir, check_out_dir
+from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table
 from .search import SearchOptions, SearchResult, awq_search, rtn
 
@@ -106,6 +106,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     opts = options if options is not None else _options(option_fields)
     out_dir = Path(out_dir)
     calib_file = calib if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" else None
+    remove_stale(out_dir)  # first: an OUT a killed run had set aside is back before OUT is checked
     check_out_dir(out_dir, opts.overwrite, tuple(x for x in (model, calib_file) if isinstance(x, (str, os.PathLike))))
     if calib_file is not None and not opts.rtn_only:
         calibration.check_text_file(calib_file, hint=" (give a .txt or .jsonl file, or 'self')")

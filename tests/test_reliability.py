@@ -85,6 +85,20 @@ def test_a_kill_between_the_two_renames_is_undone_by_the_next_compile(tiny_check
     assert _siblings(tmp_path, out) == []
 
 
+def test_an_output_put_back_after_a_kill_is_not_replaced_without_overwrite(tiny_checkpoint, tmp_path, capsys):
+    """The set-aside OUT is restored before OUT is checked, so a compile without --overwrite
+    refuses it like any existing OUT (it used to be restored at the end, then replaced)."""
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    aside = tmp_path / f".out.old-{dead}"
+    aside.mkdir()
+    (aside / "earlier.txt").write_text("an earlier compile's output")
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16"]) == 1
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert _tree(out) == {"earlier.txt": b"an earlier compile's output"} and _siblings(tmp_path, out) == []
+
+
 def test_the_package_imports_without_torch():
     """Ctrl-C during the command's start is a one-line interruption only if the heavy imports
     happen inside main(): importing the command line and the package must not load torch."""
