@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def write_sharded(folder: Path, shapes: dict, dtype=torch.bfloat16, shard_bytes:
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards, current, size = [], [], 0
     for name, shape in shapes.items():
-        nbytes = itemsize * int(torch.tensor(shape).prod()) if shape else itemsize
+        nbytes = itemsize * math.prod(shape)
         if current and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = [], 0
@@ -87,7 +88,7 @@ def write_sharded(folder: Path, shapes: dict, dtype=torch.bfloat16, shard_bytes:
             f.write(raw)
             for name, shape, _ in shard:
                 t = make(name, shape, dtype, gen).contiguous()
-                f.write(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+                f.write(t.view(torch.uint8).numpy())  # the tensor's bytes, not a copy (numpy has no bfloat16)
                 del t
     if len(files) > 1:
         total = sum(nbytes for shard in shards for _, _, nbytes in shard)
