@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="activation type of the ONNX model (float16 for the CUDA provider)")
     c.add_argument("--no-kv-cache", action="store_true",
                    help="emit the logits-only graph (torch.onnx) even where the fused KV-cache decoder fits")
+    c.add_argument("--no-stream", action="store_true",
+                   help="load the whole model in float32 first, instead of reading one tensor at a time")
 
     e = sub.add_parser("eval", help="perplexity of a compiled folder (onnxruntime) or of MODEL (torch, float)")
     e.add_argument("model", help="compiled folder, checkpoint folder or .gguf file")
@@ -226,7 +228,7 @@ def _compile(args) -> int:
         n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
         lm_head_bits=args.lm_head_bits or 8, act_dtype=args.act_dtype, kv_cache=not args.no_kv_cache,
-        loss_tokens=args.loss_tokens, device=args.device)
+        loss_tokens=args.loss_tokens, device=args.device, stream=not args.no_stream)
     result = run_compile(args.model, args.calib, args.out, options, progress=_progress,
                          warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr))
     rep = result.report

@@ -5,6 +5,7 @@ import torch
 
 from .core.errors import ExportError
 from .core.ir import PREFIX, GraphModel, index_modules
+from .weights import ParamStore
 
 
 class LogitsOnly(torch.nn.Module):
@@ -20,14 +21,21 @@ class LogitsOnly(torch.nn.Module):
 
 
 
-def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True) -> GraphModel:
+def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True, skeleton=None) -> GraphModel:
     """torch.export with dynamic batch and sequence length -> GraphModel. ``private``: the
     program gets its own copies of the weights, so folding never edits ``lm``'s; False shares
-    them (one copy of the weights less in memory, for a model nobody else holds)."""
+    them (one copy of the weights less in memory, for a model nobody else holds).
+
+    ``skeleton`` (``awq_graph.load.Skeleton``, ``lm`` being its model on the meta device): the
+    graph is traced without any weights (meta input ids), the device the trace baked into the
+    graph's tensor factories becomes the CPU, and the parameters are a ``ParamStore`` reading
+    the checkpoint one tensor at a time."""
     lm.eval()
     wrapper = LogitsOnly(lm)
     vocab = int(getattr(lm.config, "vocab_size", 2))
     example = torch.randint(0, max(vocab, 2), (2, example_seq), generator=torch.Generator().manual_seed(0))
+    if skeleton is not None:
+        example, private = example.to("meta"), False
     batch = torch.export.Dim("batch", max=4096)
     seq = torch.export.Dim("seq", min=2, max=int(getattr(lm.config, "max_position_embeddings", 8192) or 8192))
     try:
@@ -66,6 +74,31 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True
     for ph, name in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
         placeholder_param[ph] = name
         params[name] = state[name]
+    if skeleton is not None:
+        params = _stream(program, params, skeleton)
     gm = GraphModel(program, params, placeholder_param)
     index_modules(gm)
     return gm
+
+
+def _stream(program, params: dict[str, torch.Tensor], skeleton) -> ParamStore:
+    """The traced program made to run on the CPU, its parameters read from the checkpoint."""
+    def cpu(a):
+        return torch.device("cpu") if isinstance(a, torch.device) and a.type == "meta" else a
+
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            node.args = tuple(cpu(a) for a in node.args)
+            node.kwargs = {k: cpu(v) for k, v in node.kwargs.items()}
+    weights = set(skeleton.weights.names())
+    fixed = {}
+    for name, tensor in params.items():
+        if tensor.device.type != "meta":
+            fixed[name] = tensor  # a buffer (rotary frequencies) the skeleton computed
+        elif skeleton.aliases.get(name, name) not in weights:
+            raise StreamingUnsupported(f"the traced graph reads '{name}', which the checkpoint does not hold")
+    return ParamStore(skeleton.weights, {name: t.shape for name, t in params.items()}, skeleton.aliases, fixed)
+
+
+class StreamingUnsupported(ExportError):
+    """This checkpoint cannot be compiled one tensor at a time (the pipeline loads it whole)."""

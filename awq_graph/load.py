@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +27,23 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def load_model(path: str | Path):
     """Returns (model in float32 eval mode, tokenizer or None when the folder has none: only
     calibration from text, eval and generate need one). Nothing is fetched from a hub."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    folder, kwargs = checkpoint_location(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kwargs)
+    except Exception as exc:
+        raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def checkpoint_location(path: Path) -> tuple[Path, dict]:
+    """(the folder transformers reads, its keyword arguments) for a checkpoint folder or a .gguf
+    file, after checking that it is one."""
     if not path.exists():
         raise InputError(f"model path {path} does not exist (give a checkpoint folder or a .gguf file)")
     if path.is_file():
@@ -38,29 +53,86 @@ def load_model(path: str | Path):
             magic = f.read(4)
         if magic != b"GGUF":
             raise InputError(f"model file {path} is not a GGUF file: it does not start with the GGUF magic bytes")
-        kwargs = {"gguf_file": path.name}
-        folder = path.parent
-    else:
-        if not (path / "config.json").exists():
-            raise InputError(f"model folder {path} has no config.json: not a Hugging Face checkpoint")
-        if not any((path / name).exists() for name in WEIGHT_FILES):
-            raise InputError(f"model folder {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
-        kwargs, folder = {}, path
+        return path.parent, {"gguf_file": path.name}
+    if not (path / "config.json").exists():
+        raise InputError(f"model folder {path} has no config.json: not a Hugging Face checkpoint")
+    if not any((path / name).exists() for name in WEIGHT_FILES):
+        raise InputError(f"model folder {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    return path, {}
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    folder, kwargs = checkpoint_location(Path(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kwargs)
-    except Exception as exc:
-        raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as exc:
         log.info("no tokenizer in %s: %s", folder, _first_line(exc))
-        tokenizer = None
+        return None
+
+
+@dataclass
+class Skeleton:
+    """A checkpoint opened for a streaming compile: the model built on the meta device (its
+    parameters have shapes and no data; its buffers, the rotary tables, are real), and where each
+    parameter's values are (``weights``: one tensor at a time; ``aliases``: tied names)."""
+
+    model: torch.nn.Module
+    weights: object  # SafetensorsWeights or GGUFWeights: names(), get(name)
+    aliases: dict[str, str]
+
+
+def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
+    """(the skeleton, None), or (None, why this checkpoint is loaded whole instead): a streaming
+    compile reads every parameter by its own name, so a checkpoint whose tensors transformers
+    renames, converts or dequantizes on loading (``pytorch_model.bin``, pre-quantized weights, a
+    missing tensor) is loaded as today."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    folder, kwargs = checkpoint_location(path)
+    if path.is_file():
+        from .gguf_weights import GGUFWeights
+
+        try:
+            weights = GGUFWeights(path)
+        except Exception as exc:  # the gguf reader's errors on a damaged file are IndexError, ValueError, ...
+            raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+    elif (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        from .weights import SafetensorsWeights
+
+        weights = SafetensorsWeights(path)
+    else:
+        return None, "the checkpoint is not in safetensors or GGUF"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+            if getattr(config, "quantization_config", None):
+                return None, "the checkpoint is quantized already (its config has a quantization_config)"
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:
+        raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+    model.tie_weights()
     model.eval()
-    return model, tokenizer
+    stored = set(weights.names())
+    canonical: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in stored:
+            canonical.setdefault(id(param), name)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name not in stored:
+            if id(param) not in canonical:
+                return None, f"the checkpoint has no tensor '{name}' under that name"
+            aliases[name] = canonical[id(param)]
+    return Skeleton(model, weights, aliases), None
 
 
 def tokenizer_files(model_path: str | Path) -> str:

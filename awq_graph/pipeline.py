@@ -20,13 +20,14 @@ from .core.errors import ConfigError, InputError
 from .core.numerics import QuantScheme
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
-from .export import export_model
+from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
-from .load import check_finite, load_model, tokenizer_files
+from .load import check_finite, load_model, load_tokenizer, open_skeleton, tokenizer_files
 from .match import match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table
 from .search import SearchOptions, SearchResult, awq_search, rtn
+from .weights import give_back_freed_memory
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -42,7 +43,9 @@ class CompileOptions:
     "float16" activations (KV-cache decoder). kv_cache: the fused KV-cache decoder where the
     model family has one (else logits-only). loss_tokens: tokens of the search's loss subsample.
     device: where the search runs, "cpu", "cuda" (or "cuda:N") or "auto" (a CUDA GPU when torch
-    sees one); the rest of the compile stays on the CPU.
+    sees one); the rest of the compile stays on the CPU. stream: a checkpoint given by path is
+    read one tensor at a time (``awq_graph.weights``) where it can be, so memory holds about one
+    decoder layer in float32 whatever the depth; False loads the whole model in float32 first.
     """
 
     scheme: QuantScheme | str = "uint4_wo_128"
@@ -60,6 +63,7 @@ class CompileOptions:
     kv_cache: bool = True
     loss_tokens: int | None = None
     device: str = "auto"
+    stream: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -114,22 +118,34 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
 
     loaded_here = isinstance(model, (str, os.PathLike))
     source = Path(model) if loaded_here else None
+    skeleton, whole_because = None, None if loaded_here else "a model object was given"
     if loaded_here:
-        model, tokenizer = load_model(model)
+        skeleton, whole_because = open_skeleton(source) if opts.stream else (None, "--no-stream")
+        if skeleton:
+            give_back_freed_memory()
+        model, tokenizer = (skeleton.model, load_tokenizer(source)) if skeleton else load_model(source)
     model.eval()
-    check_finite(model)
+    check_finite(model)  # a streamed checkpoint's tensors are checked as they are read
     context = getattr(model.config, "max_position_embeddings", None)
     if not opts.rtn_only and context and opts.seqlen > context:
         raise InputError(f"seqlen {opts.seqlen} (--seqlen) is longer than the model's context of {context} positions")
     lap("load")
     # The folds edit the weights in place: a model we loaded ourselves shares them, a caller's gets copies.
-    gm = export_model(model, private=not loaded_here)
-    plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)  # a graph nobody can write fails here
+    try:
+        gm = export_model(model, private=not loaded_here, skeleton=skeleton)
+        plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)  # a graph nobody can write fails here
+        if skeleton and not plan.kv_decoder:
+            raise StreamingUnsupported(f"the logits-only graph ({plan.reason}) is exported from the model in memory")
+    except StreamingUnsupported as exc:
+        skeleton, whole_because = None, str(exc)
+        model, tokenizer = load_model(source)
+        gm = export_model(model, private=False)
+        plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)
     narrow = _narrower_than_a_group(gm, opts.scheme.group_size)
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
-        calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source)
+        calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source, streamed=gm.streamed)
         lap("calibration")
     found = match(gm, opts.config, verify=opts.config is None)
     if found.faults:
@@ -143,7 +159,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     for message in warnings:  # before the long search, not after it
         warn(message)
     lap("match")
-    result = rtn(gm, opts.scheme) if opts.rtn_only else awq_search(gm, per_layer, calib_ids, opts.search_options(),
+    result = rtn(gm, opts.scheme, progress) if opts.rtn_only else awq_search(gm, per_layer, calib_ids, opts.search_options(),
                                                                    progress=progress)
     quantized, table = dict(result.quantized), None
     if opts.quantize_lm_head:
@@ -165,6 +181,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
                            "check_deviation": emitted.check_deviation,
                            "float_check_deviation": emitted.float_check_deviation}
         report["calibration_source"] = calib_source
+        report["weights"] = {"streamed": gm.streamed, "loaded_whole_because": whole_because}
         for message in emitted.warnings:
             warn(message)
         report["warnings"] = warnings + emitted.warnings
@@ -226,8 +243,9 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None):
-    """(token ids (n, seqlen), where they came from)."""
+def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None, streamed=False):
+    """(token ids (n, seqlen), where they came from). Text sampled from a streamed model needs
+    the whole model once: it is loaded for the sampling and dropped after it."""
     def missing(what: str) -> InputError:
         where = tokenizer_files(source) if source else "no tokenizer was given (pass tokenizer=...)"
         return InputError(f"{what} needs a tokenizer, and {where}; round-to-nearest (--rtn) or token tensors need none")
@@ -235,7 +253,8 @@ def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source
     if calib is None or (isinstance(calib, str) and calib == "self"):
         if tokenizer is None:
             raise missing("calibration 'self'")
-        return calibration.self_generated(model, tokenizer, opts.n_samples, opts.seqlen, opts.seed,
+        sampler = load_model(source)[0] if streamed else model
+        return calibration.self_generated(sampler, tokenizer, opts.n_samples, opts.seqlen, opts.seed,
                                           progress=progress), "self"
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:

@@ -28,6 +28,7 @@ function unchanged, so the capture pass already computed it.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,7 @@ from torch import fx
 
 from .core.analysis import decoder_layers, feeds_attention_scores, quantizable_linears
 from .core.ir import GraphModel, in_module, module_path, run_nodes
-from .core.numerics import (QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
+from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
                             diagonal_blocks_of_rows, direct_output_error, fake_quantize, quadratic_output_error,
                             quantize, weight_magnitude)
 from .core.records import ScalingGroup
@@ -110,11 +111,24 @@ class SearchResult:
     seconds: float = 0.0
 
 
-def rtn(gm: GraphModel, scheme: QuantScheme) -> SearchResult:
-    """Round-to-nearest baseline: every quantizable linear, full range, no search."""
-    out = {name: quantize(gm.linears[name].matrix(gm.params).detach().float(), scheme)
-           for name in quantizable_linears(gm)}
+def rtn(gm: GraphModel, scheme: QuantScheme, progress=None) -> SearchResult:
+    """Round-to-nearest baseline: every quantizable linear, full range, no search (a streamed
+    weight is read, quantized and released: one in memory at a time)."""
+    progress = progress or (lambda it, desc, total: it)
+    names = quantizable_linears(gm)
+    out = {}
+    for name in progress(names, "round to nearest", len(names)):
+        site = gm.linears[name]
+        out[name] = _held(quantize(site.matrix(gm.params).detach().float(), scheme), site)
+        if gm.streamed:
+            gm.params.release([site.weight], spent=True)
     return SearchResult(out)
+
+
+def _held(qw: QuantizedWeight, site) -> QuantizedWeight:
+    """The integers as the compile holds them until they are written: a plain linear's packed
+    (``PackedWeight``, half the bytes), a bank of experts' as they are (the QMoE writer slices them)."""
+    return qw if site.experts else PackedWeight.of(qw)
 
 
 class _Stages:
@@ -245,13 +259,14 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     per_chunk = max(1, opts.chunk_tokens // seqlen)
     chunks = [calib[loss_idx]] + [calib[rest[i:i + per_chunk]] for i in range(0, len(rest), per_chunk)]
     input_node = gm.input_node()
-    params_env = gm.param_env()
+    params_env = _layer_params(gm, stages.stages[0], "cpu")
     stores: list[dict] = [{} for _ in chunks]
     with torch.no_grad():
         for c, ids in enumerate(chunks):  # pre stage (embeddings, rotary tables, masks), on the CPU
             env = {**params_env, input_node: ids}
             run_nodes(stages.stages[0], env)
             stores[c] = {n: _on(env[n], opts.device) for n in stages.keep_after[0]}
+    del params_env, env
     chunks = [ids.to(opts.device) for ids in chunks]
 
     quantizable = set(quantizable_linears(gm))
@@ -261,10 +276,21 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
         groups = per_layer[li] if li < len(per_layer) else []
         base = f"{stages.prefix}.{li}"
         linears = [n for n in gm.linears if n.startswith(base + ".") and n in quantizable]
-        with torch.no_grad():
+        folds_before = len(result.folded)
+        with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
             _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen)
+        if gm.streamed:  # the layer leaves memory, but for what its folds edited outside its linears
+            _release_layer(gm, nodes, linears, result.folded[folds_before:])
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _release_layer(gm: GraphModel, nodes, linears, folded: list[Folded]) -> None:
+    quantized = {gm.linears[n].weight for n in linears}
+    edited = {name for f in folded for name in f.params}
+    read = {gm.param_of(a) for node in nodes for a in node.all_input_nodes} - {None}
+    gm.params.release(quantized, spent=True)
+    gm.params.release(read - quantized - edited)
 
 
 def _on(value, device):
@@ -272,9 +298,14 @@ def _on(value, device):
 
 
 def _layer_params(gm, nodes, device) -> dict:
-    """The parameters the layer's nodes read, on ``device`` (on the CPU: the tensors themselves)."""
-    params = gm.param_env()
-    return {a: params[a].to(device) for node in nodes for a in node.all_input_nodes if a in params}
+    """The parameters the nodes read, on ``device`` (on the CPU: the tensors themselves)."""
+    env = {}
+    for node in nodes:
+        for a in node.all_input_nodes:
+            name = gm.param_of(a)
+            if name is not None and a not in env:
+                env[a] = gm.params[name].to(device)
+    return env
 
 
 def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens):
@@ -353,7 +384,7 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts):
         shrink, report = _clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
         if report is not None:
             clips.append(report)
-        quantized[name] = quantize(w, opts.scheme, shrink).to("cpu")
+        quantized[name] = _held(quantize(w, opts.scheme, shrink).to("cpu"), site)
     return quantized, clips
 
 

@@ -130,14 +130,14 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
         params = [_single_use_param(gm, a) for a in node.args[2:4] if a is not None]
         if None in params:
             return Stop(node, f"'{module_path(node)}' shares its affine parameters")
-        return FoldPoint(FoldKind.LAYER_NORM, module_path(node), node, tuple(params), int(gm.params[params[0]].shape[0]))
+        return FoldPoint(FoldKind.LAYER_NORM, module_path(node), node, tuple(params), int(gm.param_shape(params[0])[0]))
     if t is aten.mul.Tensor:
         out = example.get(node)
         if not isinstance(out, torch.Tensor):
             return None
 
         def channel_vector(name):
-            return name is not None and gm.params[name].dim() == 1 and gm.params[name].shape[0] == out.shape[-1]
+            return name is not None and len(gm.param_shape(name)) == 1 and gm.param_shape(name)[0] == out.shape[-1]
 
         for i, a in enumerate(node.args[:2]):
             other = node.args[1 - i]

@@ -46,7 +46,7 @@ def matmulnbits_node(x: ir.Value, qw: QuantizedWeight, name: str, accuracy_level
                      bias: ir.Value | None = None, scale_dtype=np.float32) -> tuple[ir.Node, list[ir.Value]]:
     """x @ dequantize(qw)^T (+ bias) as one MatMulNBits node, and the initializers it reads
     (scales in ``scale_dtype``, the activations' type)."""
-    n, k = qw.q.shape
+    n, k = qw.shape
     packed, scales, zeros = pack_matmulnbits(qw)
     weights = [initializer(packed, f"{name}.qweight"), initializer(scales.astype(scale_dtype), f"{name}.scales")]
     if zeros is not None:

@@ -35,9 +35,9 @@ def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
     return folder
 
 
-def _compile(folder: Path, out: Path, mode: str, args, env) -> dict:
+def _compile(folder: Path, out: Path, mode: str, weights: str, args, env) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "awq_graph.cli", "compile", str(folder), "-o", str(out),
-           "--overwrite", "--group-size", "128"]
+           "--overwrite", "--group-size", "128"] + (["--no-stream"] if weights == "whole" else [])
     if mode == "rtn":
         cmd.append("--rtn")
     else:
@@ -47,11 +47,12 @@ def _compile(folder: Path, out: Path, mode: str, args, env) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    row = {"mode": mode, "rc": proc.returncode, "wall_s": round(wall, 1),
+    row = {"mode": mode, "weights": weights, "rc": proc.returncode, "wall_s": round(wall, 1),
            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
     if proc.returncode == 0:
         report = json.loads((out / "report.json").read_text())
         row["timings_s"] = report["timings_s"]
+        row["peak_rss_mb_after"] = report.get("peak_rss_mb_after")
         row["out_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1)
     else:
         row["error"] = [line for line in proc.stderr.splitlines() if "error" in line.lower()][-1:] or proc.stderr[-300:]
@@ -63,6 +64,8 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", default=["smollm2", "1b"], choices=sorted(SHAPES))
     p.add_argument("--layers", nargs="+", type=int, default=[None], help="depths to build (default: the shape's)")
     p.add_argument("--modes", nargs="+", default=["rtn", "awq"], choices=["rtn", "awq"])
+    p.add_argument("--weights", nargs="+", default=["streamed"], choices=["streamed", "whole"],
+                   help="read the checkpoint one tensor at a time (the default), or load it whole (--no-stream)")
     p.add_argument("--n-samples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -78,20 +81,20 @@ def main() -> int:
             config = json.loads((folder / "config.json").read_text())
             n_layers = config["num_hidden_layers"]
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            for mode in args.modes:
+            for mode, weights in [(m, w) for m in args.modes for w in args.weights]:
                 row = {"shape": shape, "layers": n_layers, "params_b": round(disk / 2 / 1e9, 3),
                        "load_avg": os.getloadavg()[0], **_compile(folder, args.work / f"out-{folder.name}-{mode}",
-                                                                  mode, args, env)}
+                                                                  mode, weights, args, env)}
                 if "timings_s" in row:
                     row["search_s_per_layer"] = round(row["timings_s"].get("search", 0.0) / n_layers, 2)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
-    print("| shape | layers | params | mode | peak RSS | search s/layer | total s | OUT MB | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | layers | params | mode | weights | peak RSS | search s/layer | total s | OUT MB | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | "
+        print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r['weights']} | "
               f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
               f"{r['wall_s']} | {r.get('out_mb', r.get('error', '-'))} | {r['load_avg']:.2f} |")
     return 0

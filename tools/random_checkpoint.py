@@ -21,6 +21,7 @@ import torch
 # name: (hidden, layers, intermediate, heads, kv_heads, vocab, tied head)
 SHAPES = {
     "tiny": (64, 2, 128, 4, 2, 320, True),             # for tests (a tokenizer of at most 320 ids)
+    "wide": (1024, 2, 4096, 8, 2, 320, True),          # for tests of memory: 63 MB of float32 per layer
     "smollm2": (576, 30, 1536, 9, 3, 49152, True),     # SmolLM2-135M
     "1b": (2048, 16, 8192, 32, 8, 49152, True),        # Llama-3.2-1B's body, SmolLM2's vocab
     "3b": (3072, 28, 8192, 24, 8, 49152, True),        # Llama-3.2-3B's body

@@ -21,11 +21,30 @@ def real_users(node: fx.Node) -> list[fx.Node]:
 
 def example_values(gm: GraphModel, seq: int = 6) -> dict:
     """Concrete values of every node for a small input: shapes for the analysis."""
-    env = gm.param_env()
     ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if gm.streamed:  # the parameters read where used, then dropped; looked up again when asked
+        with torch.no_grad():
+            env = run_nodes(nodes, {gm.input_node(): ids}, made=gm.param_makers(), keep={*nodes, gm.input_node()})
+        return _WithParams(env, gm)
+    env = gm.param_env()
     env[gm.input_node()] = ids
     with torch.no_grad():
-        return run_nodes([n for n in gm.graph.nodes if n.op == "call_function"], env)
+        return run_nodes(nodes, env)
+
+
+class _WithParams(dict):
+    """Node values, with a streamed parameter read from the checkpoint when it is looked up."""
+
+    def __init__(self, env: dict, gm: GraphModel):
+        super().__init__(env)
+        self._gm = gm
+
+    def __missing__(self, node):
+        name = self._gm.param_of(node)
+        if name is None:
+            raise KeyError(node)
+        return self._gm.params[name]
 
 
 def decoder_layers(gm: GraphModel) -> tuple[str, int]:

@@ -92,6 +92,25 @@ class GraphModel:
     def input_node(self) -> fx.Node:
         return next(n for n in self.graph.nodes if n.op == "placeholder" and n.name not in self.placeholder_param)
 
+    @property
+    def streamed(self) -> bool:
+        """The parameters are read from the checkpoint when asked (``awq_graph.weights.ParamStore``)."""
+        return hasattr(self.params, "shape_of")
+
+    def param_shape(self, name: str) -> torch.Size:
+        """A parameter's shape, without reading a streamed one."""
+        return self.params.shape_of(name) if self.streamed else self.params[name].shape
+
+    def param_makers(self, skip=()) -> dict[fx.Node, object]:
+        """Placeholder -> a function reading its parameter (``run_nodes``' ``made``): a streamed
+        parameter is read where the program first uses it and dropped after its last use."""
+        return {node: (lambda name=name: self.params[name]) for node, name in self._placeholders() if node not in skip}
+
+    def _placeholders(self):
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and node.name in self.placeholder_param:
+                yield node, self.placeholder_param[node.name]
+
     def param_env(self) -> dict[fx.Node, torch.Tensor]:
         """Environment binding every parameter placeholder to its tensor."""
         env = {}
@@ -113,12 +132,15 @@ class GraphModel:
         ``made``: parameter name -> a function making its replacement, called just before the
         first node that reads it and dropped after the last (one replaced weight in memory at a
         time, not all of them)."""
-        env = self.param_env()
-        for name, t in (overrides or {}).items():
-            env[self.param_node(name)] = t
         makers = {self.param_node(name): make for name, make in (made or {}).items()}
-        for node in makers:
-            del env[node]
+        given = {self.param_node(name): t for name, t in (overrides or {}).items()}
+        if self.streamed:  # every parameter read where it is used
+            env = dict(given)
+            makers = {**self.param_makers(skip=set(given) | set(makers)), **makers}
+        else:
+            env = {**self.param_env(), **given}
+            for node in makers:
+                del env[node]
         env[self.input_node()] = input_ids
         env.update(fixed or {})
         nodes = [n for n in self.graph.nodes if n.op == "call_function" and n not in (fixed or {})]
@@ -154,13 +176,13 @@ def linear_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
     else:
         return None
     weight = gm.param_of(w_node)
-    if weight is None or gm.params[weight].dim() != 2:
+    if weight is None or len(gm.param_shape(weight)) != 2:
         return None
     bias = gm.param_of(b_node) if isinstance(b_node, fx.Node) else None
     if isinstance(b_node, fx.Node) and bias is None:
         return None
-    w = gm.params[weight]
-    out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+    shape = gm.param_shape(weight)
+    out_f, in_f = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     return LinearSite(module_path(node), node, x, w_node, weight, bias, int(out_f), int(in_f), transposed)
 
 
@@ -176,9 +198,9 @@ def _experts_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
             and tuple(a % 3 for a in w_t.args[1:]) in ((1, 2), (2, 1))):
         return None
     weight = gm.param_of(w_t.args[0])
-    if weight is None or gm.params[weight].dim() != 3:
+    if weight is None or len(gm.param_shape(weight)) != 3:
         return None
-    experts, out_f, in_f = gm.params[weight].shape
+    experts, out_f, in_f = gm.param_shape(weight)
     return LinearSite(weight, node, x, w_t.args[0], weight, None, int(out_f), int(in_f), experts=int(experts))
 
 

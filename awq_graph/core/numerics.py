@@ -107,6 +107,10 @@ class QuantizedWeight:
         """Some output rows (a slice or an index tensor), e.g. one expert of a bank."""
         return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.scheme)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
 
 def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0):
     """Per-group scale and zero point, range shrunk by ``shrink``.
@@ -245,6 +249,68 @@ def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: 
 # MatMulNBits packing
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """A 2-D ``QuantizedWeight`` held in MatMulNBits' layout (``pack_matmulnbits``): half a byte
+    per 4-bit integer instead of one, and the very arrays the ONNX initializers are made of, so
+    a compile holds each layer's integers once, packed, from its search to the file. ``q``,
+    ``scale`` and ``zero`` unpack on demand (tests, the torch reference)."""
+
+    blob: torch.Tensor  # (N, k_blocks, blob bytes) uint8
+    scales: torch.Tensor  # (N * k_blocks,) float32
+    zeros: torch.Tensor | None  # (N * ceil(k_blocks * bits / 8),) uint8, None when symmetric
+    shape: tuple[int, int]  # (out, in)
+    scheme: QuantScheme
+
+    @staticmethod
+    def of(qw: QuantizedWeight) -> "PackedWeight":
+        blob, scales, zeros = pack_matmulnbits(qw)
+        return PackedWeight(torch.from_numpy(blob), torch.from_numpy(scales),
+                            None if zeros is None else torch.from_numpy(zeros), qw.shape, qw.scheme)
+
+    def unpack(self) -> QuantizedWeight:
+        n, k = self.shape
+        kb, bits = self.blob.shape[1], self.scheme.bits
+        q = _unpack_nibbles(self.blob) if bits == 4 else self.blob
+        q = q.reshape(n, -1)[:, :k]
+        scale = self.scales.reshape(n, kb)
+        if self.zeros is None:
+            zero = torch.full((n, kb), self.scheme.sym_zero, dtype=torch.uint8)
+        else:
+            zero = self.zeros.reshape(n, -1)
+            zero = (_unpack_nibbles(zero) if bits == 4 else zero)[:, :kb]
+        return QuantizedWeight(q.contiguous(), scale, zero.contiguous(), self.scheme)
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.unpack().q
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scales.reshape(self.shape[0], -1)
+
+    @property
+    def zero(self) -> torch.Tensor:
+        return self.unpack().zero
+
+    def dequantize(self) -> torch.Tensor:
+        return self.unpack().dequantize()
+
+    def to(self, device) -> "PackedWeight | QuantizedWeight":
+        return self if torch.device(device).type == "cpu" else self.unpack().to(device)
+
+    def take_rows(self, index) -> QuantizedWeight:
+        return self.unpack().take_rows(index)
+
+    @staticmethod
+    def concat_rows(parts: list["PackedWeight"]) -> "PackedWeight":
+        """The rows of several packed weights of one input width and scheme, still packed."""
+        first = parts[0]
+        zeros = None if first.zeros is None else torch.cat([p.zeros.reshape(p.shape[0], -1) for p in parts]).reshape(-1)
+        return PackedWeight(torch.cat([p.blob for p in parts]), torch.cat([p.scales for p in parts]), zeros,
+                            (sum(p.shape[0] for p in parts), first.shape[1]), first.scheme)
+
+
 def pack_matmulnbits(qw: QuantizedWeight):
     """Pack for com.microsoft::MatMulNBits; 4 bits go low nibble first.
 
@@ -253,6 +319,8 @@ def pack_matmulnbits(qw: QuantizedWeight):
     packed like B (N * ceil(k_blocks * bits / 8),), or None for a symmetric scheme
     (MatMulNBits' default zero point is 2^(bits-1)).
     """
+    if isinstance(qw, PackedWeight):  # packed already: its own arrays
+        return qw.blob.numpy(), qw.scales.numpy(), None if qw.zeros is None else qw.zeros.numpy()
     scheme = qw.scheme
     bs = scheme.group_size
     q = qw.q.to(torch.uint8)
@@ -272,3 +340,8 @@ def pack_matmulnbits(qw: QuantizedWeight):
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Pairs along the last axis into one byte each: element 2i low nibble, 2i+1 high."""
     return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """``_pack_nibbles`` undone: each byte back to two elements, low nibble first."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)

@@ -136,6 +136,9 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
                   f"{deviations[0]:.1e} with float activations, tolerance {tolerance:.0e}; "
                   f"{at_level:.1e} at accuracy level {accuracy_level}, tolerance {INT8_TOLERANCE:.0e})")
         warning = f"{reason}: wrote the logits-only graph instead; please report this model"
+        if gm.streamed:
+            raise ExportError(f"{reason}; the logits-only graph is exported from the model in memory: compile with "
+                              f"--no-stream for it, and please report this model")
     else:
         warning = f"no KV-cache decoder for this model ({reason}): the ONNX graph is logits-only"
     if act_dtype != "float32":
@@ -237,7 +240,7 @@ def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantized_table:
     lookup = token_lookup(gm)
     table_name = gm.param_of(lookup.args[0])
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, gm.params[table_name].shape[0], (1, tokens + decode_steps), generator=gen)
+    ids = torch.randint(0, gm.param_shape(table_name)[0], (1, tokens + decode_steps), generator=gen)
     fixed = {}
     if quantized_table is not None:  # the lookup reads an int4 copy of the table (tied or not)
         fixed[lookup] = torch.nn.functional.embedding(ids, quantized_table.dequantize())

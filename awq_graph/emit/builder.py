@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
+from awq_graph.core.numerics import PackedWeight, QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
 from awq_graph.passes.matmulnbits import initializer, matmulnbits_node
 
@@ -109,6 +109,8 @@ class LinearWeights:
             bias = torch.cat([b if b is not None else torch.zeros(out_rows(p)) for b, p in zip(biases, parts)])
         if all(p.quantized is not None for p in parts) and len({p.quantized.scheme for p in parts}) == 1:
             q = [p.quantized for p in parts]
+            if all(isinstance(x, PackedWeight) for x in q) and len({x.shape[1] for x in q}) == 1:
+                return LinearWeights(PackedWeight.concat_rows(q), None, bias)  # no unpacking
             merged = QuantizedWeight(torch.cat([x.q for x in q]), torch.cat([x.scale for x in q]),
                                      torch.cat([x.zero for x in q]), q[0].scheme)
             return LinearWeights(merged, None, bias)
@@ -117,7 +119,7 @@ class LinearWeights:
 
 
 def out_rows(lw: LinearWeights) -> int:
-    return lw.quantized.q.shape[0] if lw.quantized is not None else lw.matrix.shape[0]
+    return lw.quantized.shape[0] if lw.quantized is not None else lw.matrix.shape[0]
 
 
 def linear(g: GraphBuilder, x: str, lw: LinearWeights, name: str, accuracy_level: int, tied_table: str | None = None) -> str:
@@ -146,7 +148,7 @@ def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: Quantiz
     if quantized is None:
         return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # its initializer: what a tied float head reads
     qw, scheme = quantized, quantized.scheme
-    vocab, hidden = qw.q.shape
+    vocab, hidden = qw.shape
     packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks
     blocks = packed.shape[1]
     data = g.const(f"{name}.qweight", packed.reshape(vocab, -1))

@@ -244,7 +244,7 @@ def moe_block(g: GraphBuilder, h: str, m: str, names: Names, linears, shape: Dec
     gate_up, down = linears[f"{m}.{names.experts_gate_up}"], linears[f"{m}.{names.experts_down}"]
     if gate_up.quantized is None or down.quantized is None:
         raise ValueError(f"{m}: the fused decoder writes quantized experts only")
-    rows = gate_up.quantized.q.shape[0] // experts  # 2 * intermediate per expert: gate rows, then up rows
+    rows = gate_up.quantized.shape[0] // experts  # 2 * intermediate per expert: gate rows, then up rows
     # QMoE reads gate and up interleaved: row 2j is gate j, row 2j + 1 is up j
     per_expert = torch.stack([torch.arange(rows // 2), torch.arange(rows // 2) + rows // 2], 1).reshape(-1)
     order = (torch.arange(experts)[:, None] * rows + per_expert).reshape(-1)
@@ -271,7 +271,7 @@ def _expert_bank(g: GraphBuilder, qw: QuantizedWeight, experts: int, name: str):
     """QMoE's (weights, scales, zero points) of a bank whose (E * out, in) rows go expert by
     expert: MatMulNBits' packing, one (out, ...) slab per expert."""
     packed, scales, zeros = pack_matmulnbits(qw)
-    out = qw.q.shape[0] // experts
+    out = qw.shape[0] // experts
     weights = g.const(f"{name}.qweight", packed.reshape(experts, out, -1))
     scale = g.const(f"{name}.scales", scales.reshape(experts, out, -1).astype(g.np_float))
     zero = g.const(f"{name}.qzeros", zeros.reshape(experts, out, -1)) if zeros is not None else None

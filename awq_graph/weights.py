@@ -1,0 +1,190 @@
+"""A checkpoint's weights read one tensor at a time, and the parameter store a streaming
+compile reads and edits (``ParamStore``): depth-flat memory.
+
+``SafetensorsWeights`` reads a tensor's bytes with plain file reads at its offset, not through
+a memory map: the pages of a mapped file count in the process's resident set (``ru_maxrss``)
+for as long as the map lives, so mapping an 8B checkpoint would put its 16 GB on the books,
+while a read copies one tensor and leaves the rest of the file in the page cache, which is
+not the process's.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .core.errors import InputError
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 4 << 20
+
+
+def give_back_freed_memory() -> bool:
+    """Have glibc's malloc map every allocation of 4 MB and more on its own, so that freeing it
+    gives the memory back. By default the threshold follows the largest block freed so far (up
+    to 32 MB): once a layer's weights are freed, the next layer's land on the heap, whose freed
+    holes the process keeps, and peak RSS grew by one float32 layer per layer (measured: 6
+    layers of 63 MB each, +460 MB over the trace; with this, +63 MB). Process-wide; a no-op
+    where the C library is not glibc. Returns whether it took effect."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+class SafetensorsWeights:
+    """The tensors of ``model.safetensors`` or of the shards ``model.safetensors.index.json``
+    lists: ``names()``, ``shape(name)``, ``get(name)`` (one tensor, in its stored dtype)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InputError(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
+        else:
+            files = ["model.safetensors"]
+        self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for name in files:
+            path = folder / name
+            if not path.exists():
+                raise InputError(f"the checkpoint's shard {path} is missing")
+            self._read_header(path)
+
+    def _read_header(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < size < (100 << 20):
+                raise InputError(f"{path} is not a safetensors file (its header length is {size})")
+            try:
+                header = json.loads(f.read(size))
+            except ValueError as exc:
+                raise InputError(f"{path} is not a safetensors file (its header is not JSON)") from exc
+        base = 8 + size
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info.get("dtype") not in _DTYPES:
+                raise InputError(f"tensor '{name}' in {path} has dtype {info.get('dtype')}, which awq-graph does not read")
+            start, end = info["data_offsets"]
+            self._where[name] = (path, _DTYPES[info["dtype"]], tuple(info["shape"]), base + start, end - start)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._where[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        path, dtype, shape, offset, length = self._where[name]
+        buffer = bytearray(length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buffer) != length:
+                raise InputError(f"{path} is truncated: tensor '{name}' runs past its end")
+        if not length:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+class ParamStore(Mapping):
+    """HF parameter name -> float32 tensor, read from the checkpoint when asked.
+
+    Outside ``hold()`` every read is a fresh tensor nobody keeps (the caller drops it when done);
+    inside, what is read stays resident, so that the folds edit it in place. ``release`` ends
+    residency: a parameter whose float values are no longer needed (a quantized weight, once its
+    integers exist) becomes ``spent``, and reading it again is an error rather than a silent read
+    of the unfolded checkpoint; a parameter a fold edited stays resident for the emission. Tied
+    names (``lm_head.weight`` reading ``model.embed_tokens.weight``) share one entry, as they
+    share one tensor in a loaded model. ``fixed``: tensors not in the checkpoint (buffers).
+    """
+
+    def __init__(self, source, shapes: dict[str, torch.Size], aliases: dict[str, str] | None = None,
+                 fixed: dict[str, torch.Tensor] | None = None):
+        self.source = source
+        self._shapes = dict(shapes)
+        self._aliases = dict(aliases or {})
+        self._fixed = dict(fixed or {})
+        self._resident: dict[str, torch.Tensor] = {}
+        self._spent: set[str] = set()
+        self._holding = False
+        self.reads = 0  # tensors read from the checkpoint, for the tests and the report
+
+    def _key(self, name: str) -> str:
+        return self._aliases.get(name, name)
+
+    def shape_of(self, name: str) -> torch.Size:
+        return torch.Size(self._shapes[name])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._shapes:
+            raise KeyError(name)
+        if name in self._fixed:
+            return self._fixed[name]
+        key = self._key(name)
+        if key in self._spent:
+            raise RuntimeError(f"awq-graph bug: parameter '{name}' was read after its layer was quantized and released")
+        if key in self._resident:
+            return self._resident[key]
+        tensor = self._read(key, name)
+        if self._holding:
+            self._resident[key] = tensor
+        return tensor
+
+    def _read(self, key: str, name: str) -> torch.Tensor:
+        stored = self.source.get(key)
+        self.reads += 1
+        tensor = stored.float() if stored.dtype != torch.float32 else stored
+        del stored
+        if tensor.shape != self._shapes[name]:
+            raise InputError(f"tensor '{key}' in the checkpoint has shape {tuple(tensor.shape)}, the model's config "
+                             f"says {tuple(self._shapes[name])}")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise InputError(f"weight '{key}' holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
+                             f"(of {tensor.numel()}): the checkpoint is damaged; nothing was compiled")
+        return tensor
+
+    @contextmanager
+    def hold(self):
+        """Keep what is read from here on resident (until ``release``)."""
+        before, self._holding = self._holding, True
+        try:
+            yield self
+        finally:
+            self._holding = before
+
+    def release(self, names, spent: bool = False) -> None:
+        for name in names:
+            key = self._key(name)
+            if key not in self._fixed:
+                self._resident.pop(key, None)
+                if spent:
+                    self._spent.add(key)
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._resident.values())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __contains__(self, name) -> bool:
+        return name in self._shapes

@@ -1,0 +1,124 @@
+"""A checkpoint given by path is compiled one tensor at a time (awq_graph.weights): the graph is
+traced on the meta device, each decoder layer's weights are read in float32 while it is searched
+and released once its integers exist, and the integers are held packed. The result is the same
+file as compiling the whole model loaded in float32 (``--no-stream``), and the memory it takes
+does not grow with depth."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_tokenizer
+
+sys.path.insert(0, str(REPO / "tools"))
+from random_checkpoint import build  # noqa: E402
+
+
+def _calibration():
+    return torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("how", [{"rtn_only": True}, {}], ids=["rtn", "awq"])
+def test_a_streamed_compile_writes_the_bytes_of_the_in_memory_compile(tmp_path, how):
+    from awq_graph import compile
+
+    folder = build(tmp_path / "ck", "tiny", layers=3, shard_bytes=40_000)  # bf16, in 5 shards
+    outs = {}
+    for stream in (True, False):
+        outs[stream] = tmp_path / f"out-{stream}"
+        result = compile(folder, _calibration(), outs[stream], n_samples=8, seqlen=32, scheme="uint4_wo_32",
+                         stream=stream, **how)
+        assert result.report["weights"]["streamed"] is stream, result.report["weights"]
+    assert result.report["weights"]["loaded_whole_because"] == "--no-stream"
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
+    streamed = json.loads((outs[True] / "report.json").read_text())
+    whole = json.loads((outs[False] / "report.json").read_text())
+    assert streamed["groups"] == whole["groups"] and streamed["clipping"] == whole["clipping"]
+    assert streamed["graph"]["check_deviation"] == whole["graph"]["check_deviation"]
+
+
+def test_a_streamed_search_keeps_only_what_the_folds_edited_outside_the_quantized_weights(tmp_path):
+    """After the search the store holds no decoder weight: the quantized ones are spent (reading
+    one again is an error, never a silent read of the unfolded checkpoint), the rest released;
+    only the norms the folds divided stay resident, for the emission."""
+    from awq_graph.export import export_model
+    from awq_graph.load import open_skeleton
+    from awq_graph.match import match
+    from awq_graph.search import SearchOptions, awq_search
+
+    folder = build(tmp_path / "ck", "tiny", layers=3, shard_bytes=40_000)
+    skeleton, why = open_skeleton(folder)
+    assert why is None
+    gm = export_model(skeleton.model, skeleton=skeleton)
+    assert gm.streamed and gm.params.resident_bytes() == 0
+    per_layer, _ = match(gm).for_search()
+    result = awq_search(gm, per_layer, _calibration(), SearchOptions())
+    kept = set(gm.params._resident)
+    edited = {name for f in result.folded for name in f.params}
+    assert kept and kept <= edited and all(name.endswith("norm.weight") for name in kept), kept
+    with pytest.raises(RuntimeError, match="read after its layer was quantized"):
+        gm.params["model.layers.1.mlp.down_proj.weight"]
+    assert set(result.quantized) == {n for n in gm.linears if n != "lm_head"}
+
+
+def test_a_checkpoint_that_cannot_stream_is_loaded_whole_and_the_report_says_why(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from awq_graph import compile
+
+    folder = build(tmp_path / "ck", "tiny", layers=2)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(folder / "config.json", tmp_path / "bin")
+    torch.save(AutoModelForCausalLM.from_pretrained(folder).state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    result = compile(tmp_path / "bin", None, tmp_path / "out", rtn_only=True, scheme="uint4_wo_32")
+    assert result.report["weights"] == {"streamed": False,
+                                        "loaded_whole_because": "the checkpoint is not in safetensors or GGUF"}
+
+
+def test_a_damaged_tensor_in_a_streamed_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    from awq_graph.cli import main
+    from awq_graph.weights import SafetensorsWeights
+
+    folder = build(tmp_path / "ck", "tiny", layers=2, tokenizer=tiny_tokenizer())
+    weights = SafetensorsWeights(folder)
+    path, _, _, offset, _ = weights._where["model.layers.1.mlp.up_proj.weight"]
+    with open(path, "r+b") as f:  # one bf16 NaN (0x7fc0) in the middle of the file
+        f.seek(offset + 64)
+        f.write(bytes([0xC0, 0x7F]))
+    assert main(["compile", str(folder), "-o", str(tmp_path / "out"), "--rtn", "--group-size", "32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("awq-graph: error: weight 'model.layers.1.mlp.up_proj.weight' holds 1 NaN or infinite value "
+                       "(of 8192): the checkpoint is damaged; nothing was compiled"), err
+    assert not (tmp_path / "out").exists()
+
+
+_PEAK = """
+import resource, sys, torch
+from awq_graph import compile
+calib = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(0))
+compile(sys.argv[1], calib, sys.argv[2], n_samples=4, seqlen=64, stream=sys.argv[3] == "1", overwrite=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+@pytest.mark.slow
+def test_the_memory_of_a_streamed_compile_does_not_grow_with_depth(tmp_path):
+    """AWQ compiles of one width (63 MB of float32 weights per layer) at 2 and 6 layers, each in
+    its own process (peak RSS, ru_maxrss). Loaded whole (--no-stream), the 4 more layers cost
+    +313 MB here; streamed, they should cost well under their 252 MB of float32."""
+    peak = {}
+    for layers in (2, 6):
+        folder = build(tmp_path / f"ck{layers}", "wide", layers=layers)
+        run = subprocess.run([sys.executable, "-c", _PEAK, str(folder), str(tmp_path / "out"), "1"],
+                             capture_output=True, text=True, cwd=REPO)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peak[layers] = float(run.stdout.split()[-1])
+    growth = peak[6] - peak[2]
+    four_layers = 4 * 63.0
+    print(f"peak RSS MB: {peak}; 4 more layers: +{growth:.0f} MB (their float32 weights: {four_layers:.0f} MB)")
+    assert growth < 0.4 * four_layers, peak  # measured +43 MB (+36 MB in another run)
