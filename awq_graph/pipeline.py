@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import calib as calibration
-from .core.analysis import quantizable_linears
+from .core.analysis import quantizable_linears, token_table
 from .core.errors import ConfigError, InputError
 from .core.numerics import QuantScheme
 from .core.records import read_quark_config
@@ -142,12 +142,15 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
         gm = export_model(model, private=False)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)
     narrow = _narrower_than_a_group(gm, opts.scheme.group_size)
+    if gm.streamed:
+        gm.params.pin([token_table(gm)])
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
         calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source, streamed=gm.streamed)
         lap("calibration")
-    found = match(gm, opts.config, verify=opts.config is None)
+    # the derived groups are proved by folding random scales; round-to-nearest uses no group
+    found = match(gm, opts.config, verify=opts.config is None and not opts.rtn_only)
     if found.faults:
         raise ConfigError("config does not fit the model: " + "; ".join(found.faults))
     per_layer, warnings = found.for_search()

@@ -122,6 +122,7 @@ class ParamStore(Mapping):
         self._fixed = dict(fixed or {})
         self._resident: dict[str, torch.Tensor] = {}
         self._spent: set[str] = set()
+        self._pinned: set[str] = set()
         self._holding = False
         self.reads = 0  # tensors read from the checkpoint, for the tests and the report
 
@@ -154,6 +155,9 @@ class ParamStore(Mapping):
         if tensor.shape != self._shapes[name]:
             raise InputError(f"tensor '{key}' in the checkpoint has shape {tuple(tensor.shape)}, the model's config "
                              f"says {tuple(self._shapes[name])}")
+        flat = tensor.reshape(-1)
+        if all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 22)):  # in 16 MB pieces
+            return tensor
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise InputError(f"weight '{key}' holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
@@ -169,10 +173,19 @@ class ParamStore(Mapping):
         finally:
             self._holding = before
 
+    def pin(self, names) -> None:
+        """Read these now and keep them for the whole compile (the token table: the calibration,
+        the verification, the emission and the check all read it, and a tied head reads it too)."""
+        for name in names:
+            key = self._key(name)
+            if key not in self._resident and name not in self._fixed:
+                self._resident[key] = self._read(key, name)
+            self._pinned.add(key)
+
     def release(self, names, spent: bool = False) -> None:
         for name in names:
             key = self._key(name)
-            if key not in self._fixed:
+            if key not in self._fixed and key not in self._pinned:
                 self._resident.pop(key, None)
                 if spent:
                     self._spent.add(key)

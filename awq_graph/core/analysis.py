@@ -39,12 +39,16 @@ class _WithParams(dict):
     def __init__(self, env: dict, gm: GraphModel):
         super().__init__(env)
         self._gm = gm
+        self._last: tuple = (None, None)  # the analysis asks for one weight several times in a row
 
     def __missing__(self, node):
         name = self._gm.param_of(node)
         if name is None:
             raise KeyError(node)
-        return self._gm.params[name]
+        if self._last[0] != name:
+            self._last = (None, None)
+            self._last = (name, self._gm.params[name])
+        return self._last[1]
 
 
 def decoder_layers(gm: GraphModel) -> tuple[str, int]:

@@ -95,7 +95,9 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         plan = plan_graph(gm, model, kv_cache, next((q.scheme.group_size for q in quantized.values()), None))
     reason = plan.reason
     if plan.kv_decoder:
-        linears = linear_weights(gm, quantized)
+        # a float head tied to a float table reads the table's initializer: its matrix is not needed
+        tied = plan.facts.tied_head and plan.facts.head not in quantized and quantized_table is None
+        linears = linear_weights(gm, quantized, skip={plan.facts.head} if tied else ())
         family, _ = family_of(model)
         _, build = BLOCK_WRITERS[family.block]
         decoder = build(model, family, plan.facts, gm.params, linears, quantized_table=quantized_table,
@@ -204,12 +206,15 @@ def untranslatable_ops(gm: GraphModel) -> dict[str, str]:
     return where
 
 
-def linear_weights(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> dict[str, LinearWeights]:
-    """Every linear of the graph by module name: its integers when quantized, else its float matrix."""
+def linear_weights(gm: GraphModel, quantized: dict[str, QuantizedWeight], skip=()) -> dict[str, LinearWeights]:
+    """Every linear of the graph by module name: its integers when quantized, else its float
+    matrix (``skip``: a float one whose matrix is not read, e.g. a head tied to the table)."""
     out = {}
     for name, site in gm.linears.items():
         bias = gm.params[site.bias].detach() if site.bias else None
-        if name in quantized:
+        if name in skip and name not in quantized:
+            out[name] = LinearWeights(None, None, bias)
+        elif name in quantized:
             out[name] = LinearWeights(quantized[name], None, bias)
         else:
             out[name] = LinearWeights(None, site.matrix(gm.params).detach(), bias)
