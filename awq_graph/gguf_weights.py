@@ -17,7 +17,9 @@ from .core.errors import InputError
 class GGUFWeights:
     """``names()``: the HF parameter names the file holds; ``get(name)``: one tensor, float32."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, model=None):
+        """``model``: the checkpoint's model built on the meta device, if the caller has one (its
+        parameter names are what the file's tensors map to); else one is built here."""
         from gguf import GGUFReader
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
@@ -28,10 +30,11 @@ class GGUFWeights:
         architecture = read_field(self.reader, "general.architecture")[0]
         config_fields = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_fields)
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-        with torch.device("meta"):  # the names only: no weights
-            skeleton = AutoModelForCausalLM.from_config(config)
-        to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
+        if model is None:
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            with torch.device("meta"):  # the names only: no weights
+                model = AutoModelForCausalLM.from_config(config)
+        to_hf = get_gguf_hf_weights_map(model, self.processor)
         self._tensors = {to_hf[t.name]: t for t in self.reader.tensors if t.name in to_hf}
         self.architecture = architecture
 

@@ -27,6 +27,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def load_model(path: str | Path):
     """Returns (model in float32 eval mode, tokenizer or None when the folder has none: only
     calibration from text, eval and generate need one). Nothing is fetched from a hub."""
+    return load_float_model(path), load_tokenizer(path)
+
+
+def load_float_model(path: str | Path):
+    """The whole model, in float32 eval mode (transformers' loading)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -37,8 +42,7 @@ def load_model(path: str | Path):
             model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kwargs)
     except Exception as exc:
         raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
-    model.eval()
-    return model, load_tokenizer(path)
+    return model.eval()
 
 
 def checkpoint_location(path: Path) -> tuple[Path, dict]:
@@ -96,18 +100,7 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
 
     path = Path(path)
     folder, kwargs = checkpoint_location(path)
-    if path.is_file():
-        from .gguf_weights import GGUFWeights
-
-        try:
-            weights = GGUFWeights(path)
-        except Exception as exc:  # the gguf reader's errors on a damaged file are IndexError, ValueError, ...
-            raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
-    elif (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
-        from .weights import SafetensorsWeights
-
-        weights = SafetensorsWeights(path)
-    else:
+    if not (path.is_file() or (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()):
         return None, "the checkpoint is not in safetensors or GGUF"
     try:
         with warnings.catch_warnings():
@@ -119,6 +112,17 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
         raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+    if path.is_file():
+        from .gguf_weights import GGUFWeights
+
+        try:
+            weights = GGUFWeights(path, model)
+        except Exception as exc:  # the gguf reader's errors on a damaged file are IndexError, ValueError, ...
+            raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+    else:
+        from .weights import SafetensorsWeights
+
+        weights = SafetensorsWeights(path)
     model.tie_weights()
     model.eval()
     stored = set(weights.names())

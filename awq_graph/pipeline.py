@@ -22,7 +22,7 @@ from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
 from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
-from .load import check_finite, load_model, load_tokenizer, open_skeleton, tokenizer_files
+from .load import check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, tokenizer_files
 from .match import match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table
@@ -138,7 +138,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
             raise StreamingUnsupported(f"the logits-only graph ({plan.reason}) is exported from the model in memory")
     except StreamingUnsupported as exc:
         skeleton, whole_because = None, str(exc)
-        model, tokenizer = load_model(source)
+        model = load_float_model(source)  # the tokenizer is loaded already
         gm = export_model(model, private=False)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)
     narrow = _narrower_than_a_group(gm, opts.scheme.group_size)
@@ -256,7 +256,7 @@ def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source
     if calib is None or (isinstance(calib, str) and calib == "self"):
         if tokenizer is None:
             raise missing("calibration 'self'")
-        sampler = load_model(source)[0] if streamed else model
+        sampler = load_float_model(source) if streamed else model
         return calibration.self_generated(sampler, tokenizer, opts.n_samples, opts.seqlen, opts.seed,
                                           progress=progress), "self"
     if isinstance(calib, (str, os.PathLike)):

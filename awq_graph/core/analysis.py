@@ -23,18 +23,13 @@ def example_values(gm: GraphModel, seq: int = 6) -> dict:
     """Concrete values of every node for a small input: shapes for the analysis."""
     ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    if gm.streamed:  # the parameters read where used, then dropped; looked up again when asked
-        with torch.no_grad():
-            env = run_nodes(nodes, {gm.input_node(): ids}, made=gm.param_makers(), keep={*nodes, gm.input_node()})
-        return _WithParams(env, gm)
-    env = gm.param_env()
-    env[gm.input_node()] = ids
-    with torch.no_grad():
-        return run_nodes(nodes, env)
+    with torch.no_grad():  # the parameters read where used, then dropped; looked up again when asked
+        env = run_nodes(nodes, {gm.input_node(): ids}, made=gm.param_makers(), keep={*nodes, gm.input_node()})
+    return _WithParams(env, gm)
 
 
 class _WithParams(dict):
-    """Node values, with a streamed parameter read from the checkpoint when it is looked up."""
+    """Node values, with a parameter read (from the checkpoint, when streamed) when it is looked up."""
 
     def __init__(self, env: dict, gm: GraphModel):
         super().__init__(env)
@@ -46,7 +41,7 @@ class _WithParams(dict):
         if name is None:
             raise KeyError(node)
         if self._last[0] != name:
-            self._last = (None, None)
+            self._last = (None, None)  # the previous one dropped before the next is read
             self._last = (name, self._gm.params[name])
         return self._last[1]
 

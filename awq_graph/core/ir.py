@@ -111,14 +111,6 @@ class GraphModel:
             if node.op == "placeholder" and node.name in self.placeholder_param:
                 yield node, self.placeholder_param[node.name]
 
-    def param_env(self) -> dict[fx.Node, torch.Tensor]:
-        """Environment binding every parameter placeholder to its tensor."""
-        env = {}
-        for node in self.graph.nodes:
-            if node.op == "placeholder" and node.name in self.placeholder_param:
-                env[node] = self.params[self.placeholder_param[node.name]]
-        return env
-
     def param_of(self, node) -> str | None:
         """HF parameter name if ``node`` is a parameter placeholder."""
         if isinstance(node, fx.Node) and node.op == "placeholder":
@@ -133,19 +125,14 @@ class GraphModel:
         first node that reads it and dropped after the last (one replaced weight in memory at a
         time, not all of them)."""
         makers = {self.param_node(name): make for name, make in (made or {}).items()}
-        given = {self.param_node(name): t for name, t in (overrides or {}).items()}
-        if self.streamed:  # every parameter read where it is used
-            env = dict(given)
-            makers = {**self.param_makers(skip=set(given) | set(makers)), **makers}
-        else:
-            env = {**self.param_env(), **given}
-            for node in makers:
-                del env[node]
+        env = {self.param_node(name): t for name, t in (overrides or {}).items()}
+        # every other parameter read where it is used (a streamed one from the checkpoint)
+        makers = {**self.param_makers(skip=set(env) | set(makers)), **makers}
         env[self.input_node()] = input_ids
         env.update(fixed or {})
         nodes = [n for n in self.graph.nodes if n.op == "call_function" and n not in (fixed or {})]
         out = next(n for n in self.graph.nodes if n.op == "output").args[0][0]
-        env = run_nodes(nodes, env, made=makers, keep={out} if makers else None)
+        env = run_nodes(nodes, env, made=makers, keep={out})
         return env[out]
 
 

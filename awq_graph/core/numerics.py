@@ -269,21 +269,13 @@ class PackedWeight:
                             None if zeros is None else torch.from_numpy(zeros), qw.shape, qw.scheme)
 
     def unpack(self) -> QuantizedWeight:
-        n, k = self.shape
-        kb, bits = self.blob.shape[1], self.scheme.bits
-        q = _unpack_nibbles(self.blob) if bits == 4 else self.blob
-        q = q.reshape(n, -1)[:, :k]
-        scale = self.scales.reshape(n, kb)
-        if self.zeros is None:
-            zero = torch.full((n, kb), self.scheme.sym_zero, dtype=torch.uint8)
-        else:
-            zero = self.zeros.reshape(n, -1)
-            zero = (_unpack_nibbles(zero) if bits == 4 else zero)[:, :kb]
-        return QuantizedWeight(q.contiguous(), scale, zero.contiguous(), self.scheme)
+        return QuantizedWeight(self.q, self.scale, self.zero, self.scheme)
 
     @property
     def q(self) -> torch.Tensor:
-        return self.unpack().q
+        n, k = self.shape
+        q = _unpack_nibbles(self.blob) if self.scheme.bits == 4 else self.blob
+        return q.reshape(n, -1)[:, :k].contiguous()
 
     @property
     def scale(self) -> torch.Tensor:
@@ -291,7 +283,11 @@ class PackedWeight:
 
     @property
     def zero(self) -> torch.Tensor:
-        return self.unpack().zero
+        n, kb = self.shape[0], self.blob.shape[1]
+        if self.zeros is None:
+            return torch.full((n, kb), self.scheme.sym_zero, dtype=torch.uint8)
+        zero = self.zeros.reshape(n, -1)
+        return (_unpack_nibbles(zero) if self.scheme.bits == 4 else zero)[:, :kb].contiguous()
 
     def dequantize(self) -> torch.Tensor:
         return self.unpack().dequantize()

@@ -23,7 +23,7 @@ from awq_graph.core.analysis import decoder_layers, head_reads_token_table, outp
 from awq_graph.core.errors import ExportError, InputError
 from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.core.numerics import QuantizedWeight
-from awq_graph.emit.builder import GraphFacts, LinearWeights, save_decoder
+from awq_graph.emit.builder import GraphFacts, LinearWeights, head_reads_table, save_decoder
 from awq_graph.emit.decoder import build_decoder, fused_support
 from awq_graph.emit.families import family_of
 from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
@@ -95,8 +95,8 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         plan = plan_graph(gm, model, kv_cache, next((q.scheme.group_size for q in quantized.values()), None))
     reason = plan.reason
     if plan.kv_decoder:
-        # a float head tied to a float table reads the table's initializer: its matrix is not needed
-        tied = plan.facts.tied_head and plan.facts.head not in quantized and quantized_table is None
+        # a head reading the table's initializer needs no matrix of its own
+        tied = head_reads_table(plan.facts.tied_head, plan.facts.head in quantized, quantized_table)
         linears = linear_weights(gm, quantized, skip={plan.facts.head} if tied else ())
         family, _ = family_of(model)
         _, build = BLOCK_WRITERS[family.block]

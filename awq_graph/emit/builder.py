@@ -165,13 +165,19 @@ def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: Quantiz
                           g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
 
 
+def head_reads_table(tied_head: bool, head_quantized: bool, quantized_table) -> bool:
+    """A head tied to the token table (a graph fact) reads the embedding's float initializer
+    while both stay float, instead of a copy of its own."""
+    return tied_head and not head_quantized and quantized_table is None
+
+
 def head_and_model(g: GraphBuilder, h: str, head: LinearWeights, head_name: str, table_name: str, quantized_table,
                    accuracy_level: int, shape: DecoderShape, tied_head: bool, outputs: list[ir.Value]) -> ir.Model:
     """The head ``head_name`` into the ``logits`` output, then the model around the graph (its
     ``outputs`` as ``signature`` declares them).
     ``tied_head``: the head reads the token table's placeholder (a graph fact); while both stay
     float, it reads the embedding's initializer ``table_name`` instead of a copy."""
-    tied = tied_head and head.quantized is None and quantized_table is None
+    tied = head_reads_table(tied_head, head.quantized is not None, quantized_table)
     logits = linear(g, h, head, head_name, accuracy_level, table_name if tied else None)
     if shape.final_softcap:
         logits = softcap(g, logits, shape.final_softcap, head_name)
