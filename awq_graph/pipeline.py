@@ -27,6 +27,7 @@ from .match import match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table
 from .search import SearchOptions, SearchResult, awq_search, rtn
+from .spill import IntegerSpill
 from .weights import give_back_freed_memory
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -162,19 +163,22 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     for message in warnings:  # before the long search, not after it
         warn(message)
     lap("match")
-    result = rtn(gm, opts.scheme, progress) if opts.rtn_only else awq_search(gm, per_layer, calib_ids, opts.search_options(),
-                                                                   progress=progress)
-    quantized, table = dict(result.quantized), None
-    if opts.quantize_lm_head:
-        head, quantized[head] = quantize_head(gm, QuantScheme(opts.lm_head_bits, opts.scheme.group_size,
-                                                              opts.scheme.symmetric))
-        table = quantize_token_table(gm, opts.scheme)
-    lap("search")
-
     with atomic_out_dir(out_dir) as tmp:
-        emitted = write_onnx(gm, quantized, tmp / "model.onnx", model=model, accuracy_level=opts.accuracy_level,
-                             act_dtype=opts.act_dtype, quantized_table=table, plan=plan)
-        lap("emit")
+        spill = IntegerSpill(tmp / ".integers.spill")  # each layer's integers leave memory as it finishes
+        try:
+            result = (rtn(gm, opts.scheme, progress, keep=spill.put) if opts.rtn_only else
+                      awq_search(gm, per_layer, calib_ids, opts.search_options(), progress=progress, keep=spill.put))
+            quantized, table = dict(result.quantized), None
+            if opts.quantize_lm_head:
+                head, quantized[head] = quantize_head(gm, QuantScheme(opts.lm_head_bits, opts.scheme.group_size,
+                                                                      opts.scheme.symmetric))
+                table = quantize_token_table(gm, opts.scheme)
+            lap("search")
+            emitted = write_onnx(gm, quantized, tmp / "model.onnx", model=model, accuracy_level=opts.accuracy_level,
+                                 act_dtype=opts.act_dtype, quantized_table=table, plan=plan)
+            lap("emit")
+        finally:
+            spill.close()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "awq_config.json").write_text(json.dumps(found.quark, indent=2) + "\n")
@@ -182,7 +186,8 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
         report["graph"] = {"kind": emitted.kind, "act_dtype": opts.act_dtype, "accuracy_level": opts.accuracy_level,
                            "lm_head_bits": opts.lm_head_bits if opts.quantize_lm_head else None,
                            "check_deviation": emitted.check_deviation,
-                           "float_check_deviation": emitted.float_check_deviation}
+                           "float_check_deviation": emitted.float_check_deviation,
+                           "checked_layers": emitted.checked_layers}
         report["calibration_source"] = calib_source
         report["weights"] = {"streamed": gm.streamed, "loaded_whole_because": whole_because}
         for message in emitted.warnings:

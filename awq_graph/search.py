@@ -35,7 +35,8 @@ import torch
 from torch import fx
 
 from .core.analysis import decoder_layers, feeds_attention_scores, quantizable_linears
-from .core.ir import GraphModel, in_module, module_path, run_nodes
+from .core.ir import GraphModel, in_module, run_nodes
+from .core.stages import Stages
 from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
                             diagonal_blocks_of_rows, direct_output_error, fake_quantize, quadratic_output_error,
                             quantize, weight_magnitude)
@@ -111,72 +112,28 @@ class SearchResult:
     seconds: float = 0.0
 
 
-def rtn(gm: GraphModel, scheme: QuantScheme, progress=None) -> SearchResult:
+def rtn(gm: GraphModel, scheme: QuantScheme, progress=None, keep=None) -> SearchResult:
     """Round-to-nearest baseline: every quantizable linear, full range, no search (a streamed
-    weight is read, quantized and released: one in memory at a time)."""
+    weight is read, quantized and released: one in memory at a time). ``keep`` as in ``awq_search``."""
     progress = progress or (lambda it, desc, total: it)
     names = quantizable_linears(gm)
     out = {}
     for name in progress(names, "round to nearest", len(names)):
         site = gm.linears[name]
-        out[name] = _held(quantize(site.matrix(gm.params).detach().float(), scheme), site)
+        out[name] = _held(name, quantize(site.matrix(gm.params).detach().float(), scheme), site, keep)
         if gm.streamed:
             gm.params.release([site.weight], spent=True)
     return SearchResult(out)
 
 
-def _held(qw: QuantizedWeight, site) -> QuantizedWeight:
+def _held(name: str, qw: QuantizedWeight, site, keep=None) -> QuantizedWeight:
     """The integers as the compile holds them until they are written: a plain linear's packed
-    (``PackedWeight``, half the bytes), a bank of experts' as they are (the QMoE writer slices them)."""
-    return qw if site.experts else PackedWeight.of(qw)
-
-
-class _Stages:
-    """The graph cut into pre, decoder layer 0..n-1 and post stages, with the values each
-    stage hands to later ones."""
-
-    def __init__(self, gm: GraphModel):
-        prefix, n = decoder_layers(gm)
-        self.prefix, self.n = prefix, n
-        calls = [node for node in gm.graph.nodes if node.op == "call_function"]
-
-        def layer_of(node):
-            mp = module_path(node)
-            if mp.startswith(prefix + "."):
-                part = mp[len(prefix) + 1:].split(".", 1)[0]
-                if part.isdigit():
-                    return int(part)
-            return None
-
-        stage_of: dict[fx.Node, int] = {}
-        pending: list[fx.Node] = []
-        seen_layer = False
-        for node in calls:
-            li = layer_of(node)
-            if li is None:
-                if seen_layer:
-                    pending.append(node)  # between layers or after: joins the next stage
-                else:
-                    stage_of[node] = 0
-                continue
-            seen_layer = True
-            for p in pending:
-                stage_of[p] = li + 1
-            pending = []
-            stage_of[node] = li + 1
-        for p in pending:
-            stage_of[p] = n + 1
-        self.stages: list[list[fx.Node]] = [[] for _ in range(n + 2)]
-        for node in calls:
-            self.stages[stage_of[node]].append(node)
-        # values produced at stage <= k and read at a stage > k: a value made at stage i and
-        # read at stage j is handed on after stages i .. j-1
-        self.keep_after: list[set] = [set() for _ in range(n + 2)]
-        for node in calls:
-            for a in node.all_input_nodes:
-                if a.op == "call_function":
-                    for k in range(stage_of[a], stage_of[node]):
-                        self.keep_after[k].add(a)
+    (``PackedWeight``, half the bytes) and handed to ``keep(name, packed)`` (which may put them on
+    disk), a bank of experts' as they are (the QMoE writer slices them)."""
+    if site.experts:
+        return qw
+    packed = PackedWeight.of(qw)
+    return keep(name, packed) if keep else packed
 
 
 class _Stat:
@@ -242,15 +199,17 @@ def _scatter_mean(values: torch.Tensor, cmap: torch.Tensor, channels: int) -> to
 
 
 def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch.Tensor,
-               opts: SearchOptions, progress=None) -> SearchResult:
+               opts: SearchOptions, progress=None, keep=None) -> SearchResult:
     """Search, fold (in place on ``gm.params``; each fold's record in ``result.folded``) and
     quantize every decoder layer.
 
     ``calib``: (n_samples, seqlen) token ids. ``progress(iterable, desc, total)`` wraps loops.
+    ``keep(name, packed)``: what to hold for a linear's packed integers (``IntegerSpill.put``
+    writes them to disk as each layer finishes); None holds them in memory.
     """
     t0 = time.perf_counter()
     progress = progress or (lambda it, desc, total: it)
-    stages = _Stages(gm)
+    stages = Stages(gm)
     n_samples, seqlen = calib.shape
     # chunk 0 is the loss subsample: whole sequences, evenly spaced through the set
     n_loss = max(1, min(n_samples, opts.loss_tokens // seqlen))
@@ -278,7 +237,7 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
         linears = [n for n in gm.linears if n.startswith(base + ".") and n in quantizable]
         folds_before = len(result.folded)
         with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
-            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen)
+            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen, keep)
         if gm.streamed:  # the layer leaves memory, but for what its folds edited outside its linears
             _release_layer(gm, nodes, linears, result.folded[folds_before:])
     result.seconds = time.perf_counter() - t0
@@ -308,7 +267,7 @@ def _layer_params(gm, nodes, device) -> dict:
     return env
 
 
-def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens):
+def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens, keep=None):
     """Decoder layer ``li`` in three steps that return records: the scale of each group
     (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize."""
     stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages,
@@ -322,7 +281,7 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
             scales.append((g, s.cpu()))  # the folds edit the parameters where they live
     folded = [fold_scales(gm.params, g, s, gm.linears) for g, s in scales]
     result.folded.extend(folded)
-    quantized, clips = _clip_and_quantize(gm, linears, stats, folded, opts)
+    quantized, clips = _clip_and_quantize(gm, linears, stats, folded, opts, keep)
     result.quantized.update(quantized)
     result.clips.extend(clips)
 
@@ -365,7 +324,7 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
     return stats, inspect, saved
 
 
-def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts):
+def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None):
     """The integers of every quantizable linear of the layer, after the folds: per linear a
     clipping search on its (now scaled) input statistics, then quantize."""
     col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
@@ -384,7 +343,7 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts):
         shrink, report = _clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
         if report is not None:
             clips.append(report)
-        quantized[name] = _held(quantize(w, opts.scheme, shrink).to("cpu"), site)
+        quantized[name] = _held(name, quantize(w, opts.scheme, shrink).to("cpu"), site, keep)
     return quantized, clips
 
 

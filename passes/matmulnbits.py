@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from awq_graph.core.ir import PREFIX
 from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
+from awq_graph.spill import SpilledWeight
 
 QUANTIZED_OPS = ("MatMulNBits", "QMoE")
 
@@ -42,15 +43,40 @@ def initializer(array: np.ndarray, name: str) -> ir.Value:
                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
 
 
+SPILLED = "awq_graph.spilled"  # an initializer's Value.meta key: (array kind, SpilledWeight) it was read from
+
+
+def spilled_initializer(qw: SpilledWeight, kind: str, name: str, dtype: np.dtype | None = None) -> ir.Value:
+    """An initializer whose bytes are read from the integer scratch file only when the model is
+    saved (``ir.LazyTensor``, not cached); ``Value.meta[SPILLED]`` says where they came from."""
+    first = qw.segments[0].where[kind]
+    dtype = np.dtype(dtype or first[1])
+    shape = (sum(s.where[kind][2][0] for s in qw.segments), *first[2][1:])
+
+    def read():
+        return ir.tensor(qw.array(kind).astype(dtype, copy=False), name=name)
+
+    value = ir.Value(name=name, const_value=ir.LazyTensor(read, ir.DataType.from_numpy(dtype), ir.Shape(shape), name=name),
+                     shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(dtype)))
+    value.meta[SPILLED] = (kind, qw)
+    return value
+
+
 def matmulnbits_node(x: ir.Value, qw: QuantizedWeight, name: str, accuracy_level: int,
                      bias: ir.Value | None = None, scale_dtype=np.float32) -> tuple[ir.Node, list[ir.Value]]:
     """x @ dequantize(qw)^T (+ bias) as one MatMulNBits node, and the initializers it reads
     (scales in ``scale_dtype``, the activations' type)."""
     n, k = qw.shape
-    packed, scales, zeros = pack_matmulnbits(qw)
-    weights = [initializer(packed, f"{name}.qweight"), initializer(scales.astype(scale_dtype), f"{name}.scales")]
-    if zeros is not None:
-        weights.append(initializer(zeros, f"{name}.qzeros"))
+    if isinstance(qw, SpilledWeight):  # read from the scratch file when the data file is written
+        weights = [spilled_initializer(qw, "blob", f"{name}.qweight"),
+                   spilled_initializer(qw, "scales", f"{name}.scales", np.dtype(scale_dtype))]
+        if "zeros" in qw.segments[0].where:
+            weights.append(spilled_initializer(qw, "zeros", f"{name}.qzeros"))
+    else:
+        packed, scales, zeros = pack_matmulnbits(qw)
+        weights = [initializer(packed, f"{name}.qweight"), initializer(scales.astype(scale_dtype), f"{name}.scales")]
+        if zeros is not None:
+            weights.append(initializer(zeros, f"{name}.qzeros"))
     inputs = list(weights) + [None] * (3 - len(weights))
     if bias is not None:
         inputs += [None, bias]  # after g_idx

@@ -23,14 +23,16 @@ from awq_graph.core.analysis import decoder_layers, head_reads_token_table, outp
 from awq_graph.core.errors import ExportError, InputError
 from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.core.numerics import QuantizedWeight
-from awq_graph.emit.builder import GraphFacts, LinearWeights, head_reads_table, save_decoder
+from awq_graph.core.stages import Stages, run_layers
+from awq_graph.emit.builder import GraphFacts, LazyMatrix, LinearWeights, head_reads_table, save_decoder
 from awq_graph.emit.decoder import build_decoder, fused_support
 from awq_graph.emit.families import family_of
 from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
 from awq_graph.emit.logits_only import custom_translations, export_float_onnx, save_model
 from awq_graph.passes.channel_flow import norm_offsets
-from awq_graph.passes.matmulnbits import RewriteMatMulNBits, SetAccuracyLevel
+from awq_graph.passes.matmulnbits import SPILLED, RewriteMatMulNBits, SetAccuracyLevel
 from awq_graph.runtime import CONTEXT_KEY
+from awq_graph.spill import check_written_integers
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Emitted:
     warnings: list[str]
     check_deviation: float | None = None  # at the written accuracy level
     float_check_deviation: float | None = None  # the same graph with float activations
+    checked_layers: list[int] | None = None  # the decoder layers of the checked graph
 
 
 # a family row's ``block`` -> (why the decoder does not fit, or None; the builder of the decoder)
@@ -100,37 +103,47 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         linears = linear_weights(gm, quantized, skip={plan.facts.head} if tied else ())
         family, _ = family_of(model)
         _, build = BLOCK_WRITERS[family.block]
-        decoder = build(model, family, plan.facts, gm.params, linears, quantized_table=quantized_table,
-                        accuracy_level=accuracy_level, act_dtype=act_dtype)
+        def build_decoder(layers=None):
+            return build(model, family, plan.facts, gm.params, linears, quantized_table=quantized_table,
+                         accuracy_level=accuracy_level, act_dtype=act_dtype, layers=layers)
+
+        decoder = build_decoder()
         _record_context(decoder, model)
-        save_decoder(decoder, path)
-        del decoder  # its tensors: the data file holds them now
-        # The check: the graph with float activations against torch, tightly (the structure), and
-        # with int8 activations (accuracy level 4) loosely: their rounding is amplified with depth
-        # and by MoE routing flipping to other experts (5e-2 on a 6-layer random Mixtral), while a
-        # wrong graph is off by O(1).
-        graphs = {0: path}
+        spilled = {v.name: v.meta[SPILLED] for v in decoder.graph.initializers.values() if SPILLED in v.meta}
+        save_decoder(decoder, path)  # the integers and the head are read as they are written
+        del decoder
+        # The check, within one layer's memory: the integers in the file are the search's (every
+        # linear, by digest), and a shallow decoder (a few layers, the head) over the file's own
+        # tensors computes what the torch program computes through the same layers. The graph with
+        # float activations is held to a tight tolerance (the structure), the one with int8
+        # activations (accuracy level 4) loosely: their rounding is amplified with depth and by MoE
+        # routing flipping to other experts (5e-2 on a 6-layer random Mixtral), while a wrong graph
+        # is off by O(1).
+        check_integers(path, spilled)
+        layers = checked_layers(gm, model)
+        graphs = {accuracy_level: path.with_name(path.stem + ".check.onnx")}
         if accuracy_level != 0:
-            graphs = {0: path.with_name(path.stem + ".float-activations.onnx"), accuracy_level: path}
-            float_activations = ir.load(path)  # its tensors stay in path's data file, which the copy reads too
-            SetAccuracyLevel(0)(float_activations)
-            ir.save(float_activations, graphs[0])
-            del float_activations
+            graphs[0] = path.with_name(path.stem + ".check-float-activations.onnx")
         try:
-            deviations = dict(zip(graphs, check_decoder(list(graphs.values()), gm, quantized, quantized_table)))
+            shallow = over_written_tensors(build_decoder(layers), path)
+            for level, graph in graphs.items():
+                SetAccuracyLevel(level)(shallow)
+                ir.save(shallow, graph)  # its tensors stay in path's data file, which it reads too
+            del shallow
+            deviations = dict(zip(graphs, check_decoder(list(graphs.values()), gm, quantized, quantized_table, layers)))
         except Exception as exc:  # onnxruntime refused the graph: our bug, and the logits-only graph may still do
             deviations, failure = {0: float("inf")}, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         else:
             failure = None
         finally:
-            if accuracy_level != 0:
-                graphs[0].unlink(missing_ok=True)
+            for graph in graphs.values():
+                graph.unlink(missing_ok=True)
         # float16 rounds visibly, and 8-bit QMoE experts take int8 activations at every level
         int8_experts = any(q.scheme.bits == 8 and gm.linears[n].experts for n, q in quantized.items())
         tolerance = 1e-3 if act_dtype == "float32" and not int8_experts else 5e-2
         at_level = deviations.get(accuracy_level, deviations[0])
         if deviations[0] <= tolerance and at_level <= INT8_TOLERANCE:
-            return Emitted("kv-decoder", len(quantized), [], at_level, deviations[0])
+            return Emitted("kv-decoder", len(quantized), [], at_level, deviations[0], layers)
         for stale in path.parent.glob(path.name + "*"):
             stale.unlink()
         reason = (f"the fused KV-cache decoder failed in onnxruntime ({failure})" if failure else
@@ -155,6 +168,39 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     _record_context(onnx_model, model)
     save_model(onnx_model, Path(path))
     return Emitted("logits-only", len(rewrite.rewritten), [] if reason == "--no-kv-cache" else [warning])
+
+
+def checked_layers(gm: GraphModel, model) -> list[int]:
+    """The decoder layers the check runs: the first two, the last, and the first of each kind of
+    attention (gemma's local and global layers); every layer of a model whose layers are not one
+    program (a dense first layer before MoE ones)."""
+    stages = Stages(gm)
+    n = stages.n
+    kinds = list(getattr(getattr(model, "config", None), "layer_types", None) or [])[:n]
+    chosen = sorted({0, min(1, n - 1), n - 1} | {kinds.index(k) for k in set(kinds)})
+    same = all(len(stages.stages[i + 1]) == len(stages.stages[1])
+               and [a.target for a in stages.stages[i + 1]] == [a.target for a in stages.stages[1]] for i in chosen)
+    return chosen if same else list(range(n))
+
+
+def over_written_tensors(model: ir.Model, path: Path) -> ir.Model:
+    """``model`` with each initializer replaced by the tensor of the same name in the written
+    model at ``path`` (read from its data file only when run): the check runs the bytes the
+    user gets, and nothing is written or held twice."""
+    written = ir.load(path).graph.initializers
+    for name, value in model.graph.initializers.items():
+        source = written.get(name)
+        if source is None or source.const_value.shape != value.const_value.shape or \
+                source.const_value.dtype != value.const_value.dtype:
+            raise RuntimeError(f"awq-graph bug: the checked graph's initializer '{name}' is not in {path.name} as built")
+        value.const_value = source.const_value
+    return model
+
+
+def check_integers(path: Path, spilled: dict) -> int:
+    """Every linear's integers in ``path``'s data file against the search's digests (linears held
+    in memory rather than spilled are checked by running them only: see ``checked_layers``)."""
+    return check_written_integers(path, spilled) if spilled else 0
 
 
 def _record_context(onnx_model: ir.Model, model) -> None:
@@ -217,7 +263,8 @@ def linear_weights(gm: GraphModel, quantized: dict[str, QuantizedWeight], skip=(
         elif name in quantized:
             out[name] = LinearWeights(quantized[name], None, bias)
         else:
-            out[name] = LinearWeights(None, site.matrix(gm.params).detach(), bias)
+            shape = (site.out_features * max(site.experts, 1), site.in_features)
+            out[name] = LinearWeights(None, LazyMatrix(shape, lambda site=site: site.matrix(gm.params).detach()), bias)
     return out
 
 
@@ -236,10 +283,10 @@ def fake_quant_makers(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> 
 
 
 def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantized_table: QuantizedWeight | None,
-                  tokens: int = 12, decode_steps: int = 3, seed: int = 0) -> list[float]:
+                  layers: list[int] | None = None, tokens: int = 12, decode_steps: int = 3, seed: int = 0) -> list[float]:
     """Per decoder file, ||onnx - torch|| / ||torch|| over the logits of a prefill of ``tokens``
     random ids followed by ``decode_steps`` one-token steps against the cache; the torch
-    reference is computed once."""
+    reference (the program run through ``layers``, None: all) is computed once."""
     from awq_graph.runtime import CompiledModel
 
     lookup = token_lookup(gm)
@@ -250,7 +297,9 @@ def check_decoder(paths: list[Path], gm: GraphModel, quantized, quantized_table:
     if quantized_table is not None:  # the lookup reads an int4 copy of the table (tied or not)
         fixed[lookup] = torch.nn.functional.embedding(ids, quantized_table.dequantize())
     with torch.no_grad():  # each dequantized weight made where it is read, then dropped
-        ref = gm.run(ids, fixed=fixed, made=fake_quant_makers(gm, quantized)).float().numpy()
+        made = fake_quant_makers(gm, quantized)
+        ref = (gm.run(ids, fixed=fixed, made=made) if layers is None else
+               run_layers(gm, ids, layers, made=made, fixed=fixed)).float().numpy()
     deviations = []
     for path in paths:
         got = CompiledModel(path, threads=1).logits_with_cache(ids.numpy(), prefill=tokens)

@@ -28,6 +28,7 @@ says which models it fits, and the pipeline checks the result against the torch 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import onnx_ir as ir
@@ -120,17 +121,20 @@ def _per_layer_type(rotary) -> bool:
 
 def build_decoder(model, family: Family, facts: GraphFacts, params: dict[str, torch.Tensor],
                   linears: dict[str, LinearWeights], *, quantized_table: QuantizedWeight | None = None,
-                  accuracy_level: int = 0, act_dtype: str = "float32") -> ir.Model:
+                  accuracy_level: int = 0, act_dtype: str = "float32", layers: list[int] | None = None) -> ir.Model:
     """The fused KV-cache decoder of ``model`` with the given (folded) parameters.
 
     params: HF name -> tensor (norm weights, the embedding table). linears: HF module name
     (``model.layers.0.self_attn.q_proj``, the head) -> its weights. quantized_table: the token
-    table's int4 integers (GatherBlockQuantized), or None for the float table.
+    table's int4 integers (GatherBlockQuantized), or None for the float table. layers: which
+    decoder layers, in order (None: all); the k-th written one reads cache slot k (the check's
+    shallow decoder).
     """
     shape = decoder_shape(model, family, facts)
     names = family.names
     ftype = ir.DataType.FLOAT16 if act_dtype == "float16" else ir.DataType.FLOAT
-    inputs, outputs = signature(shape, ftype)
+    order = list(range(shape.layers)) if layers is None else list(layers)
+    inputs, outputs = signature(replace(shape, layers=len(order)), ftype)
     g = GraphBuilder(ftype, inputs, "awq_graph_decoder")
     half = shape.rotary_dim // 2
     rotary = {}  # layer type (None: every layer) -> (cos cache, sin cache)
@@ -150,11 +154,11 @@ def build_decoder(model, family: Family, facts: GraphFacts, params: dict[str, to
         x = g.op("Mul", [x, g.floats(f"{embed}.embed_scale", np.array(shape.embed_scale))], f"{embed}/Mul")
     residual = None
     delta = None
-    for i in range(shape.layers):
+    for slot, i in enumerate(order):
         p = facts.layer(i)
         h, residual = norm(delta, residual, x, f"{p}.{names.input_norm}")
         tables = rotary[shape.layer_types[i] if None not in rotary else None]
-        attn_out = _attention(g, h, i, f"{p}.{names.attention}", names, facts, params, linears, shape, tables,
+        attn_out = _attention(g, h, i, slot, f"{p}.{names.attention}", names, facts, params, linears, shape, tables,
                               lengths, accuracy_level)
         o_proj = f"{p}.{names.attention}.{names.o}"
         o = _residual_scale(g, linear(g, attn_out, linears[o_proj], o_proj, accuracy_level), shape,
@@ -180,16 +184,16 @@ def _residual_scale(g: GraphBuilder, x: str, shape: DecoderShape, name: str) -> 
     return g.op("Mul", [x, g.floats(f"{name}.residual_scale", np.array(shape.residual_scale))], f"{name}/residual_Mul")
 
 
-def _attention(g: GraphBuilder, h: str, i: int, a: str, names: Names, facts: GraphFacts, params, linears,
+def _attention(g: GraphBuilder, h: str, i: int, slot: int, a: str, names: Names, facts: GraphFacts, params, linears,
                shape: DecoderShape, rotary, lengths, accuracy_level: int) -> str:
-    """q|k|v projection, rotary at position_ids, GroupQueryAttention over the layer's cache."""
+    """q|k|v projection, rotary at position_ids, GroupQueryAttention over cache ``slot`` (layer ``i``)."""
     cos_cache, sin_cache = rotary
     seqlens, total = lengths
     fused_qkv = linears.get(f"{a}.{names.qkv}")  # phi3 stores q|k|v as one linear already
     attn = fused_qkv or LinearWeights.concat([linears[f"{a}.{n}"] for n in (names.q, names.k, names.v)])
     qkv = linear(g, h, attn, f"{a}.{names.qkv}", accuracy_level)
-    past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
-    outs = [f"{a}/out", f"present.{i}.key", f"present.{i}.value"]
+    past = [f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", seqlens, total]
+    outs = [f"{a}/out", f"present.{slot}.key", f"present.{slot}.value"]
     attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
                  local_window_size=shape.layer_window(i))
     if shape.attn_softcap:

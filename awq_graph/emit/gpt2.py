@@ -9,6 +9,8 @@ GPT-2's block (module names from its family row).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -40,11 +42,13 @@ def gpt2_shape(model) -> DecoderShape:
 
 def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[str, torch.Tensor],
                        linears: dict[str, LinearWeights], *, quantized_table: QuantizedWeight | None = None,
-                       accuracy_level: int = 0, act_dtype: str = "float32") -> ir.Model:
+                       accuracy_level: int = 0, act_dtype: str = "float32", layers: list[int] | None = None) -> ir.Model:
+    """GPT-2's KV-cache decoder; ``layers`` as in ``awq_graph.emit.decoder.build_decoder``."""
     shape = gpt2_shape(model)
     names = family.names
     ftype = ir.DataType.FLOAT16 if act_dtype == "float16" else ir.DataType.FLOAT
-    inputs, outputs = signature(shape, ftype)
+    order = list(range(shape.layers)) if layers is None else list(layers)
+    inputs, outputs = signature(replace(shape, layers=len(order)), ftype)
     g = GraphBuilder(ftype, inputs, "awq_graph_gpt2_decoder")
     seqlens, total = attention_lengths(g)
     embed = facts.embedding
@@ -53,7 +57,7 @@ def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[st
                                 "position_ids"], f"{names.positions}/Gather")
     x = g.op("Add", [tokens, positions], "embeddings/Add")
     residual, delta = x, None
-    for i in range(shape.layers):
+    for slot, i in enumerate(order):
         p = facts.layer(i)
         a, m = f"{p}.{names.attention}", f"{p}.{names.mlp}"
         h, residual = _layer_norm(g, delta, residual, params, f"{p}.{names.input_norm}", shape.eps)
@@ -61,8 +65,8 @@ def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[st
         q, k, v = g.op("Split", [qkv, g.const(f"{a}.split", np.array([shape.hidden] * 3, np.int64))],
                        f"{a}/Split", outputs=3, axis=-1)
         attn_out, _, _ = g.op("GroupQueryAttention",
-                              [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
-                              f"{a}/GroupQueryAttention", outputs=[f"{a}/out", f"present.{i}.key", f"present.{i}.value"],
+                              [q, k, v, f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", seqlens, total],
+                              f"{a}/GroupQueryAttention", outputs=[f"{a}/out", f"present.{slot}.key", f"present.{slot}.value"],
                               domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads,
                               scale=shape.scaling)
         o = linear(g, attn_out, linears[f"{a}.{names.o}"], f"{a}.{names.o}", accuracy_level)
