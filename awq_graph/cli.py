@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=_at_least(1), default=None)
     e.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...} on one line')
     e.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "stored"],
+                   help="MODEL's weights in torch: float32, its stored dtype, or auto (float32 when it fits "
+                        "in the memory available, else the stored dtype)")
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT from a compiled folder (onnxruntime)")
     g.add_argument("model", help="compiled folder")
@@ -254,9 +257,12 @@ def _eval(args) -> int:
         tokenizer = compiled.tokenizer
         logits_fn, context = compiled.logits, compiled.max_positions
     else:
-        from .load import load_model, tokenizer_files
+        from .load import eval_dtype, load_float_model, load_tokenizer, tokenizer_files
 
-        model, tokenizer = load_model(target)
+        dtype, why = eval_dtype(target, args.dtype)
+        if why:
+            print(f"awq-graph: {why}", file=sys.stderr)
+        model, tokenizer = load_float_model(target, dtype), load_tokenizer(target)
         if tokenizer is None:
             raise InputError(f"eval needs a tokenizer, and {tokenizer_files(target)}")
         if args.threads:

@@ -41,7 +41,8 @@ class GGUFWeights:
     def names(self) -> list[str]:
         return list(self._tensors)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, dequantized to float32 (``as_dtype`` is float32 or None)."""
         from gguf import dequantize
 
         if name not in self._tensors:

@@ -30,8 +30,8 @@ def load_model(path: str | Path):
     return load_float_model(path), load_tokenizer(path)
 
 
-def load_float_model(path: str | Path):
-    """The whole model, in float32 eval mode (transformers' loading)."""
+def load_float_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The whole model, in float32 (or ``dtype``) eval mode (transformers' loading)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -39,10 +39,55 @@ def load_float_model(path: str | Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
     except Exception as exc:
         raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
     return model.eval()
+
+
+FITS = 0.8  # of the memory available: what a whole model may take, the rest for activations and the runtime
+
+
+def eval_dtype(path: str | Path, asked: str = "auto", available: int | None = None) -> tuple[torch.dtype, str | None]:
+    """The dtype ``eval MODEL`` runs the float baseline in, and a note when it is not float32:
+    "float32", "stored" (the checkpoint's own dtype, from its safetensors headers), or "auto":
+    float32 when its float32 copy takes at most ``FITS`` of the memory available (``available``
+    bytes, default MemAvailable), else the stored dtype. A GGUF file is dequantized to float32."""
+    path = Path(path)
+    if asked == "float32" or path.suffix == ".gguf" or not path.is_dir():
+        return torch.float32, None
+    from .weights import SafetensorsWeights
+
+    try:
+        weights = SafetensorsWeights(path)
+    except InputError:
+        return torch.float32, None  # not safetensors: transformers' loading says what is wrong
+    by_dtype: dict[torch.dtype, int] = {}  # floating dtype -> elements stored in it
+    for name in weights.names():
+        if weights.dtype(name).is_floating_point:
+            by_dtype[weights.dtype(name)] = by_dtype.get(weights.dtype(name), 0) + weights.numel(name)
+    stored = max(by_dtype, key=by_dtype.get, default=torch.float32)
+    if stored == torch.float32:
+        return torch.float32, None
+    if asked == "stored":
+        return stored, f"eval: running {path.name} in {str(stored).removeprefix('torch.')}, its stored dtype (--dtype stored)"
+    elements = sum(by_dtype.values())
+    available = available if available is not None else _mem_available()
+    if available is None or 4 * elements <= FITS * available:
+        return torch.float32, None
+    return stored, (f"eval: {path.name} in float32 takes {4 * elements / 2**30:.1f} GiB, more than "
+                    f"{FITS:.0%} of the {available / 2**30:.1f} GiB available: running in "
+                    f"{str(stored).removeprefix('torch.')}, its stored dtype (--dtype float32 to insist)")
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def checkpoint_location(path: Path) -> tuple[Path, dict]:

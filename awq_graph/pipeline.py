@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import calib as calibration
-from .core.analysis import quantizable_linears, token_table
+from .core.analysis import quantizable_linears
 from .core.errors import ConfigError, InputError
 from .core.numerics import QuantScheme
 from .core.records import read_quark_config
@@ -143,8 +143,6 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
         gm = export_model(model, private=False)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)
     narrow = _narrower_than_a_group(gm, opts.scheme.group_size)
-    if gm.streamed:
-        gm.params.pin([token_table(gm)])
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:

@@ -108,16 +108,33 @@ class SafetensorsWeights:
     def dtype(self, name: str) -> torch.dtype:
         return self._where[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
+    def numel(self, name: str) -> int:
+        return math.prod(self._where[name][2])
+
+    def get(self, name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, in its stored dtype or converted to ``as_dtype`` piece by piece (16 MB of
+        the file at a time: a 2 GB float32 table from bf16 takes 2 GB, not 3)."""
         path, dtype, shape, offset, length = self._where[name]
-        buffer = bytearray(length)
+        out_dtype = as_dtype or dtype
+        out = torch.empty(shape, dtype=out_dtype)
+        if not length:
+            return out
+        flat = out.reshape(-1)
+        size = torch.empty((), dtype=dtype).element_size()
         with open(path, "rb") as f:
             f.seek(offset)
-            if f.readinto(buffer) != length:
-                raise InputError(f"{path} is truncated: tensor '{name}' runs past its end")
-        if not length:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+            if out_dtype == dtype:  # straight into the tensor's memory
+                if f.readinto(memoryview(flat.view(torch.uint8).numpy())) != length:
+                    raise InputError(f"{path} is truncated: tensor '{name}' runs past its end")
+                return out
+            piece = (16 << 20) // size * size
+            for start in range(0, length, piece):
+                chunk = bytearray(min(piece, length - start))
+                if f.readinto(chunk) != len(chunk):
+                    raise InputError(f"{path} is truncated: tensor '{name}' runs past its end")
+                values = torch.frombuffer(chunk, dtype=dtype)
+                flat[start // size:start // size + values.numel()] = values
+        return out
 
 
 class ParamStore(Mapping):
@@ -140,7 +157,6 @@ class ParamStore(Mapping):
         self._fixed = dict(fixed or {})
         self._resident: dict[str, torch.Tensor] = {}
         self._spent: set[str] = set()
-        self._pinned: set[str] = set()
         self._holding = False
 
     def _key(self, name: str) -> str:
@@ -167,9 +183,7 @@ class ParamStore(Mapping):
     def _read(self, key: str, name: str) -> torch.Tensor:
         if 4 * math.prod(self._shapes[name]) >= MMAP_THRESHOLD:
             _trim_heap()
-        stored = self.source.get(key)
-        tensor = stored.float() if stored.dtype != torch.float32 else stored
-        del stored
+        tensor = self.source.get(key, torch.float32)
         if tensor.shape != self._shapes[name]:
             raise InputError(f"tensor '{key}' in the checkpoint has shape {tuple(tensor.shape)}, the model's config "
                              f"says {tuple(self._shapes[name])}")
@@ -191,19 +205,10 @@ class ParamStore(Mapping):
         finally:
             self._holding = before
 
-    def pin(self, names) -> None:
-        """Read these now and keep them for the whole compile (the token table: the calibration,
-        the verification, the emission and the check all read it, and a tied head reads it too)."""
-        for name in names:
-            key = self._key(name)
-            if key not in self._resident and name not in self._fixed:
-                self._resident[key] = self._read(key, name)
-            self._pinned.add(key)
-
     def release(self, names, spent: bool = False) -> None:
         for name in names:
             key = self._key(name)
-            if key not in self._fixed and key not in self._pinned:
+            if key not in self._fixed:
                 self._resident.pop(key, None)
                 if spent:
                     self._spent.add(key)

@@ -37,7 +37,7 @@ def test_the_program_run_through_chosen_layers_is_the_model_with_only_those_laye
         expected = shallow(ids).logits
         got = run_layers(gm, ids, [0, 1, 3])
     deviation = float((got - expected).abs().max() / expected.abs().max())
-    assert deviation < 1e-5, deviation  # measured 0 to 2e-7
+    assert deviation < 1e-5, deviation  # measured 0.0: the same ops in the same order
 
 
 def _packed(rows: int, cols: int = 64, seed: int = 0) -> PackedWeight:

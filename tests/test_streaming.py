@@ -126,3 +126,27 @@ def test_the_memory_of_a_streamed_compile_does_not_grow_with_depth(tmp_path):
     print(f"peak RSS MB: {peak}; 4 more layers: +{growth:.0f} MB (their float32 weights: {four_layers:.0f} MB)")
     # measured +37 .. +95 MB over 12 single runs (hash seeds 1-6; 32 MB of it the packed integers)
     assert growth < 0.4 * four_layers, peak
+
+
+def test_eval_of_a_checkpoint_too_large_for_float32_runs_in_its_stored_dtype(tmp_path, capsys):
+    """The float baseline of a model whose float32 copy would not fit runs in bfloat16 (its
+    stored dtype), says so, and scores close to float32."""
+    from awq_graph.cli import main
+    from awq_graph.load import eval_dtype
+
+    folder = build(tmp_path / "ck", "tiny", layers=2, tokenizer=tiny_tokenizer())  # bf16 safetensors
+    elements = 4 * 64 * 64 + 2 * 64 * 16 * 2 + 3 * 64 * 128 + 320 * 64  # enough to be over 0.8 of a tiny budget
+    assert eval_dtype(folder, "auto", available=1 << 40) == (torch.float32, None)
+    dtype, note = eval_dtype(folder, "auto", available=elements)  # float32 takes ~4x that
+    assert dtype == torch.bfloat16 and "running in bfloat16, its stored dtype" in note, note
+    assert eval_dtype(folder, "stored")[0] == torch.bfloat16
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the cat of the city is {n} and more text" for n in range(60)))
+    scores = {}
+    for dtype in ("float32", "stored"):
+        assert main(["eval", str(folder), "--text", str(text), "--seqlen", "64", "--json", "--dtype", dtype]) == 0
+        out, err = capsys.readouterr()
+        scores[dtype] = json.loads(out)["ppl"]
+        assert ("stored dtype" in err) == (dtype == "stored"), err
+    ratio = scores["stored"] / scores["float32"]
+    assert abs(ratio - 1) < 0.02, scores  # bf16 activations; measured 1.000009

@@ -48,14 +48,12 @@ class GraphBuilder:
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
         return self.const(name, array.astype(self.np_float, copy=False))  # float32 in, float32 out: the tensor's own memory
 
-    def lazy_floats(self, name: str, shape, make: Callable[[], torch.Tensor]) -> str:
-        """An initializer of ``shape`` whose values ``make`` computes when the model is saved."""
-        def evaluate():
-            return ir.tensor(np.ascontiguousarray(make().detach().float().numpy().astype(self.np_float, copy=False)),
-                             name=name)
-
-        value = ir.Value(name=name, const_value=ir.LazyTensor(evaluate, self.float_type, ir.Shape(shape), name=name),
-                         shape=ir.Shape(shape), type=ir.TensorType(self.float_type))
+    def lazy_floats(self, name: str, matrix: "LazyMatrix", transposed: bool = False) -> str:
+        """An initializer of ``matrix`` (or its transpose) whose values are read when the model is
+        saved; a transposed one is written a block of columns at a time (no transposed copy)."""
+        kind = _TransposedLazy if transposed else _Lazy
+        tensor = kind(matrix, self.float_type, name)
+        value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(self.float_type))
         self.graph.register_initializer(value)
         self.values[name] = value
         return name
@@ -133,6 +131,36 @@ class LinearWeights:
         return LinearWeights(None, torch.cat(matrices), bias)
 
 
+class _Lazy(ir.LazyTensor):
+    """A LazyMatrix's values in ``dtype``, read when written (never cached)."""
+
+    def __init__(self, matrix: "LazyMatrix", dtype: ir.DataType, name: str, shape=None):
+        self.matrix, self.np_float = matrix, dtype.numpy()
+        super().__init__(self._evaluate_array, dtype, ir.Shape(shape or matrix.shape), name=name)
+
+    def _values(self) -> np.ndarray:
+        return self.matrix.read().detach().float().numpy()
+
+    def _evaluate_array(self):
+        return ir.tensor(np.ascontiguousarray(self._values().astype(self.np_float, copy=False)), name=self.name)
+
+
+class _TransposedLazy(_Lazy):
+    """W^T of a LazyMatrix W (out, in): a MatMul's (in, out) operand."""
+
+    def __init__(self, matrix: "LazyMatrix", dtype: ir.DataType, name: str):
+        super().__init__(matrix, dtype, name, shape=matrix.shape[::-1])
+
+    def _evaluate_array(self):
+        return ir.tensor(np.ascontiguousarray(self._values().T.astype(self.np_float, copy=False)), name=self.name)
+
+    def tofile(self, file) -> None:
+        w = self._values()
+        step = max(1, (16 << 20) // (4 * w.shape[0]))  # 16 MB of columns at a time
+        for start in range(0, w.shape[1], step):
+            np.ascontiguousarray(w[:, start:start + step].T).astype(self.np_float, copy=False).tofile(file)
+
+
 @dataclass(frozen=True)
 class LazyMatrix:
     """A float (out, in) matrix read only when the model is written (a checkpoint's head: 2 GB
@@ -140,6 +168,12 @@ class LazyMatrix:
 
     shape: tuple[int, int]
     read: Callable[[], torch.Tensor]
+
+
+def lazy_param(params, name: str) -> LazyMatrix:
+    """Parameter ``name`` read when the model is written (a streamed store is not read before)."""
+    shape = params.shape_of(name) if hasattr(params, "shape_of") else params[name].shape
+    return LazyMatrix(tuple(shape), lambda: params[name])
 
 
 def float_matrix(matrix) -> torch.Tensor:
@@ -157,7 +191,7 @@ def linear(g: GraphBuilder, x: str, lw: LinearWeights, name: str, accuracy_level
         if tied_table is not None:
             w = g.op("Transpose", [tied_table], f"{name}/Transpose", perm=[1, 0])
         elif isinstance(lw.matrix, LazyMatrix):
-            w = g.lazy_floats(f"{name}.weight_t", lw.matrix.shape[::-1], lambda: lw.matrix.read().T)
+            w = g.lazy_floats(f"{name}.weight_t", lw.matrix, transposed=True)
         else:
             w = g.floats(f"{name}.weight_t", lw.matrix.T.contiguous())
         y = g.op("MatMul", [x, w], f"{name}/MatMul")
@@ -172,11 +206,12 @@ def linear(g: GraphBuilder, x: str, lw: LinearWeights, name: str, accuracy_level
     return f"{name}/MatMulNBits/out0"
 
 
-def embedding(g: GraphBuilder, ids: str, table: torch.Tensor, quantized: QuantizedWeight | None, name: str) -> str:
+def embedding(g: GraphBuilder, ids: str, table: "torch.Tensor | LazyMatrix", quantized: QuantizedWeight | None, name: str) -> str:
     """The rows of the token table: a Gather over the float table, or GatherBlockQuantized over
     its integers (``quantized``, rows = tokens)."""
-    if quantized is None:
-        return g.op("Gather", [g.floats(f"{name}.weight", table), ids], f"{name}/Gather")  # its initializer: what a tied float head reads
+    if quantized is None:  # its initializer: what a tied float head reads
+        init = g.lazy_floats(f"{name}.weight", table) if isinstance(table, LazyMatrix) else g.floats(f"{name}.weight", table)
+        return g.op("Gather", [init, ids], f"{name}/Gather")
     qw, scheme = quantized, quantized.scheme
     vocab, hidden = qw.shape
     packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks

@@ -35,7 +35,7 @@ import onnx_ir as ir
 import torch
 
 from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
-from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding,
+from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, out_rows, signature)
 from awq_graph.emit.families import DecoderShape, Family, Names
 
@@ -149,7 +149,7 @@ def build_decoder(model, family: Family, facts: GraphFacts, params: dict[str, to
         return _norm(g, delta, residual, x, facts.norm_factor(params, module), module, shape.eps)
 
     embed = facts.embedding
-    x = embedding(g, "input_ids", params[facts.table], quantized_table, embed)
+    x = embedding(g, "input_ids", lazy_param(params, facts.table), quantized_table, embed)
     if shape.embed_scale is not None:
         x = g.op("Mul", [x, g.floats(f"{embed}.embed_scale", np.array(shape.embed_scale))], f"{embed}/Mul")
     residual = None

@@ -16,7 +16,7 @@ import onnx_ir as ir
 import torch
 
 from awq_graph.core.numerics import QuantizedWeight
-from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding,
+from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, signature)
 from awq_graph.emit.families import DecoderShape, Family
 
@@ -52,7 +52,7 @@ def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[st
     g = GraphBuilder(ftype, inputs, "awq_graph_gpt2_decoder")
     seqlens, total = attention_lengths(g)
     embed = facts.embedding
-    tokens = embedding(g, "input_ids", params[facts.table], quantized_table, embed)
+    tokens = embedding(g, "input_ids", lazy_param(params, facts.table), quantized_table, embed)
     positions = g.op("Gather", [g.floats(f"{names.positions}.weight", params[f"{names.positions}.weight"]),
                                 "position_ids"], f"{names.positions}/Gather")
     x = g.op("Add", [tokens, positions], "embeddings/Add")
