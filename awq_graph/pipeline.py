@@ -185,7 +185,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
                            "lm_head_bits": opts.lm_head_bits if opts.quantize_lm_head else None,
                            "check_deviation": emitted.check_deviation,
                            "float_check_deviation": emitted.float_check_deviation,
-                           "checked_layers": emitted.checked_layers}
+                           "checked_layers": emitted.checked_layers, "integers_checked": emitted.integers_checked}
         report["calibration_source"] = calib_source
         report["weights"] = {"streamed": gm.streamed, "loaded_whole_because": whole_because}
         for message in emitted.warnings:

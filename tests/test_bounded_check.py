@@ -68,6 +68,7 @@ def test_a_compile_holds_no_integers_and_checks_every_linear_of_the_file(tmp_pat
     result = compile(model, ids, tmp_path / "out", n_samples=4, seqlen=32, scheme="uint4_wo_32")
     graph = result.report["graph"]
     assert graph["kind"] == "kv-decoder" and graph["checked_layers"] == [0, 1, 3], graph
+    assert graph["integers_checked"] == 4 * 7 == result.report["quantized_linears"], graph
     assert graph["float_check_deviation"] < 1e-5, graph  # the shallow graph against torch; measured 2e-7
     assert not list((tmp_path / "out").glob("*.spill")) and not list((tmp_path / "out").glob("*check*"))
 

@@ -2,7 +2,7 @@
 measure peak RSS, seconds per decoder layer, total time and OUT size.
 
     python tools/bench_scale.py --shapes smollm2 1b --layers 4 8 --modes rtn awq
-    python tools/bench_scale.py --shapes 3b --modes rtn            # the whole depth
+    python tools/bench_scale.py --shapes 3b --modes rtn --generate --merge   # the whole depth, then generate
 
 Checkpoints (bf16, sharded, written tensor by tensor by tools/random_checkpoint.py) are built
 once under bench/scale/ (ignored). Each compile runs alone in its own process under
@@ -59,6 +59,36 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env) -> dic
     return row
 
 
+def _generate(out: Path, env) -> dict:
+    """``awq-graph generate OUT`` on the compiled folder: a few greedy tokens, and its peak RSS."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "awq_graph.cli", "generate", str(out), "The capital of France is",
+           "--max-new-tokens", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return {"rc": proc.returncode, "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None,
+            "text": proc.stdout.strip()[-200:]}
+
+
+def _generated(row: dict) -> str:
+    g = row.get("generate")
+    if not g:
+        return "-"
+    return f"ok, {g['peak_rss_gb']} GB" if g["rc"] == 0 else f"failed (rc {g['rc']})"
+
+
+def _merged(path: Path, rows: list[dict], args) -> list[dict]:
+    """The rows already in ``path`` (same calibration), with this run's replacing those of the same
+    shape, depth, mode and weights."""
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    if (old.get("n_samples"), old.get("seqlen")) != (args.n_samples, args.seqlen):
+        return rows
+    key = lambda r: (r["shape"], r["layers"], r["mode"], r.get("weights", "streamed"))  # noqa: E731
+    new = {key(r) for r in rows}
+    return [r for r in old["rows"] if key(r) not in new] + rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["smollm2", "1b"], choices=sorted(SHAPES))
@@ -71,6 +101,8 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--work", type=Path, default=REPO / "bench" / "scale")
     p.add_argument("--results", type=Path, default=REPO / "tools" / "results" / "scale.json")
+    p.add_argument("--merge", action="store_true", help="keep the rows of other runs in --results (same calibration)")
+    p.add_argument("--generate", action="store_true", help="run `awq-graph generate` on each compiled folder")
     args = p.parse_args()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
     args.work.mkdir(parents=True, exist_ok=True)
@@ -87,16 +119,20 @@ def main() -> int:
                                                                   mode, weights, args, env)}
                 if "timings_s" in row:
                     row["search_s_per_layer"] = round(row["timings_s"].get("search", 0.0) / n_layers, 2)
+                    if args.generate:
+                        row["generate"] = _generate(args.work / f"out-{folder.name}-{mode}", env)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    rows = _merged(args.results, rows, args) if args.merge else rows
     args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
-    print("| shape | layers | params | mode | weights | peak RSS | search s/layer | total s | OUT MB | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"load average {os.getloadavg()[0]:.2f}; rows in {args.results}")
+    print("| shape | layers | params | mode | weights | peak RSS | search s/layer | total s | OUT MB | generate | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r['weights']} | "
+        print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r.get('weights', 'streamed')} | "
               f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
-              f"{r['wall_s']} | {r.get('out_mb', r.get('error', '-'))} | {r['load_avg']:.2f} |")
+              f"{r['wall_s']} | {r.get('out_mb', r.get('error', '-'))} | {_generated(r)} | {r['load_avg']:.2f} |")
     return 0
 
 

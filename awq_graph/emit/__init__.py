@@ -43,6 +43,7 @@ class Emitted:
     check_deviation: float | None = None  # at the written accuracy level
     float_check_deviation: float | None = None  # the same graph with float activations
     checked_layers: list[int] | None = None  # the decoder layers of the checked graph
+    integers_checked: int = 0  # linears whose integers in the file were compared with the search's digests
 
 
 # a family row's ``block`` -> (why the decoder does not fit, or None; the builder of the decoder)
@@ -119,7 +120,7 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         # activations (accuracy level 4) loosely: their rounding is amplified with depth and by MoE
         # routing flipping to other experts (5e-2 on a 6-layer random Mixtral), while a wrong graph
         # is off by O(1).
-        check_integers(path, spilled)
+        integers_checked = check_integers(path, spilled)
         layers = checked_layers(gm, model)
         graphs = {accuracy_level: path.with_name(path.stem + ".check.onnx")}
         if accuracy_level != 0:
@@ -143,7 +144,7 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         tolerance = 1e-3 if act_dtype == "float32" and not int8_experts else 5e-2
         at_level = deviations.get(accuracy_level, deviations[0])
         if deviations[0] <= tolerance and at_level <= INT8_TOLERANCE:
-            return Emitted("kv-decoder", len(quantized), [], at_level, deviations[0], layers)
+            return Emitted("kv-decoder", len(quantized), [], at_level, deviations[0], layers, integers_checked)
         for stale in path.parent.glob(path.name + "*"):
             stale.unlink()
         reason = (f"the fused KV-cache decoder failed in onnxruntime ({failure})" if failure else
