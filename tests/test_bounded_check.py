@@ -115,3 +115,20 @@ def test_spilled_and_held_integers_write_the_same_file(tmp_path):
     for file in ("model.onnx", "model.onnx.data"):
         assert (tmp_path / "held" / file).read_bytes() == (tmp_path / "spilled" / file).read_bytes(), file
     spill.close()
+
+
+@pytest.mark.parametrize("model_type, overrides, layers", [
+    ("llama", {"num_hidden_layers": 5}, [0, 1, 4]),
+    # the first global layer too: its attention is another kind
+    ("gemma3_text", {"num_hidden_layers": 6, "sliding_window": 5,
+                     "layer_types": ["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 2},
+     [0, 1, 3, 5]),
+    # a dense layer 0 before MoE layers: the layers are not one program, so every one is checked
+    ("qwen3_moe", {"num_hidden_layers": 4, "mlp_only_layers": [0]}, [0, 1, 2, 3]),
+])
+def test_the_check_runs_the_first_two_layers_the_last_and_each_kind(model_type, overrides, layers):
+    from awq_graph.emit import checked_layers
+    from awq_graph.load import tiny_random_model
+
+    model = tiny_random_model(model_type, **overrides)
+    assert checked_layers(export_model(model), model) == layers

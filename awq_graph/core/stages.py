@@ -59,6 +59,10 @@ class Stages:
                     for k in range(stage_of[a], stage_of[node]):
                         self.keep_after[k].add(a)
 
+    def alike(self, a: int, b: int) -> bool:
+        """Decoder layers ``a`` and ``b`` are the same program (the same ops in the same order)."""
+        return [n.target for n in self.stages[a + 1]] == [n.target for n in self.stages[b + 1]]
+
     def counterpart(self, node: fx.Node, layer: int) -> fx.Node:
         """The node of decoder layer ``layer`` at ``node``'s place in its own layer."""
         own = self.stage_of[node]

@@ -120,7 +120,8 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         # activations (accuracy level 4) loosely: their rounding is amplified with depth and by MoE
         # routing flipping to other experts (5e-2 on a 6-layer random Mixtral), while a wrong graph
         # is off by O(1).
-        integers_checked = check_integers(path, spilled)
+        # (integers held in memory rather than spilled, such as expert banks, are checked by running only)
+        integers_checked = check_written_integers(path, spilled) if spilled else 0
         layers = checked_layers(gm, model)
         graphs = {accuracy_level: path.with_name(path.stem + ".check.onnx")}
         if accuracy_level != 0:
@@ -179,9 +180,7 @@ def checked_layers(gm: GraphModel, model) -> list[int]:
     n = stages.n
     kinds = list(getattr(getattr(model, "config", None), "layer_types", None) or [])[:n]
     chosen = sorted({0, min(1, n - 1), n - 1} | {kinds.index(k) for k in set(kinds)})
-    same = all(len(stages.stages[i + 1]) == len(stages.stages[1])
-               and [a.target for a in stages.stages[i + 1]] == [a.target for a in stages.stages[1]] for i in chosen)
-    return chosen if same else list(range(n))
+    return chosen if all(stages.alike(0, i) for i in chosen) else list(range(n))
 
 
 def over_written_tensors(model: ir.Model, path: Path) -> ir.Model:
@@ -196,12 +195,6 @@ def over_written_tensors(model: ir.Model, path: Path) -> ir.Model:
             raise RuntimeError(f"awq-graph bug: the checked graph's initializer '{name}' is not in {path.name} as built")
         value.const_value = source.const_value
     return model
-
-
-def check_integers(path: Path, spilled: dict) -> int:
-    """Every linear's integers in ``path``'s data file against the search's digests (linears held
-    in memory rather than spilled are checked by running them only: see ``checked_layers``)."""
-    return check_written_integers(path, spilled) if spilled else 0
 
 
 def _record_context(onnx_model: ir.Model, model) -> None:
