@@ -79,6 +79,16 @@ def from_tensors(data, n_samples: int, seqlen: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def check_ids_fit(ids: torch.Tensor, vocab: int, source: str) -> None:
+    """Token ids from ``source`` must index the model's token table of ``vocab`` rows (a tokenizer
+    of another model gives ids the lookup cannot read)."""
+    top = int(ids.max()) if ids.numel() else 0
+    if top >= vocab or (ids.numel() and int(ids.min()) < 0):
+        bad = top if top >= vocab else int(ids.min())
+        raise InputError(f"calibration from {source} holds token id {bad}, outside the model's token table of {vocab} "
+                         f"rows: the tokenizer does not belong to this model")
+
+
 def self_generated(model, tokenizer, n_samples: int, seqlen: int, seed: int = 0, batch: int = 64,
                    progress=None) -> torch.Tensor:
     """Text sampled from the model itself, starting from BOS: no dataset needed."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import calib as calibration
-from .core.analysis import quantizable_linears
+from .core.analysis import quantizable_linears, token_table
 from .core.errors import ConfigError, InputError
 from .core.numerics import QuantScheme
 from .core.records import read_quark_config
@@ -147,6 +147,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
         calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source, streamed=gm.streamed)
+        calibration.check_ids_fit(calib_ids, int(gm.param_shape(token_table(gm))[0]), calib_source)
         lap("calibration")
     # the derived groups are proved by folding random scales; round-to-nearest uses no group
     found = match(gm, opts.config, verify=opts.config is None and not opts.rtn_only)

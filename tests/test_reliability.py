@@ -176,3 +176,18 @@ def test_a_gpt2_calibration_beyond_its_positions_is_refused_naming_both(tmp_path
     with pytest.raises(InputError, match="seqlen 48 .* longer than the model's context of 32 positions"):
         compile(model, ids, tmp_path / "out", n_samples=4, seqlen=48, scheme="uint4_wo_16")
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_ids_beyond_the_token_table_are_named_with_their_source(tmp_path, capsys):
+    """A tokenizer of another model (SmolLM2's 49152 ids on a 320-token model) used to end in
+    'index out of range in self' from the embedding node."""
+    from conftest import tiny_model
+
+    from awq_graph import InputError, compile
+
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids[2, 5] = 4000
+    with pytest.raises(InputError, match="calibration from tensors holds token id 4000, outside the model's token "
+                                         "table of 320 rows"):
+        compile(tiny_model(), ids, tmp_path / "out", n_samples=4, seqlen=32, scheme="uint4_wo_16")
+    assert not (tmp_path / "out").exists()
