@@ -27,9 +27,12 @@ from .core.errors import InputError
 PAST = "past_key_values."
 
 
-def session(model_path: str | Path, threads: int | None = None, provider: str = "cpu", spinning: bool = False):
+def session(model_path: str | Path, threads: int | None = None, provider: str = "cpu", spinning: bool = False,
+            prepack: bool = True):
     """An onnxruntime session. ``spinning``: worker threads busy-wait between ops (decode ~25%
-    faster on 2 cores; off by default, since spinning threads starve whatever else runs)."""
+    faster on 2 cores; off by default, since spinning threads starve whatever else runs).
+    ``prepack``: kernels keep their own re-arranged copy of the weights (faster; False keeps only
+    the memory-mapped data file's, e.g. for a one-off check of a large model)."""
     import onnxruntime as ort
 
     model_path = Path(model_path)
@@ -43,6 +46,8 @@ def session(model_path: str | Path, threads: int | None = None, provider: str = 
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(model_path), opts, providers=providers)
 
@@ -72,11 +77,11 @@ class CompiledModel:
     """A compiled folder (or one .onnx file) in onnxruntime."""
 
     def __init__(self, path: str | Path, threads: int | None = None, provider: str = "cpu", tokenizer=None,
-                 spinning: bool = False):
+                 spinning: bool = False, prepack: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.session = session(self.path, threads, provider, spinning)
+        self.session = session(self.path, threads, provider, spinning, prepack)
         self.device = "cuda" if provider == "cuda" else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = list(inputs)
