@@ -27,7 +27,7 @@ from .match import match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table
 from .search import SearchOptions, SearchResult, awq_search, rtn
-from .spill import IntegerSpill
+from .core.spill import IntegerSpill
 from .weights import give_back_freed_memory
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)

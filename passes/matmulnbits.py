@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from awq_graph.core.ir import PREFIX
 from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
-from awq_graph.spill import SpilledWeight
+from awq_graph.core.spill import SpilledWeight
 
 QUANTIZED_OPS = ("MatMulNBits", "QMoE")
 

@@ -1,5 +1,5 @@
 """The check of the written decoder within one layer's memory (issue: scale): the integers leave
-memory as each layer is searched (a scratch file, ``awq_graph.spill``), every linear's integers
+memory as each layer is searched (a scratch file, ``awq_graph.core.spill``), every linear's integers
 in the written file are compared with the search's digests, and a shallow decoder over the
 file's own tensors (the first two layers, the last, the head) is run against the torch program
 run through the same layers."""
@@ -13,7 +13,8 @@ import torch
 from awq_graph.core.numerics import PackedWeight, QuantScheme
 from awq_graph.core.stages import run_layers
 from awq_graph.export import export_model
-from awq_graph.spill import IntegerSpill, SpilledWeight, check_written_integers
+from awq_graph.core.spill import IntegerSpill, SpilledWeight
+from awq_graph.emit import check_written_integers
 
 from conftest import tiny_model
 

@@ -23,6 +23,7 @@ from awq_graph.core.analysis import decoder_layers, head_reads_token_table, outp
 from awq_graph.core.errors import ExportError, InputError
 from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.core.numerics import QuantizedWeight
+from awq_graph.core.spill import SpilledWeight, digest
 from awq_graph.core.stages import Stages, run_layers
 from awq_graph.emit.builder import GraphFacts, LazyMatrix, LinearWeights, head_reads_table, save_decoder
 from awq_graph.emit.decoder import build_decoder, fused_support
@@ -32,7 +33,6 @@ from awq_graph.emit.logits_only import custom_translations, export_float_onnx, s
 from awq_graph.passes.channel_flow import norm_offsets
 from awq_graph.passes.matmulnbits import SPILLED, RewriteMatMulNBits, SetAccuracyLevel
 from awq_graph.runtime import CONTEXT_KEY
-from awq_graph.spill import check_written_integers
 
 
 @dataclass
@@ -195,6 +195,45 @@ def over_written_tensors(model: ir.Model, path: Path) -> ir.Model:
             raise RuntimeError(f"awq-graph bug: the checked graph's initializer '{name}' is not in {path.name} as built")
         value.const_value = source.const_value
     return model
+
+
+def check_written_integers(model_path: Path, written: dict[str, tuple[str, SpilledWeight]]) -> int:
+    """Compare the bytes of each written initializer (name -> (array kind, its integers)) in the
+    model's external data with the digests the search recorded, segment by segment: a fused
+    tensor's rows are its linears' rows in order, so its bytes split at their lengths. Reads one
+    tensor at a time. Returns how many linears were compared; raises on the first mismatch."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    checked = set()
+    for tensor in proto.graph.initializer:
+        if tensor.name not in written:
+            continue
+        kind, spilled = written[tensor.name]
+        info = {e.key: e.value for e in tensor.external_data}
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        if "location" in info:
+            with open(Path(model_path).parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                data = f.read(int(info["length"]))
+        else:  # a small tensor in the model file itself
+            data = tensor.raw_data
+        start = 0
+        for seg in spilled.segments:
+            size = int(np.prod(seg.where[kind][2])) * itemsize
+            key = "scales16" if kind == "scales" and itemsize == 2 else kind
+            if digest(data[start:start + size]) != seg.digests[key]:
+                raise RuntimeError(f"awq-graph bug: the {kind} of '{seg.linear}' in {Path(model_path).name}'s "
+                                   f"initializer '{tensor.name}' are not what the search chose")
+            start += size
+            checked.add(seg.linear)
+        if start != len(data):
+            raise RuntimeError(f"awq-graph bug: initializer '{tensor.name}' holds {len(data)} bytes, its linears {start}")
+        del data
+    missing = sorted(set(written) - {t.name for t in proto.graph.initializer})
+    if missing:
+        raise RuntimeError(f"awq-graph bug: the written model lacks the initializer '{missing[0]}'")
+    return len(checked)
 
 
 def _record_context(onnx_model: ir.Model, model) -> None:

@@ -14,7 +14,7 @@ import torch
 from awq_graph.core.numerics import PackedWeight, QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
 from awq_graph.passes.matmulnbits import initializer, matmulnbits_node
-from awq_graph.spill import SpilledWeight
+from awq_graph.core.spill import SpilledWeight
 
 OPSETS = {"": 21, "com.microsoft": 1}
 

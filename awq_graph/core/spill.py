@@ -5,7 +5,7 @@ The search hands each linear's packed arrays (``PackedWeight``) to ``IntegerSpil
 layer finishes; what it keeps is a ``SpilledWeight``: where the arrays lie in the scratch file,
 and the SHA-256 of each array as the search made it. The emission reads them back one tensor
 at a time when it writes the ONNX data file (``SpilledWeight.array``, also for the rows of
-several linears written as one, q|k|v), and ``check_written_integers`` then reads every
+several linears written as one, q|k|v), and ``awq_graph.emit.check_written_integers`` then reads every
 MatMulNBits initializer back from the written file and compares its bytes, linear by linear,
 with those digests: the file holds the integers the search chose, whatever the path between.
 """
@@ -19,13 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core.numerics import PackedWeight, QuantScheme
+from .numerics import PackedWeight, QuantScheme
 
 ARRAYS = ("blob", "scales", "zeros")
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+def digest(data) -> str:
+    """SHA-256 of an array's bytes (or of bytes), as the search records it and the check compares it."""
+    if isinstance(data, np.ndarray):
+        data = memoryview(np.ascontiguousarray(data)).cast("B")
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,9 @@ class IntegerSpill:
             self._file.seek(self._end)
             array.tofile(self._file)
             where[name] = (self._end, array.dtype.str, array.shape)
-            digests[name] = _digest(array)
+            digests[name] = digest(array)
             self._end += array.nbytes
-        digests["scales16"] = _digest(packed.scales.numpy().astype(np.float16))
+        digests["scales16"] = digest(packed.scales.numpy().astype(np.float16))
         return SpilledWeight(self, (Segment(linear, packed.shape[0], where, digests),), packed.shape, packed.scheme)
 
     def read(self, offset: int, dtype: str, shape) -> np.ndarray:
@@ -133,42 +136,3 @@ class SpilledWeight:
         first = parts[0]
         return SpilledWeight(first.spill, tuple(s for p in parts for s in p.segments),
                              (sum(p.shape[0] for p in parts), first.shape[1]), first.scheme)
-
-
-def check_written_integers(model_path: Path, written: dict[str, tuple[str, SpilledWeight]]) -> int:
-    """Compare the bytes of each written initializer (name -> (array kind, its integers)) in the
-    model's external data with the digests the search recorded, segment by segment: a fused
-    tensor's rows are its linears' rows in order, so its bytes split at their lengths. Reads one
-    tensor at a time. Returns how many linears were compared; raises on the first mismatch."""
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    checked = set()
-    for tensor in proto.graph.initializer:
-        if tensor.name not in written:
-            continue
-        kind, spilled = written[tensor.name]
-        info = {e.key: e.value for e in tensor.external_data}
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        if "location" in info:
-            with open(Path(model_path).parent / info["location"], "rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                data = f.read(int(info["length"]))
-        else:  # a small tensor in the model file itself
-            data = tensor.raw_data
-        start = 0
-        for seg in spilled.segments:
-            size = int(np.prod(seg.where[kind][2])) * itemsize
-            key = "scales16" if kind == "scales" and itemsize == 2 else kind
-            if hashlib.sha256(data[start:start + size]).hexdigest() != seg.digests[key]:
-                raise RuntimeError(f"awq-graph bug: the {kind} of '{seg.linear}' in {Path(model_path).name}'s "
-                                   f"initializer '{tensor.name}' are not what the search chose")
-            start += size
-            checked.add(seg.linear)
-        if start != len(data):
-            raise RuntimeError(f"awq-graph bug: initializer '{tensor.name}' holds {len(data)} bytes, its linears {start}")
-        del data
-    missing = sorted(set(written) - {t.name for t in proto.graph.initializer})
-    if missing:
-        raise RuntimeError(f"awq-graph bug: the written model lacks the initializer '{missing[0]}'")
-    return len(checked)
