@@ -33,11 +33,10 @@ def digest(data) -> str:
 
 @dataclass(frozen=True)
 class Segment:
-    """One linear's arrays in the scratch file: name -> (offset, dtype, shape); its rows; the
-    digest of each array (``scales`` also as float16, the file's dtype with float16 activations)."""
+    """One linear's arrays in the scratch file: name -> (offset, dtype, shape), and the digest of
+    each array (``scales`` also as float16, the file's dtype with float16 activations)."""
 
     linear: str
-    rows: int
     where: dict
     digests: dict
 
@@ -64,7 +63,7 @@ class IntegerSpill:
             digests[name] = digest(array)
             self._end += array.nbytes
         digests["scales16"] = digest(packed.scales.numpy().astype(np.float16))
-        return SpilledWeight(self, (Segment(linear, packed.shape[0], where, digests),), packed.shape, packed.scheme)
+        return SpilledWeight(self, (Segment(linear, where, digests),), packed.shape, packed.scheme)
 
     def read(self, offset: int, dtype: str, shape) -> np.ndarray:
         array = np.empty(shape, dtype=np.dtype(dtype))
