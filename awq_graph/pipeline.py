@@ -20,6 +20,7 @@ from .core.errors import ConfigError, InputError
 from .core.numerics import QuantScheme
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
+from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
 from .load import check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, tokenizer_files
@@ -180,13 +181,15 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
             spill.close()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        runtime_files = write_runtime_files(tmp, model, tokenizer)  # onnxruntime-genai's and optimum's
         (tmp / "awq_config.json").write_text(json.dumps(found.quark, indent=2) + "\n")
         report = _report(result, opts, emitted.quantized_linears, lap.timings, calib_ids, found.skipped)
         report["graph"] = {"kind": emitted.kind, "act_dtype": opts.act_dtype, "accuracy_level": opts.accuracy_level,
                            "lm_head_bits": opts.lm_head_bits if opts.quantize_lm_head else None,
                            "check_deviation": emitted.check_deviation,
                            "float_check_deviation": emitted.float_check_deviation,
-                           "checked_layers": emitted.checked_layers, "integers_checked": emitted.integers_checked}
+                           "checked_layers": emitted.checked_layers, "integers_checked": emitted.integers_checked,
+                           "runtime_files": runtime_files}
         report["calibration_source"] = calib_source
         report["weights"] = {"streamed": gm.streamed, "loaded_whole_because": whole_because}
         for message in emitted.warnings:

@@ -43,6 +43,7 @@ def session(model_path: str | Path, threads: int | None = None, provider: str = 
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise InputError("--provider cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: the default graph-input default of logits_to_keep is warned about
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")

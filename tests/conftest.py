@@ -56,6 +56,24 @@ def greedy_continuation(folder, prompt: str, max_new_tokens: int) -> str:
     return prompt + model.tokenizer.decode(greedy, skip_special_tokens=True)
 
 
+def genai_greedy(folder, prompt: list[int], new: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens after ``prompt`` from ``folder`` as written (it stops early
+    at an end-of-text id of its config)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, np.int32))
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A saved tiny Llama (grouped-query attention) with a byte-level BPE tokenizer."""

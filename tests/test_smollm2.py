@@ -9,6 +9,8 @@ import pytest
 
 from awq_graph.cli import main
 
+from conftest import genai_greedy
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,6 +33,20 @@ def test_awq_perplexity_is_below_rtn_on_smollm2(smollm2_gguf, data_dir, tmp_path
     ppl_awq, ppl_rtn = _ppl(awq, data_dir, capsys), _ppl(rtn, data_dir, capsys)
     print(f"SmolLM2 uint4 g128, 8 x 512 eval tokens: AWQ {ppl_awq:.3f} RTN {ppl_rtn:.3f}")
     assert ppl_awq < ppl_rtn
+    # onnxruntime-genai runs the folder as written and prints what `awq-graph generate --greedy` prints
+    for prompt in ("The capital of France is", "def fibonacci(n):"):
+        capsys.readouterr()
+        assert main(["generate", str(awq), prompt, "--greedy", "--max-new-tokens", "24"]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == _genai_greedy_text(awq, prompt, 24)
+
+
+def _genai_greedy_text(folder, prompt: str, new: int) -> str:
+    import onnxruntime_genai as og
+
+    tokenizer = og.Tokenizer(og.Model(str(folder)))
+    out = genai_greedy(folder, list(tokenizer.encode(prompt)), new)
+    eos = set(json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"])
+    return prompt + tokenizer.decode([t for t in out if t not in eos])
 
 
 def test_int4_smollm2_greedy_starts_like_the_fake_quant_torch_model(smollm2_gguf, tmp_path):

@@ -276,7 +276,12 @@ def attention_lengths(g: GraphBuilder):
 
 def keep_last(g: GraphBuilder, delta: str, residual: str):
     """The last ``logits_to_keep`` positions of the residual stream (0: all). Generation asks
-    for one, which spares the prompt's (S x vocab) head product and its copy."""
+    for one, which spares the prompt's (S x vocab) head product and its copy. The input has a
+    default, 0 (an initializer of its name): runtimes that do not know it (onnxruntime-genai,
+    optimum) leave it out and get every position's logits, as they expect."""
+    default = g.value("logits_to_keep")
+    default.const_value = ir.tensor(np.array(0, np.int64), name="logits_to_keep")
+    g.graph.register_initializer(default)
     keep = g.op("Reshape", ["logits_to_keep", g.const("shape_1", np.array([1], np.int64))], "logits_to_keep/Reshape")
     start = g.op("Neg", [keep], "logits_to_keep/Neg")  # -k: the last k positions; -0: all of them
     end = g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64))

@@ -61,6 +61,7 @@ class Family:
     sliding_window: bool = False  # config.sliding_window applies without use_sliding_window
     multipliers: bool = False  # embedding, residual and attention multipliers, a logits divisor
     qkv_bias: bool = False  # attention_bias puts biases on q, k, v only (o_proj has none)
+    genai: str = "decoder"  # onnxruntime-genai's model type for the folder ("decoder": its generic one)
     names: Names = Names()
 
 
@@ -75,15 +76,15 @@ class Family:
 # llama with multipliers. What a family's config says (head norms, softcaps, clip_qkv, windows
 # per layer type) is read from the config and the parameters, not from this table.
 FAMILIES: dict[str, Family] = {
-    "llama": Family(),
-    "mistral": Family(sliding_window=True),
-    "qwen2": Family(qkv_bias=True),
-    "qwen3": Family(),
-    "gemma": Family(),
-    "gemma2": Family(sandwich=True, sliding_window=True),
-    "gemma3_text": Family(package="gemma3", sandwich=True, sliding_window=True),
-    "phi3": Family(sliding_window=True),
-    "granite": Family(multipliers=True),
+    "llama": Family(genai="llama"),
+    "mistral": Family(sliding_window=True, genai="mistral"),
+    "qwen2": Family(qkv_bias=True, genai="qwen2"),
+    "qwen3": Family(genai="qwen3"),
+    "gemma": Family(genai="gemma"),
+    "gemma2": Family(sandwich=True, sliding_window=True, genai="gemma2"),
+    "gemma3_text": Family(package="gemma3", sandwich=True, sliding_window=True, genai="gemma3_text"),
+    "phi3": Family(sliding_window=True, genai="phi3"),
+    "granite": Family(multipliers=True, genai="granite"),
     "mixtral": Family(moe=True, sliding_window=True),
     "qwen2_moe": Family(moe=True),
     "qwen3_moe": Family(moe=True),
