@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized (round-to-nearest)")
     c.add_argument("--lm-head-bits", type=int, default=None, choices=[4, 8],
                    help="bits of the quantized lm_head (default 8: int4 costs SmolLM2 ~3.5 perplexity)")
+    c.add_argument("--lm-head-group-size", type=int, default=None,
+                   help="group size of the quantized lm_head (default: the scheme's)")
     c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"],
                    help="activation type of the ONNX model (float16 for the CUDA provider)")
     c.add_argument("--no-kv-cache", action="store_true",
@@ -195,8 +197,10 @@ def _check(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if getattr(args, "lm_head_bits", None) is not None and not args.quantize_lm_head:
-        parser.error("argument --lm-head-bits: applies only with --quantize-lm-head (the head stays float without it)")
+    for flag in ("lm_head_bits", "lm_head_group_size"):
+        if getattr(args, flag, None) is not None and not args.quantize_lm_head:
+            parser.error(f"argument --{flag.replace('_', '-')}: applies only with --quantize-lm-head "
+                         f"(the head stays float without it)")
     _quiet()
     try:
         if args.command == "compile":
@@ -230,7 +234,8 @@ def _compile(args) -> int:
         scheme=QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym), config=args.config,
         n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
-        lm_head_bits=args.lm_head_bits or 8, act_dtype=args.act_dtype, kv_cache=not args.no_kv_cache,
+        lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
+        kv_cache=not args.no_kv_cache,
         loss_tokens=args.loss_tokens, device=args.device, stream=not args.no_stream)
     result = run_compile(args.model, args.calib, args.out, options, progress=_progress,
                          warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr))

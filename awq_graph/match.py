@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core.analysis import example_values
+from .core.analysis import example_values, output_head
 from .core.ir import GraphModel
 from .core.records import ScalingGroup, SkippedGroup, to_quark_config
+from .passes.channel_flow import find_groups
 from .passes.check_config import derive_groups, resolve_config
 from .verify import Verification, verify_groups
 
@@ -63,3 +64,14 @@ def match(gm: GraphModel, config: dict | None = None, *, verify: bool = False) -
         prefix, skipped, quark = config["model_decoder_layers"], [], dict(config)
     verification = verify_groups(gm, per_layer) if verify and not faults else None
     return Match(prefix, per_layer, skipped, faults, quark, verification)
+
+
+def head_group(gm: GraphModel) -> ScalingGroup | None:
+    """The scaling group of the head (the linear that writes the logits) and the norm before it,
+    found by the channel flow like any other, for the head's own search; None when no source
+    before the head can carry a scale."""
+    head = output_head(gm)
+    if head is None:
+        return None
+    groups, _ = find_groups(gm, [head], shared_weights=True)  # its search scales a copy of a tied head
+    return groups[0] if groups else None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import calib as calibration
 from .core.analysis import quantizable_linears, token_table
-from .core.errors import ConfigError, InputError
+from .core.errors import ConfigError, InputError, SchemeError
 from .core.numerics import QuantScheme
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
@@ -24,7 +24,7 @@ from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
 from .load import check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, tokenizer_files
-from .match import match
+from .match import head_group, match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table
 from .search import SearchOptions, SearchResult, awq_search, rtn
@@ -61,6 +61,7 @@ class CompileOptions:
     overwrite: bool = False
     quantize_lm_head: bool = False
     lm_head_bits: int = 8
+    lm_head_group_size: int | None = None  # None: the scheme's
     act_dtype: str = "float32"
     kv_cache: bool = True
     loss_tokens: int | None = None
@@ -79,12 +80,21 @@ class CompileOptions:
             raise InputError(f"--accuracy-level {self.accuracy_level}: choose one of {list(ACCURACY_LEVELS)}")
         if self.lm_head_bits not in (4, 8):
             raise InputError(f"--lm-head-bits {self.lm_head_bits}: choose 4 or 8")
+        if self.lm_head_group_size is not None:
+            try:
+                QuantScheme(self.lm_head_bits, self.lm_head_group_size)
+            except SchemeError as exc:
+                raise InputError(f"--lm-head-group-size {self.lm_head_group_size}: {exc}") from None
         if self.n_samples < 1:
             raise InputError(f"--n-samples {self.n_samples}: give at least 1 calibration sample")
         if self.seqlen < 2:
             raise InputError(f"--seqlen {self.seqlen}: a calibration sample needs at least 2 tokens")
         if self.loss_tokens is not None and self.loss_tokens < 1:
             raise InputError(f"--loss-tokens {self.loss_tokens}: give at least 1")
+
+    @property
+    def head_scheme(self) -> QuantScheme:
+        return QuantScheme(self.lm_head_bits, self.lm_head_group_size or self.scheme.group_size, self.scheme.symmetric)
 
     def search_options(self) -> SearchOptions:
         extra = {"loss_tokens": self.loss_tokens} if self.loss_tokens else {}
@@ -166,12 +176,15 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     with atomic_out_dir(out_dir) as tmp:
         spill = IntegerSpill(tmp / ".integers.spill")  # each layer's integers leave memory as it finishes
         try:
+            # with calibration, the head is searched like a group of its own (scale into the final norm, clipping)
+            head = head_group(gm) if opts.quantize_lm_head and not opts.rtn_only else None
             result = (rtn(gm, opts.scheme, progress, keep=spill.put) if opts.rtn_only else
-                      awq_search(gm, per_layer, calib_ids, opts.search_options(), progress=progress, keep=spill.put))
+                      awq_search(gm, per_layer, calib_ids, opts.search_options(), progress=progress, keep=spill.put,
+                                 head=(head, opts.head_scheme) if head else None))
             quantized, table = dict(result.quantized), None
             if opts.quantize_lm_head:
-                head, quantized[head] = quantize_head(gm, QuantScheme(opts.lm_head_bits, opts.scheme.group_size,
-                                                                      opts.scheme.symmetric))
+                if head is None:
+                    name, quantized[name] = quantize_head(gm, opts.head_scheme)
                 table = quantize_token_table(gm, opts.scheme)
             lap("search")
             emitted = write_onnx(gm, quantized, tmp / "model.onnx", model=model, accuracy_level=opts.accuracy_level,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -199,9 +199,11 @@ def _scatter_mean(values: torch.Tensor, cmap: torch.Tensor, channels: int) -> to
 
 
 def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch.Tensor,
-               opts: SearchOptions, progress=None, keep=None) -> SearchResult:
+               opts: SearchOptions, progress=None, keep=None, head: tuple[ScalingGroup, QuantScheme] | None = None
+               ) -> SearchResult:
     """Search, fold (in place on ``gm.params``; each fold's record in ``result.folded``) and
-    quantize every decoder layer.
+    quantize every decoder layer; then, given ``head`` (the group of the final norm and the head,
+    and the head's scheme), the head on the final hidden states (``search_head``).
 
     ``calib``: (n_samples, seqlen) token ids. ``progress(iterable, desc, total)`` wraps loops.
     ``keep(name, packed)``: what to hold for a linear's packed integers (``IntegerSpill.put``
@@ -240,8 +242,58 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
             _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen, keep)
         if gm.streamed:  # the layer leaves memory, but for what its folds edited outside its linears
             _release_layer(gm, nodes, linears, result.folded[folds_before:])
+    if head is not None:
+        search_head(gm, *head, chunks, stores, stages, opts, result, keep)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks, stores, stages: Stages,
+                opts: SearchOptions, result: SearchResult, keep=None) -> None:
+    """The head as one more single-linear group (``group``: the final norm -> the head): the
+    statistics of its input over every calibration token (the final hidden states, normed: the
+    post stage run only up to the head's input, never the (tokens x vocab) logits), the scale
+    grid and the clipping search in ``scheme`` (its own bits and group size), then its integers
+    into ``result``. The scale is folded into the norm only: the head's scaled matrix is a copy,
+    since a tied head's matrix is also the token table, which keeps its own values."""
+    (name,) = group.layers
+    site = gm.linears[name]
+    post = stages.stages[stages.n + 1]
+    needed, frontier = set(), [site.input]
+    while frontier:  # the post-stage nodes the head's input depends on
+        node = frontier.pop()
+        if node in needed or node not in set(post):
+            continue
+        needed.add(node)
+        frontier.extend(node.all_input_nodes)
+    nodes = [n for n in post if n in needed]
+    head_opts = SearchOptions(**{**opts.__dict__, "scheme": scheme})
+    tokens = sum(int(ids.numel()) for ids in chunks)
+    stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form), opts.device)
+    input_node = gm.input_node()
+    with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
+        params_env = _layer_params(gm, [n for n in nodes], opts.device)
+        for c, ids in enumerate(chunks):
+            env = {**params_env, **stores[c], input_node: ids}
+            run_nodes(nodes, env, opts.device)
+            stat.add(env[site.input])
+            del env
+        del params_env
+        stats = {site.input: stat}
+        s, report = _search_group(gm, stages.n, group, stats, {}, {}, head_opts, {name})
+        result.groups.append(report)
+        w = site.matrix(gm.params).detach().to(opts.device, torch.float32)  # the float head (or the table)
+        if s is not None:
+            fold_scales(gm.params, replace(group, layers=(), channel_maps=()), s.cpu(), gm.linears)  # the norm only
+            col = s[torch.tensor(group.channel_map(name), device=opts.device)]
+            w = w * col
+            result.folded.append(Folded(group, s.cpu(), tuple(group.prev_params)))
+        inv = None if s is None else 1.0 / col
+        blocks = stat.blocks(stat.scaled(inv), scheme.group_size) if opts.clip else None
+        shrink, clip = _clip_search(name, w, blocks, stat.tokens * site.out_features, head_opts, site.node)
+        if clip is not None:
+            result.clips.append(clip)
+        result.quantized[name] = _held(name, quantize(w, scheme, shrink).to("cpu"), site, keep)
 
 
 def _release_layer(gm: GraphModel, nodes, linears, folded: list[Folded]) -> None:

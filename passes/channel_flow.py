@@ -267,8 +267,11 @@ class _Inconsistent(Exception):
         self.node = node
 
 
-def find_groups(gm: GraphModel, linears: list[str] | None = None, example: dict | None = None):
+def find_groups(gm: GraphModel, linears: list[str] | None = None, example: dict | None = None,
+                shared_weights: bool = False):
     """All valid scaling groups among ``linears`` (default: every linear with a parameter weight).
+    ``shared_weights``: a layer's weight may be read by other ops too (a head tied to the token
+    table), for a fold that scales a copy of the layers' weights and edits only the source.
 
     Returns (groups, skipped): ScalingGroup records in graph order, and SkippedGroup records
     that say why a source found by the walk could not carry a scale.
@@ -288,7 +291,7 @@ def find_groups(gm: GraphModel, linears: list[str] | None = None, example: dict 
     for src_node, members in traces.items():
         source = members[0][1].source
         layer_names = [m for m, _ in members]
-        maps, reason = resolve_members(gm, source, members, example)
+        maps, reason = resolve_members(gm, source, members, example, shared_weights)
         if reason:
             skipped.append(SkippedGroup(source.module, tuple(layer_names), reason))
             continue
@@ -297,7 +300,7 @@ def find_groups(gm: GraphModel, linears: list[str] | None = None, example: dict 
     return groups, skipped
 
 
-def resolve_members(gm: GraphModel, source: FoldPoint, members, example):
+def resolve_members(gm: GraphModel, source: FoldPoint, members, example, shared_weights: bool = False):
     """Channel maps of a candidate group and its soundness check -> (maps, None) or (None, reason)."""
     maps, tags = {}, {}
     try:
@@ -310,11 +313,12 @@ def resolve_members(gm: GraphModel, source: FoldPoint, members, example):
     except ValueError as exc:
         return None, str(exc)
     used = {c for m in maps.values() for c in m}
-    reason = _check_consumers(gm, source, members, tags, used, example)
+    reason = _check_consumers(gm, source, members, tags, used, example, shared_weights)
     return (None, reason) if reason else (maps, None)
 
 
-def _check_consumers(gm: GraphModel, source: FoldPoint, members, tags, used, example) -> str | None:
+def _check_consumers(gm: GraphModel, source: FoldPoint, members, tags, used, example,
+                     shared_weights: bool = False) -> str | None:
     """Every consumer of the scaled channels must be compensated (soundness rule).
 
     Channels of the source that reach no layer of the group keep s = 1, so an op that reads
@@ -346,7 +350,7 @@ def _check_consumers(gm: GraphModel, source: FoldPoint, members, tags, used, exa
             if operands.count(carrier) > 1 or any(o in on_path for o in operands if o is not carrier):
                 return f"{node.name} ({op_name(node)}) combines the scaled tensor with itself"
     for name, _ in members:
-        if len(real_users(gm.linears[name].weight_node)) != 1:
+        if not shared_weights and len(real_users(gm.linears[name].weight_node)) != 1:
             return f"'{name}' shares its weight with another op (tied weights)"
     return None
 

@@ -152,3 +152,27 @@ def test_a_graph_no_emitter_can_write_fails_before_calibration(tmp_path):
                                                      r"--no-kv-cache; nothing was quantized"):
         awq_graph.compile(model, "self", tmp_path / "out", kv_cache=False)  # no tokenizer: calibration would fail
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", False), ("llama", True), ("gemma", True)])
+def test_a_4bit_head_is_searched_on_the_final_hidden_states_and_scaled_through_the_final_norm(tmp_path, model_type,
+                                                                                              tied):
+    """gemma: its final norm is x * (1 + w), the fold's offset case; tied: the head's matrix is the
+    token table, which must keep its own (unscaled) values."""
+    model = tiny_model(model_type, tie_word_embeddings=tied)
+    calib = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
+    result = awq_graph.compile(model, calib, tmp_path / "out", scheme="uint4_wo_16", n_samples=8, seqlen=32,
+                               quantize_lm_head=True, lm_head_bits=4, lm_head_group_size=16, accuracy_level=0)
+    (head,) = [g for g in result.report["groups"] if g["layers"] == ["lm_head"]]
+    assert head["prev_op"] == "model.norm" and head["ratio"] is not None  # a scale was chosen and folded
+    assert any(c["linear"] == "lm_head" and c["clipped"] for c in result.report["clipping"])
+    graph = result.report["graph"]
+    assert graph["lm_head_bits"] == 4
+    # the graph computes what torch computes with the folded norm and the head's integers (float activations)
+    assert graph["kind"] == "kv-decoder" and graph["check_deviation"] < 1e-5
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    got = runtime.CompiledModel(tmp_path / "out").logits(ids)
+    with torch.no_grad():
+        ref = model(ids).logits
+    # against the float model: a scaled table (the tied case done wrong) would be off by O(1)
+    assert float((got - ref).norm() / ref.norm()) < 0.2  # measured ~0.1
