@@ -26,7 +26,7 @@ from .interrupt import checkpoint
 from .load import check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, tokenizer_files
 from .match import head_group, match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
-from .quantize import quantize_head, quantize_token_table
+from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
 from .search import SearchOptions, SearchResult, awq_search, rtn
 from .core.spill import IntegerSpill
 from .weights import give_back_freed_memory
@@ -183,9 +183,11 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
                                  head=(head, opts.head_scheme) if head else None))
             quantized, table = dict(result.quantized), None
             if opts.quantize_lm_head:
+                name = head.layers[0] if head else None
                 if head is None:
                     name, quantized[name] = quantize_head(gm, opts.head_scheme)
-                table = quantize_token_table(gm, opts.scheme)
+                table = (token_table_of_head(gm, name, quantized[name], result.folded)
+                         if shares_head(gm, name, opts.head_scheme, opts.scheme) else quantize_token_table(gm, opts.scheme))
             lap("search")
             emitted = write_onnx(gm, quantized, tmp / "model.onnx", model=model, accuracy_level=opts.accuracy_level,
                                  act_dtype=opts.act_dtype, quantized_table=table, plan=plan)

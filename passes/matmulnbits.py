@@ -62,21 +62,29 @@ def spilled_initializer(qw: SpilledWeight, kind: str, name: str, dtype: np.dtype
     return value
 
 
-def matmulnbits_node(x: ir.Value, qw: QuantizedWeight, name: str, accuracy_level: int,
-                     bias: ir.Value | None = None, scale_dtype=np.float32) -> tuple[ir.Node, list[ir.Value]]:
-    """x @ dequantize(qw)^T (+ bias) as one MatMulNBits node, and the initializers it reads
-    (scales in ``scale_dtype``, the activations' type)."""
-    n, k = qw.shape
+def matmulnbits_weights(qw: QuantizedWeight, name: str, scale_dtype=np.float32) -> list[ir.Value]:
+    """The initializers a MatMulNBits of ``qw`` reads: ``{name}.qweight`` (N, k_blocks, blob),
+    ``.scales`` (N * k_blocks,) in ``scale_dtype``, and ``.qzeros`` for an asymmetric scheme."""
     if isinstance(qw, SpilledWeight):  # read from the scratch file when the data file is written
         weights = [spilled_initializer(qw, "blob", f"{name}.qweight"),
                    spilled_initializer(qw, "scales", f"{name}.scales", np.dtype(scale_dtype))]
         if "zeros" in qw.segments[0].where:
             weights.append(spilled_initializer(qw, "zeros", f"{name}.qzeros"))
-    else:
-        packed, scales, zeros = pack_matmulnbits(qw)
-        weights = [initializer(packed, f"{name}.qweight"), initializer(scales.astype(scale_dtype), f"{name}.scales")]
-        if zeros is not None:
-            weights.append(initializer(zeros, f"{name}.qzeros"))
+        return weights
+    packed, scales, zeros = pack_matmulnbits(qw)
+    weights = [initializer(packed, f"{name}.qweight"), initializer(scales.astype(scale_dtype), f"{name}.scales")]
+    if zeros is not None:
+        weights.append(initializer(zeros, f"{name}.qzeros"))
+    return weights
+
+
+def matmulnbits_node(x: ir.Value, qw: QuantizedWeight, name: str, accuracy_level: int,
+                     bias: ir.Value | None = None, scale_dtype=np.float32,
+                     weights: list[ir.Value] | None = None) -> tuple[ir.Node, list[ir.Value]]:
+    """x @ dequantize(qw)^T (+ bias) as one MatMulNBits node, and the initializers it reads
+    (scales in ``scale_dtype``, the activations' type; ``weights``: made already)."""
+    n, k = qw.shape
+    weights = weights if weights is not None else matmulnbits_weights(qw, name, scale_dtype)
     inputs = list(weights) + [None] * (3 - len(weights))
     if bias is not None:
         inputs += [None, bias]  # after g_idx

@@ -176,3 +176,11 @@ def test_a_4bit_head_is_searched_on_the_final_hidden_states_and_scaled_through_t
         ref = model(ids).logits
     # against the float model: a scaled table (the tied case done wrong) would be off by O(1)
     assert float((got - ref).norm() / ref.norm()) < 0.2  # measured ~0.1
+    import onnx
+
+    graph_proto = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph
+    initializers = {t.name for t in graph_proto.initializer}
+    # tied: one copy of the integers, the lookup reads the head's (reshaped) and undoes its scale
+    assert ("model.embed_tokens.qweight" not in initializers) == tied and "lm_head.qweight" in initializers
+    lookup = next(n for n in graph_proto.node if n.op_type == "GatherBlockQuantized")
+    assert lookup.input[0].startswith("model.embed_tokens/Reshape") == tied

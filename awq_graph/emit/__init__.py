@@ -32,6 +32,7 @@ from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
 from awq_graph.emit.logits_only import custom_translations, export_float_onnx, save_model
 from awq_graph.passes.channel_flow import norm_offsets
 from awq_graph.passes.matmulnbits import SPILLED, RewriteMatMulNBits, SetAccuracyLevel
+from awq_graph.quantize import TokenTable
 from awq_graph.runtime import CONTEXT_KEY
 
 
@@ -92,9 +93,9 @@ def graph_facts(gm: GraphModel) -> GraphFacts | None:
 
 def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path, *, model=None,
                accuracy_level: int = 0, act_dtype: str = "float32", kv_cache: bool = True,
-               quantized_table: QuantizedWeight | None = None, plan: GraphPlan | None = None) -> Emitted:
+               quantized_table: TokenTable | None = None, plan: GraphPlan | None = None) -> Emitted:
     """Write the model to ``path``: the fused KV-cache decoder when ``plan`` says so and it passes
-    its check, else logits-only. ``quantized_table``: the token table's integers (GatherBlockQuantized)."""
+    its check, else logits-only. ``quantized_table``: the integers the token lookup reads (GatherBlockQuantized)."""
     if plan is None:
         plan = plan_graph(gm, model, kv_cache, next((q.scheme.group_size for q in quantized.values()), None))
     reason = plan.reason
@@ -315,7 +316,7 @@ def fake_quant_makers(gm: GraphModel, quantized: dict[str, QuantizedWeight]) -> 
     return {gm.linears[n].weight: maker(n) for n in quantized}
 
 
-def check_decoder(graphs: dict[int, Path], gm: GraphModel, quantized, quantized_table: QuantizedWeight | None,
+def check_decoder(graphs: dict[int, Path], gm: GraphModel, quantized, quantized_table: TokenTable | None,
                   layers: list[int] | None = None, tokens: int = 12, decode_steps: int = 3,
                   seed: int = 0) -> dict[int, float]:
     """Per decoder file (by its accuracy level), ||onnx - torch|| / ||torch|| over the logits of a
@@ -329,7 +330,7 @@ def check_decoder(graphs: dict[int, Path], gm: GraphModel, quantized, quantized_
     ids = torch.randint(0, gm.param_shape(table_name)[0], (1, tokens + decode_steps), generator=gen)
     fixed = {}
     if quantized_table is not None:  # the lookup reads an int4 copy of the table (tied or not)
-        fixed[lookup] = torch.nn.functional.embedding(ids, quantized_table.dequantize())
+        fixed[lookup] = quantized_table.rows(ids)
     with torch.no_grad():  # each dequantized weight made where it is read, then dropped
         made = fake_quant_makers(gm, quantized)
         ref = (gm.run(ids, fixed=fixed, made=made) if layers is None else

@@ -13,8 +13,9 @@ import torch
 
 from awq_graph.core.numerics import PackedWeight, QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
-from awq_graph.passes.matmulnbits import initializer, matmulnbits_node
+from awq_graph.passes.matmulnbits import initializer, matmulnbits_node, matmulnbits_weights
 from awq_graph.core.spill import SpilledWeight
+from awq_graph.quantize import TokenTable
 
 OPSETS = {"": 21, "com.microsoft": 1}
 
@@ -57,6 +58,15 @@ class GraphBuilder:
         self.graph.register_initializer(value)
         self.values[name] = value
         return name
+
+    def nbits_weights(self, qw, name: str) -> list[str]:
+        """The MatMulNBits initializers of ``qw`` under ``name`` (made and registered once: a tied
+        head's are read by the token lookup too)."""
+        if f"{name}.qweight" not in self.values:
+            for value in matmulnbits_weights(qw, name, scale_dtype=self.np_float):
+                self.graph.register_initializer(value)
+                self.values[value.name] = value
+        return [n for n in (f"{name}.qweight", f"{name}.scales", f"{name}.qzeros") if n in self.values]
 
     def add(self, node: ir.Node, outputs: list[str]) -> None:
         """Append ``node``, naming its outputs (an empty name: an optional output left unused)."""
@@ -199,35 +209,47 @@ def linear(g: GraphBuilder, x: str, lw: LinearWeights, name: str, accuracy_level
             y = g.op("Add", [y, g.floats(f"{name}.bias", lw.bias)], f"{name}/Add")
         return y
     bias = g.value(g.floats(f"{name}.bias", lw.bias)) if lw.bias is not None else None
-    node, weights = matmulnbits_node(g.value(x), lw.quantized, name, accuracy_level, bias, scale_dtype=g.np_float)
-    for value in weights:
-        g.graph.register_initializer(value)
+    weights = [g.value(n) for n in g.nbits_weights(lw.quantized, name)]
+    node, _ = matmulnbits_node(g.value(x), lw.quantized, name, accuracy_level, bias, weights=weights)
     g.add(node, [f"{name}/MatMulNBits/out0"])
     return f"{name}/MatMulNBits/out0"
 
 
-def embedding(g: GraphBuilder, ids: str, table: "torch.Tensor | LazyMatrix", quantized: QuantizedWeight | None, name: str) -> str:
+def embedding(g: GraphBuilder, ids: str, table: "torch.Tensor | LazyMatrix", quantized: TokenTable | None,
+              name: str) -> str:
     """The rows of the token table: a Gather over the float table, or GatherBlockQuantized over
-    its integers (``quantized``, rows = tokens)."""
+    integers (``quantized``, rows = tokens): the table's own, or a tied 4-bit head's initializers
+    themselves (reshaped; one copy in the file), times 1 / s per channel when the head's rows were
+    scaled by its search."""
     if quantized is None:  # its initializer: what a tied float head reads
         init = g.lazy_floats(f"{name}.weight", table) if isinstance(table, LazyMatrix) else g.floats(f"{name}.weight", table)
         return g.op("Gather", [init, ids], f"{name}/Gather")
-    qw, scheme = quantized, quantized.scheme
+    qw, scheme = quantized.quantized, quantized.quantized.scheme
     vocab, hidden = qw.shape
-    packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks
-    blocks = packed.shape[1]
-    data = g.const(f"{name}.qweight", packed.reshape(vocab, -1))
-    scale = g.const(f"{name}.scales", scales.reshape(vocab, blocks).astype(g.np_float))
-    inputs = [data, ids, scale]
-    if zeros is not None:
-        inputs.append(g.const(f"{name}.qzeros", zeros.reshape(vocab, -1)))
+    blocks = -(-hidden // scheme.group_size)
+    if quantized.head is not None:  # the head's (N, k_blocks, blob), (N * k_blocks,), (N * zero bytes,)
+        shapes = {"qweight": [vocab, -1], "scales": [vocab, blocks], "qzeros": [vocab, -1]}
+        inputs = [g.op("Reshape", [source, g.const(f"{name}.{source.rsplit('.', 1)[1]}_shape",
+                                                     np.array(shapes[source.rsplit(".", 1)[1]], np.int64))],
+                       f"{name}/Reshape_{source.rsplit('.', 1)[1]}")
+                  for source in g.nbits_weights(qw, quantized.head)]
+        inputs.insert(1, ids)
+    else:
+        packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks
+        data = g.const(f"{name}.qweight", packed.reshape(vocab, -1))
+        scale = g.const(f"{name}.scales", scales.reshape(vocab, blocks).astype(g.np_float))
+        inputs = [data, ids, scale]
+        if zeros is not None:
+            inputs.append(g.const(f"{name}.qzeros", zeros.reshape(vocab, -1)))
     rows = g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain="com.microsoft",
                 bits=scheme.bits, block_size=scheme.group_size, gather_axis=0, quantize_axis=1)
-    if blocks * scheme.group_size == hidden:
-        return rows
-    return g.op("Slice", [rows, g.const(f"{name}.start", np.array([0], np.int64)),
-                          g.const(f"{name}.end", np.array([hidden], np.int64)),
-                          g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
+    if blocks * scheme.group_size != hidden:
+        rows = g.op("Slice", [rows, g.const(f"{name}.start", np.array([0], np.int64)),
+                              g.const(f"{name}.end", np.array([hidden], np.int64)),
+                              g.const(f"{name}.axes", np.array([2], np.int64))], f"{name}/Slice")
+    if quantized.inverse_scale is not None:
+        rows = g.op("Mul", [rows, g.floats(f"{name}.inverse_scale", quantized.inverse_scale)], f"{name}/Mul_inverse_scale")
+    return rows
 
 
 def head_reads_table(tied_head: bool, head_quantized: bool, quantized_table) -> bool:

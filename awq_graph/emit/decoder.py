@@ -38,6 +38,7 @@ from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, out_rows, signature)
 from awq_graph.emit.families import DecoderShape, Family, Names
+from awq_graph.quantize import TokenTable
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -120,7 +121,7 @@ def _per_layer_type(rotary) -> bool:
 
 
 def build_decoder(model, family: Family, facts: GraphFacts, params: dict[str, torch.Tensor],
-                  linears: dict[str, LinearWeights], *, quantized_table: QuantizedWeight | None = None,
+                  linears: dict[str, LinearWeights], *, quantized_table: TokenTable | None = None,
                   accuracy_level: int = 0, act_dtype: str = "float32", layers: list[int] | None = None) -> ir.Model:
     """The fused KV-cache decoder of ``model`` with the given (folded) parameters.
 

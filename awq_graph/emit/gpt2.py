@@ -15,10 +15,10 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from awq_graph.core.numerics import QuantizedWeight
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, signature)
 from awq_graph.emit.families import DecoderShape, Family
+from awq_graph.quantize import TokenTable
 
 
 def gpt2_support(model, family: Family, group_size: int | None = None) -> str | None:
@@ -41,7 +41,7 @@ def gpt2_shape(model) -> DecoderShape:
 
 
 def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[str, torch.Tensor],
-                       linears: dict[str, LinearWeights], *, quantized_table: QuantizedWeight | None = None,
+                       linears: dict[str, LinearWeights], *, quantized_table: TokenTable | None = None,
                        accuracy_level: int = 0, act_dtype: str = "float32", layers: list[int] | None = None) -> ir.Model:
     """GPT-2's KV-cache decoder; ``layers`` as in ``awq_graph.emit.decoder.build_decoder``."""
     shape = gpt2_shape(model)
