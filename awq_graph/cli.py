@@ -82,11 +82,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the search runs: cpu, cuda, cuda:N or auto (default: a CUDA GPU if torch sees one)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quantize-lm-head", action="store_true",
-                   help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized (round-to-nearest)")
+                   help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized")
     c.add_argument("--lm-head-bits", type=int, default=None, choices=[4, 8],
-                   help="bits of the quantized lm_head (default 8: int4 costs SmolLM2 ~3.5 perplexity)")
+                   help="bits of the quantized lm_head (default 8, rounded to nearest; 4 is searched like a scaling "
+                        "group with calibration, and shares its integers with a tied embedding table)")
     c.add_argument("--lm-head-group-size", type=int, default=None,
-                   help="group size of the quantized lm_head (default: the scheme's)")
+                   help="group size of the quantized lm_head (default: the scheme's; 32 costs SmolLM2's 4-bit head "
+                        "least perplexity)")
     c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"],
                    help="activation type of the ONNX model (float16 for the CUDA provider)")
     c.add_argument("--no-kv-cache", action="store_true",
