@@ -213,12 +213,19 @@ def test_an_option_out_of_range_is_one_line_naming_the_flag_before_anything_is_r
     assert err.startswith(f"awq-graph: error: argument {flag}: must be") and "Traceback" not in err, err
 
 
-def test_an_option_that_applies_only_with_another_is_refused_without_it(capsys):
+@pytest.mark.parametrize("flag", ["--lm-head-bits", "--lm-head-group-size"])
+def test_an_option_that_applies_only_with_another_is_refused_without_it(flag, capsys):
     with pytest.raises(SystemExit) as stop:
-        main(["compile", "M", "-o", "O", "--lm-head-bits", "4"])  # the head stays float without --quantize-lm-head
+        main(["compile", "M", "-o", "O", flag, "32" if flag.endswith("size") else "4"])  # the head stays float
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.startswith("awq-graph: error: argument --lm-head-bits: applies only with "
+    assert stop.value.code == 2 and err.startswith(f"awq-graph: error: argument {flag}: applies only with "
                                                    "--quantize-lm-head"), err
+
+
+def test_a_head_group_size_matmulnbits_cannot_take_is_one_line_naming_the_flag(capsys):
+    assert main(["compile", "M", "-o", "O", "--quantize-lm-head", "--lm-head-group-size", "48"]) == 1  # M is not read
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lm-head-group-size 48" in err and "power of two" in err, err
 
 
 def test_text_files_are_read_with_universal_newlines(tmp_path):
