@@ -248,6 +248,9 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     return result
 
 
+HEAD_ROWS = 8192  # rows of the head per pass: the search's temporaries stay a few (rows x in) floats
+
+
 def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks, stores, stages: Stages,
                 opts: SearchOptions, result: SearchResult, keep=None) -> None:
     """The head as one more single-linear group (``group``: the final norm -> the head): the
@@ -255,7 +258,8 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
     post stage run only up to the head's input, never the (tokens x vocab) logits), the scale
     grid and the clipping search in ``scheme`` (its own bits and group size), then its integers
     into ``result``. The scale is folded into the norm only: the head's scaled matrix is a copy,
-    since a tied head's matrix is also the token table, which keeps its own values."""
+    since a tied head's matrix is also the token table, which keeps its own values. The head is
+    worked on ``HEAD_ROWS`` rows at a time (an 8B model's is 128256 x 4096)."""
     (name,) = group.layers
     site = gm.linears[name]
     post = stages.stages[stages.n + 1]
@@ -271,29 +275,48 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
     tokens = sum(int(ids.numel()) for ids in chunks)
     stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form), opts.device)
     input_node = gm.input_node()
-    with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
-        params_env = _layer_params(gm, [n for n in nodes], opts.device)
+    with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):  # the norm stays resident
+        params_env = _layer_params(gm, nodes, opts.device)
         for c, ids in enumerate(chunks):
             env = {**params_env, **stores[c], input_node: ids}
             run_nodes(nodes, env, opts.device)
             stat.add(env[site.input])
             del env
         del params_env
-        stats = {site.input: stat}
-        s, report = _search_group(gm, stages.n, group, stats, {}, {}, head_opts, {name})
-        result.groups.append(report)
-        w = site.matrix(gm.params).detach().to(opts.device, torch.float32)  # the float head (or the table)
+    with torch.no_grad():
+        w = site.matrix(gm.params).detach().to(opts.device, torch.float32)  # a tied head's: the table, read afresh
+        parts = list(w.split(HEAD_ROWS))
+        cmap = torch.tensor(group.channel_map(name), device=opts.device)
+        x_mean = _scatter_mean(stat.x_mean, cmap, group.channels)
+        w_mean = _scatter_mean(sum(weight_magnitude(p, scheme.group_size) * p.shape[0] for p in parts) / w.shape[0],
+                               cmap, group.channels)
+        moment, numel = stat.scaled(None), stat.tokens * site.out_features
+
+        def loss_of(s):
+            sc = s[cmap]
+            return sum(float(stat.output_error(fake_quantize(p * sc, scheme) / sc - p, moment)) for p in parts) / numel
+
+        s, ratio, loss_rtn, loss = _grid(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device)
+        result.groups.append(GroupReport(stages.n, group.prev_op, [name], ratio, loss_rtn, loss, stat.form))
+        col = None
         if s is not None:
             fold_scales(gm.params, replace(group, layers=(), channel_maps=()), s.cpu(), gm.linears)  # the norm only
-            col = s[torch.tensor(group.channel_map(name), device=opts.device)]
-            w = w * col
             result.folded.append(Folded(group, s.cpu(), tuple(group.prev_params)))
-        inv = None if s is None else 1.0 / col
-        blocks = stat.blocks(stat.scaled(inv), scheme.group_size) if opts.clip else None
-        shrink, clip = _clip_search(name, w, blocks, stat.tokens * site.out_features, head_opts, site.node)
-        if clip is not None:
-            result.clips.append(clip)
-        result.quantized[name] = _held(name, quantize(w, scheme, shrink).to("cpu"), site, keep)
+            col = s[cmap]
+        blocks = stat.blocks(stat.scaled(None if col is None else 1.0 / col), scheme.group_size) if opts.clip else None
+        pieces, clips = [], []
+        for p in parts:
+            p = p if col is None else p * col  # the scaled rows, a block at a time
+            shrink, clip = _clip_search(name, p, blocks, numel, head_opts, site.node)
+            pieces.append(quantize(p, scheme, shrink).to("cpu"))
+            clips.append(clip)
+        if clips[0] is not None:  # the sums over the row blocks: one report
+            rows = [p.shape[0] for p in parts]
+            result.clips.append(ClipReport(name, True, sum(c.loss_before for c in clips), sum(c.loss_after for c in clips),
+                                           sum(c.mean_shrink * r for c, r in zip(clips, rows)) / sum(rows)))
+        whole = QuantizedWeight(torch.cat([q.q for q in pieces]), torch.cat([q.scale for q in pieces]),
+                                torch.cat([q.zero for q in pieces]), scheme)
+        result.quantized[name] = _held(name, whole, site, keep)
 
 
 def _release_layer(gm: GraphModel, nodes, linears, folded: list[Folded]) -> None:
@@ -442,12 +465,19 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
             run_nodes(sub, env, device)
             return sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs)) / numel
 
+    best_s, best_ratio, loss_rtn, best_loss = _grid(loss_of, x_mean, w_mean, g, opts.n_grid, device)
+    return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss, form)
+
+
+def _grid(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device):
+    """AWQ's grid over the ratio, the identity included: (best scale or None, its ratio, the
+    identity's loss, the best loss)."""
     ones = torch.ones(g.channels, device=device)
     used = torch.tensor(g.used_channels(), device=device)
     loss_rtn = loss_of(ones)
     best_loss, best_ratio, best_s = loss_rtn, None, None
-    for k in range(opts.n_grid):
-        ratio = k / opts.n_grid
+    for k in range(n_grid):
+        ratio = k / n_grid
         s = ones.clone()
         s[used] = awq_candidate_scales(x_mean[used], w_mean[used], ratio)
         if not torch.isfinite(s).all():
@@ -455,7 +485,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         loss = loss_of(s)
         if loss < best_loss:
             best_loss, best_ratio, best_s = loss, ratio, s
-    return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss, form)
+    return best_s, best_ratio, loss_rtn, best_loss
 
 
 def _clip_search(name, w, blocks, numel, opts, node):
