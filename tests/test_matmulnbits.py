@@ -62,28 +62,34 @@ def test_matmulnbits_equals_numpy_dequantization(bits, symmetric, block, k):
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("k", [256, 200])
-def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k):
-    """The int4 embedding: rows packed as MatMulNBits packs them, looked up by GatherBlockQuantized."""
+def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k, shared):
+    """The int4 embedding: rows packed as MatMulNBits packs them, looked up by GatherBlockQuantized;
+    ``shared``: over a tied head's own MatMulNBits initializers (reshaped), each channel times 1 / s."""
     import onnx_ir as ir
 
     from awq_graph.emit.builder import GraphBuilder, embedding, tensor_input
+    from awq_graph.quantize import TokenTable
 
     torch.manual_seed(k)
     vocab, block = 40, 32
     table = torch.randn(vocab, k)
     scheme = QuantScheme(4, block, symmetric)
+    inverse = torch.empty(k).uniform_(0.5, 2.0) if shared else None
     g = GraphBuilder(ir.DataType.FLOAT, [tensor_input("ids", ir.DataType.INT64, ["B", "S"])])
-    out = embedding(g, "ids", table, quantize(table, scheme), "table")
+    out = embedding(g, "ids", table, TokenTable(quantize(table, scheme), "head" if shared else None, inverse), "table")
     model = ir.serde.serialize_model(g.model([tensor_input(out, ir.DataType.FLOAT, ["B", "S", k])]))
+    assert {t.name for t in model.graph.initializer} >= ({"head.qweight"} if shared else {"table.qweight"})
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[3, 0, 39, 3], [7, 8, 9, 1]], dtype=np.int64)
     rows = sess.run(None, {"ids": ids})[0]
     b, scales, zp = pack_matmulnbits(quantize(table, scheme))
     w_ref, _ = unpack_reference(b, scales, zp, vocab, k, block, symmetric)
-    np.testing.assert_allclose(rows, w_ref[ids], rtol=1e-6, atol=1e-6)
-    assert np.abs(rows - table.numpy()[ids]).max() < 0.5  # and it is the table, to int4 precision
+    expected = w_ref[ids] * (inverse.numpy() if shared else 1.0)
+    np.testing.assert_allclose(rows, expected, rtol=1e-6, atol=1e-6)
+    assert np.abs(rows - table.numpy()[ids] * (inverse.numpy() if shared else 1.0)).max() < 1.0  # the table, to int4
 
 
 def _linear_graph(w: np.ndarray, feed: str):

@@ -38,8 +38,11 @@ def main() -> int:
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=4, help="windows of 2048 tokens of WikiText-2 test")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--schemes", default=",".join(f"{b}:{g}" for b, g in SCHEMES),
+                   help="bits:group pairs of the head, comma-separated")
     p.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "head.json")
     args = p.parse_args()
+    schemes = [tuple(int(x) for x in pair.split(":")) for pair in args.schemes.split(",")]
 
     from awq_graph import calib as calibration
     from awq_graph.core.analysis import token_lookup, token_table
@@ -83,7 +86,7 @@ def main() -> int:
     rows = [{"scheme": "float", "way": "", "ppl": perplexity(lambda ids: gm.run(torch.as_tensor(ids)).float(),
                                                              test, 2048, args.windows)[0]}]
     print(f"float: {rows[0]['ppl']:.3f}", file=sys.stderr)
-    for bits, group_size in SCHEMES:
+    for bits, group_size in schemes:
         scheme = QuantScheme(bits, group_size)
         for way in WAYS:
             t = time.perf_counter()
@@ -104,7 +107,7 @@ def main() -> int:
           f"2048 tokens of WikiText-2 test; float {rows[0]['ppl']:.3f} (load average {os.getloadavg()[0]:.2f})\n")
     print("| head | " + " | ".join(WAYS) + " |")
     print("|---|" + "---|" * len(WAYS))
-    for bits, group_size in SCHEMES:
+    for bits, group_size in schemes:
         name = QuantScheme(bits, group_size).name
         print(f"| {name} | " + " | ".join(f"{r['ppl']:.2f}" for r in rows if r["scheme"] == name) + " |")
     args.out.parent.mkdir(exist_ok=True)
