@@ -72,21 +72,30 @@ OPTIMUM_CACHE_FITS = {"gemma", "gemma3_text", "gpt2", "granite", "llama", "mistr
 
 
 @pytest.mark.slow
-def test_optimum_generates_our_greedy_tokens_in_its_own_environment(compiled):
+def test_optimum_generates_our_greedy_tokens_in_its_own_environment(compiled, tiny_checkpoint, tmp_path):
     """tools/optimum_generate.py in .venv-optimum (tools/setup.sh makes it): ORTModelForCausalLM over
     each folder, with its cache."""
     import subprocess
 
+    from transformers import AutoTokenizer
+
     python = REPO / ".venv-optimum" / "bin" / "python"
     assert python.exists(), "run tools/setup.sh: it makes .venv-optimum (optimum-onnx pins transformers < 4.58)"
-    prompt, new = PROMPTS[2], 16
-    run = subprocess.run([str(python), str(REPO / "tools" / "optimum_generate.py"), ",".join(map(str, prompt)), str(new),
-                          *map(str, compiled.values())], capture_output=True, text=True, timeout=600)
+    with_tokenizer = tmp_path / "checkpoint"  # a folder compiled from a checkpoint: its tokenizer in OUT
+    awq_graph.compile(str(tiny_checkpoint), None, with_tokenizer, rtn_only=True, scheme="uint4_wo_32")
+    prompt, new, text = PROMPTS[2], 16, "the cat of the city"
+    run = subprocess.run([str(python), str(REPO / "tools" / "optimum_generate.py"), "--text", text,
+                          ",".join(map(str, prompt)), str(new), str(with_tokenizer), *map(str, compiled.values())],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    # transformers 4 loads the tokenizer transformers 5 saved (its class under the name both know)
+    assert theirs[f"{with_tokenizer}#tokens"] == {"ids": AutoTokenizer.from_pretrained(with_tokenizer)(text).input_ids,
+                                                  "inputs": ["attention_mask", "input_ids"]}  # no token_type_ids
+    compiled = {**compiled, "llama (with its tokenizer)": with_tokenizer}
     for model_type, folder in compiled.items():
         got = theirs[str(folder)]
-        if model_type not in OPTIMUM_CACHE_FITS:
+        if model_type.split()[0] not in OPTIMUM_CACHE_FITS:
             assert "past_key_values" in got["error"], (model_type, got)  # the cache optimum made is refused
             continue
         ours = CompiledModel(folder).greedy_ids(prompt, new)
@@ -119,6 +128,8 @@ def test_the_configs_describe_the_written_graph_and_the_checkpoint(tiny_checkpoi
     written = {k: v for k, v in AutoConfig.from_pretrained(out).to_dict().items() if k != "_name_or_path"}
     assert written == {k: v for k, v in checkpoint.to_dict().items() if k != "_name_or_path"}
     assert GenerationConfig.from_pretrained(out).eos_token_id == checkpoint.eos_token_id
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert AutoTokenizer.from_pretrained(out)("the cat of the city").input_ids == tokenizer("the cat of the city").input_ids
     # genai's tokenizer reads the folder too: the prompt's ids are the transformers tokenizer's
     model = og.Model(str(out))
     assert list(og.Tokenizer(model).encode("the cat of the city")) == tokenizer("the cat of the city").input_ids

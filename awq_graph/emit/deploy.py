@@ -3,7 +3,8 @@
     genai_config.json        onnxruntime-genai (``og.Model(OUT)``): the cache's shape and names, the
                              token ids, search defaults from the checkpoint's generation_config
     config.json              Hugging Face optimum (``ORTModelForCausalLM.from_pretrained(OUT)``) and
-    generation_config.json   anything else that reads a transformers folder
+    generation_config.json   anything else that reads a transformers folder (and the tokenizer's
+                             class named so that transformers 4, optimum's, loads it too)
 
 What describes the graph (layers, heads, KV heads, head size, vocab, the names of its inputs) is read
 off the written model.onnx itself (``decoder_signature``), not from the checkpoint: the files say
@@ -141,4 +142,23 @@ def write_runtime_files(folder: Path, model, tokenizer=None) -> list[str]:
     if generation is not None:
         generation.save_pretrained(folder)
         written.append("generation_config.json")
+    portable_tokenizer_class(folder)
     return written
+
+
+def portable_tokenizer_class(folder: Path) -> bool:
+    """A tokenizer transformers 5 saved as its plain tokenizers-backed class names it
+    "TokenizersBackend", which transformers 4 (optimum-onnx 0.1's) cannot load; both load it by its
+    older name, "PreTrainedTokenizerFast" (the same class in 5). Under that name transformers 4 also
+    returns token_type_ids unless told the model's inputs, which for this graph are input_ids and
+    attention_mask. True when the config was changed."""
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return False
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") != "TokenizersBackend":
+        return False
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.setdefault("model_input_names", ["input_ids", "attention_mask"])
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return True
