@@ -43,7 +43,9 @@ def session(model_path: str | Path, threads: int | None = None, provider: str = 
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise InputError("--provider cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: the default graph-input default of logits_to_keep is warned about
+    # on the CPU errors only: onnxruntime warns at every load that logits_to_keep has a default (an
+    # initializer of its name, for runtimes that do not feed it); with CUDA its placement warnings matter
+    opts.log_severity_level = 3 if provider == "cpu" else 2
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
