@@ -190,8 +190,8 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
                 name = head.layers[0] if head else None
                 if head is None:
                     name, quantized[name] = quantize_head(gm, opts.head_scheme)
-                table = (token_table_of_head(gm, name, quantized[name], result.folded)
-                         if shares_head(gm, name, opts.head_scheme, opts.scheme) else quantize_token_table(gm, opts.scheme))
+                table = (token_table_of_head(name, quantized[name], result.folded)
+                         if shares_head(gm, opts.head_scheme, opts.scheme) else quantize_token_table(gm, opts.scheme))
             lap("search")
             emitted = write_onnx(gm, quantized, tmp / "model.onnx", model=model, accuracy_level=opts.accuracy_level,
                                  act_dtype=opts.act_dtype, quantized_table=table, plan=plan)

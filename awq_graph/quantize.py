@@ -44,13 +44,13 @@ def quantize_token_table(gm: GraphModel, scheme: QuantScheme) -> TokenTable:
     return TokenTable(quantize(gm.params[token_table(gm)].detach().float(), scheme))
 
 
-def token_table_of_head(gm: GraphModel, head: str, quantized: QuantizedWeight, folded) -> TokenTable:
+def token_table_of_head(head: str, quantized: QuantizedWeight, folded) -> TokenTable:
     """The lookup reads the integers of ``head``, which is tied to the token table; ``folded``: the
     head search's fold records (a scale folded into the final norm, and into the head's copy)."""
     scale = next((f.scale[torch.tensor(f.group.channel_map(head))] for f in folded if f.group.layers == (head,)), None)
     return TokenTable(quantized, head, None if scale is None else 1.0 / scale)
 
 
-def shares_head(gm: GraphModel, head: str, head_scheme: QuantScheme, table_scheme: QuantScheme) -> bool:
+def shares_head(gm: GraphModel, head_scheme: QuantScheme, table_scheme: QuantScheme) -> bool:
     """The head is tied to the token table and both are 4-bit: one set of integers serves both."""
-    return head_reads_token_table(gm) and head_scheme.bits == table_scheme.bits == 4 and head == output_head(gm)
+    return head_reads_token_table(gm) and head_scheme.bits == table_scheme.bits == 4

@@ -263,10 +263,11 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
     (name,) = group.layers
     site = gm.linears[name]
     post = stages.stages[stages.n + 1]
+    in_post = set(post)
     needed, frontier = set(), [site.input]
     while frontier:  # the post-stage nodes the head's input depends on
         node = frontier.pop()
-        if node in needed or node not in set(post):
+        if node in needed or node not in in_post:
             continue
         needed.add(node)
         frontier.extend(node.all_input_nodes)

@@ -229,10 +229,11 @@ def embedding(g: GraphBuilder, ids: str, table: "torch.Tensor | LazyMatrix", qua
     blocks = -(-hidden // scheme.group_size)
     if quantized.head is not None:  # the head's (N, k_blocks, blob), (N * k_blocks,), (N * zero bytes,)
         shapes = {"qweight": [vocab, -1], "scales": [vocab, blocks], "qzeros": [vocab, -1]}
-        inputs = [g.op("Reshape", [source, g.const(f"{name}.{source.rsplit('.', 1)[1]}_shape",
-                                                     np.array(shapes[source.rsplit(".", 1)[1]], np.int64))],
-                       f"{name}/Reshape_{source.rsplit('.', 1)[1]}")
-                  for source in g.nbits_weights(qw, quantized.head)]
+        inputs = []
+        for source in g.nbits_weights(qw, quantized.head):
+            kind = source.rsplit(".", 1)[1]
+            shape = g.const(f"{name}.{kind}_shape", np.array(shapes[kind], np.int64))
+            inputs.append(g.op("Reshape", [source, shape], f"{name}/Reshape_{kind}"))
         inputs.insert(1, ids)
     else:
         packed, scales, zeros = pack_matmulnbits(qw)  # (V, blocks, blob): rows padded to whole blocks

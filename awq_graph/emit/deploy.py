@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from awq_graph.emit.families import family_of
-from awq_graph.runtime import CONTEXT_KEY
+from awq_graph.runtime import CONTEXT_KEY, PAST
 
-PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PAST_KEY, PAST_VALUE = PAST + "%d.key", PAST + "%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 # the search defaults genai's own builder writes, where the checkpoint's generation_config is silent
 SEARCH_DEFAULTS = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
@@ -62,7 +62,7 @@ def decoder_signature(path: Path) -> DecoderSignature | None:
     inputs = {i.name: i for i in graph.input}
     if PAST_KEY % 0 not in inputs:
         return None
-    layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+    layers = sum(1 for name in inputs if name.startswith(PAST) and name.endswith(".key"))
     dims = inputs[PAST_KEY % 0].type.tensor_type.shape.dim
     logits = next(o for o in graph.output if o.name == "logits")
     attention = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
