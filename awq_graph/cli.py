@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except AwqGraphError as exc:
         if args.debug:
             raise
-        print(f"awq-graph: error: {exc}", file=sys.stderr)
+        print(f"awq-graph: error: {_rank_said(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
@@ -227,20 +227,73 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+RANK_TIMEOUT_S = 2 * 3600  # the longest a rank waits in a collective: rank 0's emission of a large model
+
+
+def _torchrun_ranks():
+    """The ranks of a ``torchrun`` launch (its environment: WORLD_SIZE > 1, RANK, MASTER_ADDR,
+    MASTER_PORT): a process group over them (gloo, or nccl when the search runs on CUDA, each rank
+    on GPU LOCAL_RANK) and the rendezvous store. None for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from .core.ranks import Ranks
+
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=RANK_TIMEOUT_S)))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=RANK_TIMEOUT_S))
+    return Ranks(dist.group.WORLD, store)
+
+
+_RANK = [None]  # this process's rank in a torchrun launch, for its error lines
+
+
+def _rank_said(exc) -> str:
+    """An error line of a rank: "rank N: ..." (another rank's failure says its own rank already)."""
+    from .core.ranks import RankFailed
+
+    if _RANK[0] is None or isinstance(exc, RankFailed):
+        return str(exc)
+    return f"rank {_RANK[0]}: {exc}"
+
+
 def _compile(args) -> int:
-    from .core.numerics import QuantScheme
-    from .pipeline import CompileOptions
+    ranks = _torchrun_ranks()
+    try:
+        if ranks is not None:
+            _RANK[0] = ranks.rank
+        return _compile_on(args, ranks)
+    finally:
+        if ranks is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _compile_on(args, ranks) -> int:
     from .pipeline import compile as run_compile
 
-    options = CompileOptions(
-        scheme=QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym), config=args.config,
-        n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
-        accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
-        lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
-        kv_cache=not args.no_kv_cache,
-        loss_tokens=args.loss_tokens, device=args.device, stream=not args.no_stream)
-    result = run_compile(args.model, args.calib, args.out, options, progress=_progress,
-                         warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr))
+    leader = ranks is None or ranks.leader
+    try:
+        options = _compile_options(args, ranks)
+    except BaseException as exc:  # the other ranks stop at their first collective, with this error
+        if ranks is not None:
+            from .pipeline import one_line
+
+            ranks.fail(one_line(exc))
+        raise
+    result = run_compile(args.model, args.calib, args.out, options, progress=_progress if leader else None,
+                         warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr), ranks=ranks)
+    if not leader:  # rank 0 says what it wrote
+        return 0
     rep = result.report
     groups = rep["groups"]
     better = sum(1 for g in groups if g["ratio"] is not None)
@@ -248,6 +301,30 @@ def _compile(args) -> int:
           f"{len(groups)} scaling groups ({better} scaled), {rep['onnx_bytes'] / 2**20:.1f} MiB, "
           f"timings {rep['timings_s']}")
     return 0
+
+
+def _compile_options(args, ranks):
+    from .core.numerics import QuantScheme
+    from .pipeline import CompileOptions
+
+    return CompileOptions(
+        scheme=QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym), config=args.config,
+        n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
+        accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
+        lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
+        kv_cache=not args.no_kv_cache,
+        loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream)
+
+
+def _rank_device(asked: str, ranks) -> str:
+    """--device for a rank: "auto" and "cuda" are its own GPU (LOCAL_RANK's, set by ``_torchrun_ranks``)."""
+    if ranks is None or asked not in ("auto", "cuda"):
+        return asked
+    import torch
+
+    if asked == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else asked
 
 
 def _eval(args) -> int:

@@ -5,19 +5,21 @@ clip, quantize per layer) -> quantize the head and the token table -> emit -> th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import resource
 import time
 import warnings as pywarnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import calib as calibration
 from .core.analysis import quantizable_linears, token_table
-from .core.errors import ConfigError, InputError, SchemeError
+from .core.errors import AwqGraphError, ConfigError, InputError, SchemeError
 from .core.numerics import QuantScheme
+from .core.ranks import ONE, RankFailed, Ranks
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
 from .emit.deploy import write_runtime_files
@@ -105,12 +107,12 @@ class CompileOptions:
 @dataclass
 class CompileResult:
     out_dir: Path
-    files: list[Path]
+    files: list[Path]  # empty on a rank other than 0: rank 0 alone writes OUT
     report: dict = field(default_factory=dict)
 
 
 def compile(model, calib=None, out_dir="out", options: CompileOptions | None = None, *, tokenizer=None,
-            progress=None, warn=None, **option_fields) -> CompileResult:
+            progress=None, warn=None, ranks: Ranks | None = None, **option_fields) -> CompileResult:
     """Quantize a causal LM with AWQ and write an int4 MatMulNBits ONNX model to ``out_dir``.
 
     model: a ``PreTrainedModel`` (then pass ``tokenizer`` to have it saved) or a path to a
@@ -119,14 +121,43 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     ``CompileOptions``, or its fields as keywords (``scheme="uint4_wo_64", n_samples=32``).
     Nothing is written to ``out_dir`` until everything succeeded. ``warn(message)`` is called
     with each warning as soon as it is known (default: ``warnings.warn``); the report lists them.
+
+    ranks: ``Ranks(group, store)`` over an initialized torch.distributed process group: every
+    process of the group calls ``compile`` with the same arguments; each runs its share of the
+    calibration samples, all make the same choices, and rank 0 alone writes ``out_dir`` (the
+    others return no files). An error on any rank is raised on every rank, naming the rank.
     """
     opts = options if options is not None else _options(option_fields)
+    ranks = ranks or ONE
+    try:
+        return _compile(model, calib, out_dir, opts, tokenizer, progress, warn, ranks)
+    except RankFailed:
+        raise
+    except BaseException as exc:  # the others are told, and stop at their next collective
+        ranks.fail(one_line(exc))
+        raise
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the command line prints it: our own errors' message, another's type too."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted ({exc})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, AwqGraphError) else f"{type(exc).__name__}: {text}"
+
+
+def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, warn, ranks: Ranks) -> CompileResult:
     out_dir = Path(out_dir)
     calib_file = calib if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" else None
-    remove_stale(out_dir)  # first: an OUT a killed run had set aside is back before OUT is checked
-    check_out_dir(out_dir, opts.overwrite, tuple(x for x in (model, calib_file) if isinstance(x, (str, os.PathLike))))
+    if ranks.leader:  # rank 0 alone writes OUT
+        remove_stale(out_dir)  # first: an OUT a killed run had set aside is back before OUT is checked
+        check_out_dir(out_dir, opts.overwrite, tuple(x for x in (model, calib_file) if isinstance(x, (str, os.PathLike))))
     if calib_file is not None and not opts.rtn_only:
         calibration.check_text_file(calib_file, hint=" (give a .txt or .jsonl file, or 'self')")
+    if opts.rtn_only and not ranks.leader:  # no calibration to share: rank 0 compiles alone
+        ranks.wait()  # the checks of every rank
+        ranks.wait()  # rank 0's OUT (or its error)
+        return CompileResult(out_dir, [], {"rank": ranks.rank})
     lap = _Laps()
 
     loaded_here = isinstance(model, (str, os.PathLike))
@@ -158,11 +189,17 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
-        calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source, streamed=gm.streamed)
+        calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source, streamed=gm.streamed,
+                                               ranks=ranks)
         calibration.check_ids_fit(calib_ids, int(gm.param_shape(token_table(gm))[0]), calib_source)
+        _same_on_every_rank(calib_ids, calib_source, ranks)
         lap("calibration")
-    # the derived groups are proved by folding random scales; round-to-nearest uses no group
-    found = match(gm, opts.config, verify=opts.config is None and not opts.rtn_only)
+    # the derived groups are proved by folding random scales (by rank 0; the others take its
+    # verdict); round-to-nearest uses no group
+    verify = opts.config is None and not opts.rtn_only
+    found = match(gm, opts.config, verify=verify and ranks.leader)
+    if verify and ranks.world > 1:
+        found = replace(found, verification=ranks.leader_object(found.verification))
     if found.faults:
         raise ConfigError("config does not fit the model: " + "; ".join(found.faults))
     per_layer, warnings = found.for_search()
@@ -171,23 +208,26 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
         warnings.append(f"calibration from {calib_source} gave {calib_ids.shape[0]} samples of {opts.seqlen} tokens, "
                         f"fewer than the {opts.n_samples} asked (n_samples)")
     warn = warn or (lambda message: pywarnings.warn(message, stacklevel=3))
+    if not ranks.leader:
+        warn = lambda message: None  # noqa: E731 (rank 0 says them)
     for message in warnings:  # before the long search, not after it
         warn(message)
     lap("match")
+    ranks.wait()  # every rank is ready (or one failed: every rank stops here with its error)
+    if not ranks.leader:
+        awq_search(gm, per_layer, calib_ids, opts.search_options(), head=_head_search(gm, opts), ranks=ranks)
+        ranks.wait()  # rank 0's OUT (or its error)
+        return CompileResult(out_dir, [], {"rank": ranks.rank, "timings_s": lap.timings})
     with atomic_out_dir(out_dir) as tmp:
         spill = IntegerSpill(tmp / ".integers.spill")  # each layer's integers leave memory as it finishes
         try:
-            # a 4-bit head with calibration is searched like a group of its own (scale into the final norm,
-            # clipping); an 8-bit one is rounded to nearest (on SmolLM2 its search changed nothing: 24.149
-            # against 24.135, the float model 24.145, at minutes of search)
-            searched_head = opts.quantize_lm_head and opts.lm_head_bits == 4 and not opts.rtn_only
-            head = head_group(gm) if searched_head else None
+            head = _head_search(gm, opts)
             result = (rtn(gm, opts.scheme, progress, keep=spill.put) if opts.rtn_only else
                       awq_search(gm, per_layer, calib_ids, opts.search_options(), progress=progress, keep=spill.put,
-                                 head=(head, opts.head_scheme) if head else None))
+                                 head=head, ranks=ranks))
             quantized, table = dict(result.quantized), None
             if opts.quantize_lm_head:
-                name = head.layers[0] if head else None
+                name = head[0].layers[0] if head else None
                 if head is None:
                     name, quantized[name] = quantize_head(gm, opts.head_scheme)
                 table = (token_table_of_head(name, quantized[name], result.folded)
@@ -210,6 +250,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
                            "checked_layers": emitted.checked_layers, "integers_checked": emitted.integers_checked,
                            "runtime_files": runtime_files}
         report["calibration_source"] = calib_source
+        report["ranks"] = _ranks_report(ranks, calib_ids, opts)
         report["weights"] = {"streamed": gm.streamed, "loaded_whole_because": whole_because}
         for message in emitted.warnings:
             warn(message)
@@ -218,8 +259,47 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
         report["peak_rss_mb"] = _peak_rss_mb()
         report["peak_rss_mb_after"] = lap.peak_rss_mb  # where the peak grows, stage by stage
         (tmp / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    ranks.wait()  # the others return once OUT is in place
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     return CompileResult(out_dir, files, report)
+
+
+def _head_search(gm, opts: CompileOptions):
+    """(the head's group, its scheme) when the head is searched: a 4-bit head with calibration
+    is searched like a group of its own (scale into the final norm, clipping); an 8-bit one is
+    rounded to nearest (on SmolLM2 its search changed nothing: 24.149 against 24.135, the float
+    model 24.145, at minutes of search)."""
+    if not (opts.quantize_lm_head and opts.lm_head_bits == 4 and not opts.rtn_only):
+        return None
+    head = head_group(gm)
+    return (head, opts.head_scheme) if head else None
+
+
+def _same_on_every_rank(calib_ids, source: str, ranks: Ranks) -> None:
+    """Every rank read the same calibration tokens (each reads its own copy of a file: on
+    several machines they may differ), and there is a sample for each rank."""
+    if ranks.world == 1:
+        return
+    if calib_ids.shape[0] < ranks.world:
+        raise InputError(f"calibration from {source} gave {calib_ids.shape[0]} samples, fewer than the "
+                         f"{ranks.world} ranks: give at least one sample per rank (--n-samples)")
+    digests = ranks.gather(hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest())
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise InputError(f"calibration from {source} gave rank {differ[0]} other tokens than rank 0: every rank "
+                         "must read the same calibration (the same file, or --calib self)")
+
+
+def _ranks_report(ranks: Ranks, calib_ids, opts: CompileOptions) -> dict:
+    """How many processes shared the calibration, and the samples each ran."""
+    n = 0 if calib_ids is None else int(calib_ids.shape[0])
+    shares = [len(range(r, n, ranks.world)) for r in range(ranks.world)]
+    backend = None
+    if ranks.group is not None:
+        import torch.distributed as dist
+
+        backend = str(dist.get_backend(ranks.group))
+    return {"world": ranks.world, "backend": backend, "samples_per_rank": None if opts.rtn_only else shares}
 
 
 def resolve_device(asked: str) -> str:
@@ -272,9 +352,12 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None, streamed=False):
+def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None, streamed=False,
+                 ranks: Ranks = ONE):
     """(token ids (n, seqlen), where they came from). Text sampled from a streamed model needs
-    the whole model once: it is loaded for the sampling and dropped after it."""
+    the whole model once: it is loaded for the sampling and dropped after it. Over several ranks,
+    the text is sampled once, by rank 0, and sent to the others (the same set as one process with
+    the same seed, and the sampling is not repeated per rank); a file is read by every rank."""
     def missing(what: str) -> InputError:
         where = tokenizer_files(source) if source else "no tokenizer was given (pass tokenizer=...)"
         return InputError(f"{what} needs a tokenizer, and {where}; round-to-nearest (--rtn) or token tensors need none")
@@ -282,9 +365,13 @@ def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source
     if calib is None or (isinstance(calib, str) and calib == "self"):
         if tokenizer is None:
             raise missing("calibration 'self'")
-        sampler = load_float_model(source) if streamed else model
-        return calibration.self_generated(sampler, tokenizer, opts.n_samples, opts.seqlen, opts.seed,
-                                          progress=progress), "self"
+        ids = None
+        if ranks.leader:
+            sampler = load_float_model(source) if streamed else model
+            ids = calibration.self_generated(sampler, tokenizer, opts.n_samples, opts.seqlen, opts.seed,
+                                             progress=progress)
+            del sampler
+        return ranks.leader_object(ids), "self"
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:
             raise missing(f"calibration from the text file {calib}")

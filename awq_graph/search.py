@@ -32,11 +32,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import fx
 
-from .core.analysis import decoder_layers, feeds_attention_scores, quantizable_linears
+from .core.analysis import feeds_attention_scores, quantizable_linears
 from .core.ir import GraphModel, in_module, run_nodes
 from .core.stages import Stages
+from .core.ranks import ONE, Ranks
 from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
                             diagonal_blocks_of_rows, direct_output_error, fake_quantize, quadratic_output_error,
                             quantize, weight_magnitude)
@@ -144,8 +144,9 @@ class _Stat:
     rows routed to it, in float32 (E times the memory of one H: 6.6 GB for Mixtral-8x7B's
     down_proj)."""
 
-    def __init__(self, channels: int, experts: int = 0, form: str = "quadratic", device="cpu"):
+    def __init__(self, channels: int, experts: int = 0, form: str = "quadratic", device="cpu", ranks: Ranks = ONE):
         self.form = form
+        self.ranks = ranks
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         shape = (experts, channels, channels) if experts else (channels, channels)
         self.gram = (torch.zeros(shape, dtype=torch.float32 if experts else torch.float64, device=device)
@@ -166,6 +167,21 @@ class _Stat:
             self.gram += (x2.T @ x2).double()
         self.abs_sum += x2.abs().sum(0).double()
         self.tokens += x2.shape[0]
+
+    def reduce(self) -> None:
+        """The sums of every rank's tokens (the rows of the direct form stay with their rank: its
+        losses and blocks are summed instead)."""
+        if self.ranks.world == 1:
+            return
+        self.ranks.sum(self.abs_sum)
+        if self.gram is not None:
+            self.ranks.sum(self.gram)
+        self.tokens = int(self.ranks.total(self.tokens))
+
+    @property
+    def local_rows(self) -> bool:
+        """The output error is this rank's tokens' part (the direct form), to be summed over the ranks."""
+        return self.form == "direct"
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -188,7 +204,7 @@ class _Stat:
     def blocks(self, moment: torch.Tensor, group_size: int) -> torch.Tensor:
         """The diagonal (group, group) blocks of H, for the clipping search."""
         if self.form == "direct":
-            return diagonal_blocks_of_rows(moment, group_size)
+            return self.ranks.sum(diagonal_blocks_of_rows(moment, group_size))
         return diagonal_blocks(moment, group_size)
 
 
@@ -199,8 +215,8 @@ def _scatter_mean(values: torch.Tensor, cmap: torch.Tensor, channels: int) -> to
 
 
 def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch.Tensor,
-               opts: SearchOptions, progress=None, keep=None, head: tuple[ScalingGroup, QuantScheme] | None = None
-               ) -> SearchResult:
+               opts: SearchOptions, progress=None, keep=None, head: tuple[ScalingGroup, QuantScheme] | None = None,
+               ranks: Ranks = ONE) -> SearchResult:
     """Search, fold (in place on ``gm.params``; each fold's record in ``result.folded``) and
     quantize every decoder layer; then, given ``head`` (the group of the final norm and the head,
     and the head's scheme), the head on the final hidden states (``search_head``).
@@ -208,15 +224,20 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     ``calib``: (n_samples, seqlen) token ids. ``progress(iterable, desc, total)`` wraps loops.
     ``keep(name, packed)``: what to hold for a linear's packed integers (``IntegerSpill.put``
     writes them to disk as each layer finishes); None holds them in memory.
+    ``ranks``: the processes sharing the calibration (``core.ranks``): each runs its share of the
+    samples; every rank makes the same choices, and rank 0 alone clips and quantizes (the others'
+    ``result.quantized`` stays empty).
     """
     t0 = time.perf_counter()
     progress = progress or (lambda it, desc, total: it)
     stages = Stages(gm)
     n_samples, seqlen = calib.shape
     # chunk 0 is the loss subsample: whole sequences, evenly spaced through the set
-    n_loss = max(1, min(n_samples, opts.loss_tokens // seqlen))
+    # (at least one per rank: every rank runs the subgraph losses on its share of them)
+    n_loss = min(n_samples, max(1, opts.loss_tokens // seqlen, ranks.world))
     loss_idx = torch.linspace(0, n_samples - 1, n_loss).round().long().unique()
     rest = torch.tensor([i for i in range(n_samples) if i not in set(loss_idx.tolist())], dtype=torch.long)
+    loss_idx, rest = ranks.share(loss_idx), ranks.share(rest)
     per_chunk = max(1, opts.chunk_tokens // seqlen)
     chunks = [calib[loss_idx]] + [calib[rest[i:i + per_chunk]] for i in range(0, len(rest), per_chunk)]
     input_node = gm.input_node()
@@ -239,11 +260,12 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
         linears = [n for n in gm.linears if n.startswith(base + ".") and n in quantizable]
         folds_before = len(result.folded)
         with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
-            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen, keep)
+            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen, keep,
+                          ranks)
         if gm.streamed:  # the layer leaves memory, but for what its folds edited outside its linears
             _release_layer(gm, nodes, linears, result.folded[folds_before:])
     if head is not None:
-        search_head(gm, *head, chunks, stores, stages, opts, result, keep)
+        search_head(gm, *head, chunks, stores, stages, opts, result, keep, ranks)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -252,7 +274,7 @@ HEAD_ROWS = 8192  # rows of the head per pass: the search's temporaries stay a f
 
 
 def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks, stores, stages: Stages,
-                opts: SearchOptions, result: SearchResult, keep=None) -> None:
+                opts: SearchOptions, result: SearchResult, keep=None, ranks: Ranks = ONE) -> None:
     """The head as one more single-linear group (``group``: the final norm -> the head): the
     statistics of its input over every calibration token (the final hidden states, normed: the
     post stage run only up to the head's input, never the (tokens x vocab) logits), the scale
@@ -274,7 +296,8 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
     nodes = [n for n in post if n in needed]
     head_opts = SearchOptions(**{**opts.__dict__, "scheme": scheme})
     tokens = sum(int(ids.numel()) for ids in chunks)
-    stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form), opts.device)
+    tokens = int(ranks.total(tokens))
+    stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form), opts.device, ranks)
     input_node = gm.input_node()
     with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):  # the norm stays resident
         params_env = _layer_params(gm, nodes, opts.device)
@@ -284,6 +307,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             stat.add(env[site.input])
             del env
         del params_env
+    stat.reduce()
     with torch.no_grad():
         w = site.matrix(gm.params).detach().to(opts.device, torch.float32)  # a tied head's: the table, read afresh
         parts = list(w.split(HEAD_ROWS))
@@ -297,7 +321,8 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             sc = s[cmap]
             return sum(float(stat.output_error(fake_quantize(p * sc, scheme) / sc - p, moment)) for p in parts) / numel
 
-        s, ratio, loss_rtn, loss = _grid(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device)
+        s, ratio, loss_rtn, loss = _grid(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks,
+                                         split=not stat.local_rows)
         result.groups.append(GroupReport(stages.n, group.prev_op, [name], ratio, loss_rtn, loss, stat.form))
         col = None
         if s is not None:
@@ -305,6 +330,8 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             result.folded.append(Folded(group, s.cpu(), tuple(group.prev_params)))
             col = s[cmap]
         blocks = stat.blocks(stat.scaled(None if col is None else 1.0 / col), scheme.group_size) if opts.clip else None
+        if not ranks.leader:  # rank 0 alone clips and quantizes
+            return
         pieces, clips = [], []
         for p in parts:
             p = p if col is None else p * col  # the scaled rows, a block at a time
@@ -343,30 +370,33 @@ def _layer_params(gm, nodes, device) -> dict:
     return env
 
 
-def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens, keep=None):
+def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens, keep=None,
+                  ranks: Ranks = ONE):
     """Decoder layer ``li`` in three steps that return records: the scale of each group
     (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize."""
     stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages,
                                               lambda channels, experts: loss_form(tokens, channels, experts,
-                                                                                  opts.loss_form), opts.device)
+                                                                                  opts.loss_form), opts.device,
+                                              ranks)
     scales = []
     for g in groups:
-        s, report = _search_group(gm, li, g, stats, inspect, saved, opts, set(linears))
+        s, report = _search_group(gm, li, g, stats, inspect, saved, opts, set(linears), ranks)
         result.groups.append(report)
         if s is not None:
             scales.append((g, s.cpu()))  # the folds edit the parameters where they live
     folded = [fold_scales(gm.params, g, s, gm.linears) for g, s in scales]
     result.folded.extend(folded)
-    quantized, clips = _clip_and_quantize(gm, linears, stats, folded, opts, keep)
+    quantized, clips = _clip_and_quantize(gm, linears, stats, folded, opts, keep, ranks)
     result.quantized.update(quantized)
     result.clips.extend(clips)
 
 
-def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu"):
+def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu", ranks=ONE):
     """Run layer ``li`` over every calibration chunk: the statistics of each linear input (in the
     form ``form_of(channels, experts)`` picks), and (chunk 0) the inputs and outputs of each
     ``module2inspect`` that is not a single linear. Hands the chunks' values on to the next
-    layer through ``stores``."""
+    layer through ``stores``. The statistics are summed over the ranks (in the nodes' order, the
+    same on every rank)."""
     input_nodes = {gm.linears[n].input for n in linears}
     for g in groups:
         input_nodes.add(gm.linears[g.inp].input)
@@ -374,7 +404,7 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
     stats = {}
     for node in input_nodes:
         channels, experts = node.meta["val"].shape[-1], banks[node].experts if node in banks else 0
-        stats[node] = _Stat(channels, experts, form_of(channels, experts), device)
+        stats[node] = _Stat(channels, experts, form_of(channels, experts), device, ranks)
     inspect = {}
     for g in groups:
         if not (len(g.layers) == 1 and g.module2inspect == g.layers[0]) and g.module2inspect not in inspect:
@@ -397,12 +427,15 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
                 saved[name] = ({a: env[a] for a in ext}, [env[o].clone() for o in outs])
         stores[c] = {n: env[n] for n in stages.keep_after[li + 1]}
         del env
+    for node in sorted(stats, key=lambda n: n.name):
+        stats[node].reduce()
     return stats, inspect, saved
 
 
-def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None):
+def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None, ranks: Ranks = ONE):
     """The integers of every quantizable linear of the layer, after the folds: per linear a
-    clipping search on its (now scaled) input statistics, then quantize."""
+    clipping search on its (now scaled) input statistics, then quantize; on rank 0 only (the
+    other ranks only add their rows to the direct form's blocks)."""
     col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
     for f in folded:
         for layer, cmap in zip(f.group.layers, f.group.channel_maps):
@@ -412,10 +445,14 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None
     quantized, clips = {}, []
     for name in linears:
         site = gm.linears[name]
-        w = site.matrix(gm.params).detach().to(opts.device, torch.float32)
         stat = stats[site.input]
+        if not ranks.leader and not (opts.clip and stat.local_rows):
+            continue
         inv = None if col_scale[name] is None else 1.0 / col_scale[name].to(opts.device)  # the input is now x / s
         blocks = stat.blocks(stat.scaled(inv), opts.scheme.group_size) if opts.clip else None
+        if not ranks.leader:
+            continue
+        w = site.matrix(gm.params).detach().to(opts.device, torch.float32)
         shrink, report = _clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
         if report is not None:
             clips.append(report)
@@ -423,7 +460,7 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None
     return quantized, clips
 
 
-def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str]):
+def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str], ranks: Ranks = ONE):
     """The best scale for group ``g`` (None: the identity); only the layers in ``quantized``
     are rounded in the loss (an MoE router in the group is scaled but stays float)."""
     scheme, device = opts.scheme, opts.device
@@ -443,7 +480,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
     if linear_inspect:
         name = g.layers[0]
         stat = stats[gm.linears[name].input]
-        moment, form = stat.scaled(None), stat.form
+        moment, form, split = stat.scaled(None), stat.form, not stat.local_rows
         numel = stat.tokens * gm.linears[name].out_features
 
         def loss_of(s):
@@ -456,7 +493,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         sub, ext, outs = inspect[g.module2inspect]
         ext_values, refs = saved[g.module2inspect]
         placeholders = {name: gm.linears[name].weight_node for name in weights}
-        numel = sum(r.numel() for r in refs)
+        numel, split = ranks.total(sum(r.numel() for r in refs)), False  # each rank's share of the loss subsample
 
         def loss_of(s):
             env = dict(ext_values)
@@ -466,27 +503,35 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
             run_nodes(sub, env, device)
             return sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs)) / numel
 
-    best_s, best_ratio, loss_rtn, best_loss = _grid(loss_of, x_mean, w_mean, g, opts.n_grid, device)
+    best_s, best_ratio, loss_rtn, best_loss = _grid(loss_of, x_mean, w_mean, g, opts.n_grid, device, ranks, split)
     return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss, form)
 
 
-def _grid(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device):
+def _grid(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: Ranks = ONE, split: bool = False):
     """AWQ's grid over the ratio, the identity included: (best scale or None, its ratio, the
-    identity's loss, the best loss)."""
+    identity's loss, the best loss). Over several ranks, ``loss_of`` is this rank's tokens' part
+    (summed over the ranks), or, with ``split``, the whole loss, each rank computing every
+    world-th grid point; the choice is rank 0's."""
     ones = torch.ones(g.channels, device=device)
     used = torch.tensor(g.used_channels(), device=device)
-    loss_rtn = loss_of(ones)
-    best_loss, best_ratio, best_s = loss_rtn, None, None
+    candidates: list[tuple[float | None, torch.Tensor | None]] = [(None, ones)]
     for k in range(n_grid):
-        ratio = k / n_grid
         s = ones.clone()
-        s[used] = awq_candidate_scales(x_mean[used], w_mean[used], ratio)
-        if not torch.isfinite(s).all():
-            continue
-        loss = loss_of(s)
-        if loss < best_loss:
-            best_loss, best_ratio, best_s = loss, ratio, s
-    return best_s, best_ratio, loss_rtn, best_loss
+        s[used] = awq_candidate_scales(x_mean[used], w_mean[used], k / n_grid)
+        candidates.append((k / n_grid, s if bool(torch.isfinite(s).all()) else None))
+    losses = torch.zeros(len(candidates), dtype=torch.float64)
+    for i, (_, s) in enumerate(candidates):
+        if s is None:
+            losses[i] = float("inf")
+        elif not split or i % ranks.world == ranks.rank:
+            losses[i] = loss_of(s)
+    losses = ranks.agreed_sum(losses)
+    best = 0
+    for i in range(1, len(candidates)):  # the first strictly lower loss: the identity wins ties
+        if losses[i] < losses[best]:
+            best = i
+    ratio, s = candidates[best]
+    return (None if best == 0 else s), ratio, float(losses[0]), float(losses[best])
 
 
 def _clip_search(name, w, blocks, numel, opts, node):

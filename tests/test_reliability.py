@@ -2,6 +2,7 @@
 moment leaves OUT as it was and nothing beside it, says so on one line, and a library call leaves
 the caller's random state alone."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -33,7 +34,18 @@ def _strict_json(path: Path):
 def _start_compile(checkpoint: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(checkpoint), "-o", str(out), "--n-samples", "64",
            "--seqlen", "64", "--group-size", "16", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _when_said(proc: subprocess.Popen, words: bytes) -> bytes:
+    """Waits until the compile's stderr shows ``words`` (a progress bar's name); returns what it read."""
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen, deadline = b"", time.time() + 180
+    while words not in seen and time.time() < deadline and proc.poll() is None:
+        seen += proc.stderr.read() or b""
+        time.sleep(0.01)
+    os.set_blocking(proc.stderr.fileno(), True)
+    return seen
 
 
 def _when_writing(out: Path):
@@ -45,7 +57,7 @@ def _when_writing(out: Path):
 
 @pytest.mark.parametrize("signum, moment", [
     (signal.SIGINT, 1.0),        # Ctrl-C while torch is still importing
-    (signal.SIGTERM, 6.0),       # what kill and timeout send, during load, export or calibration
+    (signal.SIGTERM, b"self-calibration"),  # what kill and timeout send, while calibration text is sampled
     (signal.SIGHUP, "writing"),  # the terminal closed, while the ONNX files are being written
     (signal.SIGTERM, "writing"),
 ])
@@ -55,12 +67,15 @@ def test_a_signal_at_any_moment_is_one_line_and_leaves_out_as_it_was(tiny_checkp
     (out / "earlier.txt").write_text("an earlier compile's output")
     before = _tree(out)
     proc = _start_compile(tiny_checkpoint, out, "--overwrite")
+    seen = b""
     if moment == "writing":
         _when_writing(out)
+    elif isinstance(moment, bytes):
+        seen = _when_said(proc, moment)
     else:
         time.sleep(moment)
     proc.send_signal(signum)
-    err = proc.communicate(timeout=120)[1]
+    err = (seen + proc.communicate(timeout=120)[1]).decode()
     name = signal.Signals(signum).name
     assert proc.returncode == 128 + signum, err
     assert err.strip().splitlines()[-1] == f"awq-graph: interrupted ({name}); nothing was written", err

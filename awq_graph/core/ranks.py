@@ -1,0 +1,162 @@
+"""The processes one compile runs on: data-parallel calibration over torch.distributed.
+
+Each rank runs a disjoint share of the calibration samples through the layer being searched; the
+statistics are sums over tokens (sum |x|, H = X^T X, token counts), so the ranks add theirs up
+(``sum``) and every rank holds the whole set's. A loss that is a sum over tokens (a subgraph's
+output error, a single linear's error from its rows) is added up the same way; a loss computed
+from the summed H is the same on every rank, so the ranks share its grid points out instead
+(``split``). Every decision is rank 0's (``from_leader``), so a float that rounded differently on
+another rank cannot split them. ``Ranks()`` is one process: every method returns what it was given.
+
+A rank that fails leaves its one-line error in the rendezvous store (``fail``) and closes its
+connections; the others, waiting in a collective, see the connection close and raise that line as
+their own (``RankFailed``), so every rank's stderr names the rank at fault and why.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import AwqGraphError
+
+FAILED_KEY = "awq_graph/failed"
+SEEN_KEY = "awq_graph/failure_seen"
+WAIT_FOR_PEERS_S = 10.0  # how long a failing rank waits for the others to read its error
+
+
+class RankFailed(AwqGraphError):
+    """Another rank failed; the message is its own one-line error, with its rank."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """``group``: a torch.distributed process group (None: one process). ``store``: the
+    rendezvous store, where a failing rank leaves its error (None: the others say only that a
+    rank stopped)."""
+
+    group: Any = None
+    store: Any = None
+
+    @property
+    def world(self) -> int:
+        return 1 if self.group is None else _dist().get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else _dist().get_rank(self.group)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ``items`` (every world-th, from its rank): disjoint, and together all."""
+        return items[self.rank::self.world]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (and returned)."""
+        if self.group is not None:
+            self._collective(lambda d: d.all_reduce(tensor, op=d.ReduceOp.SUM, group=self.group))
+        return tensor
+
+    def total(self, number: float) -> float:
+        """A number summed over the ranks (float64 on the way)."""
+        if self.group is None:
+            return number
+        return float(self.sum(torch.tensor([float(number)], dtype=torch.float64, device=self._device()))[0])
+
+    def from_leader(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank, in place (and returned)."""
+        if self.group is not None:
+            src = _dist().get_global_rank(self.group, 0)
+            self._collective(lambda d: d.broadcast(tensor, src=src, group=self.group))
+        return tensor
+
+    def agreed_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks, as rank 0 has the sum (a decision made from it is the
+        same on every rank); a new CPU tensor."""
+        if self.group is None:
+            return values
+        on = values.to(self._device()).contiguous()
+        return self.from_leader(self.sum(on)).cpu()
+
+    def leader_object(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if self.group is None:
+            return value
+        box = [value]
+        src = _dist().get_global_rank(self.group, 0)
+        self._collective(lambda d: d.broadcast_object_list(box, src=src, group=self.group, device=self._device()))
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every rank's ``value``, in rank order."""
+        if self.group is None:
+            return [value]
+        out = [None] * self.world
+        self._collective(lambda d: d.all_gather_object(out, value, group=self.group))
+        return out
+
+    def wait(self) -> None:
+        """Until every rank is here (or one failed: then its error)."""
+        if self.group is not None:
+            self.total(0)
+
+    def fail(self, message: str) -> None:
+        """This rank failed with ``message``: leave it for the others, close this rank's connections
+        (so that the others' collectives end now, not at the timeout) and give them a moment to read it."""
+        if self.group is None:
+            return
+        if self.store is not None:
+            try:
+                self.store.set(FAILED_KEY, f"rank {self.rank}: {message}")
+            except Exception:  # the store is gone with its host (rank 0): the others say a rank stopped
+                pass
+        try:
+            _dist().destroy_process_group(self.group)
+        except Exception:
+            pass
+        if self.store is None:
+            return
+        deadline = time.monotonic() + WAIT_FOR_PEERS_S
+        while time.monotonic() < deadline:  # rank 0 hosts the store: it stays until the others have read
+            try:
+                if self.store.add(SEEN_KEY, 0) >= self.world - 1:
+                    time.sleep(0.5)  # and to print it, before a launcher ends them for this rank's exit
+                    return
+            except Exception:
+                return
+            time.sleep(0.05)
+
+    def _collective(self, call) -> None:
+        try:
+            call(_dist())
+        except RuntimeError as exc:  # a peer closed its connections: it failed
+            raise RankFailed(self._peer_error()) from exc
+
+    def _peer_error(self) -> str:
+        if self.store is not None:
+            try:
+                if self.store.check([FAILED_KEY]):
+                    message = self.store.get(FAILED_KEY).decode()
+                    self.store.add(SEEN_KEY, 1)
+                    return message
+            except Exception:
+                pass
+        return "another rank stopped (its error is on its own stderr)"
+
+    def _device(self):
+        backend = _dist().get_backend(self.group)
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+ONE = Ranks()
