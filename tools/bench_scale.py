@@ -3,11 +3,15 @@ measure peak RSS, seconds per decoder layer, total time and OUT size.
 
     python tools/bench_scale.py --shapes smollm2 1b --layers 4 8 --modes rtn awq
     python tools/bench_scale.py --shapes 3b --modes rtn --generate --merge   # the whole depth, then generate
+    python tools/bench_scale.py --shapes smollm2 --layers 4 --modes awq --ranks 1,2   # data-parallel calibration
 
 Checkpoints (bf16, sharded, written tensor by tensor by tools/random_checkpoint.py) are built
 once under bench/scale/ (ignored). Each compile runs alone in its own process under
 /usr/bin/time -v; AWQ calibrates on WikiText-2 validation (--data) with --n-samples x --seqlen
 (default 8 x 256). The same width at two depths shows whether peak memory grows with depth.
+``--ranks 1,2`` compiles AWQ once per rank count on the same cores: 1 rank with every thread, or
+``torchrun --nproc_per_node N`` with the threads shared out (--threads in all); the peak RSS is the
+largest rank's.
 Figures go to tools/results/scale.json, and a Markdown table is printed with the load average.
 """
 from __future__ import annotations
@@ -35,9 +39,12 @@ def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
     return folder
 
 
-def _compile(folder: Path, out: Path, mode: str, weights: str, args, env) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "awq_graph.cli", "compile", str(folder), "-o", str(out),
+def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks: int = 1) -> dict:
+    launch = [sys.executable, "-m", "awq_graph.cli"] if ranks == 1 else [
+        str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "-m", "awq_graph"]
+    cmd = ["/usr/bin/time", "-v", *launch, "compile", str(folder), "-o", str(out),
            "--overwrite", "--group-size", "128"] + (["--no-stream"] if weights == "whole" else [])
+    env = {**env, "OMP_NUM_THREADS": str(max(1, args.threads // ranks))}
     if mode == "rtn":
         cmd.append("--rtn")
     else:
@@ -47,11 +54,13 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env) -> dic
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    row = {"mode": mode, "weights": weights, "rc": proc.returncode, "wall_s": round(wall, 1),
+    row = {"mode": mode, "weights": weights, "ranks": ranks, "threads_per_rank": max(1, args.threads // ranks),
+           "rc": proc.returncode, "wall_s": round(wall, 1),
            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
     if proc.returncode == 0:
         report = json.loads((out / "report.json").read_text())
         row["timings_s"] = report["timings_s"]
+        row["all_reduced_mb"] = round(report.get("ranks", {}).get("bytes_summed", 0) / 2**20, 1)
         row["peak_rss_mb_after"] = report.get("peak_rss_mb_after")
         row["out_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1)
     else:
@@ -84,7 +93,7 @@ def _merged(path: Path, rows: list[dict], args) -> list[dict]:
     old = json.loads(path.read_text())
     if (old.get("n_samples"), old.get("seqlen")) != (args.n_samples, args.seqlen):
         return rows
-    key = lambda r: (r["shape"], r["layers"], r["mode"], r.get("weights", "streamed"))  # noqa: E731
+    key = lambda r: (r["shape"], r["layers"], r["mode"], r.get("weights", "streamed"), r.get("ranks", 1))  # noqa: E731
     new = {key(r) for r in rows}
     return [r for r in old["rows"] if key(r) not in new] + rows
 
@@ -103,7 +112,10 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=REPO / "tools" / "results" / "scale.json")
     p.add_argument("--merge", action="store_true", help="keep the rows of other runs in --results (same calibration)")
     p.add_argument("--generate", action="store_true", help="run `awq-graph generate` on each compiled folder")
+    p.add_argument("--ranks", default="1", help="rank counts for AWQ, comma-separated (e.g. 1,2): torchrun beyond 1")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads in all, shared out among the ranks")
     args = p.parse_args()
+    rank_counts = [int(n) for n in args.ranks.split(",")]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -113,10 +125,11 @@ def main() -> int:
             config = json.loads((folder / "config.json").read_text())
             n_layers = config["num_hidden_layers"]
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            for mode, weights in [(m, w) for m in args.modes for w in args.weights]:
+            runs = [(m, w, n) for m in args.modes for w in args.weights for n in (rank_counts if m == "awq" else [1])]
+            for mode, weights, ranks in runs:
                 row = {"shape": shape, "layers": n_layers, "params_b": round(disk / 2 / 1e9, 3),
                        "load_avg": os.getloadavg()[0], **_compile(folder, args.work / f"out-{folder.name}-{mode}",
-                                                                  mode, weights, args, env)}
+                                                                  mode, weights, args, env, ranks)}
                 if "timings_s" in row:
                     row["search_s_per_layer"] = round(row["timings_s"].get("search", 0.0) / n_layers, 2)
                     if args.generate:
@@ -127,12 +140,15 @@ def main() -> int:
     rows = _merged(args.results, rows, args) if args.merge else rows
     args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
     print(f"load average {os.getloadavg()[0]:.2f}; rows in {args.results}")
-    print("| shape | layers | params | mode | weights | peak RSS | search s/layer | total s | OUT MB | generate | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | layers | params | mode | weights | ranks x threads | peak RSS | search s/layer | total s | "
+          "all-reduced MB | OUT MB | generate | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r.get('weights', 'streamed')} | "
+              f"{r.get('ranks', 1)} x {r.get('threads_per_rank', '-')} | "
               f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
-              f"{r['wall_s']} | {r.get('out_mb', r.get('error', '-'))} | {_generated(r)} | {r['load_avg']:.2f} |")
+              f"{r['wall_s']} | {r.get('all_reduced_mb', '-')} | {r.get('out_mb', r.get('error', '-'))} | "
+              f"{_generated(r)} | {r['load_avg']:.2f} |")
     return 0
 
 

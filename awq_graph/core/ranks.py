@@ -15,7 +15,7 @@ their own (``RankFailed``), so every rank's stderr names the rank at fault and w
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,8 @@ class Ranks:
 
     group: Any = None
     store: Any = None
+    # what this rank sent: the payload bytes of its all-reduces ("summed") and broadcasts
+    traffic: dict = field(default_factory=lambda: {"summed": 0, "broadcast": 0}, compare=False, repr=False)
 
     @property
     def world(self) -> int:
@@ -60,6 +62,7 @@ class Ranks:
         """``tensor`` summed over the ranks, in place (and returned)."""
         if self.group is not None:
             self._collective(lambda d: d.all_reduce(tensor, op=d.ReduceOp.SUM, group=self.group))
+            self.traffic["summed"] += tensor.numel() * tensor.element_size()
         return tensor
 
     def total(self, number: float) -> float:
@@ -73,6 +76,7 @@ class Ranks:
         if self.group is not None:
             src = _dist().get_global_rank(self.group, 0)
             self._collective(lambda d: d.broadcast(tensor, src=src, group=self.group))
+            self.traffic["broadcast"] += tensor.numel() * tensor.element_size()
         return tensor
 
     def agreed_sum(self, values: torch.Tensor) -> torch.Tensor:
