@@ -434,8 +434,9 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
 
 def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None, ranks: Ranks = ONE):
     """The integers of every quantizable linear of the layer, after the folds: per linear a
-    clipping search on its (now scaled) input statistics, then quantize; on rank 0 only (the
-    other ranks only add their rows to the direct form's blocks)."""
+    clipping search on its (now scaled) input statistics, then quantize. Over several ranks the
+    linears' clipping searches are shared out (linear i on rank i mod world), their outcomes sent
+    to rank 0, which alone quantizes (every rank adds its rows to the direct form's blocks)."""
     col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
     for f in folded:
         for layer, cmap in zip(f.group.layers, f.group.channel_maps):
@@ -443,17 +444,24 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None
                 col = f.scale[torch.tensor(cmap)]
                 col_scale[layer] = col if col_scale[layer] is None else col_scale[layer] * col
     quantized, clips = {}, []
-    for name in linears:
+    for i, name in enumerate(linears):
         site = gm.linears[name]
         stat = stats[site.input]
-        if not ranks.leader and not (opts.clip and stat.local_rows):
-            continue
-        inv = None if col_scale[name] is None else 1.0 / col_scale[name].to(opts.device)  # the input is now x / s
-        blocks = stat.blocks(stat.scaled(inv), opts.scheme.group_size) if opts.clip else None
-        if not ranks.leader:
+        owner = i % ranks.world  # the rank that searches this linear's clipping
+        mine = ranks.rank in (owner, 0)
+        blocks = None
+        if opts.clip and (ranks.rank == owner or stat.local_rows):
+            inv = None if col_scale[name] is None else 1.0 / col_scale[name].to(opts.device)  # the input is now x / s
+            blocks = stat.blocks(stat.scaled(inv), opts.scheme.group_size)
+        if not mine:
+            ranks.object_from(owner, None)
             continue
         w = site.matrix(gm.params).detach().to(opts.device, torch.float32)
-        shrink, report = _clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
+        shrink, report = (_clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
+                          if ranks.rank == owner else (None, None))
+        shrink, report = ranks.object_from(owner, (shrink, report))
+        if not ranks.leader:
+            continue
         if report is not None:
             clips.append(report)
         quantized[name] = _held(name, quantize(w, opts.scheme, shrink).to("cpu"), site, keep)

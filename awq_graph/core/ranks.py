@@ -89,10 +89,14 @@ class Ranks:
 
     def leader_object(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
+        return self.object_from(0, value)
+
+    def object_from(self, rank: int, value):
+        """Rank ``rank``'s ``value`` (picklable: tensors go as they are) on every rank."""
         if self.group is None:
             return value
         box = [value]
-        src = _dist().get_global_rank(self.group, 0)
+        src = _dist().get_global_rank(self.group, rank)
         self._collective(lambda d: d.broadcast_object_list(box, src=src, group=self.group, device=self._device()))
         return box[0]
 
