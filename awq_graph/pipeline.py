@@ -300,7 +300,8 @@ def _ranks_report(ranks: Ranks, calib_ids, opts: CompileOptions) -> dict:
 
         backend = str(dist.get_backend(ranks.group))
     return {"world": ranks.world, "backend": backend, "samples_per_rank": None if opts.rtn_only else shares,
-            "bytes_summed": ranks.traffic["summed"], "bytes_broadcast": ranks.traffic["broadcast"]}
+            "bytes_summed": ranks.traffic["summed"], "bytes_gathered": ranks.traffic["gathered"],
+            "bytes_broadcast": ranks.traffic["broadcast"]}
 
 
 def resolve_device(asked: str) -> str:

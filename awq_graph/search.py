@@ -169,19 +169,17 @@ class _Stat:
         self.tokens += x2.shape[0]
 
     def reduce(self) -> None:
-        """The sums of every rank's tokens (the rows of the direct form stay with their rank: its
-        losses and blocks are summed instead)."""
+        """Every rank's tokens: the sums (sum |x|, H, the count) summed, the direct form's rows
+        gathered (it is chosen when there are fewer tokens than channels: fewer floats than H)."""
         if self.ranks.world == 1:
             return
         self.ranks.sum(self.abs_sum)
         if self.gram is not None:
             self.ranks.sum(self.gram)
+        else:
+            self._rows = [self.ranks.gather_rows(torch.cat(self._rows) if self._rows else
+                                                 torch.zeros(0, self.abs_sum.shape[0], device=self.abs_sum.device))]
         self.tokens = int(self.ranks.total(self.tokens))
-
-    @property
-    def local_rows(self) -> bool:
-        """The output error is this rank's tokens' part (the direct form), to be summed over the ranks."""
-        return self.form == "direct"
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -204,7 +202,7 @@ class _Stat:
     def blocks(self, moment: torch.Tensor, group_size: int) -> torch.Tensor:
         """The diagonal (group, group) blocks of H, for the clipping search."""
         if self.form == "direct":
-            return self.ranks.sum(diagonal_blocks_of_rows(moment, group_size))
+            return diagonal_blocks_of_rows(moment, group_size)
         return diagonal_blocks(moment, group_size)
 
 
@@ -224,8 +222,9 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     ``calib``: (n_samples, seqlen) token ids. ``progress(iterable, desc, total)`` wraps loops.
     ``keep(name, packed)``: what to hold for a linear's packed integers (``IntegerSpill.put``
     writes them to disk as each layer finishes); None holds them in memory.
-    ``ranks``: the processes sharing the calibration (``core.ranks``): each runs its share of the
-    samples; every rank makes the same choices, and rank 0 alone clips and quantizes (the others'
+    ``ranks``: the processes sharing the calibration (``core.ranks``): each counts its share of the
+    samples in the statistics; every rank runs the whole loss subsample, and the grid points of
+    every group are shared out; rank 0 makes every choice and alone quantizes (the others'
     ``result.quantized`` stays empty).
     """
     t0 = time.perf_counter()
@@ -233,23 +232,20 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     stages = Stages(gm)
     n_samples, seqlen = calib.shape
     # chunk 0 is the loss subsample: whole sequences, evenly spaced through the set
-    # (at least one per rank: every rank runs the subgraph losses on its share of them)
-    n_loss = min(n_samples, max(1, opts.loss_tokens // seqlen, ranks.world))
+    n_loss = max(1, min(n_samples, opts.loss_tokens // seqlen))
     loss_idx = torch.linspace(0, n_samples - 1, n_loss).round().long().unique()
     rest = torch.tensor([i for i in range(n_samples) if i not in set(loss_idx.tolist())], dtype=torch.long)
-    loss_idx, rest = ranks.share(loss_idx), ranks.share(rest)
-    per_chunk = max(1, opts.chunk_tokens // seqlen)
-    chunks = [calib[loss_idx]] + [calib[rest[i:i + per_chunk]] for i in range(0, len(rest), per_chunk)]
+    chunks = _plan_chunks(calib, loss_idx, rest, max(1, opts.chunk_tokens // seqlen), ranks)
     input_node = gm.input_node()
     params_env = _layer_params(gm, stages.stages[0], "cpu")
-    stores: list[dict] = [{} for _ in chunks]
+    stores: list[dict] = [{} for _ in chunks.ids]
     with torch.no_grad():
-        for c, ids in enumerate(chunks):  # pre stage (embeddings, rotary tables, masks), on the CPU
+        for c, ids in enumerate(chunks.ids):  # pre stage (embeddings, rotary tables, masks), on the CPU
             env = {**params_env, input_node: ids}
             run_nodes(stages.stages[0], env)
             stores[c] = {n: _on(env[n], opts.device) for n in stages.keep_after[0]}
     del params_env, env
-    chunks = [ids.to(opts.device) for ids in chunks]
+    chunks = replace(chunks, ids=[ids.to(opts.device) for ids in chunks.ids])
 
     quantizable = set(quantizable_linears(gm))
     result = SearchResult({})
@@ -268,6 +264,33 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
         search_head(gm, *head, chunks, stores, stages, opts, result, keep, ranks)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """The calibration samples as this rank runs them: ``ids[c]`` per interpreter pass; the first
+    ``loss`` chunks are the loss subsample (every rank runs all of it: the grid points are shared
+    out); ``counted[c]``: whether this rank adds chunk c to the statistics (each sample is counted
+    by one rank)."""
+
+    ids: list[torch.Tensor]
+    counted: list[bool]
+    loss: int
+
+
+def _plan_chunks(calib, loss_idx, rest, per_chunk: int, ranks: Ranks) -> _Chunks:
+    mine = ranks.share(loss_idx)
+    others = loss_idx[~torch.isin(loss_idx, mine)]
+    ids, counted = [calib[mine]], [True]
+    if len(others):  # the loss sequences another rank counts
+        ids.append(calib[others])
+        counted.append(False)
+    loss = len(ids)
+    rest = ranks.share(rest)
+    for i in range(0, len(rest), per_chunk):
+        ids.append(calib[rest[i:i + per_chunk]])
+        counted.append(True)
+    return _Chunks(ids, counted, loss)
 
 
 HEAD_ROWS = 8192  # rows of the head per pass: the search's temporaries stay a few (rows x in) floats
@@ -295,13 +318,14 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
         frontier.extend(node.all_input_nodes)
     nodes = [n for n in post if n in needed]
     head_opts = SearchOptions(**{**opts.__dict__, "scheme": scheme})
-    tokens = sum(int(ids.numel()) for ids in chunks)
-    tokens = int(ranks.total(tokens))
+    tokens = int(ranks.total(sum(int(ids.numel()) for ids, n in zip(chunks.ids, chunks.counted) if n)))
     stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form), opts.device, ranks)
     input_node = gm.input_node()
     with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):  # the norm stays resident
         params_env = _layer_params(gm, nodes, opts.device)
-        for c, ids in enumerate(chunks):
+        for c, ids in enumerate(chunks.ids):
+            if not chunks.counted[c]:
+                continue
             env = {**params_env, **stores[c], input_node: ids}
             run_nodes(nodes, env, opts.device)
             stat.add(env[site.input])
@@ -321,8 +345,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             sc = s[cmap]
             return sum(float(stat.output_error(fake_quantize(p * sc, scheme) / sc - p, moment)) for p in parts) / numel
 
-        s, ratio, loss_rtn, loss = _grid(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks,
-                                         split=not stat.local_rows)
+        s, ratio, loss_rtn, loss = _grid(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks)
         result.groups.append(GroupReport(stages.n, group.prev_op, [name], ratio, loss_rtn, loss, stat.form))
         col = None
         if s is not None:
@@ -414,17 +437,18 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
             outs = [n for n in sub if any(u not in subset for u in n.users)  # its tensors (not sizes)
                     and isinstance(n.meta.get("val"), torch.Tensor)]
             inspect[g.module2inspect] = (sub, ext, outs)
-    saved = {}
+    saved = {name: [] for name in inspect}  # per loss chunk: the subgraph's inputs and outputs
     params_env = _layer_params(gm, nodes, device)
     input_node = gm.input_node()
-    for c, ids in enumerate(chunks):
+    for c, ids in enumerate(chunks.ids):
         env = {**params_env, **stores[c], input_node: ids}
         run_nodes(nodes, env, device)
-        for node, st in stats.items():
-            st.add(env[node], env[banks[node].node.args[2]] if node in banks else None)
-        if c == 0:
+        if chunks.counted[c]:
+            for node, st in stats.items():
+                st.add(env[node], env[banks[node].node.args[2]] if node in banks else None)
+        if c < chunks.loss:
             for name, (sub, ext, outs) in inspect.items():
-                saved[name] = ({a: env[a] for a in ext}, [env[o].clone() for o in outs])
+                saved[name].append(({a: env[a] for a in ext}, [env[o].clone() for o in outs]))
         stores[c] = {n: env[n] for n in stages.keep_after[li + 1]}
         del env
     for node in sorted(stats, key=lambda n: n.name):
@@ -450,7 +474,7 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None
         owner = i % ranks.world  # the rank that searches this linear's clipping
         mine = ranks.rank in (owner, 0)
         blocks = None
-        if opts.clip and (ranks.rank == owner or stat.local_rows):
+        if opts.clip and ranks.rank == owner:
             inv = None if col_scale[name] is None else 1.0 / col_scale[name].to(opts.device)  # the input is now x / s
             blocks = stat.blocks(stat.scaled(inv), opts.scheme.group_size)
         if not mine:
@@ -488,7 +512,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
     if linear_inspect:
         name = g.layers[0]
         stat = stats[gm.linears[name].input]
-        moment, form, split = stat.scaled(None), stat.form, not stat.local_rows
+        moment, form = stat.scaled(None), stat.form
         numel = stat.tokens * gm.linears[name].out_features
 
         def loss_of(s):
@@ -499,27 +523,31 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
     else:
         form = "forward"
         sub, ext, outs = inspect[g.module2inspect]
-        ext_values, refs = saved[g.module2inspect]
+        parts = saved[g.module2inspect]  # the loss subsample, in one or two chunks
         placeholders = {name: gm.linears[name].weight_node for name in weights}
-        numel, split = ranks.total(sum(r.numel() for r in refs)), False  # each rank's share of the loss subsample
+        numel = sum(r.numel() for _, refs in parts for r in refs)
 
         def loss_of(s):
-            env = dict(ext_values)
+            quantized = {}
             for name, w in weights.items():
                 sc = s[maps[name]]
-                env[placeholders[name]] = gm.linears[name].stored(fake_quantize(w * sc, scheme) / sc)
-            run_nodes(sub, env, device)
-            return sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs)) / numel
+                quantized[placeholders[name]] = gm.linears[name].stored(fake_quantize(w * sc, scheme) / sc)
+            total = 0.0
+            for ext_values, refs in parts:
+                env = {**ext_values, **quantized}
+                run_nodes(sub, env, device)
+                total += sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs))
+            return total / numel
 
-    best_s, best_ratio, loss_rtn, best_loss = _grid(loss_of, x_mean, w_mean, g, opts.n_grid, device, ranks, split)
+    best_s, best_ratio, loss_rtn, best_loss = _grid(loss_of, x_mean, w_mean, g, opts.n_grid, device, ranks)
     return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_rtn, best_loss, form)
 
 
-def _grid(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: Ranks = ONE, split: bool = False):
+def _grid(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: Ranks = ONE):
     """AWQ's grid over the ratio, the identity included: (best scale or None, its ratio, the
-    identity's loss, the best loss). Over several ranks, ``loss_of`` is this rank's tokens' part
-    (summed over the ranks), or, with ``split``, the whole loss, each rank computing every
-    world-th grid point; the choice is rank 0's."""
+    identity's loss, the best loss). Over several ranks each computes every world-th grid point
+    (``loss_of`` is the whole loss on every rank), and the choice is made from rank 0's copy of
+    the losses."""
     ones = torch.ones(g.channels, device=device)
     used = torch.tensor(g.used_channels(), device=device)
     candidates: list[tuple[float | None, torch.Tensor | None]] = [(None, ones)]
@@ -531,7 +559,7 @@ def _grid(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: 
     for i, (_, s) in enumerate(candidates):
         if s is None:
             losses[i] = float("inf")
-        elif not split or i % ranks.world == ranks.rank:
+        elif i % ranks.world == ranks.rank:
             losses[i] = loss_of(s)
     losses = ranks.agreed_sum(losses)
     best = 0

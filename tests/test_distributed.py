@@ -98,9 +98,16 @@ def test_torchrun_with_two_ranks_chooses_what_one_process_chooses(tiny_checkpoin
     report = _same_choices(one, two)
     assert {k: report["ranks"][k] for k in ("world", "backend", "samples_per_rank")} == {
         "world": 2, "backend": "gloo", "samples_per_rank": [2, 2]}
-    # per layer: H (float64) of the three inputs in the quadratic form (64 channels), sum |x| of all four,
-    # the direct form's diagonal blocks of down_proj's input (128 x 32 float32), token counts, losses
-    assert 3 * 64 * 64 * 8 * 2 < report["ranks"]["bytes_summed"] < 3 * 64 * 64 * 8 * 2 * 1.5
+    # the volume the README computes for large models (tools/bench_scale.py), against what was sent: two
+    # layers (hidden 64, MLP 128, 96 tokens: H of three inputs; down_proj's rows, 48 per rank, gathered)
+    # and the head's group (sum |x|, H and the token counts of its 64-wide input, its grid)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_scale import sent_bytes_per_layer
+
+    summed, gathered = sent_bytes_per_layer(64, 128, 96, ranks=2)
+    head = 8 * 64 + 8 * 64 * 64 + 2 * 8 + 21 * 8
+    sent = report["ranks"]
+    assert (sent["bytes_summed"], sent["bytes_gathered"]) == (2 * summed + head, 2 * gathered), (sent, summed, gathered)
     assert {g["loss_form"] for g in report["groups"]} == {"forward", "quadratic", "direct"}
     # only rank 0 wrote, and only OUT: no folder of rank 1, no hidden sibling left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "logs", "one", "two"]

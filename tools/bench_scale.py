@@ -31,6 +31,39 @@ sys.path.insert(0, str(REPO / "tools"))
 from random_checkpoint import SHAPES, build, smollm2_tokenizer  # noqa: E402
 
 
+# (hidden, MLP) of shapes to compute the all-reduce volume for, beyond SHAPES: Llama-3-70B's
+WIDTHS = {**{name: (shape[0], shape[2]) for name, shape in SHAPES.items()}, "70b": (8192, 28672)}
+
+
+def sent_bytes_per_layer(hidden: int, mlp: int, tokens: int, ranks: int = 2, grid: int = 21) -> tuple[int, int]:
+    """(all-reduced, all-gathered) payload bytes of each rank per dense Llama layer
+    (``awq_graph.core.ranks``): per linear input (attention, o_proj, gate/up: ``hidden`` wide;
+    down_proj: ``mlp`` wide) sum |x| (float64) and a token count, and H (float64, C x C) where the
+    loss takes the quadratic form (tokens >= C), or else this rank's rows (float32, tokens / ranks
+    x C) gathered; and the grid of losses of the four groups (float64)."""
+    summed, gathered = 4 * grid * 8, 0
+    for channels in (hidden, hidden, hidden, mlp):
+        summed += 8 * channels + 8
+        if tokens >= channels:
+            summed += 8 * channels * channels
+        else:
+            gathered += 4 * channels * -(-tokens // ranks)
+    return summed, gathered
+
+
+def _volume_table(calibrations=((8, 256), (128, 512)), ranks: int = 8) -> None:
+    print(f"sent per rank per layer ({ranks} ranks): all-reduced + all-gathered payload")
+    print("| shape | hidden | MLP | " + " | ".join(f"at {n} x {s}" for n, s in calibrations) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in calibrations) + " |")
+    for name in ("1b", "8b", "70b"):
+        hidden, mlp = WIDTHS[name]
+        cells = []
+        for n, s in calibrations:
+            summed, gathered = sent_bytes_per_layer(hidden, mlp, n * s, ranks)
+            cells.append(f"{summed / 2**20:,.0f} + {gathered / 2**20:,.0f} MiB")
+        print(f"| {name} | {hidden} | {mlp} | " + " | ".join(cells) + " |")
+
+
 def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
     folder = work / f"{shape}-{layers or SHAPES[shape][1]}L"
     if not (folder / "config.json").exists():
@@ -60,7 +93,8 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
     if proc.returncode == 0:
         report = json.loads((out / "report.json").read_text())
         row["timings_s"] = report["timings_s"]
-        row["all_reduced_mb"] = round(report.get("ranks", {}).get("bytes_summed", 0) / 2**20, 1)
+        sent = report.get("ranks", {})
+        row["sent_mb"] = round((sent.get("bytes_summed", 0) + sent.get("bytes_gathered", 0)) / 2**20, 1)
         row["peak_rss_mb_after"] = report.get("peak_rss_mb_after")
         row["out_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1)
     else:
@@ -114,7 +148,11 @@ def main() -> int:
     p.add_argument("--generate", action="store_true", help="run `awq-graph generate` on each compiled folder")
     p.add_argument("--ranks", default="1", help="rank counts for AWQ, comma-separated (e.g. 1,2): torchrun beyond 1")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads in all, shared out among the ranks")
+    p.add_argument("--volume", action="store_true", help="print the computed all-reduce volume per layer, and stop")
     args = p.parse_args()
+    if args.volume:
+        _volume_table()
+        return 0
     rank_counts = [int(n) for n in args.ranks.split(",")]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
     args.work.mkdir(parents=True, exist_ok=True)
@@ -132,6 +170,10 @@ def main() -> int:
                                                                   mode, weights, args, env, ranks)}
                 if "timings_s" in row:
                     row["search_s_per_layer"] = round(row["timings_s"].get("search", 0.0) / n_layers, 2)
+                    if ranks > 1:  # the formula, beside the measured volume
+                        summed, gathered = sent_bytes_per_layer(config["hidden_size"], config["intermediate_size"],
+                                                                args.n_samples * args.seqlen, ranks)
+                        row["computed_sent_mb"] = round(n_layers * (summed + gathered) / 2**20, 1)
                     if args.generate:
                         row["generate"] = _generate(args.work / f"out-{folder.name}-{mode}", env)
                 rows.append(row)
@@ -141,13 +183,13 @@ def main() -> int:
     args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
     print(f"load average {os.getloadavg()[0]:.2f}; rows in {args.results}")
     print("| shape | layers | params | mode | weights | ranks x threads | peak RSS | search s/layer | total s | "
-          "all-reduced MB | OUT MB | generate | load avg |")
+          "sent MB | OUT MB | generate | load avg |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r.get('weights', 'streamed')} | "
               f"{r.get('ranks', 1)} x {r.get('threads_per_rank', '-')} | "
               f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
-              f"{r['wall_s']} | {r.get('all_reduced_mb', '-')} | {r.get('out_mb', r.get('error', '-'))} | "
+              f"{r['wall_s']} | {r.get('sent_mb', '-')} | {r.get('out_mb', r.get('error', '-'))} | "
               f"{_generated(r)} | {r['load_avg']:.2f} |")
     return 0
 

@@ -2,10 +2,11 @@
 
 Each rank runs a disjoint share of the calibration samples through the layer being searched; the
 statistics are sums over tokens (sum |x|, H = X^T X, token counts), so the ranks add theirs up
-(``sum``) and every rank holds the whole set's. A loss that is a sum over tokens (a subgraph's
-output error, a single linear's error from its rows) is added up the same way; a loss computed
-from the summed H is the same on every rank, so the ranks share its grid points out instead
-(``split``). Every decision is rank 0's (``from_leader``), so a float that rounded differently on
+(``sum``) and every rank holds the whole set's. The direct form's rows (chosen when there are
+fewer tokens than channels) are gathered instead (``gather_rows``). Every rank runs the whole loss
+subsample (a few sequences), so every loss, a subgraph's output error or a single linear's from
+the summed H or the gathered rows, is the same on every rank: the ranks share the grid points out
+and add up the vector of losses. Every decision is rank 0's (``from_leader``), so a float that rounded differently on
 another rank cannot split them. ``Ranks()`` is one process: every method returns what it was given.
 
 A rank that fails leaves its one-line error in the rendezvous store (``fail``) and closes its
@@ -39,8 +40,9 @@ class Ranks:
 
     group: Any = None
     store: Any = None
-    # what this rank sent: the payload bytes of its all-reduces ("summed") and broadcasts
-    traffic: dict = field(default_factory=lambda: {"summed": 0, "broadcast": 0}, compare=False, repr=False)
+    # what this rank sent: the payload bytes of its all-reduces ("summed"), all-gathers and broadcasts
+    traffic: dict = field(default_factory=lambda: {"summed": 0, "gathered": 0, "broadcast": 0}, compare=False,
+                          repr=False)
 
     @property
     def world(self) -> int:
@@ -70,6 +72,19 @@ class Ranks:
         if self.group is None:
             return number
         return float(self.sum(torch.tensor([float(number)], dtype=torch.float64, device=self._device()))[0])
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``rows`` (n_r, C), one after the other in rank order."""
+        if self.group is None:
+            return rows
+        counts = [int(n) for n in self.gather(int(rows.shape[0]))]
+        on = rows.to(self._device())
+        padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=on.device)
+        padded[:rows.shape[0]] = on
+        parts = [torch.empty_like(padded) for _ in counts]
+        self._collective(lambda d: d.all_gather(parts, padded, group=self.group))
+        self.traffic["gathered"] += padded.numel() * padded.element_size()
+        return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(rows.device)
 
     def from_leader(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``tensor`` on every rank, in place (and returned)."""
@@ -111,7 +126,7 @@ class Ranks:
     def wait(self) -> None:
         """Until every rank is here (or one failed: then its error)."""
         if self.group is not None:
-            self.total(0)
+            self._collective(lambda d: d.barrier(group=self.group))
 
     def fail(self, message: str) -> None:
         """This rank failed with ``message``: leave it for the others, close this rank's connections
