@@ -6,7 +6,7 @@ Ctrl-C must stay a one-line interruption) does not import torch."""
 import importlib
 
 _WHERE = {"compile": ".pipeline", "CompileOptions": ".pipeline", "CompileResult": ".pipeline",
-          "QuantScheme": ".core.numerics", "AwqGraphError": ".core.errors", "ConfigError": ".core.errors",
+          "QuantScheme": ".core.numerics", "Ranks": ".core.ranks", "AwqGraphError": ".core.errors", "ConfigError": ".core.errors",
           "ExportError": ".core.errors", "InputError": ".core.errors", "SchemeError": ".core.errors"}
 __all__ = list(_WHERE)
 

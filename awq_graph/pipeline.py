@@ -277,16 +277,17 @@ def _head_search(gm, opts: CompileOptions):
 
 def _same_on_every_rank(calib_ids, source: str, ranks: Ranks) -> None:
     """Every rank read the same calibration tokens (each reads its own copy of a file: on
-    several machines they may differ), and there is a sample for each rank."""
+    several machines they may differ), and there is a sample for each rank. Every rank sees a
+    fault here, and raises the same line."""
     if ranks.world == 1:
         return
     if calib_ids.shape[0] < ranks.world:
-        raise InputError(f"calibration from {source} gave {calib_ids.shape[0]} samples, fewer than the "
+        raise RankFailed(f"calibration from {source} gave {calib_ids.shape[0]} samples, fewer than the "
                          f"{ranks.world} ranks: give at least one sample per rank (--n-samples)")
     digests = ranks.gather(hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest())
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
-        raise InputError(f"calibration from {source} gave rank {differ[0]} other tokens than rank 0: every rank "
+        raise RankFailed(f"rank {differ[0]}: calibration from {source} gave other tokens than rank 0's: every rank "
                          "must read the same calibration (the same file, or --calib self)")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from awq_graph.cli import main
@@ -122,12 +123,12 @@ API_RANK = """
 import sys, torch.distributed as dist
 from datetime import timedelta
 import awq_graph
-from awq_graph.core.ranks import Ranks
+
 
 rank, port, model, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=120))
 dist.init_process_group("gloo", store=store, rank=rank, world_size=2)  # the user's own launcher
-result = awq_graph.compile(model, "self", out, ranks=Ranks(dist.group.WORLD, store), n_samples=4, seqlen=24,
+result = awq_graph.compile(model, "self", out, ranks=awq_graph.Ranks(dist.group.WORLD, store), n_samples=4, seqlen=24,
                            scheme="uint4_wo_32")
 print(rank, len(result.files))
 dist.destroy_process_group()
@@ -153,12 +154,20 @@ def test_the_api_takes_an_initialized_process_group_and_samples_self_calibration
     _same_choices(one, two)
 
 
-def test_a_rank_that_cannot_read_the_calibration_stops_every_rank_with_one_line(tiny_checkpoint, tmp_path):
-    """Rank 1 runs where the calibration file is not (a relative path, another working directory:
-    as on another machine); both ranks print the same one line, naming rank 1 and the file."""
+@pytest.mark.parametrize("rank1_has, line", [
+    (None, "rank 1: calibration file calib.txt does not exist (give a .txt or .jsonl file, or 'self')"),
+    ("other text", "rank 1: calibration from calib.txt gave other tokens than rank 0's: every rank must read the "
+                   "same calibration (the same file, or --calib self)"),
+])
+def test_a_rank_that_reads_no_or_other_calibration_stops_every_rank_with_one_line(tiny_checkpoint, tmp_path,
+                                                                                   rank1_has, line):
+    """Rank 1 runs in another working directory (as on another machine), where the relative path
+    calib.txt is missing or holds other text; both ranks print the same one line, naming rank 1."""
     here, there = tmp_path / "node0", tmp_path / "node1"
     here.mkdir(), there.mkdir()
     _text_file(here)
+    if rank1_has:
+        (there / "calib.txt").write_text(" ".join(f"{rank1_has} {i}" for i in range(400)))
     out = tmp_path / "out"
     port = _free_port()
     procs = []
@@ -171,9 +180,7 @@ def test_a_rank_that_cannot_read_the_calibration_stops_every_rank_with_one_line(
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [1, 1]
     for stdout, stderr in results:
-        lines = stderr.strip().splitlines()
-        assert lines == ["awq-graph: error: rank 1: calibration file calib.txt does not exist "
-                         "(give a .txt or .jsonl file, or 'self')"], stderr[-2000:]
+        assert stderr.strip().splitlines() == [f"awq-graph: error: {line}"], stderr[-2000:]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["node0", "node1"]
 
 

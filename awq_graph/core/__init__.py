@@ -5,4 +5,5 @@
     analysis   facts read off the graph: decoder layers, quantizable linears, the head, the token lookup
     numerics   quantize, dequantize, pack, the AWQ statistics and losses: pure tensor functions
     records    what the stages hand each other: ``ScalingGroup``, ``SkippedGroup``, ``FoldKind``, JSON
+    ranks      the processes of a distributed compile: their share of the samples, sums, gathers, choices, failures
 """

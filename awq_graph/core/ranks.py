@@ -29,7 +29,8 @@ WAIT_FOR_PEERS_S = 10.0  # how long a failing rank waits for the others to read 
 
 
 class RankFailed(AwqGraphError):
-    """Another rank failed; the message is its own one-line error, with its rank."""
+    """An error every rank raises with the same line: another rank's failure (its own line, with
+    its rank), or a fault every rank sees (ranks that read different calibration)."""
 
 
 @dataclass(frozen=True)
