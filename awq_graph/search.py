@@ -24,6 +24,11 @@ expert from the rows routed to it; routers stay float.
 
 The next layer's calibration input is this layer's float output; folding leaves the float
 function unchanged, so the capture pass already computed it.
+
+Over several processes (``core.ranks``), each counts its share of the samples in the statistics,
+which are then summed (the direct form's rows gathered); every rank runs the whole loss subsample,
+so every loss is the same on every rank, and the grid points and the clipping searches are shared
+out; the choices are rank 0's, and rank 0 alone quantizes.
 """
 from __future__ import annotations
 
@@ -352,9 +357,9 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             fold_scales(gm.params, replace(group, layers=(), channel_maps=()), s.cpu(), gm.linears)  # the norm only
             result.folded.append(Folded(group, s.cpu(), tuple(group.prev_params)))
             col = s[cmap]
-        blocks = stat.blocks(stat.scaled(None if col is None else 1.0 / col), scheme.group_size) if opts.clip else None
-        if not ranks.leader:  # rank 0 alone clips and quantizes
+        if not ranks.leader:  # rank 0 alone clips and quantizes the head
             return
+        blocks = stat.blocks(stat.scaled(None if col is None else 1.0 / col), scheme.group_size) if opts.clip else None
         pieces, clips = [], []
         for p in parts:
             p = p if col is None else p * col  # the scaled rows, a block at a time
@@ -416,10 +421,10 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
 
 def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu", ranks=ONE):
     """Run layer ``li`` over every calibration chunk: the statistics of each linear input (in the
-    form ``form_of(channels, experts)`` picks), and (chunk 0) the inputs and outputs of each
-    ``module2inspect`` that is not a single linear. Hands the chunks' values on to the next
-    layer through ``stores``. The statistics are summed over the ranks (in the nodes' order, the
-    same on every rank)."""
+    form ``form_of(channels, experts)`` picks) from the chunks this rank counts, and (the loss
+    chunks) the inputs and outputs of each ``module2inspect`` that is not a single linear. Hands
+    the chunks' values on to the next layer through ``stores``. The statistics are then those of
+    every rank's tokens (``_Stat.reduce``, in the nodes' order: the same on every rank)."""
     input_nodes = {gm.linears[n].input for n in linears}
     for g in groups:
         input_nodes.add(gm.linears[g.inp].input)
@@ -460,7 +465,7 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None
     """The integers of every quantizable linear of the layer, after the folds: per linear a
     clipping search on its (now scaled) input statistics, then quantize. Over several ranks the
     linears' clipping searches are shared out (linear i on rank i mod world), their outcomes sent
-    to rank 0, which alone quantizes (every rank adds its rows to the direct form's blocks)."""
+    to rank 0, which alone quantizes."""
     col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
     for f in folded:
         for layer, cmap in zip(f.group.layers, f.group.channel_maps):
