@@ -207,7 +207,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     if calib_ids is not None and calib_ids.shape[0] < opts.n_samples:
         warnings.append(f"calibration from {calib_source} gave {calib_ids.shape[0]} samples of {opts.seqlen} tokens, "
                         f"fewer than the {opts.n_samples} asked (n_samples)")
-    warn = warn or (lambda message: pywarnings.warn(message, stacklevel=3))
+    warn = warn or (lambda message: pywarnings.warn(message, stacklevel=4))  # the caller of compile()
     if not ranks.leader:
         warn = lambda message: None  # noqa: E731 (rank 0 says them)
     for message in warnings:  # before the long search, not after it
