@@ -3,6 +3,9 @@ models built offline: every derived group must be exact (folding random scales l
 logits unchanged), the usual pairs must be found without any per-architecture table, and the
 derived groups must equal the reviewed goldens (tests/golden/groups, made by tools/golden_groups.py)."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,23 @@ def test_compiled_int4_model_matches_fake_quant_torch(model_type, tmp_path):
         ref = gm.run(ids, overrides=fake)
     got = runtime.CompiledModel(tmp_path / "model.onnx").logits(ids)
     assert float((got - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_the_survey_gives_every_architecture_a_row_even_one_that_stops(tmp_path):
+    """tools/arch_table.py --all over two model types, each in a process of its own: llama's groups
+    derived and exact; aria_text's export stops at a dynamic-shape constraint, and is a row that
+    says where and why, not the end of the survey."""
+    repo = Path(__file__).resolve().parents[1]
+    results, doc = tmp_path / "survey.json", tmp_path / "architectures.md"
+    run = subprocess.run([sys.executable, str(repo / "tools" / "arch_table.py"), "--all", "llama", "aria_text",
+                          "--results", str(results), "--doc", str(doc)], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["type"]: r for r in json.loads(results.read_text())["rows"]}
+    assert rows["llama"]["status"] == "groups" and rows["llama"]["groups_per_layer"] == 4
+    assert rows["llama"]["deviation"] < 1e-4 and rows["llama"]["graph"] == "KV-cache decoder"
+    assert rows["aria_text"]["status"] == "export failed", rows["aria_text"]
+    assert "Constraints violated" in rows["aria_text"]["reason"]
+    table = doc.read_text()
+    assert "2 model types: groups derived and exact under --verify for **1**" in table
+    assert "| aria_text | - | - | - | - | - | export failed: torch.export could not capture" in table

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
            "qwen2_moe", "qwen3_moe", "olmoe", "granite", "starcoder2"]
 VERIFY_TOLERANCE = 1e-4  # awq_graph.match's
+OUT_OF_MEMORY = ("killed (out of memory): built at sizes the tiny shape did not reach (it sets top-level config "
+                 "fields only: a nested text or vision config keeps its defaults)")
 TIME_LIMIT_S = 300  # per architecture (build, export, match, verify, and the compile when asked)
 
 
@@ -41,10 +43,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)  # the worker: one type, its row as JSON
     p.add_argument("--results", type=Path, default=REPO / "tools" / "results" / "arch_survey.json")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "architectures.md")
+    p.add_argument("--render", action="store_true", help="write --doc from the rows already in --results")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.one:
         print(json.dumps(survey_one(args.one, args.compile)))
+        return 0
+    if args.render:
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        args.doc.write_text(survey_table(json.loads(args.results.read_text())["rows"]))
         return 0
     if args.all:
         return _survey(args)
@@ -134,6 +141,8 @@ def _survey(args) -> int:
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
             last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            if proc.returncode == -9:
+                last = OUT_OF_MEMORY
             return {"type": model_type, "status": "crashed", "reason": last[:300],
                     "seconds": round(time.perf_counter() - t0, 1)}
         return json.loads(lines[-1])
@@ -163,6 +172,7 @@ def survey_table(rows: list[dict]) -> str:
     exact = [r for r in rows if r.get("status") == "groups" and r.get("deviation") is not None
              and r["deviation"] <= VERIFY_TOLERANCE]
     compiled = [r for r in rows if r.get("compile", {}).get("ok")]
+    checked = [r for r in compiled if r["compile"]["check_deviation"] is not None]
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -171,7 +181,8 @@ def survey_table(rows: list[dict]) -> str:
              "the rows are in tools/results/arch_survey.json.", "",
              f"{len(rows)} model types: groups derived and exact under --verify for **{len(exact)}**; "
              + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-             + (f"; a tiny AWQ compile passed its check for {len(compiled)}." if compiled else "."), "",
+             + (f"; a tiny AWQ compile wrote a model for {len(compiled)} ({len(checked)} KV-cache decoders checked "
+                "against torch; the logits-only graph has no check)." if compiled else "."), "",
              "| model type | groups per layer | exact (--verify) | not found, and why | ONNX graph | tiny AWQ compile "
              "| stopped at, and why |",
              "|---|---|---|---|---|---|---|"]
@@ -179,9 +190,11 @@ def survey_table(rows: list[dict]) -> str:
         groups = "; ".join(r.get("layer0", [])) or "-"
         deviation = f"{r['deviation']:.0e}" if r.get("deviation") is not None else "-"
         comp = r.get("compile")
-        comp_cell = "-" if not comp else (f"{comp['kind']}, check {comp['check_deviation']:.0e}" if comp["ok"]
-                                          else f"failed: {comp['reason']}")
-        stopped = f"{r['status']}: {r.get('reason', '')}" if r["status"] not in ("groups", "no groups") else "-"
+        comp_cell = "-" if not comp else (f"failed: {comp['reason']}" if not comp["ok"] else
+                                          f"{comp['kind']}, check {comp['check_deviation']:.0e}"
+                                          if comp["check_deviation"] is not None else f"{comp['kind']}, not checked")
+        reason = OUT_OF_MEMORY if r.get("reason") == "exit -9" else r.get("reason", "")
+        stopped = f"{r['status']}: {reason}" if r["status"] not in ("groups", "no groups") else "-"
         cells = [r["type"], groups, deviation, "; ".join(r.get("not_found", [])) or "-", r.get("graph", "-"), comp_cell,
                  stopped]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
