@@ -209,6 +209,24 @@ def check_finite(model) -> None:
                                  f"(of {tensor.numel()}): the checkpoint is damaged; nothing was compiled")
 
 
+def _tiny_fields(config) -> dict:
+    """The fields of ``config`` that TINY_SHAPE shrinks, and its special token ids moved inside the tiny vocab."""
+    shape = {k: v for k, v in TINY_SHAPE.items() if _has(config, k) or k in getattr(config, "attribute_map", {})}
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None) if _has(config, key) else None
+        if isinstance(value, int) and value >= TINY_SHAPE["vocab_size"]:
+            shape[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
+    return shape
+
+
+def _has(config, field: str) -> bool:
+    """``hasattr``, for configs that refuse some reads with an error of their own (a per-layer field)."""
+    try:
+        return hasattr(config, field)
+    except Exception:
+        return False
+
+
 def tiny_random_model(model_type: str, seed: int = 0, **overrides):
     """A shrunk random model of a transformers architecture, built offline from its config
     (``overrides``: config fields to set besides the shrinking).
@@ -223,12 +241,11 @@ def tiny_random_model(model_type: str, seed: int = 0, **overrides):
         raise InputError(f"'{model_type}' is neither a path nor a transformers model type "
                          f"(e.g. llama, qwen2, gemma2, phi3, gpt2, mixtral)")
     defaults = AutoConfig.for_model(model_type)
-    shape = {k: v for k, v in TINY_SHAPE.items()
-             if hasattr(defaults, k) or k in getattr(defaults, "attribute_map", {})}
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # keep special ids inside the tiny vocab
-        value = getattr(defaults, key, None)
-        if isinstance(value, int) and value >= TINY_SHAPE["vocab_size"]:
-            shape[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
+    shape = _tiny_fields(defaults)
+    for name in getattr(defaults, "sub_configs", {}) or {}:  # a composite model's text, vision, ... configs
+        sub = getattr(defaults, name, None)
+        if sub is not None and hasattr(sub, "to_dict") and name not in overrides:
+            shape[name] = _tiny_fields(sub)
     try:
         config = AutoConfig.for_model(model_type, **{**shape, **overrides})
         with torch.random.fork_rng(devices=[]):  # from_config draws from the global RNG: the caller's is kept

@@ -44,6 +44,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--results", type=Path, default=REPO / "tools" / "results" / "arch_survey.json")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "architectures.md")
     p.add_argument("--render", action="store_true", help="write --doc from the rows already in --results")
+    p.add_argument("--merge", action="store_true", help="keep the rows of other types already in --results")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.one:
@@ -103,9 +104,10 @@ def _tiny_compile(model) -> dict:
 
     import awq_graph
 
-    ids = torch.randint(3, int(model.config.vocab_size), (4, 16), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            vocab = int(model.get_input_embeddings().num_embeddings)  # a composite config may have no vocab_size
+            ids = torch.randint(3, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
             result = awq_graph.compile(model, ids, Path(tmp) / "out", n_samples=4, seqlen=16, scheme="uint4_wo_16",
                                        warn=lambda message: None)
         except Exception as exc:
@@ -153,6 +155,9 @@ def _survey(args) -> int:
             rows.append(row)
             print(f"{row['type']}: {row['status']} {row.get('reason', '')}"[:200], file=sys.stderr, flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and args.results.exists():
+        new = {r["type"]: r for r in rows}
+        rows = [new.pop(r["type"], r) for r in json.loads(args.results.read_text())["rows"]] + list(new.values())
     args.results.write_text(json.dumps({"transformers": _version(), "rows": rows}, indent=2) + "\n")
     table = survey_table(rows)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
