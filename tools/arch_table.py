@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,6 @@ def main(argv: list[str]) -> int:
 def survey_one(model_type: str, compile_it: bool = False) -> dict:
     """One architecture's row: what was built, exported and matched, or where and why it stopped."""
     import logging
-    import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -88,9 +88,7 @@ def survey_one(model_type: str, compile_it: bool = False) -> dict:
     base = f"{found.prefix}.0."
     layer0 = found.per_layer[0] if found.per_layer else []
     row.update(decoder_layers=found.prefix, groups_per_layer=len(layer0), layer0=[_pair(g, base) for g in layer0],
-               not_found=sorted({f"{s.prev_op.removeprefix(base) or '?'} -> "
-                                 f"{', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason.replace(base, '')}"
-                                 for s in found.skipped if all(x.startswith(base) for x in s.layers)}),
+               not_found=_not_found(found, base),
                deviation=found.verification.deviation if found.verification else None, graph=graph,
                status="groups" if layer0 else "no groups")
     if compile_it and layer0:
@@ -121,6 +119,12 @@ def _pair(g, base: str) -> str:
     return f"{g.prev_op.removeprefix(base)} -> {', '.join(x.removeprefix(base) for x in g.layers)}"
 
 
+def _not_found(found, base: str) -> list[str]:
+    """Layer 0's groups that were not found, each with the graph's reason."""
+    return sorted({f"{s.prev_op.removeprefix(base) or '?'} -> {', '.join(x.removeprefix(base) for x in s.layers)}: "
+                   f"{s.reason.replace(base, '')}" for s in found.skipped if all(x.startswith(base) for x in s.layers)})
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
@@ -137,7 +141,7 @@ def _survey(args) -> int:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIME_LIMIT_S,
-                                  env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
         except subprocess.TimeoutExpired:
             return {"type": model_type, "status": "timeout", "reason": f"over {TIME_LIMIT_S} s"}
         lines = proc.stdout.strip().splitlines()
@@ -218,15 +222,13 @@ def _family_table(types: list[str]) -> int:
         model = tiny_random_model(arch)
         gm = export_model(model)
         found = match(gm, verify=True)
-        prefix, per_layer, skipped = found.prefix, found.per_layer, found.skipped
+        prefix, per_layer = found.prefix, found.per_layer
         base = f"{prefix}.0."
         groups = "; ".join(_pair(g, base) for g in per_layer[0])
         # AutoAWQ adds v -> o only when v_proj and o_proj have the same shape: never under GQA
         beyond = "; ".join(_pair(g, base) + " (grouped-query repeat)" for g in per_layer[0]
                            if any("repeat" in k for k in g.kinds()))
-        missing = "; ".join(sorted({f"{s.prev_op.removeprefix(base) or '?'} -> "
-                                    f"{', '.join(x.removeprefix(base) for x in s.layers)}: {s.reason.replace(base, '')}"
-                                    for s in skipped if all(x.startswith(base) for x in s.layers)}))
+        missing = "; ".join(_not_found(found, base))
         deviation = found.verification.deviation
         print(f"| {arch} | {groups} | {beyond or '-'} | {deviation:.0e} | {missing or '-'} | {_graph(model, gm)} |")
     return 0

@@ -1,13 +1,13 @@
 """The processes one compile runs on: data-parallel calibration over torch.distributed.
 
-Each rank runs a disjoint share of the calibration samples through the layer being searched; the
-statistics are sums over tokens (sum |x|, H = X^T X, token counts), so the ranks add theirs up
-(``sum``) and every rank holds the whole set's. The direct form's rows (chosen when there are
+Each rank counts a disjoint share of the calibration samples in the statistics of the layer being
+searched; the statistics are sums over tokens (sum |x|, H = X^T X, token counts), so the ranks add
+theirs up (``sum``) and every rank holds the whole set's. The direct form's rows (chosen when there are
 fewer tokens than channels) are gathered instead (``gather_rows``). Every rank runs the whole loss
 subsample (a few sequences), so every loss, a subgraph's output error or a single linear's from
 the summed H or the gathered rows, is the same on every rank: the ranks share the grid points out
-and add up the vector of losses. Every decision is rank 0's (``from_leader``), so a float that rounded differently on
-another rank cannot split them. ``Ranks()`` is one process: every method returns what it was given.
+and add up the vector of losses. Every decision is rank 0's (``from_leader``), so a float that
+rounded differently on another rank cannot split them. ``Ranks()`` is one process: every method returns what it was given.
 
 A rank that fails leaves its one-line error in the rendezvous store (``fail``) and closes its
 connections; the others, waiting in a collective, see the connection close and raise that line as
