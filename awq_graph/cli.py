@@ -266,16 +266,17 @@ def _rank_said(exc) -> str:
 
 def _compile(args) -> int:
     ranks = _torchrun_ranks()
-    try:
-        if ranks is not None:
-            _RANK[0] = ranks.rank
-        return _compile_on(args, ranks)
-    finally:
-        if ranks is not None:
-            import torch.distributed as dist
+    if ranks is None:
+        return _compile_on(args, None)
+    _RANK[0] = ranks.rank
+    code = _compile_on(args, ranks)
+    # only after success: on an error the others may have closed their connections already, and
+    # tearing the group down then can abort the process (SIGABRT) before its error line is printed
+    import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
 
 
 def _compile_on(args, ranks) -> int:
