@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .core.errors import ExportError
 from .core.ir import PREFIX, GraphModel, index_modules
@@ -21,7 +22,8 @@ class LogitsOnly(torch.nn.Module):
 
 
 
-def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True, skeleton=None) -> GraphModel:
+def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True, skeleton=None,
+                 seqlen: int | None = None) -> GraphModel:
     """torch.export with dynamic batch and sequence length -> GraphModel. ``private``: the
     program gets its own copies of the weights, so folding never edits ``lm``'s; False shares
     them (one copy of the weights less in memory, for a model nobody else holds).
@@ -29,25 +31,53 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True
     ``skeleton`` (``awq_graph.load.Skeleton``, ``lm`` being its model on the meta device): the
     graph is traced without any weights (meta input ids), the device the trace baked into the
     graph's tensor factories becomes the CPU, and the parameters are a ``ParamStore`` reading
-    the checkpoint one tensor at a time."""
+    the checkpoint one tensor at a time.
+
+    Export that does not give up: when the named dynamic dimensions fail (a constraint the
+    modeling code puts on the length that our bounds contradict, a guard on the length), the
+    export is retried with ``Dim.AUTO``, which lets torch keep each dimension dynamic where the
+    code allows and fix it where it does not (a loop over positions unrolled, say). A length
+    fixed that way is ``seqlen`` (the calibration's, so that the search runs on the graph; default
+    ``example_seq``) and the GraphModel records it (``fixed_seq``): the analysis, the verification
+    and the search then run at that length."""
     lm.eval()
     wrapper = LogitsOnly(lm)
     vocab = int(getattr(lm.config, "vocab_size", 2))
-    example = torch.randint(0, max(vocab, 2), (2, example_seq), generator=torch.Generator().manual_seed(0))
+    context = int(getattr(lm.config, "max_position_embeddings", 8192) or 8192)
+
+    def example_ids(seq):
+        ids = torch.randint(0, max(vocab, 2), (2, seq), generator=torch.Generator().manual_seed(0))
+        return ids.to("meta") if skeleton is not None else ids
+
     if skeleton is not None:
-        example, private = example.to("meta"), False
+        private = False
     batch = torch.export.Dim("batch", max=4096)
-    seq = torch.export.Dim("seq", min=2, max=int(getattr(lm.config, "max_position_embeddings", 8192) or 8192))
-    try:
-        with torch.no_grad():
-            program = torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
-    except Exception as exc:  # torch raises many kinds; the user needs one line
+    seq = torch.export.Dim("seq", min=2, max=context)
+    auto = torch.export.Dim.AUTO
+    attempts = [((example_ids(example_seq),), {"input_ids": {0: batch, 1: seq}}),
+                ((example_ids(max(seqlen or example_seq, 2)),), {"input_ids": {0: auto, 1: auto}})]
+    failures = []
+    for example, dynamic in attempts:
+        try:
+            with torch.no_grad():
+                program = torch.export.export(wrapper, example, dynamic_shapes=dynamic)
+            break
+        except Exception as exc:  # torch raises many kinds; the user needs one line
+            failures.append(exc)
+    else:
+        exc = failures[0]
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
             f"torch.export could not capture {type(lm).__name__}: {first} "
             "(awq-graph works on the exported graph, so --config does not help here; a transformers "
             "release whose modeling code exports for this architecture may)"
         ) from exc
+    user_input = program.graph_signature.user_inputs[0]
+    input_shape = next(n for n in program.graph.nodes if n.name == user_input).meta["val"].shape
+    if is_concrete_int(input_shape[0]):  # a SymInt the export specialized counts too
+        raise ExportError(f"torch.export of {type(lm).__name__} fixed the batch size to {int(input_shape[0])}: "
+                          "awq-graph needs a graph that runs any batch")
+    fixed_seq = int(input_shape[1]) if is_concrete_int(input_shape[1]) else None
     sig = program.graph_signature
     # The program gets private copies of the tensors: folding edits them, never the caller's model.
     copies: dict[int, torch.Tensor] = {}
@@ -76,7 +106,7 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True
         params[name] = state[name]
     if skeleton is not None:
         params = _stream(program, params, skeleton)
-    gm = GraphModel(program, params, placeholder_param)
+    gm = GraphModel(program, params, placeholder_param, fixed_seq=fixed_seq)
     index_modules(gm)
     return gm
 

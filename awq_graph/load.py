@@ -194,7 +194,10 @@ def tokenizer_files(model_path: str | Path) -> str:
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=320, max_position_embeddings=512,
                   num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                  shared_expert_intermediate_size=64, sliding_window=16, n_positions=512)
+                  shared_expert_intermediate_size=64, sliding_window=16, n_positions=512,
+                  # rotary on part of a head (gpt-j, codegen), multi-head latent attention (deepseek)
+                  rotary_dim=8, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32,
+                  q_lora_rank=48)
 
 
 def check_finite(model) -> None:
@@ -212,6 +215,8 @@ def check_finite(model) -> None:
 def _tiny_fields(config) -> dict:
     """The fields of ``config`` that TINY_SHAPE shrinks, and its special token ids moved inside the tiny vocab."""
     shape = {k: v for k, v in TINY_SHAPE.items() if _has(config, k) or k in getattr(config, "attribute_map", {})}
+    if "kv_lora_rank" in shape and "num_key_value_heads" in shape:  # latent attention: keys have every head
+        shape["num_key_value_heads"] = shape.get("num_attention_heads", TINY_SHAPE["num_attention_heads"])
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(config, key, None) if _has(config, key) else None
         if isinstance(value, int) and value >= TINY_SHAPE["vocab_size"]:

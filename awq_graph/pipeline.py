@@ -176,16 +176,19 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     lap("load")
     # The folds edit the weights in place: a model we loaded ourselves shares them, a caller's gets copies.
     try:
-        gm = export_model(model, private=not loaded_here, skeleton=skeleton)
+        gm = export_model(model, private=not loaded_here, skeleton=skeleton, seqlen=opts.seqlen)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)  # a graph nobody can write fails here
         if skeleton and not plan.kv_decoder:
             raise StreamingUnsupported(f"the logits-only graph ({plan.reason}) is exported from the model in memory")
     except StreamingUnsupported as exc:
         skeleton, whole_because = None, str(exc)
         model = load_float_model(source)  # the tokenizer is loaded already
-        gm = export_model(model, private=False)
+        gm = export_model(model, private=False, seqlen=opts.seqlen)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)
-    narrow = _narrower_than_a_group(gm, opts.scheme.group_size)
+    graph_warnings = _narrower_than_a_group(gm, opts.scheme.group_size)
+    if gm.fixed_seq:
+        graph_warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; its "
+                      "dynamic export failed): the logits-only graph takes at most that many tokens")
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
@@ -203,7 +206,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     if found.faults:
         raise ConfigError("config does not fit the model: " + "; ".join(found.faults))
     per_layer, warnings = found.for_search()
-    warnings += narrow
+    warnings += graph_warnings
     if calib_ids is not None and calib_ids.shape[0] < opts.n_samples:
         warnings.append(f"calibration from {calib_source} gave {calib_ids.shape[0]} samples of {opts.seqlen} tokens, "
                         f"fewer than the {opts.n_samples} asked (n_samples)")
@@ -252,6 +255,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         report["calibration_source"] = calib_source
         report["ranks"] = _ranks_report(ranks, calib_ids, opts)
         report["weights"] = {"streamed": gm.streamed, "loaded_whole_because": whole_because}
+        report["export"] = {"fixed_seq": gm.fixed_seq}
         for message in emitted.warnings:
             warn(message)
         report["warnings"] = warnings + emitted.warnings

@@ -99,6 +99,12 @@ class CompiledModel:
             self.np_dtype = np.float16 if "float16" in first.type else np.float32
         context = self.session.get_modelmeta().custom_metadata_map.get(CONTEXT_KEY)
         self.max_positions = int(context) if context else None  # None: a folder written before it was recorded
+        # a logits-only graph of an export that fixed the length takes that many tokens (shorter
+        # sequences are padded on the right: a causal LM's earlier logits never see later tokens)
+        length = inputs[self.input_names[0]].shape[1]
+        self.fixed_len = length if not self.has_kv_cache and isinstance(length, int) else None
+        if self.fixed_len:
+            self.max_positions = min(self.max_positions or self.fixed_len, self.fixed_len)
         self._ort = ort
         self._tokenizer = tokenizer
 
@@ -124,6 +130,13 @@ class CompiledModel:
     def logits(self, ids) -> torch.Tensor:
         """Logits (B, S, V) float32 of whole sequences, nothing cached."""
         ids = np.asarray(ids, dtype=np.int64)
+        if self.fixed_len:
+            if ids.shape[1] > self.fixed_len:
+                raise InputError(f"{self.path} takes at most {self.fixed_len} tokens (torch.export fixed the length "
+                                 f"of this architecture's graph); got {ids.shape[1]}")
+            padded = np.zeros((ids.shape[0], self.fixed_len), np.int64)
+            padded[:, :ids.shape[1]] = ids
+            return torch.from_numpy(self.session.run(None, {self.input_names[0]: padded})[0][:, :ids.shape[1]]).float()
         if not self.has_kv_cache:
             return torch.from_numpy(self.session.run(None, {self.input_names[0]: ids})[0]).float()
         batch, seq = ids.shape

@@ -29,6 +29,7 @@ def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seql
     parameters a set of groups shares together (one decoder layer's, in practice), and each
     dropped after its last reader, so about one layer's folded copies are in memory at a time."""
     gen = torch.Generator().manual_seed(seed)
+    seqlen = gm.fixed_seq or seqlen
     size = int(gm.param_shape(token_table(gm))[0])
     ids = torch.randint(0, size, (batch, seqlen), generator=gen)
     before = gm.run(ids)

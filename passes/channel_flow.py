@@ -18,12 +18,19 @@ Rules (each op below commutes with ``x -> x * s`` on its carried operand):
   4. attention's value path: softmax(QK^T) (s V) = s (softmax(QK^T) V), channel d of V
      goes to channel d of the output, per head (repeated per group for enable_gqa).
      Also ``P @ V`` (eager attention) with V as the right operand.
-Fold points (where ``1/s`` goes):
-  A. a norm's affine weight: ``w * x_hat`` with w a 1-D parameter -> w / s.
-  B. a norm written ``x_hat * (1 + w)`` -> w' = (1 + w) / s - 1.
-  C. aten.layer_norm weight and bias -> weight / s, bias / s.
+Fold points (where ``1/s`` goes): any per-channel affine op whose parameters only it reads,
+found by the op and the parameters' shapes, whatever the parameters are called, behind casts
+(a norm computed in float32):
+  A. a norm's affine weight: ``x_hat * w`` with w a 1-D parameter -> w / s.
+  A+. the same with a bias, ``x_hat * w + b``                -> w / s, b / s.
+  B. a norm written ``x_hat * (1 + w)``                       -> w' = (1 + w) / s - 1.
+  B+. the same with a bias, ``x_hat * (1 + w) + b``          -> w', b / s.
+  C. aten.layer_norm weight (and bias)                        -> weight / s, bias / s.
+  C1. aten.layer_norm with weight ``1 + w`` (Nemotron's LayerNorm1P), with or without a bias
+                                                              -> w', b / s.
   D. a linear's output rows (and bias) -> W[j, :] / s_j, b_j / s_j.
-Anything else ends the walk (silu, gelu, softmax input, residual add, rope on q/k, ...).
+Anything else ends the walk (silu, gelu, softmax input, residual add, rope on q/k, a norm
+without parameters, ...).
 """
 from __future__ import annotations
 
@@ -126,11 +133,10 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
             params.append(b)
         kind = FoldKind.LINEAR_T if site.transposed else FoldKind.LINEAR
         return FoldPoint(kind, site.module, node, tuple(params), site.out_features)
-    if t is aten.layer_norm.default and len(node.args) > 2 and gm.param_of(node.args[2]):  # Case C
-        params = [_single_use_param(gm, a) for a in node.args[2:4] if a is not None]
-        if None in params:
-            return Stop(node, f"'{module_path(node)}' shares its affine parameters")
-        return FoldPoint(FoldKind.LAYER_NORM, module_path(node), node, tuple(params), int(gm.param_shape(params[0])[0]))
+    if t is aten.layer_norm.default and len(node.args) > 2 and node.args[2] is not None:  # Cases C, C1
+        return _layer_norm_point(gm, node)
+    if t is aten.add.Tensor:  # Cases A+, B+
+        return _biased_norm_point(gm, node, example)
     if t is aten.mul.Tensor:
         out = example.get(node)
         if not isinstance(out, torch.Tensor):
@@ -148,16 +154,59 @@ def fold_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop
                 if not private:
                     return Stop(node, f"parameter '{name}' is used elsewhere too")
                 return FoldPoint(FoldKind.NORM_WEIGHT, module_path(node), node, (name,), out.shape[-1])  # Case A
-            if isinstance(a, fx.Node) and a.op == "call_function" and a.target is aten.add.Tensor \
-                    and len(real_users(a)) == 1:
-                p, c = a.args[0], a.args[1]
-                if isinstance(c, fx.Node):
-                    p, c = c, p
-                name, private = param_through_casts(gm, p)
-                if channel_vector(name) and c == 1:
-                    if not private:
-                        return Stop(node, f"parameter '{name}' is used elsewhere too")
-                    return FoldPoint(FoldKind.NORM_OFFSET, module_path(node), node, (name,), out.shape[-1])  # Case B
+            name, private = _one_plus_param(gm, a)
+            if channel_vector(name):
+                if not private:
+                    return Stop(node, f"parameter '{name}' is used elsewhere too")
+                return FoldPoint(FoldKind.NORM_OFFSET, module_path(node), node, (name,), out.shape[-1])  # Case B
+    return None
+
+
+def _one_plus_param(gm: GraphModel, arg) -> tuple[str | None, bool]:
+    """(parameter name, used only here) for ``arg`` = ``1 + w`` or ``w + 1``, w a parameter
+    behind zero or more casts; (None, False) otherwise."""
+    if not (isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is aten.add.Tensor
+            and len(real_users(arg)) == 1):
+        return None, False
+    p, c = arg.args[0], arg.args[1]
+    if isinstance(c, fx.Node):
+        p, c = c, p
+    if isinstance(c, fx.Node) or c != 1 or arg.kwargs.get("alpha", 1) != 1:
+        return None, False
+    return param_through_casts(gm, p)
+
+
+def _layer_norm_point(gm: GraphModel, node: fx.Node) -> FoldPoint | Stop | None:
+    """Case C (weight and bias parameters) or C1 (weight ``1 + w``) of aten.layer_norm."""
+    weight, bias = node.args[2], node.args[3] if len(node.args) > 3 else None
+    name, private = param_through_casts(gm, weight)
+    kind = FoldKind.LAYER_NORM
+    if name is None:
+        name, private = _one_plus_param(gm, weight)
+        kind = FoldKind.NORM_OFFSET
+    if name is None:
+        return None
+    params = [(name, private)] + ([param_through_casts(gm, bias)] if bias is not None else [])
+    if any(p is None or not ok for p, ok in params):
+        return Stop(node, f"'{module_path(node)}' shares its affine parameters")
+    return FoldPoint(kind, module_path(node), node, tuple(p for p, _ in params), int(gm.param_shape(name)[0]))
+
+
+def _biased_norm_point(gm: GraphModel, node: fx.Node, example: dict) -> FoldPoint | Stop | None:
+    """``x_hat * w + b`` or ``x_hat * (1 + w) + b``: Case A or B, then a bias of the same channels
+    that only this add reads; the product must have no other reader (it is scaled too)."""
+    for i, a in enumerate(node.args[:2]):
+        if not (isinstance(a, fx.Node) and a.target is aten.mul.Tensor and len(real_users(a)) == 1):
+            continue
+        inner = fold_point(gm, a, example)
+        if not (isinstance(inner, FoldPoint) and inner.kind in (FoldKind.NORM_WEIGHT, FoldKind.NORM_OFFSET)):
+            continue
+        bias, private = param_through_casts(gm, node.args[1 - i])
+        if bias is None or tuple(gm.param_shape(bias)) != (inner.channels,):
+            continue
+        if not private:
+            return Stop(node, f"parameter '{bias}' is used elsewhere too")
+        return FoldPoint(inner.kind, inner.module, node, inner.params + (bias,), inner.channels)
     return None
 
 
@@ -168,7 +217,7 @@ def norm_offsets(gm: GraphModel) -> dict[str, float]:
     shapes = {node: node.meta.get("val") for node in gm.graph.nodes}
     offsets = {}
     for node in gm.graph.nodes:
-        if node.target is aten.mul.Tensor:
+        if node.target in (aten.mul.Tensor, aten.layer_norm.default):
             point = fold_point(gm, node, shapes)
             if isinstance(point, FoldPoint) and point.kind in (FoldKind.NORM_WEIGHT, FoldKind.NORM_OFFSET):
                 offsets[point.params[0]] = point.kind.norm_offset

@@ -1,8 +1,8 @@
 """Fold: move a positive per-channel scale along a scaling group, in place on the weights.
 
 For group g with source channels s (length C) and channel maps map_i:
-  Case A  norm weight      w           -> w / s
-  Case B  norm (1 + w)     w           -> (1 + w) / s - 1
+  Case A  norm weight      w [, b]     -> w / s [, b / s]
+  Case B  norm (1 + w)     w [, b]     -> (1 + w) / s - 1 [, b / s]
   Case C  layer_norm       w, b        -> w / s, b / s
   Case D  linear rows      W[j, :], b_j -> W[j, :] / s_j, b_j / s_j
   layers  W_i[:, c]        -> W_i[:, c] * s[map_i[c]]
@@ -39,9 +39,11 @@ def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
     s = s.to(torch.float32)
     assert s.shape == (group.channels,) and bool((s > 0).all()), "scales must be positive, one per source channel"
     kind = group.prev_kind
-    if kind is FoldKind.NORM_OFFSET:  # Case B
+    if kind is FoldKind.NORM_OFFSET:  # Case B: the weight is 1 + w; a bias is divided
         w = params[group.prev_params[0]]
         w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
+        for name in group.prev_params[1:]:
+            params[name].copy_((params[name].float() / s).to(params[name].dtype))
     elif kind is FoldKind.LINEAR_T:  # Case D for a Conv1D weight stored (in, out): its columns are the rows
         w = params[group.prev_params[0]]
         w.copy_((w.float() / s).to(w.dtype))

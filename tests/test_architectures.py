@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import awq_graph
 from awq_graph import runtime
 from awq_graph.export import export_model
 from awq_graph.load import tiny_random_model
@@ -109,23 +110,52 @@ def test_compiled_int4_model_matches_fake_quant_torch(model_type, tmp_path):
 
 
 def test_the_survey_gives_every_architecture_a_row_even_one_that_stops(tmp_path):
-    """tools/arch_table.py --all over two model types, each in a process of its own: llama's groups
-    derived and exact; aria_text's export stops at a dynamic-shape constraint, and is a row that
-    says where and why, not the end of the survey."""
+    """tools/arch_table.py --all over three model types, each in a process of its own: llama's groups
+    derived and exact; aria_text's dynamic export fails on a length constraint and its retry
+    (``Dim.AUTO``) keeps the length dynamic; xmod's export stops (its modeling code needs a
+    language set), and is a row that says where and why, not the end of the survey."""
     repo = Path(__file__).resolve().parents[1]
     results, doc = tmp_path / "survey.json", tmp_path / "architectures.md"
-    run = subprocess.run([sys.executable, str(repo / "tools" / "arch_table.py"), "--all", "llama", "aria_text",
+    run = subprocess.run([sys.executable, str(repo / "tools" / "arch_table.py"), "--all", "llama", "aria_text", "xmod",
                           "--results", str(results), "--doc", str(doc)], capture_output=True, text=True, timeout=900,
                          env={**os.environ, "PYTHONPATH": str(repo)})
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {r["type"]: r for r in json.loads(results.read_text())["rows"]}
     assert rows["llama"]["status"] == "groups" and rows["llama"]["groups_per_layer"] == 4
     assert rows["llama"]["deviation"] < 1e-4 and rows["llama"]["graph"] == "KV-cache decoder"
-    assert rows["aria_text"]["status"] == "export failed", rows["aria_text"]
-    assert "Constraints violated" in rows["aria_text"]["reason"]
+    assert rows["aria_text"]["status"] == "groups" and rows["aria_text"]["fixed_seq"] is None, rows["aria_text"]
+    assert rows["aria_text"]["deviation"] < 1e-4
+    assert rows["xmod"]["status"] == "export failed", rows["xmod"]
+    assert "Input language unknown" in rows["xmod"]["reason"]
     table = doc.read_text()
-    assert "2 model types: groups derived and exact under --verify for **1**" in table
-    assert "| aria_text | - | - | - | - | - | export failed: torch.export could not capture" in table
+    assert "3 model types: groups derived and exact under --verify for **2**" in table
+    assert "| xmod | - | - | - | - | - | export failed: torch.export could not capture" in table
+
+
+def test_an_architecture_whose_export_fixes_the_length_compiles_at_that_length(tmp_path):
+    """Mamba's reference scan is a Python loop over positions: torch.export cannot keep the length
+    dynamic, so the export is retried with ``Dim.AUTO`` and fixes it at the calibration length.
+    The analysis, the verification and the search run at that length; the logits-only graph takes
+    up to that many tokens, a shorter sequence padded on the right (exact for a causal LM)."""
+    model = tiny_random_model("mamba")
+    ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = awq_graph.compile(model, ids, tmp_path / "out", n_samples=4, seqlen=16, scheme="uint4_wo_16",
+                               warn=lambda message: None)
+    report = result.report
+    assert report["export"] == {"fixed_seq": 16} and report["graph"]["kind"] == "logits-only"
+    assert any("fixed this architecture's sequence length to 16" in w for w in report["warnings"])
+    assert report["groups"], "the groups were derived and searched at the fixed length"
+    compiled = runtime.CompiledModel(tmp_path / "out")
+    assert compiled.fixed_len == 16 and compiled.max_positions == 16
+    prompt = ids[:1, :10]
+    padded = compiled.logits(prompt)
+    followed = compiled.logits(ids[:1])[:, :10]  # the same ten tokens, then six others
+    assert float((padded - followed).abs().max()) < 1e-4  # measured 0: padding is exact
+    with torch.no_grad():
+        ref = model(prompt).logits
+    assert float((padded - ref).norm() / ref.norm()) < 0.2  # int4 g16 on random weights: measured 0.083
+    with pytest.raises(awq_graph.InputError, match="takes at most 16 tokens"):
+        compiled.logits(torch.zeros(1, 17, dtype=torch.long))
 
 
 def test_a_composite_model_is_shrunk_in_its_text_and_vision_configs():

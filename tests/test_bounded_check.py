@@ -3,9 +3,7 @@ memory as each layer is searched (a scratch file, ``awq_graph.core.spill``), eve
 in the written file are compared with the search's digests, and a shallow decoder over the
 file's own tensors (the first two layers, the last, the head) is run against the torch program
 run through the same layers."""
-import json
 
-import numpy as np
 import onnx
 import pytest
 import torch

@@ -263,10 +263,16 @@ def test_a_compile_killed_with_sigkill_leaves_nothing_the_next_run_does_not_remo
 
 
 def test_a_checkpoint_without_a_tokenizer_compiles_round_to_nearest(tiny_checkpoint, tmp_path, capsys):
+    """A weights-only folder (config.json and safetensors): everything that needs no text works."""
     folder = _weights_only(tiny_checkpoint, tmp_path)
     assert main(["compile", str(folder), "-o", str(tmp_path / "out"), "--rtn", "--group-size", "16"]) == 0
-    assert main(["infer-config", str(folder)]) == 0
     assert "awq-graph: error" not in capsys.readouterr().err
+    assert main(["infer-config", str(folder), "--json"]) == 0
+    config = _file(tmp_path, "derived.json", capsys.readouterr().out.encode())
+    assert main(["check-config", str(folder), str(config), "--verify"]) == 0
+    assert main(["check-config", str(folder), "-"]) == 0
+    assert "awq-graph: error" not in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # nothing added
 
 
 def test_a_calibration_longer_than_the_context_is_refused_naming_both_lengths(tiny_checkpoint, tmp_path, capsys):

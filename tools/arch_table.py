@@ -77,7 +77,7 @@ def survey_one(model_type: str, compile_it: bool = False) -> dict:
         model = tiny_random_model(model_type)
         row["class"] = type(model).__name__
         stage = "export"
-        gm = export_model(model)
+        gm = export_model(model, seqlen=16)  # the tiny compile's calibration length
         stage = "match"
         found = match(gm, verify=True)
         stage = "graph"
@@ -90,6 +90,7 @@ def survey_one(model_type: str, compile_it: bool = False) -> dict:
     row.update(decoder_layers=found.prefix, groups_per_layer=len(layer0), layer0=[_pair(g, base) for g in layer0],
                not_found=_not_found(found, base),
                deviation=found.verification.deviation if found.verification else None, graph=graph,
+               fixed_seq=gm.fixed_seq,
                status="groups" if layer0 else "no groups")
     if compile_it and layer0:
         row["compile"] = _tiny_compile(model)

@@ -20,7 +20,9 @@ def real_users(node: fx.Node) -> list[fx.Node]:
 
 
 def example_values(gm: GraphModel, seq: int = 6) -> dict:
-    """Concrete values of every node for a small input: shapes for the analysis."""
+    """Concrete values of every node for a small input: shapes for the analysis (at the length
+    the export fixed, if it did)."""
+    seq = gm.fixed_seq or seq
     ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     with torch.no_grad():  # the parameters read where used, then dropped; looked up again when asked

@@ -78,6 +78,7 @@ class GraphModel:
     placeholder_param: dict[str, str]  # placeholder node name -> HF name
     linears: dict[str, LinearSite] = field(default_factory=dict)
     module_types: dict[str, str] = field(default_factory=dict)  # module path -> class name
+    fixed_seq: int | None = None  # the sequence length the export fixed (``awq_graph.export``); None: any
 
     @property
     def graph(self) -> fx.Graph:

@@ -327,6 +327,8 @@ def check_decoder(graphs: dict[int, Path], gm: GraphModel, quantized, quantized_
     lookup = token_lookup(gm)
     table_name = gm.param_of(lookup.args[0])
     gen = torch.Generator().manual_seed(seed)
+    if gm.fixed_seq:  # the torch program runs only at the length its export fixed
+        tokens = gm.fixed_seq - decode_steps
     ids = torch.randint(0, gm.param_shape(table_name)[0], (1, tokens + decode_steps), generator=gen)
     fixed = {}
     if quantized_table is not None:  # the lookup reads an int4 copy of the table (tied or not)

@@ -45,8 +45,11 @@ def _grouped_mm(x, weight, offsets):
 
 
 def export_float_onnx(gm: GraphModel) -> ir.Model:
-    """torch.onnx (dynamo) export of the program with its current (folded) parameters."""
-    example = torch.zeros(1, 8, dtype=torch.long)
+    """torch.onnx (dynamo) export of the program with its current (folded) parameters: dynamic
+    in batch and length like the program, or at the length the program's export fixed (the
+    runtime then pads shorter sequences on the right: later tokens never reach a causal LM's
+    earlier logits)."""
+    example = torch.zeros(1, gm.fixed_seq or 8, dtype=torch.long)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -56,6 +59,9 @@ def export_float_onnx(gm: GraphModel) -> ir.Model:
                                         custom_translation_table=custom_translations())
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {_onnx_failure(exc)}") from exc
+    if gm.fixed_seq:  # torch.onnx names the length as the program's input does; it is this number
+        ids = program.model.graph.inputs[0]
+        ids.shape = ir.Shape([ids.shape[0], gm.fixed_seq])
     return program.model
 
 
