@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="activation type of the ONNX model (float16 for the CUDA provider)")
     c.add_argument("--no-kv-cache", action="store_true",
                    help="emit the logits-only graph (torch.onnx) even where the fused KV-cache decoder fits")
+    c.add_argument("--generic-decoder", action="store_true",
+                   help="emit the generic KV-cache decoder (torch.onnx of the model with its cache) even where "
+                        "the fused one fits, e.g. to compare them")
     c.add_argument("--no-stream", action="store_true",
                    help="load the whole model in float32 first, instead of reading one tensor at a time")
 
@@ -313,7 +316,7 @@ def _compile_options(args, ranks):
         n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
         lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
-        kv_cache=not args.no_kv_cache,
+        kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream)
 
 

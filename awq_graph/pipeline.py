@@ -45,8 +45,10 @@ class CompileOptions:
     as MatMulNBits of ``lm_head_bits`` (8 by default, rounded to nearest; 4 bits are searched with
     calibration, at ``lm_head_group_size``) and, in the KV-cache decoder, the token table as int4
     GatherBlockQuantized (a tied 4-bit head's integers themselves). act_dtype: "float32" or
-    "float16" activations (KV-cache decoder). kv_cache: the fused KV-cache decoder where the
-    model family has one (else logits-only). loss_tokens: tokens of the search's loss subsample.
+    "float16" activations (KV-cache decoder). kv_cache: True: the fused KV-cache decoder where the
+    model family has one, else the generic one (``awq_graph.emit.generic``) where the model's
+    cache is plain keys and values, else logits-only; "generic": the generic one even where a
+    fused one fits (to compare them); False: logits-only. loss_tokens: tokens of the search's loss subsample.
     device: where the search runs, "cpu", "cuda" (or "cuda:N") or "auto" (a CUDA GPU when torch
     sees one); the rest of the compile stays on the CPU. stream: a checkpoint given by path is
     read one tensor at a time (``awq_graph.weights``) where it can be, so memory holds about one
@@ -66,7 +68,7 @@ class CompileOptions:
     lm_head_bits: int = 8
     lm_head_group_size: int | None = None  # None: the scheme's
     act_dtype: str = "float32"
-    kv_cache: bool = True
+    kv_cache: bool | str = True
     loss_tokens: int | None = None
     device: str = "auto"
     stream: bool = True
@@ -94,6 +96,8 @@ class CompileOptions:
             raise InputError(f"--seqlen {self.seqlen}: a calibration sample needs at least 2 tokens")
         if self.loss_tokens is not None and self.loss_tokens < 1:
             raise InputError(f"--loss-tokens {self.loss_tokens}: give at least 1")
+        if self.kv_cache not in (True, False, "generic"):
+            raise InputError(f"kv_cache={self.kv_cache!r}: give True, False or 'generic'")
 
     @property
     def head_scheme(self) -> QuantScheme:

@@ -8,7 +8,9 @@
 
 A KV-cache folder decodes one token per step against a cache that lives in onnxruntime
 (bound in place with IOBinding: the past and present of each layer share one buffer, so a step
-copies nothing). A logits-only folder (architectures without the fused decoder) re-runs the
+copies nothing); the generic KV-cache decoder (architectures outside the fused families) returns
+each layer's present, one step longer than its past, which the next step takes as its past. A
+logits-only folder (architectures without the fused decoder) re-runs the
 whole prefix per token.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from .core.errors import InputError
 
 PAST = "past_key_values."
+KV_CACHE_KEY = "awq_graph.kv_cache"  # model metadata: "concat" for the generic decoder's growing cache
 
 
 def session(model_path: str | Path, threads: int | None = None, provider: str = "cpu", spinning: bool = False,
@@ -97,7 +100,10 @@ class CompiledModel:
             self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
             self.vocab = int(self.session.get_outputs()[0].shape[-1])
             self.np_dtype = np.float16 if "float16" in first.type else np.float32
-        context = self.session.get_modelmeta().custom_metadata_map.get(CONTEXT_KEY)
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.growing_cache = metadata.get(KV_CACHE_KEY) == "concat"
+        self.past_shapes = [inputs[n].shape for n in self.past_names]
+        context = metadata.get(CONTEXT_KEY)
         self.max_positions = int(context) if context else None  # None: a folder written before it was recorded
         # a logits-only graph of an export that fixed the length takes that many tokens (shorter
         # sequences are padded on the right: a causal LM's earlier logits never see later tokens)
@@ -139,6 +145,8 @@ class CompiledModel:
             return torch.from_numpy(self.session.run(None, {self.input_names[0]: padded})[0][:, :ids.shape[1]]).float()
         if not self.has_kv_cache:
             return torch.from_numpy(self.session.run(None, {self.input_names[0]: ids})[0]).float()
+        if self.growing_cache:
+            return torch.from_numpy(_GrowingCache(self, ids.shape[0]).step(ids).astype(np.float32))
         batch, seq = ids.shape
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.np_dtype)
         feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
@@ -165,7 +173,7 @@ class CompiledModel:
     def _new_cache(self, max_len: int) -> "_KVCache":
         if not self.has_kv_cache:
             raise InputError(f"{self.path} is a logits-only model (no KV cache)")
-        return _KVCache(self, max_len)
+        return _GrowingCache(self) if self.growing_cache else _KVCache(self, max_len)
 
     # -- generation -----------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -300,6 +308,31 @@ class _KVCache:
         self.model.session.run_with_iobinding(b)
         self.length = end
         return self.last_logits.copy() if one_token else b.get_outputs()[0].numpy()
+
+
+class _GrowingCache:
+    """The generic decoder's cache: each step feeds every layer's past and keeps the presents it
+    returns (past + the step's tokens) as the next past."""
+
+    def __init__(self, model: CompiledModel, batch: int = 1):
+        self.model = model
+        self.length = 0
+        self.past = [np.zeros((batch, shape[1], 0, shape[3]), model.np_dtype) for shape in model.past_shapes]
+        self.positions = "position_ids" in model.input_names
+
+    def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        """Run ``ids`` (B, S) after what is cached; their logits (B, S, V), or the last (B, 1, V)."""
+        batch, seq = ids.shape
+        end = self.length + seq
+        if self.model.max_positions and end > self.model.max_positions:
+            raise InputError(f"the model's context is {self.model.max_positions} positions; {end} requested")
+        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ones((batch, end), np.int64)}
+        if self.positions:
+            feed["position_ids"] = np.broadcast_to(np.arange(self.length, end, dtype=np.int64), (batch, seq)).copy()
+        feed.update(zip(self.model.past_names, self.past))
+        logits, *self.past = self.model.session.run(["logits", *self.model.present_names], feed)
+        self.length = end
+        return logits[:, -1:] if last_only else logits
 
 
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:

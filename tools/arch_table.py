@@ -182,7 +182,8 @@ def survey_table(rows: list[dict]) -> str:
     exact = [r for r in rows if r.get("status") == "groups" and r.get("deviation") is not None
              and r["deviation"] <= VERIFY_TOLERANCE]
     compiled = [r for r in rows if r.get("compile", {}).get("ok")]
-    checked = [r for r in compiled if r["compile"]["check_deviation"] is not None]
+    kinds = {kind: sum(r["compile"]["kind"] == kind for r in compiled)
+             for kind in ("kv-decoder", "generic-kv-decoder", "logits-only")}
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -191,8 +192,9 @@ def survey_table(rows: list[dict]) -> str:
              "the rows are in tools/results/arch_survey.json.", "",
              f"{len(rows)} model types: groups derived and exact under --verify for **{len(exact)}**; "
              + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-             + (f"; a tiny AWQ compile wrote a model for {len(compiled)} ({len(checked)} KV-cache decoders checked "
-                "against torch; the logits-only graph has no check)." if compiled else "."), "",
+             + (f"; a tiny AWQ compile wrote a model for {len(compiled)}: {kinds['kv-decoder']} fused KV-cache "
+                f"decoders and {kinds['generic-kv-decoder']} generic ones, each checked against torch, and "
+                f"{kinds['logits-only']} logits-only graphs (not checked)." if compiled else "."), "",
              "| model type | groups per layer | exact (--verify) | not found, and why | ONNX graph | tiny AWQ compile "
              "| stopped at, and why |",
              "|---|---|---|---|---|---|---|"]
@@ -205,8 +207,8 @@ def survey_table(rows: list[dict]) -> str:
                                           if comp["check_deviation"] is not None else f"{comp['kind']}, not checked")
         reason = OUT_OF_MEMORY if r.get("reason") == "exit -9" else r.get("reason", "")
         stopped = f"{r['status']}: {reason}" if r["status"] not in ("groups", "no groups") else "-"
-        cells = [r["type"], groups, deviation, "; ".join(r.get("not_found", [])) or "-", r.get("graph", "-"), comp_cell,
-                 stopped]
+        graph = r.get("graph", "-") + (f"; torch.export fixed the length at {r['fixed_seq']}" if r.get("fixed_seq") else "")
+        cells = [r["type"], groups, deviation, "; ".join(r.get("not_found", [])) or "-", graph, comp_cell, stopped]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -241,10 +243,19 @@ def _graph(model, gm) -> str:
     experts = any(s.experts for s in gm.linears.values())
     if decoder_support(model) is None:
         return "KV-cache decoder" + (", experts in QMoE" if experts else "")
+    from awq_graph.emit.generic import GenericUnsupported, cache_shapes
+
     blockers = untranslatable_ops(gm)
     if blockers:
         return f"none: no ONNX translation for {next(iter(blockers))}"
-    return "logits-only (torch.onnx)" + (", a MatMulNBits per expert" if experts else "")
+    per_expert = ", a MatMulNBits per expert" if experts else ""
+    try:
+        cache_shapes(model)
+    except GenericUnsupported as exc:
+        return f"logits-only (torch.onnx){per_expert}: {exc}"
+    except Exception as exc:  # the model's own forward with a cache failed
+        return f"logits-only (torch.onnx){per_expert}: its forward with a cache failed ({_first_line(exc)})"
+    return "generic KV-cache decoder (torch.onnx with the cache)" + per_expert
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Two writers, both over onnx_ir and one MatMulNBits node builder (``awq_graph.pas
     the family's row and the graph's facts (``graph_facts``). Checked after writing: prefill and
     one-token decode steps in onnxruntime against the torch program with the same dequantized
     weights.
+  * ``awq_graph.emit.generic``: for the other architectures whose cache is plain keys and values,
+    torch.onnx of the model itself with the cache as inputs and outputs, its quantized linears
+    rewritten to MatMulNBits, checked like the fused decoder.
   * ``awq_graph.emit.logits_only``: torch.onnx of the folded program (logits only, no KV cache),
     then each quantized linear rewritten to MatMulNBits (``RewriteMatMulNBits``). Any
     architecture torch.onnx can translate.
@@ -28,6 +31,7 @@ from awq_graph.core.stages import Stages, run_layers
 from awq_graph.emit.builder import GraphFacts, LazyMatrix, LinearWeights, head_reads_table, save_decoder
 from awq_graph.emit.decoder import build_decoder, fused_support
 from awq_graph.emit.families import family_of
+from awq_graph.emit.generic import GenericUnsupported, export_cached_onnx
 from awq_graph.emit.gpt2 import build_gpt2_decoder, gpt2_support
 from awq_graph.emit.logits_only import custom_translations, export_float_onnx, save_model
 from awq_graph.passes.channel_flow import norm_offsets
@@ -162,8 +166,14 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     if act_dtype != "float32":
         raise InputError(f"--act-dtype {act_dtype} needs the KV-cache decoder, and {reason}")
     _refuse_untranslatable(gm, reason)
-    onnx_model = export_float_onnx(gm)
     weight_param = {n: gm.linears[n].weight for n in quantized}
+    if not plan.kv_decoder and model is not None and reason != "--no-kv-cache":
+        try:
+            return _write_generic(gm, quantized, weight_param, Path(path), model, accuracy_level, reason)
+        except GenericUnsupported as exc:
+            warning = (f"no KV-cache decoder for this model ({reason}; the generic one: {exc}): "
+                       "the ONNX graph is logits-only")
+    onnx_model = export_float_onnx(gm)
     rewrite = RewriteMatMulNBits(quantized, weight_param, accuracy_level)(onnx_model)
     if rewrite.unmatched:
         layer, why = next(iter(rewrite.unmatched.items()))
@@ -171,6 +181,53 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
     _record_context(onnx_model, model)
     save_model(onnx_model, Path(path))
     return Emitted("logits-only", len(rewrite.rewritten), [] if reason == "--no-kv-cache" else [warning])
+
+
+def _write_generic(gm: GraphModel, quantized, weight_param, path: Path, model, accuracy_level: int,
+                   why_not_fused: str) -> Emitted:
+    """The generic KV-cache decoder (``awq_graph.emit.generic``), written and checked like the
+    fused one: prefill and one-token steps against its cache in onnxruntime, with float
+    activations (tight) and at the written accuracy level (loose), against the torch program
+    with the same dequantized weights. Raises GenericUnsupported (nothing left at ``path``)."""
+    onnx_model = export_cached_onnx(model, gm)
+    rewrite = RewriteMatMulNBits(quantized, weight_param, accuracy_level)(onnx_model)
+    if rewrite.unmatched:
+        layer, why = next(iter(rewrite.unmatched.items()))
+        raise GenericUnsupported(f"cannot write '{layer}' as MatMulNBits in its graph: {why}")
+    _record_context(onnx_model, model)
+    save_model(onnx_model, path)
+    del onnx_model
+    graphs = {accuracy_level: path}
+    if accuracy_level != 0:
+        graphs[0] = path.with_name(path.stem + ".check-float-activations.onnx")
+        written = ir.load(path)
+        SetAccuracyLevel(0)(written)
+        ir.save(written, graphs[0])  # its tensors stay in path's data file
+    try:
+        deviations = check_decoder(graphs, gm, quantized, None)
+    except Exception as exc:
+        deviations, failure = {0: float("inf")}, _first_line(exc)
+    else:
+        failure = None
+    finally:
+        if accuracy_level != 0:
+            graphs[0].unlink(missing_ok=True)
+    at_level = deviations.get(accuracy_level, deviations[0])
+    if failure or not (deviations[0] <= 1e-3 and at_level <= INT8_TOLERANCE):
+        for stale in path.parent.glob(path.name + "*"):
+            stale.unlink()
+        raise GenericUnsupported(f"it failed in onnxruntime ({failure})" if failure else
+                                 f"it differs from the torch program (relative logit error {deviations[0]:.1e}, "
+                                 f"{at_level:.1e} at accuracy level {accuracy_level})")
+    warning = (f"no fused KV-cache decoder for this model ({why_not_fused}): wrote the generic KV-cache decoder "
+               "(torch.onnx of the model with its cache)")
+    return Emitted("generic-kv-decoder", len(rewrite.rewritten), [] if why_not_fused == "--generic-decoder" else [warning],
+                   at_level, deviations[0])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def checked_layers(gm: GraphModel, model) -> list[int]:
@@ -257,6 +314,8 @@ def _why_no_decoder(model, kv_cache: bool, group_size: int | None) -> str | None
     """None when the KV-cache decoder is to be written; otherwise why not."""
     if not kv_cache:
         return "--no-kv-cache"
+    if kv_cache == "generic":
+        return "--generic-decoder"
     return "no HF model object" if model is None else decoder_support(model, group_size)
 
 

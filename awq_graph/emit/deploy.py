@@ -53,8 +53,8 @@ class DecoderSignature:
 
 
 def decoder_signature(path: Path) -> DecoderSignature | None:
-    """The signature of the decoder at ``path`` (its tensors are not read); None when the graph has
-    no cache (a logits-only graph)."""
+    """The signature of the fused decoder at ``path`` (its tensors are not read); None for a graph
+    without a cache (logits-only) or without GroupQueryAttention (the generic decoder)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -65,7 +65,9 @@ def decoder_signature(path: Path) -> DecoderSignature | None:
     layers = sum(1 for name in inputs if name.startswith(PAST) and name.endswith(".key"))
     dims = inputs[PAST_KEY % 0].type.tensor_type.shape.dim
     logits = next(o for o in graph.output if o.name == "logits")
-    attention = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
+    attention = next((n for n in graph.node if n.op_type == "GroupQueryAttention"), None)
+    if attention is None:
+        return None
     heads = next(a.i for a in attention.attribute if a.name == "num_heads")
     elem = inputs[PAST_KEY % 0].type.tensor_type.elem_type
     context = {p.key: p.value for p in model.metadata_props}.get(CONTEXT_KEY)
@@ -126,11 +128,11 @@ def _setting(generation, name: str, default):
 
 def write_runtime_files(folder: Path, model, tokenizer=None) -> list[str]:
     """genai_config.json, config.json and generation_config.json in ``folder`` beside its
-    model.onnx (a KV-cache decoder of ``model``); the names of the files written (none for a
-    logits-only graph)."""
-    signature = decoder_signature(folder / "model.onnx")
+    model.onnx (a fused KV-cache decoder of ``model``); the names of the files written (none for a
+    logits-only graph or the generic decoder, whose cache onnxruntime-genai does not run)."""
     family, _ = family_of(model)
-    if signature is None or family is None:
+    signature = decoder_signature(folder / "model.onnx") if family is not None else None
+    if signature is None:
         return []
     generation = getattr(model, "generation_config", None)
     config = model.config

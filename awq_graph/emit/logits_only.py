@@ -58,14 +58,14 @@ def export_float_onnx(gm: GraphModel) -> ir.Model:
                                         input_names=["input_ids"], output_names=["logits"],
                                         custom_translation_table=custom_translations())
     except Exception as exc:
-        raise ExportError(f"ONNX export failed: {_onnx_failure(exc)}") from exc
+        raise ExportError(f"ONNX export failed: {onnx_failure(exc)}") from exc
     if gm.fixed_seq:  # torch.onnx names the length as the program's input does; it is this number
         ids = program.model.graph.inputs[0]
         ids.shape = ir.Shape([ids.shape[0], gm.fixed_seq])
     return program.model
 
 
-def _onnx_failure(exc: Exception) -> str:
+def onnx_failure(exc: Exception) -> str:
     """The line of torch.onnx's long report that names the op it could not translate."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     match = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)

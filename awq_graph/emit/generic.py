@@ -1,0 +1,166 @@
+"""The generic KV-cache decoder: for an architecture outside the fused families whose cache is
+plain keys and values, torch.onnx of the model itself with the cache as inputs and outputs.
+
+    inputs   input_ids (B, S), attention_mask (B, P + S)[, position_ids (B, S)],
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) per decoder layer
+    outputs  logits (B, S, V), present.{i}.key / .value (B, kv_heads, P + S, head_dim)
+
+The model runs with transformers' own ``DynamicCache`` built from the past tensors (so the
+architecture's own attention, masks, rotary and cache update are what is exported), traced by
+torch.export with ``Dim.AUTO`` (the sequence, past and total lengths are related; torch works out
+how), translated by torch.onnx, each quantized linear then rewritten to MatMulNBits like the
+logits-only graph. The cache grows by concatenation (a new present per step, not the fused
+decoder's shared buffer): the runtime feeds each present back as the next past.
+
+Refused (the logits-only graph is written instead, with the reason): a cache that is not plain
+keys and values in every layer (sliding windows, recurrent or convolution states, shared KV),
+a graph whose export fixed a length, an export or translation that fails. Checked after writing
+like the fused decoder: a prefill and one-token steps against the cache in onnxruntime, against
+the torch program with the same dequantized weights.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+
+import onnx_ir as ir
+import torch
+
+from awq_graph.core.errors import ExportError
+from awq_graph.core.ir import GraphModel
+from awq_graph.emit.logits_only import onnx_failure, custom_translations
+from awq_graph.runtime import KV_CACHE_KEY, PAST
+
+PRESENT = "present."
+
+
+class GenericUnsupported(ExportError):
+    """This model gets no generic KV-cache decoder (the reason says why)."""
+
+
+class CachedLM(torch.nn.Module):
+    """``(input_ids, attention_mask[, position_ids], *past) -> (logits, *present)`` over a
+    transformers causal LM, its cache a ``DynamicCache`` of the past tensors."""
+
+    def __init__(self, lm: torch.nn.Module, layers: int, positions: bool):
+        super().__init__()
+        self.lm, self.layers, self.positions = lm, layers, positions
+
+    def forward(self, input_ids, attention_mask, *rest):
+        from transformers import DynamicCache
+
+        position_ids, past = (rest[0], rest[1:]) if self.positions else (None, rest)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
+                             config=self.lm.config)
+        kwargs = {"position_ids": position_ids} if self.positions else {}
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                      **_cache_argument(self.lm, cache), **kwargs)
+        present = []
+        for layer in _cache_of(out).layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def cache_shapes(model) -> list[tuple[int, ...]]:
+    """(kv_heads, head_dim) of each layer's keys, then values, read off the cache of a 3-token
+    prefill of the float model; refuses a cache that is not plain keys and values."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    config = model.config
+    try:
+        probe = DynamicCache(config=config)
+    except Exception as exc:
+        raise GenericUnsupported(f"its cache cannot be built from the config ({_first(exc)})") from exc
+    kinds = {type(layer).__name__ for layer in probe.layers}
+    if not probe.layers or kinds != {DynamicLayer.__name__}:
+        raise GenericUnsupported(f"its cache is not plain keys and values in every layer ({', '.join(sorted(kinds)) or 'none'})")
+    with torch.no_grad():
+        out = model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=True, **_cache_argument(model, probe))
+    shapes = []
+    for layer in _cache_of(out).layers:
+        if layer.keys is None or layer.keys.dim() != 4:
+            raise GenericUnsupported("a layer keeps no 4-D keys in its cache")
+        shapes += [tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])]
+    return shapes
+
+
+def with_folded_weights(model, gm: GraphModel):
+    """``model`` when it holds the program's (folded) tensors, else a copy given them."""
+    state = model.state_dict(keep_vars=True)
+    shared = all(state[name] is tensor for name, tensor in gm.params.items() if name in state)
+    if shared:
+        return model
+    twin = copy.deepcopy(model)
+    twin_state = twin.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in gm.params.items():
+            if name in twin_state:
+                twin_state[name].copy_(tensor)
+    return twin
+
+
+def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
+    """torch.onnx of ``CachedLM`` over the model with the program's folded weights (float)."""
+    if gm.fixed_seq:
+        raise GenericUnsupported(f"torch.export fixed its sequence length to {gm.fixed_seq}")
+    shapes = cache_shapes(model)
+    layers = len(shapes) // 2
+    positions = "position_ids" in inspect.signature(model.forward).parameters
+    wrapper = CachedLM(with_folded_weights(model, gm), layers, positions).eval()
+    batch, seq, past_len = 2, 4, 3
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    args = [ids, torch.ones(batch, past_len + seq, dtype=torch.long)]
+    if positions:
+        args.append(torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous())
+    args += [torch.randn(batch, heads, past_len, dim, generator=gen) for heads, dim in shapes]
+    auto = torch.export.Dim.AUTO
+    dynamic = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
+               "rest": tuple([{0: auto, 1: auto}] * positions + [{0: auto, 2: auto}] * len(shapes))}
+    names = ["input_ids", "attention_mask"] + (["position_ids"] if positions else [])
+    names += [f"{PAST}{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    outputs = ["logits"] + [f"{PRESENT}{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(wrapper, tuple(args), dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        raise GenericUnsupported(f"torch.export with the cache failed: {_first(exc)}") from exc
+    if any(not isinstance(d, torch.SymInt) for d in _input_shape(program, 0)[:2]) or \
+            not isinstance(_input_shape(program, len(names) - 1)[2], torch.SymInt):
+        raise GenericUnsupported("torch.export fixed the batch, sequence or past length of the cached graph")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, tuple(args), dynamo=True, optimize=False, external_data=True,
+                                             verbose=False, input_names=names, output_names=outputs,
+                                             custom_translation_table=custom_translations())
+    except Exception as exc:
+        raise GenericUnsupported(f"torch.onnx of the cached graph failed: {onnx_failure(exc)}") from exc
+    onnx_model = onnx_program.model
+    onnx_model.metadata_props[KV_CACHE_KEY] = "concat"
+    return onnx_model
+
+
+def _cache_argument(model, cache) -> dict:
+    """The cache as the model's forward takes it: ``cache`` (transformers 5.24 on), else
+    ``past_key_values``."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _input_shape(program, index: int):
+    name = program.graph_signature.user_inputs[index]
+    return next(n for n in program.graph.nodes if n.name == name).meta["val"].shape
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

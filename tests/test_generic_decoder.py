@@ -1,0 +1,71 @@
+"""The generic KV-cache decoder: architectures outside the fused families whose cache is plain
+keys and values get torch.onnx of the model with its cache, MatMulNBits for every quantized
+linear, checked at compile. Greedy tokens through its cache equal torch's with the same
+dequantized weights (HF ``generate``, its own cache)."""
+import copy
+
+import pytest
+import torch
+
+from awq_graph.core.numerics import QuantScheme
+from awq_graph.emit import write_onnx
+from awq_graph.export import export_model
+from awq_graph.load import tiny_random_model
+from awq_graph.passes.check_config import derive_groups
+from awq_graph.runtime import CompiledModel
+from awq_graph.search import SearchOptions, awq_search
+
+
+def _fake_quant_model(model, gm, quantized):
+    """The HF model with the program's folded weights and each quantized linear dequantized."""
+    twin = copy.deepcopy(model)
+    state = twin.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in gm.params.items():
+            if name in state:
+                state[name].copy_(tensor)
+        for name, q in quantized.items():
+            site = gm.linears[name]
+            state[site.weight].copy_(site.stored(q.dequantize()))
+    return twin.eval()
+
+
+# cohere: attention and MLP in parallel on one LayerNorm, logit scale; olmo2: norms after
+# attention and MLP, q/k norms; stablelm: partial rotary, LayerNorm with bias
+@pytest.mark.parametrize("model_type", ["cohere", "olmo2", "stablelm"])
+def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, tmp_path):
+    model = tiny_random_model(model_type)
+    gm = export_model(model)
+    _, per_layer, _ = derive_groups(gm)
+    calib = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = awq_search(gm, per_layer, calib, SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=64))
+    emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model, accuracy_level=0)
+    assert emitted.kind == "generic-kv-decoder", emitted.warnings
+    assert emitted.quantized_linears == len(result.quantized)
+    assert emitted.check_deviation < 1e-4, emitted  # the compile's own check: measured 2-3e-7
+    compiled = CompiledModel(tmp_path / "model.onnx")
+    assert compiled.has_kv_cache and compiled.growing_cache
+    reference = _fake_quant_model(model, gm, result.quantized)
+    prompt = torch.randint(3, 320, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, 7:].tolist()
+        full = reference(torch.cat([prompt, torch.tensor([want])], dim=1)).logits.float().numpy()
+    assert compiled.greedy_ids(prompt[0].tolist(), 10) == want
+    # and the logits: a prefill of the prompt, then one token per step against the cache
+    ids = torch.cat([prompt, torch.tensor([want])], dim=1).numpy()
+    got = compiled.logits_with_cache(ids, prefill=7)
+    deviation = float(((got - full) ** 2).sum() ** 0.5 / (full ** 2).sum() ** 0.5)
+    assert deviation < 1e-4, deviation  # measured ~3e-7
+
+
+def test_a_cache_that_is_not_plain_keys_and_values_gets_the_logits_only_graph_and_says_why(tmp_path):
+    """Starcoder2 with a sliding window: its cache keeps a window, not every key."""
+    model = tiny_random_model("starcoder2")
+    gm = export_model(model)
+    result = awq_search(gm, derive_groups(gm)[1], torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0)),
+                        SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=32))
+    emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model)
+    assert emitted.kind == "logits-only"
+    assert "the generic one: its cache is not plain keys and values in every layer (DynamicSlidingWindowLayer" \
+        in emitted.warnings[0]
+    assert not CompiledModel(tmp_path / "model.onnx").has_kv_cache
