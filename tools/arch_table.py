@@ -253,8 +253,6 @@ def _graph(model, gm) -> str:
         cache_shapes(model)
     except GenericUnsupported as exc:
         return f"logits-only (torch.onnx){per_expert}: {exc}"
-    except Exception as exc:  # the model's own forward with a cache failed
-        return f"logits-only (torch.onnx){per_expert}: its forward with a cache failed ({_first_line(exc)})"
     return "generic KV-cache decoder (torch.onnx with the cache)" + per_expert
 
 

@@ -76,10 +76,15 @@ def cache_shapes(model) -> list[tuple[int, ...]]:
     kinds = {type(layer).__name__ for layer in probe.layers}
     if not probe.layers or kinds != {DynamicLayer.__name__}:
         raise GenericUnsupported(f"its cache is not plain keys and values in every layer ({', '.join(sorted(kinds)) or 'none'})")
-    with torch.no_grad():
-        out = model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=True, **_cache_argument(model, probe))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=True, **_cache_argument(model, probe))
+    except Exception as exc:  # the model's own code, with a cache: anything
+        raise GenericUnsupported(f"its forward with a cache failed ({_first(exc)})") from exc
+    if _cache_of(out) is not probe:
+        raise GenericUnsupported("its forward returns no cache")
     shapes = []
-    for layer in _cache_of(out).layers:
+    for layer in probe.layers:
         if layer.keys is None or layer.keys.dim() != 4:
             raise GenericUnsupported("a layer keeps no 4-D keys in its cache")
         shapes += [tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])]
@@ -153,7 +158,7 @@ def _cache_argument(model, cache) -> dict:
 
 def _cache_of(output):
     cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _input_shape(program, index: int):
