@@ -81,7 +81,21 @@ def test_derived_groups_contain_the_known_pairs_and_are_exact(arch):
     assert check.changed_params > found.n_groups, check
 
 
-@pytest.mark.parametrize("model_type", sorted(EXPECTED) + ["granite", "starcoder2"])
+# in CI: the fused families, and types that show the other paths (the generic decoder: cohere,
+# olmo2, stablelm; a layer_norm(1 + w) fold point: nemotron; the export retried: aria_text);
+# tools/arch_table.py --all compares every golden
+GOLDEN_SAMPLE = sorted(EXPECTED) + ["granite", "starcoder2", "cohere", "olmo2", "stablelm", "nemotron", "aria_text"]
+
+
+def test_every_architecture_the_survey_found_groups_for_has_a_reviewed_golden():
+    survey = json.loads((Path(__file__).resolve().parents[1] / "tools" / "results" / "arch_survey.json").read_text())
+    with_groups = [r["type"] for r in survey["rows"] if r["status"] == "groups"]
+    assert len(with_groups) >= 80  # the issue's target: groups derived and verified for at least 80 types
+    missing = [t for t in with_groups if not (GOLDEN / f"{t}.json").exists()]
+    assert not missing, f"no golden for {missing[:5]}: run python tools/golden_groups.py --survey"
+
+
+@pytest.mark.parametrize("model_type", GOLDEN_SAMPLE)
 def test_derived_groups_equal_the_reviewed_golden_groups(model_type):
     """Exactly the golden groups: an extra (wrong) group, a lost one or a changed channel map fails."""
     path = GOLDEN / f"{model_type}.json"
