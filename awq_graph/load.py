@@ -224,6 +224,39 @@ def _tiny_fields(config) -> dict:
     return shape
 
 
+TINY_EXTRA = dict(decoder_attention_heads=4, encoder_attention_heads=4, num_decoder_layers=2, num_encoder_layers=2)
+
+
+def _repaired(config, shape: dict) -> dict:
+    """``shape`` made consistent with the rest of ``config``: fields that are read-only properties
+    dropped; a per-layer ``layer_types`` list cut to two layers of each kind (their first
+    occurrences, twice) with the layer count to match, and gpt-neo's ``attention_types`` pattern
+    likewise; a state-space mixer's head count and size made to span its expanded width; the
+    encoder-decoder head and layer counts shrunk too."""
+    fields = {k: v for k, v in shape.items() if not _read_only(config, k)}
+    fields.update({k: v for k, v in TINY_EXTRA.items() if _has(config, k) and not _read_only(config, k)})
+    if all(_has(config, k) for k in ("expand", "num_heads", "head_dim")) and "hidden_size" in fields:
+        # a state-space mixer (mamba2): its heads times their size span the expanded width
+        fields.update(num_heads=4, head_dim=fields["hidden_size"] * int(config.expand) // 4)
+    pattern = getattr(config, "attention_types", None) if _has(config, "attention_types") else None
+    if isinstance(pattern, list) and pattern and isinstance(pattern[0], (list, tuple)) and "num_hidden_layers" in fields:
+        kinds = list(pattern[0][0])  # gpt-neo: [[kinds, repeats]]: the kinds once each
+        fields.update(attention_types=[[kinds, 1]], num_hidden_layers=len(kinds))
+    if "num_decoder_layers" in fields:  # an encoder-decoder counts its layers per side
+        fields.pop("num_hidden_layers", None)
+    kinds = getattr(config, "layer_types", None) if _has(config, "layer_types") else None
+    if isinstance(kinds, (list, tuple)) and kinds and "num_hidden_layers" in fields \
+            and not _read_only(config, "layer_types"):
+        firsts = [kind for i, kind in enumerate(kinds) if kind not in kinds[:i]] * 2  # weights shared by kind need two
+        fields.update(layer_types=firsts, num_hidden_layers=len(firsts))
+    return fields
+
+
+def _read_only(config, field: str) -> bool:
+    attr = getattr(type(config), field, None)
+    return isinstance(attr, property) and attr.fset is None
+
+
 def _has(config, field: str) -> bool:
     """``hasattr``, for configs that refuse some reads with an error of their own (a per-layer field)."""
     try:
@@ -251,13 +284,19 @@ def tiny_random_model(model_type: str, seed: int = 0, **overrides):
         sub = getattr(defaults, name, None)
         if sub is not None and hasattr(sub, "to_dict") and name not in overrides:
             shape[name] = _tiny_fields(sub)
-    try:
-        config = AutoConfig.for_model(model_type, **{**shape, **overrides})
-        with torch.random.fork_rng(devices=[]):  # from_config draws from the global RNG: the caller's is kept
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as exc:
-        raise InputError(f"could not build a tiny '{model_type}' causal LM: {_first_line(exc)}") from exc
+    # the plain shrink first (what every golden was made with), then one that also repairs the
+    # fields a config checks against the ones shrunk
+    repaired = _repaired(defaults, shape)
+    for attempt, fields in enumerate((shape, repaired)):
+        try:
+            config = AutoConfig.for_model(model_type, **{**fields, **overrides})
+            with torch.random.fork_rng(devices=[]):  # from_config draws from the global RNG: the caller's is kept
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(config)
+            break
+        except Exception as exc:
+            if attempt or repaired == shape:
+                raise InputError(f"could not build a tiny '{model_type}' causal LM: {_first_line(exc)}") from exc
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():

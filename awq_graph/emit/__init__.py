@@ -180,7 +180,31 @@ def write_onnx(gm: GraphModel, quantized: dict[str, QuantizedWeight], path: Path
         raise ExportError(f"cannot write '{layer}' as MatMulNBits in the logits-only graph: {why}")
     _record_context(onnx_model, model)
     save_model(onnx_model, Path(path))
-    return Emitted("logits-only", len(rewrite.rewritten), [] if reason == "--no-kv-cache" else [warning])
+    del onnx_model
+    # checked like the decoders: onnxruntime against the torch program with the same dequantized weights
+    deviation = check_logits_only(Path(path), gm, quantized, accuracy_level)
+    tolerance = 1e-3 if accuracy_level == 0 else INT8_TOLERANCE
+    if not deviation <= tolerance:
+        for stale in Path(path).parent.glob(Path(path).name + "*"):
+            stale.unlink()
+        raise ExportError(f"the logits-only graph differs from the torch program (relative logit error {deviation:.1e}, "
+                          f"tolerance {tolerance:.0e}): nothing was written; please report this model")
+    return Emitted("logits-only", len(rewrite.rewritten), [] if reason == "--no-kv-cache" else [warning], deviation,
+                   deviation if accuracy_level == 0 else None)
+
+
+def check_logits_only(path: Path, gm: GraphModel, quantized, accuracy_level: int, tokens: int = 12,
+                      seed: int = 0) -> float:
+    """||onnx - torch|| / ||torch|| over the logits of ``tokens`` random ids (the length the
+    export fixed, if it did) through the logits-only graph at ``path``."""
+    from awq_graph.runtime import CompiledModel
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, gm.param_shape(token_table(gm))[0], (1, gm.fixed_seq or tokens), generator=gen)
+    with torch.no_grad():
+        ref = gm.run(ids, made=fake_quant_makers(gm, quantized)).float().numpy()
+    got = CompiledModel(path, threads=1, prepack=accuracy_level != 0).logits(ids.numpy()).numpy()
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
 
 
 def _write_generic(gm: GraphModel, quantized, weight_param, path: Path, model, accuracy_level: int,
