@@ -291,8 +291,8 @@ def propagate_tags(source: FoldPoint, path: list[fx.Node], carriers: dict, examp
         t = node.target
         if t in CASTS or t in HOMOGENEOUS:
             tags[node] = tag
-        elif t in ELEMENTWISE_MUL or t in ELEMENTWISE_DIV:  # a new tensor, as the product is (a view may follow)
-            tags[node] = torch.broadcast_to(tag, example[node].shape).contiguous()
+        elif t in ELEMENTWISE_MUL or t in ELEMENTWISE_DIV:
+            tags[node] = _laid_out_like(tag, example[node])
         elif t in SDPA or t in MATMUL:
             # Rule 4: out[..., i, d] mixes v[..., j, d] over j: channel d per head.
             first = tag[..., :1, :]
@@ -301,7 +301,7 @@ def propagate_tags(source: FoldPoint, path: list[fx.Node], carriers: dict, examp
             res = example[node]
             if t in SDPA and first.shape[-3] != res.shape[-3]:  # enable_gqa
                 first = first.repeat_interleave(res.shape[-3] // first.shape[-3], dim=-3)
-            tags[node] = torch.broadcast_to(first, res.shape).contiguous()
+            tags[node] = _laid_out_like(first, res)
         else:
             def sub(a):
                 return tag if a is carrier else example[a]
@@ -309,6 +309,13 @@ def propagate_tags(source: FoldPoint, path: list[fx.Node], carriers: dict, examp
             kwargs = fx.node.map_arg(node.kwargs, sub)
             tags[node] = node.target(*args, **kwargs)
     return tags
+
+
+def _laid_out_like(tag: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``tag`` broadcast to ``value``'s shape, in a tensor of ``value``'s strides: the views that
+    follow in the graph were traced on that layout (afmoe views its attention's transposed output)."""
+    out = torch.empty_strided(value.shape, value.stride(), dtype=tag.dtype)
+    return out.copy_(torch.broadcast_to(tag, value.shape))
 
 
 class _Inconsistent(Exception):

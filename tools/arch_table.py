@@ -90,7 +90,7 @@ def survey_one(model_type: str, compile_it: bool = False) -> dict:
     row.update(decoder_layers=found.prefix, groups_per_layer=len(layer0), layer0=[_pair(g, base) for g in layer0],
                not_found=_not_found(found, base),
                deviation=found.verification.deviation if found.verification else None, graph=graph,
-               fixed_seq=gm.fixed_seq,
+               fixed_seq=gm.fixed_seq, golden=_golden(model_type, found),
                status="groups" if layer0 else "no groups")
     if compile_it and layer0:
         row["compile"] = _tiny_compile(model)
@@ -114,6 +114,14 @@ def _tiny_compile(model) -> dict:
         graph = result.report["graph"]
         return {"ok": True, "kind": graph["kind"], "check_deviation": graph["check_deviation"],
                 "warnings": result.report["warnings"]}
+
+
+def _golden(model_type: str, found) -> str:
+    """The groups against the reviewed golden (tests/golden/groups): "same", "differs" or "none"."""
+    path = REPO / "tests" / "golden" / "groups" / f"{model_type}.json"
+    if not path.exists():
+        return "none"
+    return "same" if json.loads(path.read_text()) == {"model_type": model_type, **found.to_json()} else "differs"
 
 
 def _pair(g, base: str) -> str:
@@ -194,7 +202,8 @@ def survey_table(rows: list[dict]) -> str:
              + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
              + (f"; a tiny AWQ compile wrote a model for {len(compiled)}: {kinds['kv-decoder']} fused KV-cache "
                 f"decoders and {kinds['generic-kv-decoder']} generic ones, each checked against torch, and "
-                f"{kinds['logits-only']} logits-only graphs (not checked)." if compiled else "."), "",
+                f"{kinds['logits-only']} logits-only graphs, each checked against torch." if compiled else ".")
+             + _golden_summary(rows), "",
              "| model type | groups per layer | exact (--verify) | not found, and why | ONNX graph | tiny AWQ compile "
              "| stopped at, and why |",
              "|---|---|---|---|---|---|---|"]
@@ -205,12 +214,22 @@ def survey_table(rows: list[dict]) -> str:
         comp_cell = "-" if not comp else (f"failed: {comp['reason']}" if not comp["ok"] else
                                           f"{comp['kind']}, check {comp['check_deviation']:.0e}"
                                           if comp["check_deviation"] is not None else f"{comp['kind']}, not checked")
+        if r.get("golden") == "differs":
+            comp_cell += "; groups differ from the golden"
         reason = OUT_OF_MEMORY if r.get("reason") == "exit -9" else r.get("reason", "")
         stopped = f"{r['status']}: {reason}" if r["status"] not in ("groups", "no groups") else "-"
         graph = r.get("graph", "-") + (f"; torch.export fixed the length at {r['fixed_seq']}" if r.get("fixed_seq") else "")
         cells = [r["type"], groups, deviation, "; ".join(r.get("not_found", [])) or "-", graph, comp_cell, stopped]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _golden_summary(rows: list[dict]) -> str:
+    said = [r["golden"] for r in rows if r.get("golden")]
+    if not said:
+        return ""
+    return (f" Groups against the reviewed goldens (tests/golden/groups): {said.count('same')} the same, "
+            f"{said.count('differs')} differ, {said.count('none')} without one.")
 
 
 def _family_table(types: list[str]) -> int:

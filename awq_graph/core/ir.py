@@ -161,6 +161,8 @@ def linear_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
         transposed = True
     elif _is_grouped_mm(node):
         return _experts_site(gm, node)
+    elif node.target is aten.matmul.default and _transposed_param(gm, node.args[1]):
+        x, w_node, b_node, transposed = node.args[0], node.args[1].args[0], None, False  # x @ W.T (Falcon)
     else:
         return None
     weight = gm.param_of(w_node)
@@ -172,6 +174,19 @@ def linear_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
     shape = gm.param_shape(weight)
     out_f, in_f = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     return LinearSite(module_path(node), node, x, w_node, weight, bias, int(out_f), int(in_f), transposed)
+
+
+def _transposed_param(gm: GraphModel, arg) -> bool:
+    """True for ``W.T`` of a 2-D parameter W read only there (``x @ W.T`` is a linear over W)."""
+    aten = torch.ops.aten
+    if not (isinstance(arg, fx.Node) and arg.op == "call_function" and len(arg.users) == 1):
+        return False
+    t = arg.target
+    swap = (t in (aten.numpy_T.default, aten.t.default)
+            or (t is aten.transpose.int and tuple(d % 2 for d in arg.args[1:3]) in ((0, 1), (1, 0)))
+            or (t is aten.permute.default and list(arg.args[1]) in ([1, 0], [-1, -2])))
+    weight = gm.param_of(arg.args[0])
+    return swap and weight is not None and len(gm.param_shape(weight)) == 2
 
 
 def _is_grouped_mm(node: fx.Node) -> bool:
