@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from .core.errors import AwqGraphError
-from .interrupt import catch_signals, checkpoint
+from .interrupt import catch_signals, checkpoint, signal_behind
 
 
 def _progress(it, desc, total):
@@ -224,10 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"awq-graph: error: {_rank_said(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
-        signum = getattr(stop, "signum", signal.SIGINT)
-        print(f"awq-graph: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
-        return 128 + signum
+        return _interrupted(getattr(stop, "signum", signal.SIGINT))
+    except Exception as exc:  # a signal Python wrapped in another exception (torch importing) is still the signal
+        signum = signal_behind(exc)
+        if signum is None:
+            raise
+        return _interrupted(signum)
     return 0
+
+
+def _interrupted(signum: int) -> int:
+    print(f"awq-graph: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+    return 128 + signum
 
 
 RANK_TIMEOUT_S = 2 * 3600  # the longest a rank waits in a collective: rank 0's emission of a large model

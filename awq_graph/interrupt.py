@@ -39,6 +39,19 @@ def catch_signals() -> None:
     sys.unraisablehook = _quiet_when_interrupted
 
 
+def signal_behind(exc: BaseException) -> int | None:
+    """The signal that caused ``exc``, if one did: an ``Interrupted`` in its chain of causes (Python
+    wraps one raised where it cannot pass, e.g. in a class body's ``__set_name__`` while torch is
+    importing, as a RuntimeError), or a signal received earlier; None otherwise."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Interrupted):
+            return exc.signum
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return _received[0] if _received else None
+
+
 def checkpoint() -> None:
     """Raise a signal received earlier whose exception was swallowed; nothing otherwise."""
     if _received:
