@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .core.errors import ExportError
+from .core.errors import ExportError, first_line
 from .core.ir import PREFIX, GraphModel, index_modules
 from .weights import ParamStore
 
@@ -66,18 +66,16 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True
             failures.append(exc)
     else:
         exc = failures[0]
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
-            f"torch.export could not capture {type(lm).__name__}: {first} "
+            f"torch.export could not capture {type(lm).__name__}: {first_line(exc)} "
             "(awq-graph works on the exported graph, so --config does not help here; a transformers "
             "release whose modeling code exports for this architecture may)"
         ) from exc
-    user_input = program.graph_signature.user_inputs[0]
-    input_shape = next(n for n in program.graph.nodes if n.name == user_input).meta["val"].shape
-    if is_concrete_int(input_shape[0]):  # a SymInt the export specialized counts too
-        raise ExportError(f"torch.export of {type(lm).__name__} fixed the batch size to {int(input_shape[0])}: "
+    ids_shape = input_shape(program)
+    if is_concrete_int(ids_shape[0]):
+        raise ExportError(f"torch.export of {type(lm).__name__} fixed the batch size to {int(ids_shape[0])}: "
                           "awq-graph needs a graph that runs any batch")
-    fixed_seq = int(input_shape[1]) if is_concrete_int(input_shape[1]) else None
+    fixed_seq = int(ids_shape[1]) if is_concrete_int(ids_shape[1]) else None
     sig = program.graph_signature
     # The program gets private copies of the tensors: folding edits them, never the caller's model.
     copies: dict[int, torch.Tensor] = {}
@@ -109,6 +107,13 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True
     gm = GraphModel(program, params, placeholder_param, fixed_seq=fixed_seq)
     index_modules(gm)
     return gm
+
+
+def input_shape(program: torch.export.ExportedProgram, index: int = 0) -> torch.Size:
+    """The traced shape of the program's ``index``-th user input: each dimension an int or a
+    SymInt; one the export specialized is a SymInt too, which ``is_concrete_int`` tells apart."""
+    name = program.graph_signature.user_inputs[index]
+    return next(n for n in program.graph.nodes if n.name == name).meta["val"].shape
 
 
 def _stream(program, params: dict[str, torch.Tensor], skeleton) -> ParamStore:

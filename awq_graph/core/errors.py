@@ -2,6 +2,13 @@
 prints it on one line and exits 1 (a traceback only with --debug)."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most
+    ``limit`` characters: what a one-line error quotes of torch's or onnxruntime's long reports."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class AwqGraphError(Exception):
     """Base class of every error a user can cause."""
 

@@ -26,10 +26,12 @@ import warnings
 
 import onnx_ir as ir
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from awq_graph.core.errors import ExportError
+from awq_graph.core.errors import ExportError, first_line
 from awq_graph.core.ir import GraphModel
-from awq_graph.emit.logits_only import onnx_failure, custom_translations
+from awq_graph.emit.logits_only import custom_translations, onnx_failure
+from awq_graph.export import input_shape
 from awq_graph.runtime import KV_CACHE_KEY, PAST
 
 PRESENT = "present."
@@ -72,7 +74,7 @@ def cache_shapes(model) -> list[tuple[int, ...]]:
     try:
         probe = DynamicCache(config=config)
     except Exception as exc:
-        raise GenericUnsupported(f"its cache cannot be built from the config ({_first(exc)})") from exc
+        raise GenericUnsupported(f"its cache cannot be built from the config ({first_line(exc, 300)})") from exc
     kinds = {type(layer).__name__ for layer in probe.layers}
     if not probe.layers or kinds != {DynamicLayer.__name__}:
         raise GenericUnsupported(f"its cache is not plain keys and values in every layer ({', '.join(sorted(kinds)) or 'none'})")
@@ -80,7 +82,7 @@ def cache_shapes(model) -> list[tuple[int, ...]]:
         with torch.no_grad():
             out = model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=True, **_cache_argument(model, probe))
     except Exception as exc:  # the model's own code, with a cache: anything
-        raise GenericUnsupported(f"its forward with a cache failed ({_first(exc)})") from exc
+        raise GenericUnsupported(f"its forward with a cache failed ({first_line(exc, 300)})") from exc
     if _cache_of(out) is not probe:
         raise GenericUnsupported("its forward returns no cache")
     shapes = []
@@ -133,9 +135,9 @@ def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
             warnings.simplefilter("ignore")
             program = torch.export.export(wrapper, tuple(args), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
-        raise GenericUnsupported(f"torch.export with the cache failed: {_first(exc)}") from exc
-    if any(not isinstance(d, torch.SymInt) for d in _input_shape(program, 0)[:2]) or \
-            not isinstance(_input_shape(program, len(names) - 1)[2], torch.SymInt):
+        raise GenericUnsupported(f"torch.export with the cache failed: {first_line(exc, 300)}") from exc
+    ids, last_past = input_shape(program, 0), input_shape(program, len(names) - 1)
+    if any(is_concrete_int(d) for d in (ids[0], ids[1], last_past[2])):
         raise GenericUnsupported("torch.export fixed the batch, sequence or past length of the cached graph")
     try:
         with warnings.catch_warnings():
@@ -159,13 +161,3 @@ def _cache_argument(model, cache) -> dict:
 def _cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def _input_shape(program, index: int):
-    name = program.graph_signature.user_inputs[index]
-    return next(n for n in program.graph.nodes if n.name == name).meta["val"].shape
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
