@@ -284,6 +284,10 @@ def tiny_random_model(model_type: str, seed: int = 0, **overrides):
         sub = getattr(defaults, name, None)
         if sub is not None and hasattr(sub, "to_dict") and name not in overrides:
             shape[name] = _tiny_fields(sub)
+    if getattr(defaults, "is_decoder", None) is False and not getattr(defaults, "is_encoder_decoder", False):
+        # an encoder architecture's causal LM (BertLMHeadModel): causal, with a cache, only as a
+        # decoder, which its checkpoints for generation say; its config defaults to an encoder
+        shape["is_decoder"] = True
     # the plain shrink first (what every golden was made with), then one that also repairs the
     # fields a config checks against the ones shrunk
     repaired = _repaired(defaults, shape)

@@ -233,7 +233,7 @@ def _write_generic(gm: GraphModel, quantized, weight_param, path: Path, model, a
         SetAccuracyLevel(0)(written)
         ir.save(written, graphs[0])  # its tensors stay in path's data file
     try:
-        deviations = check_decoder(graphs, gm, quantized, None)
+        deviations = check_decoder(graphs, gm, quantized, None, tokens=generic_check_tokens(model))
     except Exception as exc:
         deviations, failure = {0: float("inf")}, first_line(exc)
     else:
@@ -251,6 +251,13 @@ def _write_generic(gm: GraphModel, quantized, weight_param, path: Path, model, a
                "(torch.onnx of the model with its cache)")
     return Emitted("generic-kv-decoder", len(rewrite.rewritten), [] if why_not_fused == "--generic-decoder" else [warning],
                    at_level, deviations[0])
+
+
+def generic_check_tokens(model, tokens: int = 12, longest: int = 128) -> int:
+    """The prefill length of the generic decoder's check: past a sliding window when the window
+    is short enough to run (so the steps after it attend through the window's mask), else 12."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    return window + 2 if isinstance(window, int) and tokens <= window + 2 <= longest else tokens
 
 
 def checked_layers(gm: GraphModel, model) -> list[int]:

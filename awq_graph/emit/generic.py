@@ -12,8 +12,12 @@ how), translated by torch.onnx, each quantized linear then rewritten to MatMulNB
 logits-only graph. The cache grows by concatenation (a new present per step, not the fused
 decoder's shared buffer): the runtime feeds each present back as the next past.
 
-Refused (the logits-only graph is written instead, with the reason): a cache that is not plain
-keys and values in every layer (sliding windows, recurrent or convolution states, shared KV),
+A layer with a sliding window keeps every key too: the window is applied by the model's own mask
+(which reads ``config.sliding_window``), so the graph is exact, and its cache is as long as the
+context, not the window.
+
+Refused (the logits-only graph is written instead, with the reason): a cache that is not keys
+and values in every layer (recurrent or convolution states, indexed or shared KV),
 a graph whose export fixed a length, an export or translation that fails. Checked after writing
 like the fused decoder: a prefill and one-token steps against the cache in onnxruntime, against
 the torch program with the same dequantized weights.
@@ -53,8 +57,9 @@ class CachedLM(torch.nn.Module):
         from transformers import DynamicCache
 
         position_ids, past = (rest[0], rest[1:]) if self.positions else (None, rest)
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
-                             config=self.lm.config)
+        # no config: every layer a plain DynamicLayer that keeps every key (a sliding-window layer
+        # too: its window is the model's mask, which reads config.sliding_window)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
         kwargs = {"position_ids": position_ids} if self.positions else {}
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                       **_cache_argument(self.lm, cache), **kwargs)
@@ -66,9 +71,10 @@ class CachedLM(torch.nn.Module):
 
 def cache_shapes(model) -> list[tuple[int, ...]]:
     """(kv_heads, head_dim) of each layer's keys, then values, read off the cache of a 3-token
-    prefill of the float model; refuses a cache that is not plain keys and values."""
+    prefill of the float model; refuses a cache that is not keys and values in every layer
+    (plain or within a sliding window, which the graph's cache keeps whole)."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     config = model.config
     try:
@@ -76,8 +82,9 @@ def cache_shapes(model) -> list[tuple[int, ...]]:
     except Exception as exc:
         raise GenericUnsupported(f"its cache cannot be built from the config ({first_line(exc, 300)})") from exc
     kinds = {type(layer).__name__ for layer in probe.layers}
-    if not probe.layers or kinds != {DynamicLayer.__name__}:
-        raise GenericUnsupported(f"its cache is not plain keys and values in every layer ({', '.join(sorted(kinds)) or 'none'})")
+    if not probe.layers or not kinds <= {DynamicLayer.__name__, DynamicSlidingWindowLayer.__name__}:
+        raise GenericUnsupported(f"its cache is not keys and values in every layer ({', '.join(sorted(kinds)) or 'none'})")
+    probe = DynamicCache()  # what CachedLM builds: every layer keeps every key
     try:
         with torch.no_grad():
             out = model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=True, **_cache_argument(model, probe))
@@ -91,6 +98,23 @@ def cache_shapes(model) -> list[tuple[int, ...]]:
             raise GenericUnsupported("a layer keeps no 4-D keys in its cache")
         shapes += [tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])]
     return shapes
+
+
+def counts_positions_from_zero(model) -> bool:
+    """Whether the graph takes ``position_ids`` (what a runtime feeds: 0, 1, ... past the
+    padding): the forward takes them and, given 0..S-1, computes what it computes without them.
+    RoBERTa's count from its padding id + 1: its graph takes none and counts as the model does
+    (from the ids and the cache's length)."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    ids = torch.arange(3, 8).unsqueeze(0) % int(model.get_input_embeddings().num_embeddings)
+    try:
+        with torch.no_grad():
+            own = model(input_ids=ids, use_cache=False).logits
+            counted = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).unsqueeze(0), use_cache=False).logits
+    except Exception as exc:  # the model's own code: anything
+        raise GenericUnsupported(f"its forward with position ids failed ({first_line(exc, 300)})") from exc
+    return bool(torch.allclose(own, counted, rtol=1e-4, atol=1e-5))
 
 
 def with_folded_weights(model, gm: GraphModel):
@@ -114,7 +138,7 @@ def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
         raise GenericUnsupported(f"torch.export fixed its sequence length to {gm.fixed_seq}")
     shapes = cache_shapes(model)
     layers = len(shapes) // 2
-    positions = "position_ids" in inspect.signature(model.forward).parameters
+    positions = counts_positions_from_zero(model)
     wrapper = CachedLM(with_folded_weights(model, gm), layers, positions).eval()
     batch, seq, past_len = 2, 4, 3
     gen = torch.Generator().manual_seed(0)
