@@ -224,6 +224,21 @@ def _tiny_fields(config) -> dict:
     return shape
 
 
+def _with_an_attention_layer(config, shape: dict, most: int = 5) -> dict:
+    """A hybrid whose first layers are all linear attention (Qwen3-Next: three of four) keeps as
+    many layers as reach its first attention layer: with none, transformers' own forward cannot
+    count the cached positions, and the tiny model would not be the architecture."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kinds = getattr(text, "layer_types", None) if _has(text, "layer_types") else None
+    layers = shape.get("num_hidden_layers")
+    if not isinstance(kinds, (list, tuple)) or layers is None:
+        return {}
+    attention = [i for i, kind in enumerate(kinds) if isinstance(kind, str) and "attention" in kind and "linear" not in kind]
+    if not attention or attention[0] < layers or attention[0] >= most or not any("linear" in str(k) or k == "conv" for k in kinds[:layers]):
+        return {}
+    return {"num_hidden_layers": attention[0] + 1}
+
+
 TINY_EXTRA = dict(decoder_attention_heads=4, encoder_attention_heads=4, num_decoder_layers=2, num_encoder_layers=2)
 
 
@@ -288,10 +303,15 @@ def tiny_random_model(model_type: str, seed: int = 0, **overrides):
         # an encoder architecture's causal LM (BertLMHeadModel): causal, with a cache, only as a
         # decoder, which its checkpoints for generation say; its config defaults to an encoder
         shape["is_decoder"] = True
-    # the plain shrink first (what every golden was made with), then one that also repairs the
-    # fields a config checks against the ones shrunk
-    repaired = _repaired(defaults, shape)
-    for attempt, fields in enumerate((shape, repaired)):
+    # the plain shrink (what every golden was made with), reaching a hybrid's first attention
+    # layer first where it needs more layers for one, then one that also repairs the fields a
+    # config checks against the ones shrunk
+    attempts = [shape, _repaired(defaults, shape)]
+    longer = _with_an_attention_layer(defaults, shape)
+    if longer:
+        attempts.insert(0, {**shape, **longer})
+    attempts = [fields for i, fields in enumerate(attempts) if fields not in attempts[:i]]
+    for attempt, fields in enumerate(attempts):
         try:
             config = AutoConfig.for_model(model_type, **{**fields, **overrides})
             with torch.random.fork_rng(devices=[]):  # from_config draws from the global RNG: the caller's is kept
@@ -299,7 +319,7 @@ def tiny_random_model(model_type: str, seed: int = 0, **overrides):
                 model = AutoModelForCausalLM.from_config(config)
             break
         except Exception as exc:
-            if attempt or repaired == shape:
+            if attempt == len(attempts) - 1:
                 raise InputError(f"could not build a tiny '{model_type}' causal LM: {_first_line(exc)}") from exc
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 1)

@@ -192,7 +192,8 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     graph_warnings = _narrower_than_a_group(gm, opts.scheme.group_size)
     if gm.fixed_seq:
         graph_warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; "
-                              "its dynamic export failed): the logits-only graph takes at most that many tokens")
+                              "its dynamic export failed): the analysis and the search run at that length; a KV-cache "
+                              "decoder takes one token per step, a logits-only graph at most that many tokens")
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:

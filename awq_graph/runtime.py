@@ -95,14 +95,18 @@ class CompiledModel:
         self.present_names = ["present." + n[len(PAST):] for n in self.past_names]
         self.has_kv_cache = bool(self.past_names)
         self.has_logits_to_keep = "logits_to_keep" in inputs
-        if self.has_kv_cache:
-            first = inputs[self.past_names[0]]
-            self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
-            self.vocab = int(self.session.get_outputs()[0].shape[-1])
-            self.np_dtype = np.float16 if "float16" in first.type else np.float32
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.growing_cache = metadata.get(KV_CACHE_KEY) == "concat"
         self.past_shapes = [inputs[n].shape for n in self.past_names]
+        self.past_dtypes = [np.float16 if "float16" in inputs[n].type else np.float32 for n in self.past_names]
+        if self.has_kv_cache:
+            self.vocab = int(self.session.get_outputs()[0].shape[-1])
+            self.np_dtype = self.past_dtypes[0]
+            if not self.growing_cache:  # the fused decoder's (B, kv_heads, length, head_dim)
+                first = inputs[self.past_names[0]]
+                self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        # a generic decoder with linear-attention states takes one token per call
+        self.one_token = self.growing_cache and inputs["input_ids"].shape[1] == 1
         context = metadata.get(CONTEXT_KEY)
         self.max_positions = int(context) if context else None  # None: a folder written before it was recorded
         # a logits-only graph of an export that fixed the length takes that many tokens (shorter
@@ -317,16 +321,25 @@ class _GrowingCache:
     def __init__(self, model: CompiledModel, batch: int = 1):
         self.model = model
         self.length = 0
-        self.past = [np.zeros((batch, shape[1], 0, shape[3]), model.np_dtype) for shape in model.past_shapes]
+        # keys and values start empty (their one named dimension past the batch is the length);
+        # linear-attention states start as zeros of their fixed shape
+        self.past = [np.zeros([batch] + [d if isinstance(d, int) else 0 for d in shape[1:]], dtype)
+                     for shape, dtype in zip(model.past_shapes, model.past_dtypes)]
         self.positions = "position_ids" in model.input_names
+        self.mask = "attention_mask" in model.input_names
 
     def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         """Run ``ids`` (B, S) after what is cached; their logits (B, S, V), or the last (B, 1, V)."""
         batch, seq = ids.shape
+        if self.model.one_token and seq > 1:
+            logits = [self.step(ids[:, t:t + 1]) for t in range(seq)]
+            return logits[-1] if last_only else np.concatenate(logits, axis=1)
         end = self.length + seq
         if self.model.max_positions and end > self.model.max_positions:
             raise InputError(f"the model's context is {self.model.max_positions} positions; {end} requested")
-        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ones((batch, end), np.int64)}
+        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
+        if self.mask:
+            feed["attention_mask"] = np.ones((batch, end), np.int64)
         if self.positions:
             feed["position_ids"] = np.broadcast_to(np.arange(self.length, end, dtype=np.int64), (batch, seq)).copy()
         feed.update(zip(self.model.past_names, self.past))

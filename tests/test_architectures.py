@@ -149,12 +149,13 @@ def test_the_survey_gives_every_architecture_a_row_even_one_that_stops(tmp_path)
 def test_an_architecture_whose_export_fixes_the_length_compiles_at_that_length(tmp_path):
     """Mamba's reference scan is a Python loop over positions: torch.export cannot keep the length
     dynamic, so the export is retried with ``Dim.AUTO`` and fixes it at the calibration length.
-    The analysis, the verification and the search run at that length; the logits-only graph takes
-    up to that many tokens, a shorter sequence padded on the right (exact for a causal LM)."""
+    The analysis, the verification and the search run at that length; the logits-only graph (asked
+    for: by default Mamba gets the generic decoder, one token per step, tests/test_generic_decoder.py)
+    takes up to that many tokens, a shorter sequence padded on the right (exact for a causal LM)."""
     model = tiny_random_model("mamba")
     ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(0))
     result = awq_graph.compile(model, ids, tmp_path / "out", n_samples=4, seqlen=16, scheme="uint4_wo_16",
-                               warn=lambda message: None)
+                               kv_cache=False, warn=lambda message: None)
     report = result.report
     assert report["export"] == {"fixed_seq": 16} and report["graph"]["kind"] == "logits-only"
     assert any("fixed this architecture's sequence length to 16" in w for w in report["warnings"])

@@ -110,12 +110,13 @@ def test_float16_activations_run_on_cpu_close_to_float32(tmp_path):
 
 
 def test_a_model_outside_the_fused_family_gets_the_logits_only_graph_and_still_generates(tmp_path):
-    model = tiny_random_model("lfm3")  # short convolutions: a cache of states, for neither decoder
+    model = tiny_random_model("openai-gpt")  # GPT-1: transformers gives it no cache at all
     calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
-    result = awq_graph.compile(model, calib, tmp_path / "lfm3", scheme="uint4_wo_16", n_samples=2, seqlen=32)
+    result = awq_graph.compile(model, calib, tmp_path / "gpt1", scheme="uint4_wo_16", n_samples=2, seqlen=32)
     assert result.report["graph"]["kind"] == "logits-only"
-    assert any("no KV-cache decoder for this model (model type 'lfm3'" in w for w in result.report["warnings"])
-    onnx_model = CompiledModel(tmp_path / "lfm3")
+    assert any("no KV-cache decoder for this model (model type 'openai-gpt'" in w and "its forward returns no cache" in w
+               for w in result.report["warnings"])
+    onnx_model = CompiledModel(tmp_path / "gpt1")
     assert not onnx_model.has_kv_cache
     prompt = [5, 17, 3]
     tokens = onnx_model.greedy_ids(prompt, 5)

@@ -42,12 +42,14 @@ def _greedy_by_recompute(model, prompt, new_tokens):
 # attention and MLP, q/k norms; stablelm: partial rotary, LayerNorm with bias; starcoder2: a
 # sliding window of 16 (the prompt and the tokens run past it; torch's cache keeps the window,
 # ours every key, under the model's windowed mask); roberta: positions counted from its padding
-# id, so the graph takes no position_ids; bart: an encoder-decoder's decoder as a causal LM
+# id, so the graph takes no position_ids; bart: an encoder-decoder's decoder as a causal LM;
+# lfm3: short convolutions (a state) and an attention layer; mamba: selective state spaces,
+# whose export fixes the length: both graphs take one token per step
 @pytest.mark.parametrize("model_type,prompt_len", [("cohere", 7), ("olmo2", 7), ("stablelm", 7), ("starcoder2", 20),
-                                                   ("roberta", 7), ("bart", 7)])
+                                                   ("roberta", 7), ("bart", 7), ("lfm3", 7), ("mamba", 7)])
 def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, prompt_len, tmp_path):
     model = tiny_random_model(model_type)
-    gm = export_model(model)
+    gm = export_model(model, seqlen=32)
     _, per_layer, _ = derive_groups(gm)
     calib = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(0))
     result = awq_search(gm, per_layer, calib, SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=64))
@@ -57,6 +59,7 @@ def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, prompt
     assert emitted.check_deviation < 1e-4, emitted  # the compile's own check: measured 2-3e-7
     compiled = CompiledModel(tmp_path / "model.onnx")
     assert compiled.has_kv_cache and compiled.growing_cache
+    assert compiled.one_token == (model_type in ("lfm3", "mamba"))
     reference = _fake_quant_model(model, gm, result.quantized)
     prompt = torch.randint(3, 320, (1, prompt_len), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -75,13 +78,14 @@ def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, prompt
     assert deviation < 1e-4, deviation  # measured ~3e-7
 
 
-def test_a_cache_that_is_not_keys_and_values_gets_the_logits_only_graph_and_says_why(tmp_path):
-    """LFM: short convolutions whose cache is a state, not keys and values."""
-    model = tiny_random_model("lfm3")
+def test_a_cache_of_another_kind_gets_the_logits_only_graph_and_says_why(tmp_path):
+    """DeepSeek-V3.2's sparse attention: its cache also keeps the indexer's keys."""
+    model = tiny_random_model("deepseek_v32")
     gm = export_model(model)
     result = awq_search(gm, derive_groups(gm)[1], torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0)),
                         SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=32))
     emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model)
     assert emitted.kind == "logits-only"
-    assert "the generic one: its cache is not keys and values in every layer (LinearAttentionLayer)" in emitted.warnings[0]
+    assert "the generic one: its cache is not keys and values or linear-attention states in every layer " \
+        "(DynamicIndexedLayer)" in emitted.warnings[0]
     assert not CompiledModel(tmp_path / "model.onnx").has_kv_cache

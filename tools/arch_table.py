@@ -262,17 +262,20 @@ def _graph(model, gm) -> str:
     experts = any(s.experts for s in gm.linears.values())
     if decoder_support(model) is None:
         return "KV-cache decoder" + (", experts in QMoE" if experts else "")
-    from awq_graph.emit.generic import GenericUnsupported, cache_shapes
+    from awq_graph.emit.generic import GenericUnsupported, cache_layout
 
     blockers = untranslatable_ops(gm)
     if blockers:
         return f"none: no ONNX translation for {next(iter(blockers))}"
     per_expert = ", a MatMulNBits per expert" if experts else ""
     try:
-        cache_shapes(model)
+        layout = cache_layout(model)
     except GenericUnsupported as exc:
         return f"logits-only (torch.onnx){per_expert}: {exc}"
-    return "generic KV-cache decoder (torch.onnx with the cache)" + per_expert
+    held = "keys, values and linear-attention states" if any(e.grows for e in layout.entries) else \
+        "linear-attention states" if layout.states else "keys and values"
+    one_token = ", one token per step" if layout.states or gm.fixed_seq else ""
+    return f"generic KV-cache decoder (torch.onnx with the cache: {held}{one_token})" + per_expert
 
 
 if __name__ == "__main__":

@@ -1,32 +1,39 @@
-"""The generic KV-cache decoder: for an architecture outside the fused families whose cache is
-plain keys and values, torch.onnx of the model itself with the cache as inputs and outputs.
+"""The generic KV-cache decoder: for an architecture outside the fused families, torch.onnx of
+the model itself with its cache as inputs and outputs.
 
-    inputs   input_ids (B, S), attention_mask (B, P + S)[, position_ids (B, S)],
-             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) per decoder layer
-    outputs  logits (B, S, V), present.{i}.key / .value (B, kv_heads, P + S, head_dim)
+    inputs   input_ids (B, S)[, attention_mask (B, P + S)][, position_ids (B, S)], per layer
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) and, for a layer with
+             linear attention (Mamba, gated delta nets, short convolutions),
+             past_key_values.{i}.conv.{s} / .recurrent.{s} (B, ...: a fixed shape)
+    outputs  logits (B, S, V), present.{i}.* (keys and values P + S long; states as fed)
 
 The model runs with transformers' own ``DynamicCache`` built from the past tensors (so the
-architecture's own attention, masks, rotary and cache update are what is exported), traced by
-torch.export with ``Dim.AUTO`` (the sequence, past and total lengths are related; torch works out
-how), translated by torch.onnx, each quantized linear then rewritten to MatMulNBits like the
-logits-only graph. The cache grows by concatenation (a new present per step, not the fused
-decoder's shared buffer): the runtime feeds each present back as the next past.
+architecture's own attention, masks, rotary, convolutions and cache update are what is
+exported), traced by torch.export with ``Dim.AUTO`` (the sequence, past and total lengths are
+related; torch works out how), translated by torch.onnx, each quantized linear then rewritten to
+MatMulNBits like the logits-only graph. The cache grows by concatenation (a new present per step,
+not the fused decoder's shared buffer): the runtime feeds each present back as the next past.
 
-A layer with a sliding window keeps every key too: the window is applied by the model's own mask
+A layer with a sliding window keeps every key: the window is applied by the model's own mask
 (which reads ``config.sliding_window``), so the graph is exact, and its cache is as long as the
-context, not the window.
+context, not the window. Where a layer keeps linear-attention states, or where torch.export
+fixed the program's length (a loop over positions unrolled), the graph takes one token per step
+(S = 1; the runtime feeds a prompt token by token): transformers' multi-token path of several
+such architectures starts the state afresh, and the one-token path is the one generation takes.
+States start as zeros, which is what a prefill starts from.
 
-Refused (the logits-only graph is written instead, with the reason): a cache that is not keys
-and values in every layer (recurrent or convolution states, indexed or shared KV),
-a graph whose export fixed a length, an export or translation that fails. Checked after writing
-like the fused decoder: a prefill and one-token steps against the cache in onnxruntime, against
-the torch program with the same dequantized weights.
+Refused (the logits-only graph is written instead, with the reason): a cache of other kinds
+(indexed keys, a sliding window inside a linear-attention layer, a model's own cache class, no
+cache), an export or translation that fails. Checked after writing like the fused decoder: a
+prefill and one-token steps against the cache in onnxruntime, against the torch program with the
+same dequantized weights.
 """
 from __future__ import annotations
 
 import copy
 import inspect
 import warnings
+from dataclasses import dataclass
 
 import onnx_ir as ir
 import torch
@@ -45,36 +52,104 @@ class GenericUnsupported(ExportError):
     """This model gets no generic KV-cache decoder (the reason says why)."""
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One tensor of one layer's cache: keys or values (``(heads, past, head_dim)``, growing by
+    the step's tokens) or a linear-attention layer's convolution or recurrent state (fixed shape),
+    each without the batch."""
+    layer: int
+    kind: str  # "key", "value", "conv" or "recurrent"
+    state: int  # which of a linear-attention layer's states (0 for keys and values)
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.kind}" + (f".{self.state}" if self.kind in STATES else "")
+
+    @property
+    def grows(self) -> bool:
+        return self.kind not in STATES
+
+
+STATES = ("conv", "recurrent")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    entries: list[CacheEntry]
+    states: bool  # some layer keeps linear-attention states: the graph takes one token per step
+
+
 class CachedLM(torch.nn.Module):
-    """``(input_ids, attention_mask[, position_ids], *past) -> (logits, *present)`` over a
-    transformers causal LM, its cache a ``DynamicCache`` of the past tensors."""
+    """``(input_ids[, attention_mask][, position_ids], *past) -> (logits, *present)`` over a
+    transformers causal LM, its cache a ``DynamicCache`` holding the past tensors."""
 
-    def __init__(self, lm: torch.nn.Module, layers: int, positions: bool):
+    def __init__(self, lm: torch.nn.Module, layout: CacheLayout, positions: bool, mask: bool):
         super().__init__()
-        self.lm, self.layers, self.positions = lm, layers, positions
+        self.lm, self.layout, self.positions, self.mask = lm, layout, positions, mask
 
-    def forward(self, input_ids, attention_mask, *rest):
-        from transformers import DynamicCache
-
-        position_ids, past = (rest[0], rest[1:]) if self.positions else (None, rest)
-        # no config: every layer a plain DynamicLayer that keeps every key (a sliding-window layer
-        # too: its window is the model's mask, which reads config.sliding_window)
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+    def forward(self, input_ids, *rest):
+        rest = list(rest)
+        attention_mask = rest.pop(0) if self.mask else None
+        position_ids = rest.pop(0) if self.positions else None
+        cache = _cache_holding(self.lm.config, self.layout, rest)
         kwargs = {"position_ids": position_ids} if self.positions else {}
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                       **_cache_argument(self.lm, cache), **kwargs)
-        present = []
-        for layer in _cache_of(out).layers:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+        return (out.logits, *(_held(_cache_of(out), entry) for entry in self.layout.entries))
 
 
-def cache_shapes(model) -> list[tuple[int, ...]]:
-    """(kv_heads, head_dim) of each layer's keys, then values, read off the cache of a 3-token
-    prefill of the float model; refuses a cache that is not keys and values in every layer
-    (plain or within a sliding window, which the graph's cache keeps whole)."""
+def _cache_holding(config, layout: CacheLayout, past: list):
+    """A DynamicCache holding ``past``. Keys and values only: every layer a plain DynamicLayer
+    (no config), which keeps every key, a sliding-window layer's too: its window is the model's
+    mask, which reads ``config.sliding_window``. With linear-attention states: the layers the
+    config asks for, a sliding window made a plain layer, each state held as after a previous
+    step (zeros before the first token are what a prefill starts from)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config) if layout.states else DynamicCache()
+    if layout.states:
+        cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    keys = {}
+    for entry, tensor in zip(layout.entries, past):
+        if entry.kind == "key":
+            keys[entry.layer] = tensor
+        elif entry.kind == "value":
+            while len(cache.layers) <= entry.layer:  # the lazy plain cache
+                cache.layers.append(DynamicLayer())
+            cache.layers[entry.layer].update(keys.pop(entry.layer), tensor)
+        else:
+            layer = cache.layers[entry.layer]
+            held = tensor.clone()  # the model updates a state in place; the graph's input stays as fed
+            (layer.conv_states if entry.kind == "conv" else layer.recurrent_states)[entry.state] = held
+            getattr(layer, f"is_{entry.kind}_states_initialized")[entry.state] = True
+            if entry.kind == "conv":
+                layer.conv_kernel_size[entry.state] = int(tensor.shape[-1])
+            layer.has_previous_state[entry.state] = True
+            layer.dtype, layer.device = tensor.dtype, tensor.device
+    return cache
+
+
+def _held(cache, entry: CacheEntry):
+    layer = cache.layers[entry.layer]
+    if entry.kind == "key":
+        return layer.keys
+    if entry.kind == "value":
+        return layer.values
+    return (layer.conv_states if entry.kind == "conv" else layer.recurrent_states)[entry.state]
+
+
+ACCEPTED_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer",
+                   "LinearAttentionAndFullAttentionLayer", "DummyLayer")
+
+
+def cache_layout(model) -> CacheLayout:
+    """What each layer's cache holds, read off the cache of a 3-token prefill of the float model
+    (its shapes without the batch); refuses a cache of other kinds (indexed keys, a sliding
+    window within a linear-attention layer, a model's own cache class)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
     config = model.config
     try:
@@ -82,9 +157,12 @@ def cache_shapes(model) -> list[tuple[int, ...]]:
     except Exception as exc:
         raise GenericUnsupported(f"its cache cannot be built from the config ({first_line(exc, 300)})") from exc
     kinds = {type(layer).__name__ for layer in probe.layers}
-    if not probe.layers or not kinds <= {DynamicLayer.__name__, DynamicSlidingWindowLayer.__name__}:
-        raise GenericUnsupported(f"its cache is not keys and values in every layer ({', '.join(sorted(kinds)) or 'none'})")
-    probe = DynamicCache()  # what CachedLM builds: every layer keeps every key
+    if not probe.layers or not kinds <= set(ACCEPTED_LAYERS):
+        raise GenericUnsupported(f"its cache is not keys and values or linear-attention states in every layer "
+                                 f"({', '.join(sorted(kinds)) or 'none'})")
+    states = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in probe.layers)
+    if not states:
+        probe = DynamicCache()  # what CachedLM builds: every layer keeps every key
     try:
         with torch.no_grad():
             out = model(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=True, **_cache_argument(model, probe))
@@ -92,12 +170,22 @@ def cache_shapes(model) -> list[tuple[int, ...]]:
         raise GenericUnsupported(f"its forward with a cache failed ({first_line(exc, 300)})") from exc
     if _cache_of(out) is not probe:
         raise GenericUnsupported("its forward returns no cache")
-    shapes = []
-    for layer in probe.layers:
-        if layer.keys is None or layer.keys.dim() != 4:
-            raise GenericUnsupported("a layer keeps no 4-D keys in its cache")
-        shapes += [tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])]
-    return shapes
+    entries = []
+    for i, layer in enumerate(probe.layers):
+        if isinstance(layer, CacheLayerMixin):
+            if layer.keys is None or layer.keys.dim() != 4:
+                raise GenericUnsupported("a layer keeps no 4-D keys in its cache")
+            entries += [CacheEntry(i, "key", 0, tuple(layer.keys.shape[1:])),
+                        CacheEntry(i, "value", 0, tuple(layer.values.shape[1:]))]
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for s in range(layer.number_of_states):
+                for kind in STATES:
+                    tensor = (layer.conv_states if kind == "conv" else layer.recurrent_states)[s]
+                    if tensor is not None:
+                        entries.append(CacheEntry(i, kind, s, tuple(tensor.shape[1:])))
+    if not entries:
+        raise GenericUnsupported("its cache holds nothing after a prefill")
+    return CacheLayout(entries, states)
 
 
 def counts_positions_from_zero(model) -> bool:
@@ -133,35 +221,46 @@ def with_folded_weights(model, gm: GraphModel):
 
 
 def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
-    """torch.onnx of ``CachedLM`` over the model with the program's folded weights (float)."""
-    if gm.fixed_seq:
-        raise GenericUnsupported(f"torch.export fixed its sequence length to {gm.fixed_seq}")
-    shapes = cache_shapes(model)
-    layers = len(shapes) // 2
+    """torch.onnx of ``CachedLM`` over the model with the program's folded weights (float).
+    One token per step (the sequence length fixed at 1, a prompt fed token by token) where a
+    layer keeps linear-attention states (transformers' multi-token path of several
+    architectures restarts the state) or where torch.export fixed the program's length."""
+    layout = cache_layout(model)
+    one_token = layout.states or bool(gm.fixed_seq)
     positions = counts_positions_from_zero(model)
-    wrapper = CachedLM(with_folded_weights(model, gm), layers, positions).eval()
-    batch, seq, past_len = 2, 4, 3
+    # a model without attention layers reads the mask as the step's own tokens' (Mamba): none given
+    mask = any(entry.grows for entry in layout.entries)
+    wrapper = CachedLM(with_folded_weights(model, gm), layout, positions, mask).eval()
+    batch, seq, past_len = 2, 1 if one_token else 4, 3
     gen = torch.Generator().manual_seed(0)
     vocab = int(model.get_input_embeddings().num_embeddings)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    args = [ids, torch.ones(batch, past_len + seq, dtype=torch.long)]
+    auto = torch.export.Dim.AUTO
+    args, names, dynamic = [torch.randint(0, vocab, (batch, seq), generator=gen)], ["input_ids"], \
+        [{0: auto} if one_token else {0: auto, 1: auto}]
+    if mask:
+        args.append(torch.ones(batch, past_len + seq, dtype=torch.long))
+        names.append("attention_mask")
+        dynamic.append({0: auto, 1: auto})
     if positions:
         args.append(torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous())
-    args += [torch.randn(batch, heads, past_len, dim, generator=gen) for heads, dim in shapes]
-    auto = torch.export.Dim.AUTO
-    dynamic = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
-               "rest": tuple([{0: auto, 1: auto}] * positions + [{0: auto, 2: auto}] * len(shapes))}
-    names = ["input_ids", "attention_mask"] + (["position_ids"] if positions else [])
-    names += [f"{PAST}{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    outputs = ["logits"] + [f"{PRESENT}{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+        names.append("position_ids")
+        dynamic.append({0: auto} if one_token else {0: auto, 1: auto})
+    for entry in layout.entries:
+        shape = (entry.shape[0], past_len, *entry.shape[2:]) if entry.grows else entry.shape
+        args.append(torch.randn(batch, *shape, generator=gen))
+        names.append(f"{PAST}{entry.name}")
+        dynamic.append({0: auto, 2: auto} if entry.grows else {0: auto})
+    outputs = ["logits"] + [f"{PRESENT}{entry.name}" for entry in layout.entries]
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(wrapper, tuple(args), dynamic_shapes=dynamic, strict=False)
+            program = torch.export.export(wrapper, tuple(args), dynamic_shapes=(dynamic[0], tuple(dynamic[1:])), strict=False)
     except Exception as exc:
         raise GenericUnsupported(f"torch.export with the cache failed: {first_line(exc, 300)}") from exc
-    ids, last_past = input_shape(program, 0), input_shape(program, len(names) - 1)
-    if any(is_concrete_int(d) for d in (ids[0], ids[1], last_past[2])):
+    ids = input_shape(program, 0)
+    lengths = [ids[0]] + ([] if one_token else [ids[1]])
+    lengths += [input_shape(program, names.index(f"{PAST}{e.name}"))[2] for e in layout.entries if e.grows][:1]
+    if any(is_concrete_int(d) for d in lengths):
         raise GenericUnsupported("torch.export fixed the batch, sequence or past length of the cached graph")
     try:
         with warnings.catch_warnings():
