@@ -197,7 +197,9 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   shared_expert_intermediate_size=64, sliding_window=16, n_positions=512,
                   # rotary on part of a head (gpt-j, codegen), multi-head latent attention (deepseek)
                   rotary_dim=8, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32,
-                  q_lora_rank=48)
+                  q_lora_rank=48,
+                  # sparse attention (deepseek v3.2): fewer keys kept than a short check sees
+                  index_topk=4)
 
 
 def check_finite(model) -> None:

@@ -3,12 +3,14 @@ keys and values get torch.onnx of the model with its cache, MatMulNBits for ever
 linear, checked at compile. Greedy tokens through its cache equal torch's with the same
 dequantized weights (HF ``generate``, its own cache)."""
 import copy
+import re
 
 import pytest
 import torch
 
 from awq_graph.core.numerics import QuantScheme
 from awq_graph.emit import write_onnx
+from awq_graph.emit.generic import GenericUnsupported, cache_layout
 from awq_graph.export import export_model
 from awq_graph.load import tiny_random_model
 from awq_graph.passes.check_config import derive_groups
@@ -38,15 +40,15 @@ def _greedy_by_recompute(model, prompt, new_tokens):
     return ids[0, prompt.shape[1]:].tolist()
 
 
-# cohere: attention and MLP in parallel on one LayerNorm, logit scale; olmo2: norms after
-# attention and MLP, q/k norms; stablelm: partial rotary, LayerNorm with bias; starcoder2: a
+# cohere: attention and MLP in parallel on one LayerNorm, logit scale; starcoder2: a
 # sliding window of 16 (the prompt and the tokens run past it; torch's cache keeps the window,
 # ours every key, under the model's windowed mask); roberta: positions counted from its padding
 # id, so the graph takes no position_ids; bart: an encoder-decoder's decoder as a causal LM;
 # lfm3: short convolutions (a state) and an attention layer; mamba: selective state spaces,
-# whose export fixes the length: both graphs take one token per step
-@pytest.mark.parametrize("model_type,prompt_len", [("cohere", 7), ("olmo2", 7), ("stablelm", 7), ("starcoder2", 20),
-                                                   ("roberta", 7), ("bart", 7), ("lfm3", 7), ("mamba", 7)])
+# whose export fixes the length: both graphs take one token per step; deepseek_v32: sparse
+# attention over the top 4 keys by its indexer, whose keys are cached too
+@pytest.mark.parametrize("model_type,prompt_len", [("cohere", 7), ("starcoder2", 20), ("roberta", 7), ("bart", 7),
+                                                   ("lfm3", 7), ("mamba", 7), ("deepseek_v32", 7)])
 def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, prompt_len, tmp_path):
     model = tiny_random_model(model_type)
     gm = export_model(model, seqlen=32)
@@ -78,14 +80,9 @@ def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, prompt
     assert deviation < 1e-4, deviation  # measured ~3e-7
 
 
-def test_a_cache_of_another_kind_gets_the_logits_only_graph_and_says_why(tmp_path):
-    """DeepSeek-V3.2's sparse attention: its cache also keeps the indexer's keys."""
-    model = tiny_random_model("deepseek_v32")
-    gm = export_model(model)
-    result = awq_search(gm, derive_groups(gm)[1], torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0)),
-                        SearchOptions(scheme=QuantScheme(4, 16), loss_tokens=32))
-    emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model)
-    assert emitted.kind == "logits-only"
-    assert "the generic one: its cache is not keys and values or linear-attention states in every layer " \
-        "(DynamicIndexedLayer)" in emitted.warnings[0]
-    assert not CompiledModel(tmp_path / "model.onnx").has_kv_cache
+@pytest.mark.parametrize("model_type,why", [("recurrent_gemma", "its forward returns no cache"),
+                                             ("minimax", "its forward with a cache failed (MiniMax uses cache of its own")])
+def test_a_cache_of_another_kind_is_refused_with_its_reason(model_type, why):
+    """(The compile then writes the logits-only graph with this reason: tests/test_decoder.py.)"""
+    with pytest.raises(GenericUnsupported, match=re.escape(why)):
+        cache_layout(tiny_random_model(model_type))

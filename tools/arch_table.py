@@ -32,7 +32,7 @@ DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text
 VERIFY_TOLERANCE = 1e-4  # awq_graph.match's
 OUT_OF_MEMORY = ("killed (out of memory): built at sizes the tiny shape did not reach (it sets top-level config "
                  "fields only: a nested text or vision config keeps its defaults)")
-TIME_LIMIT_S = 300  # per architecture (build, export, match, verify, and the compile when asked)
+TIME_LIMIT_S = 480  # per architecture (build, export, match, verify, and the compile when asked)
 
 
 def main(argv: list[str]) -> int:
@@ -272,8 +272,8 @@ def _graph(model, gm) -> str:
         layout = cache_layout(model)
     except GenericUnsupported as exc:
         return f"logits-only (torch.onnx){per_expert}: {exc}"
-    held = "keys, values and linear-attention states" if any(e.grows for e in layout.entries) else \
-        "linear-attention states" if layout.states else "keys and values"
+    kinds = {"key": "keys and values", "value": "keys and values", "indexer_key": "indexer keys"}
+    held = " + ".join(dict.fromkeys(kinds.get(e.kind, "linear-attention states") for e in layout.entries))
     one_token = ", one token per step" if layout.states or gm.fixed_seq else ""
     return f"generic KV-cache decoder (torch.onnx with the cache: {held}{one_token})" + per_expert
 

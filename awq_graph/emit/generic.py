@@ -4,7 +4,8 @@ the model itself with its cache as inputs and outputs.
     inputs   input_ids (B, S)[, attention_mask (B, P + S)][, position_ids (B, S)], per layer
              past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) and, for a layer with
              linear attention (Mamba, gated delta nets, short convolutions),
-             past_key_values.{i}.conv.{s} / .recurrent.{s} (B, ...: a fixed shape)
+             past_key_values.{i}.conv.{s} / .recurrent.{s} (B, ...: a fixed shape), for one
+             with sparse attention (DeepSeek-V3.2) its indexer's past_key_values.{i}.indexer_key (B, P, dim)
     outputs  logits (B, S, V), present.{i}.* (keys and values P + S long; states as fed)
 
 The model runs with transformers' own ``DynamicCache`` built from the past tensors (so the
@@ -23,8 +24,7 @@ such architectures starts the state afresh, and the one-token path is the one ge
 States start as zeros, which is what a prefill starts from.
 
 Refused (the logits-only graph is written instead, with the reason): a cache of other kinds
-(indexed keys, a sliding window inside a linear-attention layer, a model's own cache class, no
-cache), an export or translation that fails. Checked after writing like the fused decoder: a
+(a sliding window inside a linear-attention layer, a model's own cache class, no cache), an export or translation that fails. Checked after writing like the fused decoder: a
 prefill and one-token steps against the cache in onnxruntime, against the torch program with the
 same dequantized weights.
 """
@@ -54,11 +54,11 @@ class GenericUnsupported(ExportError):
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One tensor of one layer's cache: keys or values (``(heads, past, head_dim)``, growing by
-    the step's tokens) or a linear-attention layer's convolution or recurrent state (fixed shape),
-    each without the batch."""
+    """One tensor of one layer's cache: keys or values (``(heads, past, head_dim)``), a sparse
+    attention's indexer keys (``(past, dim)``), each growing by the step's tokens, or a
+    linear-attention layer's convolution or recurrent state (fixed shape); without the batch."""
     layer: int
-    kind: str  # "key", "value", "conv" or "recurrent"
+    kind: str  # "key", "value", "indexer_key", "conv" or "recurrent"
     state: int  # which of a linear-attention layer's states (0 for keys and values)
     shape: tuple[int, ...]
 
@@ -70,6 +70,11 @@ class CacheEntry:
     def grows(self) -> bool:
         return self.kind not in STATES
 
+    @property
+    def axis(self) -> int:
+        """The growing axis, counting the batch."""
+        return 1 if self.kind == "indexer_key" else 2
+
 
 STATES = ("conv", "recurrent")
 
@@ -78,6 +83,7 @@ STATES = ("conv", "recurrent")
 class CacheLayout:
     entries: list[CacheEntry]
     states: bool  # some layer keeps linear-attention states: the graph takes one token per step
+    typed: bool  # the cache is built as the config asks (states, indexer keys), not all plain layers
 
 
 class CachedLM(torch.nn.Module):
@@ -108,8 +114,8 @@ def _cache_holding(config, layout: CacheLayout, past: list):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    cache = DynamicCache(config=config) if layout.states else DynamicCache()
-    if layout.states:
+    cache = DynamicCache(config=config) if layout.typed else DynamicCache()
+    if layout.typed:
         cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
     keys = {}
     for entry, tensor in zip(layout.entries, past):
@@ -119,6 +125,8 @@ def _cache_holding(config, layout: CacheLayout, past: list):
             while len(cache.layers) <= entry.layer:  # the lazy plain cache
                 cache.layers.append(DynamicLayer())
             cache.layers[entry.layer].update(keys.pop(entry.layer), tensor)
+        elif entry.kind == "indexer_key":
+            cache.layers[entry.layer].update_indexer(tensor)
         else:
             layer = cache.layers[entry.layer]
             held = tensor.clone()  # the model updates a state in place; the graph's input stays as fed
@@ -137,19 +145,21 @@ def _held(cache, entry: CacheEntry):
         return layer.keys
     if entry.kind == "value":
         return layer.values
+    if entry.kind == "indexer_key":
+        return layer.indexer_keys
     return (layer.conv_states if entry.kind == "conv" else layer.recurrent_states)[entry.state]
 
 
-ACCEPTED_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer",
+ACCEPTED_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer", "LinearAttentionLayer",
                    "LinearAttentionAndFullAttentionLayer", "DummyLayer")
 
 
 def cache_layout(model) -> CacheLayout:
     """What each layer's cache holds, read off the cache of a 3-token prefill of the float model
-    (its shapes without the batch); refuses a cache of other kinds (indexed keys, a sliding
-    window within a linear-attention layer, a model's own cache class)."""
+    (its shapes without the batch); refuses a cache of other kinds (a sliding window within a
+    linear-attention layer, a model's own cache class)."""
     from transformers import DynamicCache
-    from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+    from transformers.cache_utils import CacheLayerMixin, DynamicIndexedLayer, LinearAttentionCacheLayerMixin
 
     config = model.config
     try:
@@ -161,7 +171,8 @@ def cache_layout(model) -> CacheLayout:
         raise GenericUnsupported(f"its cache is not keys and values or linear-attention states in every layer "
                                  f"({', '.join(sorted(kinds)) or 'none'})")
     states = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in probe.layers)
-    if not states:
+    typed = states or any(isinstance(layer, DynamicIndexedLayer) for layer in probe.layers)
+    if not typed:
         probe = DynamicCache()  # what CachedLM builds: every layer keeps every key
     try:
         with torch.no_grad():
@@ -177,6 +188,10 @@ def cache_layout(model) -> CacheLayout:
                 raise GenericUnsupported("a layer keeps no 4-D keys in its cache")
             entries += [CacheEntry(i, "key", 0, tuple(layer.keys.shape[1:])),
                         CacheEntry(i, "value", 0, tuple(layer.values.shape[1:]))]
+        if isinstance(layer, DynamicIndexedLayer):
+            if layer.indexer_keys is None or layer.indexer_keys.dim() != 3:
+                raise GenericUnsupported("a sparse-attention layer keeps no 3-D indexer keys in its cache")
+            entries.append(CacheEntry(i, "indexer_key", 0, tuple(layer.indexer_keys.shape[1:])))
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             for s in range(layer.number_of_states):
                 for kind in STATES:
@@ -185,7 +200,7 @@ def cache_layout(model) -> CacheLayout:
                         entries.append(CacheEntry(i, kind, s, tuple(tensor.shape[1:])))
     if not entries:
         raise GenericUnsupported("its cache holds nothing after a prefill")
-    return CacheLayout(entries, states)
+    return CacheLayout(entries, states, typed)
 
 
 def counts_positions_from_zero(model) -> bool:
@@ -246,10 +261,12 @@ def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
         names.append("position_ids")
         dynamic.append({0: auto} if one_token else {0: auto, 1: auto})
     for entry in layout.entries:
-        shape = (entry.shape[0], past_len, *entry.shape[2:]) if entry.grows else entry.shape
+        shape = list(entry.shape)
+        if entry.grows:
+            shape[entry.axis - 1] = past_len
         args.append(torch.randn(batch, *shape, generator=gen))
         names.append(f"{PAST}{entry.name}")
-        dynamic.append({0: auto, 2: auto} if entry.grows else {0: auto})
+        dynamic.append({0: auto, entry.axis: auto} if entry.grows else {0: auto})
     outputs = ["logits"] + [f"{PRESENT}{entry.name}" for entry in layout.entries]
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -259,7 +276,7 @@ def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
         raise GenericUnsupported(f"torch.export with the cache failed: {first_line(exc, 300)}") from exc
     ids = input_shape(program, 0)
     lengths = [ids[0]] + ([] if one_token else [ids[1]])
-    lengths += [input_shape(program, names.index(f"{PAST}{e.name}"))[2] for e in layout.entries if e.grows][:1]
+    lengths += [input_shape(program, names.index(f"{PAST}{e.name}"))[e.axis] for e in layout.entries if e.grows][:1]
     if any(is_concrete_int(d) for d in lengths):
         raise GenericUnsupported("torch.export fixed the batch, sequence or past length of the cached graph")
     try:
