@@ -108,9 +108,9 @@ class CachedLM(torch.nn.Module):
 def _cache_holding(config, layout: CacheLayout, past: list):
     """A DynamicCache holding ``past``. Keys and values only: every layer a plain DynamicLayer
     (no config), which keeps every key, a sliding-window layer's too: its window is the model's
-    mask, which reads ``config.sliding_window``. With linear-attention states: the layers the
-    config asks for, a sliding window made a plain layer, each state held as after a previous
-    step (zeros before the first token are what a prefill starts from)."""
+    mask, which reads ``config.sliding_window``. With linear-attention states or indexer keys:
+    the layers the config asks for, a sliding window made a plain layer, each state held as after
+    a previous step (zeros before the first token are what a prefill starts from)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
