@@ -6,8 +6,8 @@ Two writers, both over onnx_ir and one MatMulNBits node builder (``awq_graph.pas
     the family's row and the graph's facts (``graph_facts``). Checked after writing: prefill and
     one-token decode steps in onnxruntime against the torch program with the same dequantized
     weights.
-  * ``awq_graph.emit.generic``: for the other architectures whose cache is plain keys and values,
-    torch.onnx of the model itself with the cache as inputs and outputs, its quantized linears
+  * ``awq_graph.emit.generic``: for the other architectures whose cache transformers keeps in its
+    standard layers (keys and values, indexer keys, linear-attention states), torch.onnx of the model itself with the cache as inputs and outputs, its quantized linears
     rewritten to MatMulNBits, checked like the fused decoder.
   * ``awq_graph.emit.logits_only``: torch.onnx of the folded program (logits only, no KV cache),
     then each quantized linear rewritten to MatMulNBits (``RewriteMatMulNBits``). Any

@@ -23,10 +23,11 @@ fixed the program's length (a loop over positions unrolled), the graph takes one
 such architectures starts the state afresh, and the one-token path is the one generation takes.
 States start as zeros, which is what a prefill starts from.
 
-Refused (the logits-only graph is written instead, with the reason): a cache of other kinds
-(a sliding window inside a linear-attention layer, a model's own cache class, no cache), an export or translation that fails. Checked after writing like the fused decoder: a
-prefill and one-token steps against the cache in onnxruntime, against the torch program with the
-same dequantized weights.
+Refused (the logits-only graph is written instead, with the reason): a cache of other kinds (a
+sliding window inside a linear-attention layer, a model's own cache class, no cache), an export
+or translation that fails. Checked after writing like the fused decoder: a prefill and one-token
+steps against the cache in onnxruntime, against the torch program with the same dequantized
+weights.
 """
 from __future__ import annotations
 
