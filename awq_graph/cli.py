@@ -222,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"awq-graph: error: {_rank_said(exc)}", file=sys.stderr)
+        if _RANK[0] is not None and _group_alive():
+            # a torchrun rank whose process group is still up (a fault every rank saw at once):
+            # tearing it down at exit, with the other ranks' connections closing too, can abort
+            # the process (SIGABRT, seen in CI); the line is out and OUT was never placed
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt as stop:
         return _interrupted(getattr(stop, "signum", signal.SIGINT))
@@ -231,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _interrupted(signum)
     return 0
+
+
+def _group_alive() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized()
 
 
 def _interrupted(signum: int) -> int:
