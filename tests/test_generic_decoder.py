@@ -1,7 +1,8 @@
-"""The generic KV-cache decoder: architectures outside the fused families whose cache is plain
-keys and values get torch.onnx of the model with its cache, MatMulNBits for every quantized
-linear, checked at compile. Greedy tokens through its cache equal torch's with the same
-dequantized weights (HF ``generate``, its own cache)."""
+"""The generic KV-cache decoder: architectures outside the fused families whose cache
+transformers keeps in its standard layers (keys and values, indexer keys, linear-attention
+states) get torch.onnx of the model with its cache, MatMulNBits for every quantized linear,
+checked at compile. Greedy tokens through its cache equal torch's with the same dequantized
+weights (HF ``generate`` with its own cache, or a recompute loop where generate cannot)."""
 import copy
 import re
 
@@ -58,7 +59,7 @@ def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, prompt
     emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model, accuracy_level=0)
     assert emitted.kind == "generic-kv-decoder", emitted.warnings
     assert emitted.quantized_linears == len(result.quantized)
-    assert emitted.check_deviation < 1e-4, emitted  # the compile's own check: measured 2-3e-7
+    assert emitted.check_deviation < 1e-4, emitted  # the compile's own check: measured 1.7e-7 .. 9.0e-7 (lfm3)
     compiled = CompiledModel(tmp_path / "model.onnx")
     assert compiled.has_kv_cache and compiled.growing_cache
     assert compiled.one_token == (model_type in ("lfm3", "mamba"))
@@ -77,7 +78,7 @@ def test_greedy_tokens_through_the_generic_cache_equal_torchs(model_type, prompt
     ids = torch.cat([prompt, torch.tensor([want])], dim=1).numpy()
     got = compiled.logits_with_cache(ids, prefill=prompt_len)
     deviation = float(((got - full) ** 2).sum() ** 0.5 / (full ** 2).sum() ** 0.5)
-    assert deviation < 1e-4, deviation  # measured ~3e-7
+    assert deviation < 1e-4, deviation  # measured 1.6e-7 .. 7.8e-7 (lfm3)
 
 
 @pytest.mark.parametrize("model_type,why", [("recurrent_gemma", "its forward returns no cache"),

@@ -262,7 +262,7 @@ def _graph(model, gm) -> str:
     experts = any(s.experts for s in gm.linears.values())
     if decoder_support(model) is None:
         return "KV-cache decoder" + (", experts in QMoE" if experts else "")
-    from awq_graph.emit.generic import GenericUnsupported, cache_layout
+    from awq_graph.emit.generic import GenericUnsupported, cache_layout, one_token_per_step
 
     blockers = untranslatable_ops(gm)
     if blockers:
@@ -274,7 +274,7 @@ def _graph(model, gm) -> str:
         return f"logits-only (torch.onnx){per_expert}: {exc}"
     kinds = {"key": "keys and values", "value": "keys and values", "indexer_key": "indexer keys"}
     held = " + ".join(dict.fromkeys(kinds.get(e.kind, "linear-attention states") for e in layout.entries))
-    one_token = ", one token per step" if layout.states or gm.fixed_seq else ""
+    one_token = ", one token per step" if one_token_per_step(layout, gm) else ""
     return f"generic KV-cache decoder (torch.onnx with the cache: {held}{one_token})" + per_expert
 
 

@@ -130,8 +130,7 @@ def _cache_holding(config, layout: CacheLayout, past: list):
             cache.layers[entry.layer].update_indexer(tensor)
         else:
             layer = cache.layers[entry.layer]
-            held = tensor.clone()  # the model updates a state in place; the graph's input stays as fed
-            (layer.conv_states if entry.kind == "conv" else layer.recurrent_states)[entry.state] = held
+            _states(layer, entry.kind)[entry.state] = tensor.clone()  # updated in place; the input stays as fed
             getattr(layer, f"is_{entry.kind}_states_initialized")[entry.state] = True
             if entry.kind == "conv":
                 layer.conv_kernel_size[entry.state] = int(tensor.shape[-1])
@@ -148,7 +147,12 @@ def _held(cache, entry: CacheEntry):
         return layer.values
     if entry.kind == "indexer_key":
         return layer.indexer_keys
-    return (layer.conv_states if entry.kind == "conv" else layer.recurrent_states)[entry.state]
+    return _states(layer, entry.kind)[entry.state]
+
+
+def _states(layer, kind: str) -> dict:
+    """A linear-attention cache layer's states of ``kind`` ("conv" or "recurrent"), by index."""
+    return layer.conv_states if kind == "conv" else layer.recurrent_states
 
 
 ACCEPTED_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer", "LinearAttentionLayer",
@@ -196,12 +200,19 @@ def cache_layout(model) -> CacheLayout:
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             for s in range(layer.number_of_states):
                 for kind in STATES:
-                    tensor = (layer.conv_states if kind == "conv" else layer.recurrent_states)[s]
+                    tensor = _states(layer, kind)[s]
                     if tensor is not None:
                         entries.append(CacheEntry(i, kind, s, tuple(tensor.shape[1:])))
     if not entries:
         raise GenericUnsupported("its cache holds nothing after a prefill")
     return CacheLayout(entries, states, typed)
+
+
+def one_token_per_step(layout: CacheLayout, gm: GraphModel) -> bool:
+    """Whether the graph takes one token per step: a layer keeps linear-attention states
+    (transformers' multi-token path of several such architectures restarts the state), or
+    torch.export fixed the program's length."""
+    return layout.states or bool(gm.fixed_seq)
 
 
 def counts_positions_from_zero(model) -> bool:
@@ -237,12 +248,10 @@ def with_folded_weights(model, gm: GraphModel):
 
 
 def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
-    """torch.onnx of ``CachedLM`` over the model with the program's folded weights (float).
-    One token per step (the sequence length fixed at 1, a prompt fed token by token) where a
-    layer keeps linear-attention states (transformers' multi-token path of several
-    architectures restarts the state) or where torch.export fixed the program's length."""
+    """torch.onnx of ``CachedLM`` over the model with the program's folded weights (float); its
+    sequence length fixed at 1 (a prompt fed token by token) where ``one_token_per_step``."""
     layout = cache_layout(model)
-    one_token = layout.states or bool(gm.fixed_seq)
+    one_token = one_token_per_step(layout, gm)
     positions = counts_positions_from_zero(model)
     # a model without attention layers reads the mask as the step's own tokens' (Mamba): none given
     mask = any(entry.grows for entry in layout.entries)
@@ -277,7 +286,9 @@ def export_cached_onnx(model, gm: GraphModel) -> ir.Model:
         raise GenericUnsupported(f"torch.export with the cache failed: {first_line(exc, 300)}") from exc
     ids = input_shape(program, 0)
     lengths = [ids[0]] + ([] if one_token else [ids[1]])
-    lengths += [input_shape(program, names.index(f"{PAST}{e.name}"))[e.axis] for e in layout.entries if e.grows][:1]
+    grown = next((e for e in layout.entries if e.grows), None)  # every past grows with the same length
+    if grown is not None:
+        lengths.append(input_shape(program, names.index(f"{PAST}{grown.name}"))[grown.axis])
     if any(is_concrete_int(d) for d in lengths):
         raise GenericUnsupported("torch.export fixed the batch, sequence or past length of the cached graph")
     try:
