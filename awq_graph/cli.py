@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--loss-tokens", type=_at_least(1), default=None, help="tokens of the loss subsample (whole sequences)")
     c.add_argument("--device", default="auto",
                    help="where the search runs: cpu, cuda, cuda:N or auto (default: a CUDA GPU if torch sees one)")
+    c.add_argument("--grid-screen", default="auto", choices=["auto", "bfloat16", "off"],
+                   help="screen the scale grid's losses in bfloat16, then decide on float32 losses of the best "
+                        "points (auto: where bfloat16 products are fast: AVX512-BF16/AMX CPUs, CUDA; off: float32 "
+                        "for every point)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quantize-lm-head", action="store_true",
                    help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized")
@@ -337,7 +341,8 @@ def _compile_options(args, ranks):
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
         lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
-        loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream)
+        loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,
+        grid_screen=args.grid_screen)
 
 
 def _rank_device(asked: str, ranks) -> str:

@@ -29,7 +29,7 @@ from .load import check_finite, load_float_model, load_model, load_tokenizer, op
 from .match import head_group, match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
-from .search import SearchOptions, SearchResult, awq_search, rtn
+from .search import SCREENS, SearchOptions, SearchResult, awq_search, rtn
 from .core.spill import IntegerSpill
 from .weights import give_back_freed_memory
 
@@ -53,6 +53,8 @@ class CompileOptions:
     sees one); the rest of the compile stays on the CPU. stream: a checkpoint given by path is
     read one tensor at a time (``awq_graph.weights``) where it can be, so memory holds about one
     decoder layer in float32 whatever the depth; False loads the whole model in float32 first.
+    grid_screen: "auto", "bfloat16" or "off" (``SearchOptions.screen``: the scale grid screened in
+    bfloat16, the choice made on float32 losses).
     """
 
     scheme: QuantScheme | str = "uint4_wo_128"
@@ -72,6 +74,7 @@ class CompileOptions:
     loss_tokens: int | None = None
     device: str = "auto"
     stream: bool = True
+    grid_screen: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -96,6 +99,8 @@ class CompileOptions:
             raise InputError(f"--seqlen {self.seqlen}: a calibration sample needs at least 2 tokens")
         if self.loss_tokens is not None and self.loss_tokens < 1:
             raise InputError(f"--loss-tokens {self.loss_tokens}: give at least 1")
+        if self.grid_screen not in SCREENS:
+            raise InputError(f"--grid-screen {self.grid_screen}: choose one of {', '.join(SCREENS)}")
         if self.kv_cache not in (True, False, "generic"):
             raise InputError(f"kv_cache={self.kv_cache!r}: give True, False or 'generic'")
 
@@ -105,7 +110,7 @@ class CompileOptions:
 
     def search_options(self) -> SearchOptions:
         extra = {"loss_tokens": self.loss_tokens} if self.loss_tokens else {}
-        return SearchOptions(scheme=self.scheme, clip=self.clip, device=self.device, **extra)
+        return SearchOptions(scheme=self.scheme, clip=self.clip, device=self.device, screen=self.grid_screen, **extra)
 
 
 @dataclass
@@ -417,6 +422,10 @@ def _finite(value):
     return value
 
 
+def _dtype_name(dtype) -> str:
+    return "off" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def _report(result: SearchResult, opts: CompileOptions, n_q: int, timings, calib_ids, skipped):
     return {
         "scheme": opts.scheme.name,
@@ -426,9 +435,11 @@ def _report(result: SearchResult, opts: CompileOptions, n_q: int, timings, calib
         "timings_s": timings,
         "search_s": round(result.seconds, 3),
         "device": opts.device,
+        "grid_screen": None if opts.rtn_only else _dtype_name(opts.search_options().screen_dtype),
         "groups": [
             {"layer": g.layer, "prev_op": g.prev_op, "layers": g.layers,
-             "ratio": g.ratio, "loss_rtn": g.loss_rtn, "loss_awq": g.loss_awq, "loss_form": g.loss_form}
+             "ratio": g.ratio, "loss_rtn": g.loss_rtn, "loss_awq": g.loss_awq, "loss_form": g.loss_form,
+             "exact_points": g.exact_points, "screen_deviation": g.screen_deviation, "grid_passes": g.grid_passes}
             for g in result.groups
         ],
         "clipping": [

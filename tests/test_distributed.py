@@ -25,7 +25,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 # form, from each rank's rows) and more than the attention inputs' 64 (the quadratic form from
 # the summed H); the loss subsample is all 4 sequences, 2 per rank (the subgraph losses)
 FLAGS = ["--n-samples", "4", "--seqlen", "24", "--group-size", "32", "--quantize-lm-head", "--lm-head-bits", "4",
-         "--lm-head-group-size", "32"]
+         "--lm-head-group-size", "32", "--grid-screen", "bfloat16"]  # the screen's passes shared out too
 
 
 def _text_file(folder: Path) -> Path:
@@ -105,10 +105,12 @@ def test_torchrun_with_two_ranks_chooses_what_one_process_chooses(tiny_checkpoin
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from bench_scale import sent_bytes_per_layer
 
-    summed, gathered = sent_bytes_per_layer(64, 128, 96, ranks=2)
-    head = 8 * 64 + 8 * 64 * 64 + 2 * 8 + 21 * 8
+    summed, gathered = sent_bytes_per_layer(64, 128, 96, ranks=2, passes=0)
+    head = 8 * 64 + 8 * 64 * 64 + 2 * 8
+    grids = 21 * 8 * sum(g["grid_passes"] for g in report["groups"])  # the screened grid: 2 passes or more a group
+    assert all(g["grid_passes"] >= 2 for g in report["groups"])
     sent = report["ranks"]
-    assert (sent["bytes_summed"], sent["bytes_gathered"]) == (2 * summed + head, 2 * gathered), (sent, summed, gathered)
+    assert (sent["bytes_summed"], sent["bytes_gathered"]) == (2 * summed + head + grids, 2 * gathered), (sent, summed)
     assert {g["loss_form"] for g in report["groups"]} == {"forward", "quadratic", "direct"}
     # only rank 0 wrote, and only OUT: no folder of rank 1, no hidden sibling left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "logs", "one", "two"]

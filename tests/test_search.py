@@ -6,7 +6,7 @@ from awq_graph.core.numerics import QuantScheme
 from awq_graph.emit import fake_quant_overrides
 from awq_graph.export import export_model
 from awq_graph.match import match
-from awq_graph.search import SearchOptions, awq_search, rtn
+from awq_graph.search import SCREEN_MARGIN, SearchOptions, awq_search, rtn
 
 from conftest import tiny_model
 
@@ -104,3 +104,62 @@ def test_the_search_on_cuda_chooses_what_the_cpu_search_chooses():
         assert qw.q.device.type == "cpu" and cuda.quantized[name].q.device.type == "cpu"
         differ = float((qw.q != cuda.quantized[name].q).float().mean())
         assert differ <= 0.01, (name, differ)  # measured on an H200: not yet run
+
+
+def test_the_bfloat16_screen_chooses_what_float32_chooses_in_every_loss_form():
+    """The grid screened in bfloat16 (single linears through rows X or H's Cholesky factor, the
+    attention and MLP subgraphs through their linears' changes) then decided on float32 losses
+    makes the choices of the float32 grid: the same ratios and integers, in each loss form, with
+    float32 losses for fewer points."""
+    model = tiny_model()
+    with torch.no_grad():  # outlier channels, as in the first test: the grid has a clear optimum
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 30
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+    scheme = QuantScheme(4, 16)
+    for form in ("quadratic", "direct"):
+        results = {}
+        for screen in ("off", "bfloat16"):
+            gm = export_model(model)
+            with torch.no_grad():
+                results[screen] = awq_search(gm, match(gm).per_layer, calib,
+                                             SearchOptions(scheme=scheme, loss_form=form, screen=screen))
+        plain, screened = results["off"], results["bfloat16"]
+        assert {g.loss_form for g in screened.groups} == {"forward", form}
+        assert [g.ratio for g in screened.groups] == [g.ratio for g in plain.groups], form
+        assert [g.loss_awq for g in screened.groups] == [g.loss_awq for g in plain.groups]  # float32's own losses
+        for name, qw in plain.quantized.items():
+            assert torch.equal(qw.q, screened.quantized[name].q), (form, name)
+        assert all(g.exact_points == 21 and g.screen_deviation is None for g in plain.groups)
+        # measured: 4-5 float32 points of 21 per group; the screen off by 1.2e-4 .. 4.8e-3 of the best loss
+        points = [g.exact_points for g in screened.groups]
+        assert sum(points) <= 0.5 * sum(g.exact_points for g in plain.groups), points
+        assert all(0 <= g.screen_deviation < 0.05 for g in screened.groups), [g.screen_deviation for g in screened.groups]
+
+
+def test_a_screen_that_errs_more_than_its_margin_widens_until_float32_decides():
+    """grid_search on a loss given as a function: float32 losses with a clear optimum at ratio
+    0.35, screened ones off by up to 5% of the loss (5x the margin) at every point. The margin
+    widens to what the error seen allows, and the choice is float32's."""
+    from awq_graph.core.numerics import awq_candidate_scales
+    from awq_graph.core.records import ScalingGroup
+    from awq_graph.search import grid_search
+
+    channels = 8
+    group = ScalingGroup.build("norm", "norm_weight", ("norm.weight",), channels, ["fc"], {"fc": list(range(channels))})
+    x_mean = torch.linspace(0.5, 4.0, channels)
+    w_mean = torch.linspace(1.0, 0.2, channels)
+    target = torch.log(awq_candidate_scales(x_mean, w_mean, 0.35))
+    noise = torch.Generator().manual_seed(0)
+
+    def loss_of(s, dtype=None):
+        exact = 1.0 + float(((torch.log(s) - target) ** 2).sum())
+        if dtype is None:
+            return exact
+        return exact * (1 + 0.05 * (2 * float(torch.rand(1, generator=noise)) - 1))
+
+    exact_best = grid_search(loss_of, x_mean, w_mean, group, 20, "cpu")
+    screened = grid_search(loss_of, x_mean, w_mean, group, 20, "cpu", screen=torch.bfloat16)
+    assert exact_best[1] == 0.35 and screened[1] == 0.35
+    assert screened[2]["loss_awq"] == exact_best[2]["loss_awq"]
+    assert screened[2]["exact_points"] > 4 and screened[2]["screen_deviation"] > SCREEN_MARGIN / 4

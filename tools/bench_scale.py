@@ -17,6 +17,7 @@ Figures go to tools/results/scale.json, and a Markdown table is printed with the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -35,13 +36,16 @@ from random_checkpoint import SHAPES, build, smollm2_tokenizer  # noqa: E402
 WIDTHS = {**{name: (shape[0], shape[2]) for name, shape in SHAPES.items()}, "70b": (8192, 28672)}
 
 
-def sent_bytes_per_layer(hidden: int, mlp: int, tokens: int, ranks: int = 2, grid: int = 21) -> tuple[int, int]:
+def sent_bytes_per_layer(hidden: int, mlp: int, tokens: int, ranks: int = 2, grid: int = 21,
+                         passes: int = 2) -> tuple[int, int]:
     """(all-reduced, all-gathered) payload bytes of each rank per dense Llama layer
     (``awq_graph.core.ranks``): per linear input (attention, o_proj, gate/up: ``hidden`` wide;
     down_proj: ``mlp`` wide) sum |x| (float64) and a token count, and H (float64, C x C) where the
     loss takes the quadratic form (tokens >= C), or else this rank's rows (float32, tokens / ranks
-    x C) gathered; and the grid of losses of the four groups (float64)."""
-    summed, gathered = 4 * grid * 8, 0
+    x C) gathered; and the grid of losses of the four groups (float64), ``passes`` vectors each
+    (one without the bfloat16 screen; with it, the screen's and the float32 one, more where the
+    screen's margin widened: ``report.json`` ``grid_passes``)."""
+    summed, gathered = 4 * passes * grid * 8, 0
     for channels in (hidden, hidden, hidden, mlp):
         summed += 8 * channels + 8
         if tokens >= channels:
@@ -72,7 +76,7 @@ def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
     return folder
 
 
-def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks: int = 1) -> dict:
+def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks: int = 1, screen: str = "auto") -> dict:
     launch = [sys.executable, "-m", "awq_graph.cli"] if ranks == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "-m", "awq_graph"]
     cmd = ["/usr/bin/time", "-v", *launch, "compile", str(folder), "-o", str(out),
@@ -82,12 +86,13 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
         cmd.append("--rtn")
     else:
         cmd += ["--calib", str(args.data / "wikitext2-valid-tokenized.txt"), "--n-samples", str(args.n_samples),
-                "--seqlen", str(args.seqlen)]
+                "--seqlen", str(args.seqlen), "--grid-screen", screen]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     row = {"mode": mode, "weights": weights, "ranks": ranks, "threads_per_rank": max(1, args.threads // ranks),
+           "grid_screen": screen if mode == "awq" else None,
            "rc": proc.returncode, "wall_s": round(wall, 1),
            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
     if proc.returncode == 0:
@@ -97,9 +102,24 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
         row["sent_mb"] = round((sent.get("bytes_summed", 0) + sent.get("bytes_gathered", 0)) / 2**20, 1)
         row["peak_rss_mb_after"] = report.get("peak_rss_mb_after")
         row["out_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1)
+        row["data_sha256"] = _sha256(out / "model.onnx.data")
+        groups = report.get("groups", [])
+        if groups:
+            row["grid_float32_points"] = sum(g.get("exact_points", 0) for g in groups)
+            row["grid_points"] = sum(21 for _ in groups)
     else:
         row["error"] = [line for line in proc.stderr.splitlines() if "error" in line.lower()][-1:] or proc.stderr[-300:]
     return row
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _generate(out: Path, env) -> dict:
@@ -121,13 +141,14 @@ def _generated(row: dict) -> str:
 
 def _merged(path: Path, rows: list[dict], args) -> list[dict]:
     """The rows already in ``path`` (same calibration), with this run's replacing those of the same
-    shape, depth, mode and weights."""
+    shape, depth, mode, weights, ranks and grid screen."""
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
     if (old.get("n_samples"), old.get("seqlen")) != (args.n_samples, args.seqlen):
         return rows
-    key = lambda r: (r["shape"], r["layers"], r["mode"], r.get("weights", "streamed"), r.get("ranks", 1))  # noqa: E731
+    key = lambda r: (r["shape"], r["layers"], r["mode"], r.get("weights", "streamed"), r.get("ranks", 1),  # noqa: E731
+                     r.get("grid_screen"))
     new = {key(r) for r in rows}
     return [r for r in old["rows"] if key(r) not in new] + rows
 
@@ -148,6 +169,8 @@ def main() -> int:
     p.add_argument("--generate", action="store_true", help="run `awq-graph generate` on each compiled folder")
     p.add_argument("--ranks", default="1", help="rank counts for AWQ, comma-separated (e.g. 1,2): torchrun beyond 1")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads in all, shared out among the ranks")
+    p.add_argument("--grid-screens", nargs="+", default=["auto"], choices=["auto", "bfloat16", "off"],
+                   help="AWQ once per grid screen (e.g. off bfloat16: side by side, and whether the bytes agree)")
     p.add_argument("--volume", action="store_true", help="print the computed all-reduce volume per layer, and stop")
     args = p.parse_args()
     if args.volume:
@@ -163,11 +186,12 @@ def main() -> int:
             config = json.loads((folder / "config.json").read_text())
             n_layers = config["num_hidden_layers"]
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            runs = [(m, w, n) for m in args.modes for w in args.weights for n in (rank_counts if m == "awq" else [1])]
-            for mode, weights, ranks in runs:
+            runs = [(m, w, n, sc) for m in args.modes for w in args.weights for n in (rank_counts if m == "awq" else [1])
+                    for sc in (args.grid_screens if m == "awq" else ["auto"])]
+            for mode, weights, ranks, screen in runs:
                 row = {"shape": shape, "layers": n_layers, "params_b": round(disk / 2 / 1e9, 3),
                        "load_avg": os.getloadavg()[0], **_compile(folder, args.work / f"out-{folder.name}-{mode}",
-                                                                  mode, weights, args, env, ranks)}
+                                                                  mode, weights, args, env, ranks, screen)}
                 if "timings_s" in row:
                     row["search_s_per_layer"] = round(row["timings_s"].get("search", 0.0) / n_layers, 2)
                     if ranks > 1:  # the formula, beside the measured volume
@@ -182,14 +206,16 @@ def main() -> int:
     rows = _merged(args.results, rows, args) if args.merge else rows
     args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
     print(f"load average {os.getloadavg()[0]:.2f}; rows in {args.results}")
-    print("| shape | layers | params | mode | weights | ranks x threads | peak RSS | search s/layer | total s | "
-          "sent MB | OUT MB | generate | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | layers | params | mode | grid screen | weights | ranks x threads | peak RSS | search s/layer | "
+          "total s | sent MB | OUT MB | data sha256 | generate | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r.get('weights', 'streamed')} | "
+        print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r.get('grid_screen') or '-'} | "
+              f"{r.get('weights', 'streamed')} | "
               f"{r.get('ranks', 1)} x {r.get('threads_per_rank', '-')} | "
               f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
               f"{r['wall_s']} | {r.get('sent_mb', '-')} | {r.get('out_mb', r.get('error', '-'))} | "
+              f"{(r.get('data_sha256') or '-')[:12]} | "
               f"{_generated(r)} | {r['load_avg']:.2f} |")
     return 0
 

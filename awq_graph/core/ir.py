@@ -208,7 +208,8 @@ def _experts_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
 
 
 def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None,
-              made: dict[fx.Node, object] | None = None, keep: set | None = None) -> dict[fx.Node, object]:
+              made: dict[fx.Node, object] | None = None, keep: set | None = None,
+              swap: dict[fx.Node, object] | None = None) -> dict[fx.Node, object]:
     """The interpreter: evaluate ``call_function`` nodes in order over ``env`` (node -> value).
 
     Every node's inputs must already be in ``env``, or in ``made`` (node -> a function making
@@ -216,7 +217,7 @@ def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None,
     returned. With ``keep`` given, every value but those is dropped after its last reader, so
     a made value (and the views of it) lives only while it is used. ``device``: where tensors
     the graph creates go (the export baked the CPU into their ``device`` argument); None leaves
-    them as traced.
+    them as traced. ``swap``: node -> a function called instead of its target (same arguments).
     """
     def lookup(n: fx.Node):
         return env[n]
@@ -235,7 +236,7 @@ def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None,
         if device is not None and kwargs.get("device") is not None:
             kwargs = {**kwargs, "device": device}
         try:
-            env[node] = node.target(*args, **kwargs)
+            env[node] = (swap.get(node, node.target) if swap else node.target)(*args, **kwargs)
         except Exception as exc:
             raise InterpretError(f"node {node.name} ({node.target}) in {module_path(node) or 'top level'} failed: {exc}") from exc
         for a in node.all_input_nodes if keep is not None else ():

@@ -112,25 +112,36 @@ class QuantizedWeight:
         return tuple(self.q.shape)
 
 
-def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0):
+def group_extrema(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, ...]:
+    """What ``group_range`` reads of ``w``, per (row, group): (absmax,) when symmetric, else
+    (min clamped to <= 0, max clamped to >= 0). Computed once, it serves many shrinks (the
+    clipping search's sweeps)."""
+    wg = to_groups(w, scheme.group_size)  # (out, G, gs)
+    if scheme.symmetric:
+        return (wg.abs().amax(dim=2),)
+    wmin, wmax = torch.aminmax(wg, dim=2)  # one pass for both ends
+    return wmin.clamp_(max=0), wmax.clamp_(min=0)
+
+
+def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tuple | None = None):
     """Per-group scale and zero point, range shrunk by ``shrink``.
 
     ``shrink``: a scalar or (out, G) tensor for both ends, or a pair (for max, for min).
     Asymmetric: [min, max] -> [shrink_min*min, shrink_max*max] (each end moves toward 0 on
     its own, so the clipping search respects the asymmetric range); scale = (max - min) / qmax,
     zero = round(-min / scale). Symmetric: absmax -> shrink*absmax, scale = absmax / (2^(b-1) - 1).
+    ``extrema``: ``group_extrema(w, scheme)`` when already computed.
     Returns (scale, zero) as (out, G) float tensors.
     """
     hi, lo = shrink if isinstance(shrink, tuple) else (shrink, shrink)
-    wg = to_groups(w, scheme.group_size)  # (out, G, gs)
+    extrema = extrema if extrema is not None else group_extrema(w, scheme)
     if scheme.symmetric:
-        absmax = wg.abs().amax(dim=2) * hi
+        absmax = extrema[0] * hi
         scale = absmax.clamp(min=1e-8) / (scheme.sym_zero - 1)
         zero = torch.full_like(scale, float(scheme.sym_zero))
     else:
-        wmin, wmax = torch.aminmax(wg, dim=2)  # one pass for both ends
-        wmax = wmax.clamp_(min=0) * hi
-        wmin = wmin.clamp_(max=0) * lo
+        wmax = extrema[1] * hi
+        wmin = extrema[0] * lo
         scale = (wmax - wmin).clamp_(min=1e-8) / scheme.qmax
         zero = torch.round(-wmin / scale).clamp_(0, scheme.qmax)
     return scale, zero
@@ -156,9 +167,9 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0) -> QuantizedWeigh
     return QuantizedWeight(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), scheme)
 
 
-def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0) -> torch.Tensor:
-    """dequantize(quantize(w)) in float, shape of ``w``."""
-    scale, zero = group_range(w, scheme, shrink)
+def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tuple | None = None) -> torch.Tensor:
+    """dequantize(quantize(w)) in float, shape of ``w`` (``extrema``: as for ``group_range``)."""
+    scale, zero = group_range(w, scheme, shrink, extrema)
     wg = to_groups(w, scheme.group_size)
     scale, zero = scale.unsqueeze(2), zero.unsqueeze(2)
     q = (wg / scale).add_(zero).round_().clamp_(0, scheme.qmax)  # in place: the same numbers, one buffer
@@ -188,20 +199,21 @@ def awq_candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: floa
 
 def quadratic_output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """sum over tokens of ||x dW^T||^2 = tr(dW H dW^T), H = X^T X: (out, in), (in, in) -> scalar.
+    The product dW H runs in H's dtype (a bfloat16 H: the search's screen, summed in float32).
 
     A bank of E experts: dW (E * out, in) expert by expert and H (E, in, in), each expert's
     rows against the tokens routed to it."""
     if gram.dim() == 3:
         dwe = dw.reshape(gram.shape[0], -1, dw.shape[1])
-        return (torch.bmm(dwe, gram) * dwe).sum()
-    return ((dw @ gram) * dw).sum()
+        return (torch.bmm(dwe.to(gram.dtype), gram).float() * dwe).sum()
+    return ((dw.to(gram.dtype) @ gram).float() * dw).sum()
 
 
 def direct_output_error(dw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The same sum as ``quadratic_output_error`` from the input rows X (tokens, in) instead of
     H = X^T X: ||X dW^T||^2, costing out x in x tokens instead of out x in^2 (cheaper when there
-    are fewer tokens than input channels)."""
-    return (rows @ dw.T).square().sum()
+    are fewer tokens than input channels). The product runs in the rows' dtype."""
+    return (rows @ dw.T.to(rows.dtype)).float().square().sum()
 
 
 def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
