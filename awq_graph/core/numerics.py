@@ -224,7 +224,7 @@ def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
     in_f = gram.shape[0]
     g = n_groups(in_f, group_size)
     pad = g * group_size - in_f
-    hp = F.pad(gram, (0, pad, 0, pad))
+    hp = F.pad(gram, (0, pad, 0, pad)) if pad else gram  # F.pad copies even when it adds nothing
     idx = torch.arange(g)
     return hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]
 
@@ -233,7 +233,8 @@ def diagonal_blocks_of_rows(rows: torch.Tensor, group_size: int) -> torch.Tensor
     """``diagonal_blocks`` of X^T X from the rows X (tokens, in), without forming H."""
     tokens, in_f = rows.shape
     g = n_groups(in_f, group_size)
-    xg = F.pad(rows, (0, g * group_size - in_f)).reshape(tokens, g, group_size)
+    pad = g * group_size - in_f
+    xg = (F.pad(rows, (0, pad)) if pad else rows).reshape(tokens, g, group_size)
     return torch.einsum("tgi,tgj->gij", xg, xg)
 
 
@@ -248,7 +249,8 @@ def blockwise_error(dw: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         return torch.cat([blockwise_error(d, b) for d, b in zip(parts, blocks)])
     g, group_size = blocks.shape[0], blocks.shape[1]
     out_f, in_f = dw.shape
-    dwp = F.pad(dw, (0, g * group_size - in_f)).reshape(out_f, g, group_size)  # (out, G, gs)
+    pad = g * group_size - in_f
+    dwp = (F.pad(dw, (0, pad)) if pad else dw).reshape(out_f, g, group_size)  # (out, G, gs)
     return torch.einsum("ogi,gij,ogj->og", dwp, blocks, dwp)
 
 
