@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .core.errors import InputError
+from .weights import check_finite_tensor
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,11 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 
 def check_finite(model) -> None:
-    """Fail with one line naming the first parameter that holds NaN or inf: a damaged checkpoint
-    would otherwise compile into a model whose every output is NaN. (Buffers may hold -inf on
-    purpose: attention masks.)"""
+    """Fail with one line naming the first parameter that holds NaN or inf (``check_finite_tensor``).
+    (Buffers may hold -inf on purpose: attention masks.)"""
     for name, tensor in model.named_parameters():
         if tensor.is_floating_point() and tensor.device.type != "meta":
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise InputError(f"weight '{name}' holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
-                                 f"(of {tensor.numel()}): the checkpoint is damaged; nothing was compiled")
+            check_finite_tensor(name, tensor)
 
 
 def _tiny_fields(config) -> dict:

@@ -47,8 +47,8 @@ class CompileOptions:
     GatherBlockQuantized (a tied 4-bit head's integers themselves). act_dtype: "float32" or
     "float16" activations (KV-cache decoder). kv_cache: True: the fused KV-cache decoder where the
     model family has one, else the generic one (``awq_graph.emit.generic``) where transformers
-    keeps the model's cache in its standard layers, else logits-only; "generic": the generic one even where a
-    fused one fits (to compare them); False: logits-only. loss_tokens: tokens of the search's loss subsample.
+    keeps the model's cache in its standard layers, else logits-only; "generic": the generic one
+    even where a fused one fits (to compare them); False: logits-only. loss_tokens: tokens of the search's loss subsample.
     device: where the search runs, "cpu", "cuda" (or "cuda:N") or "auto" (a CUDA GPU when torch
     sees one); the rest of the compile stays on the CPU. stream: a checkpoint given by path is
     read one tensor at a time (``awq_graph.weights``) where it can be, so memory holds about one

@@ -15,13 +15,13 @@ runs on a fixed subsample of whole sequences (``loss_tokens``); the statistics (
 H or X) always use every token.
 
 The grid is screened where bfloat16 products are fast (``SearchOptions.screen``): every grid
-point's loss is first computed with its large products in bfloat16 (H or X, or the subgraph's
-linears; 3.8x float32's speed on an AVX512-BF16 CPU), then in float32 for the identity and the
-points within ``SCREEN_MARGIN`` of the best screened loss, and the choice is made from the float32
-losses alone. The screen's own error (its deviations from those float32 losses, less their
+point's loss is first computed with its large products in bfloat16 (3.8x float32's speed on an
+AVX512-BF16 CPU), then in float32 for the identity, the screen's best ratio and its neighbours,
+and the points within ``SCREEN_MARGIN`` of the best screened loss, and the choice is made from the
+float32 losses alone. The screen's own error (its deviations from those float32 losses, less their
 common offset) must be under a quarter of the margin, or the margin widens (``grid_search``). The
 screen reads rows, X or the Cholesky factor of H; a subgraph's linears add their change to
-their float outputs (``_DeltaProducts``).
+their float outputs (``_delta_products``).
 
 Then per linear, a clipping search: each group's range [min, max] shrinks by r in
 1, 0.95, ..., 0.55 (asymmetric: both ends toward 0), r chosen per (row, group) by
@@ -78,8 +78,8 @@ class SearchOptions:
     # layer's weights go there only while it is searched, and the integers come back to the CPU
     device: str = "cpu"
     # the grid's screen: every grid point's loss in a cheaper dtype first, then float32 for the
-    # points within SCREEN_MARGIN of the best ("auto": bfloat16 where its products are fast,
-    # "bfloat16", "off": float32 throughout); the choice is float32's (see ``grid_search``)
+    # best few ("auto": bfloat16 where its products are fast, "bfloat16", "off": float32
+    # throughout); the choice is float32's (see ``grid_search``)
     screen: str = "auto"
 
     def __post_init__(self):
@@ -397,8 +397,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             sc = s[cmap]
             return sum(float(moments.error(fake_quantize(p * sc, scheme) / sc - p, dtype)) for p in parts) / numel
 
-        s, ratio, outcome = grid_search(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks,
-                                  opts.screen_dtype if moments.screen_rows is not None else None)
+        s, ratio, outcome = grid_search(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks, moments.screen)
         result.groups.append(GroupReport(stages.n, group.prev_op, [name], ratio, loss_form=stat.form, **outcome))
         col = None
         if s is not None:
@@ -567,7 +566,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         stat = stats[gm.linears[name].input]
         moments, form = _Moments(stat, opts.screen_dtype), stat.form
         numel = stat.tokens * gm.linears[name].out_features
-        screen = opts.screen_dtype if moments.screen_rows is not None else None
+        screen = moments.screen
 
         def loss_of(s, dtype=None):
             sc = s[maps[name]]
@@ -581,10 +580,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         placeholders = {name: gm.linears[name].weight_node for name in weights}
         numel = sum(r.numel() for _, refs in parts for r in refs)
         screen = opts.screen_dtype
-        delta = _DeltaProducts(sub, screen) if screen is not None else None
-        if delta is not None:
-            for ext_values, _ in parts:
-                delta.reference(sub, ext_values, device)
+        swaps = [_delta_products(sub, ext_values, device, screen) for ext_values, _ in parts] if screen else None
 
         def loss_of(s, dtype=None):
             quantized = {}
@@ -594,7 +590,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
             total = 0.0
             for k, (ext_values, refs) in enumerate(parts):
                 env = {**ext_values, **quantized}
-                run_nodes(sub, env, device, swap=delta.swap(k) if dtype is not None else None)
+                run_nodes(sub, env, device, swap=swaps[k] if dtype is not None else None)
                 total += sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs))
             return total / numel
 
@@ -608,7 +604,7 @@ class _Moments:
     transposed Cholesky factor of H (made once per group, in float32: the screen then sums squares,
     ||R dW^T||^2, where a bfloat16 H's rounding, with the large off-diagonal terms of outlier
     channels, cancels badly). A bank of experts' H, or an H without a Cholesky factor, has no
-    screen (``screen_rows`` is None)."""
+    screen (``screen`` is then None: the group's grid runs in float32)."""
 
     def __init__(self, stat: _Stat, screen: torch.dtype | None):
         self.stat = stat
@@ -629,6 +625,11 @@ class _Moments:
                 self.screen_rows = factor.mT.to(screen)
                 return
 
+    @property
+    def screen(self) -> torch.dtype | None:
+        """The dtype this group's grid is screened in, or None."""
+        return None if self.screen_rows is None else self.screen_rows.dtype
+
     def error(self, dw: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         """The loss's sum ||X dW^T||^2: in float32, or screened (``dtype`` set)."""
         if dtype is None:
@@ -636,29 +637,16 @@ class _Moments:
         return direct_output_error(dw, self.screen_rows)
 
 
-class _DeltaProducts:
-    """The screen of a subgraph's loss (bfloat16 products, run as ``swap`` of ``run_nodes``):
-    every linear ``aten.linear(x, W, b)`` of the subgraph returns its float run's output plus
-    the change, (x - x0) W0^T + x (W - W0)^T, each product in ``dtype``: its rounding is then
-    relative to the change the loss measures, not to the output (a subgraph run wholly in
-    bfloat16 deviated from float32 by up to 1% of the loss on SmolLM2's attention). The float
-    run is made once per loss chunk (``reference``)."""
+def _delta_products(sub, ext_values: dict, device, dtype: torch.dtype) -> dict:
+    """The screen of a subgraph's loss on one loss chunk, as ``swap`` of ``run_nodes``: every
+    linear ``aten.linear(x, W, b)`` of the subgraph returns its float run's output plus the change,
+    (x - x0) W0^T + x (W - W0)^T, each product in ``dtype``: its rounding is then relative to the
+    change the loss measures, not to the output (a subgraph run wholly in bfloat16 deviated from
+    float32 by up to 1% of the loss on SmolLM2's attention). The float run is made here, once."""
+    env = run_nodes(sub, dict(ext_values), device)
 
-    def __init__(self, nodes, dtype: torch.dtype):
-        self.nodes = [n for n in nodes if n.target is torch.ops.aten.linear.default]
-        self.dtype = dtype
-        self.references: list[dict] = []
-
-    def reference(self, sub, ext_values: dict, device) -> None:
-        env = run_nodes(sub, dict(ext_values), device)
-        self.references.append({n: (env[n.args[0]], env[n.args[1]], env[n], env[n.args[1]].to(self.dtype))
-                                for n in self.nodes})
-
-    def swap(self, part: int) -> dict:
-        return {n: self._product(*self.references[part][n]) for n in self.nodes}
-
-    def _product(self, x0, w0, out0, w0_low):
-        dtype = self.dtype
+    def product(x0, w0, out0):
+        w0_low = w0.to(dtype)
 
         def call(x, w, bias=None):
             out = out0
@@ -669,18 +657,21 @@ class _DeltaProducts:
             return out
         return call
 
+    return {n: product(env[n.args[0]], env[n.args[1]], env[n])
+            for n in sub if n.target is torch.ops.aten.linear.default}
+
 
 def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: Ranks = ONE,
-          screen: torch.dtype | None = None):
+                screen: torch.dtype | None = None):
     """AWQ's grid over the ratio, the identity included: (best scale or None, its ratio, the
     report's fields: the identity's loss, the best loss, how many points got a float32 loss, the
-    screen's largest deviation seen, the passes over points). ``loss_of(s, dtype)`` is the loss of scale ``s``, its large
-    products in ``dtype`` (None: float32).
+    screen's largest deviation seen, the passes over points). ``loss_of(s, dtype)`` is the loss
+    of scale ``s``, its large products in ``dtype`` (None: float32).
 
     With a ``screen`` dtype every point is first screened in it; the identity, the screen's best
     ratio and its two neighbours, and the points within ``SCREEN_MARGIN`` of the best screened loss
-    then get their float32 loss, and the best of those is chosen. The screen's error is measured on them (float32 loss minus screened loss,
-    less the mean of that difference); while it is above a quarter of the margin, the margin
+    then get their float32 loss, and the best of those is chosen. The screen's error is measured
+    on them (float32 loss minus screened loss, less the mean of that difference); while it is above a quarter of the margin, the margin
     widens to four times it and the points newly within get their float32 loss (at worst every
     point). The choice is float32's whenever no point left unevaluated erred by more than half the
     final margin. Over several ranks each computes every world-th point of each pass, and every

@@ -137,6 +137,18 @@ class SafetensorsWeights:
         return out
 
 
+def check_finite_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Fail with one line naming ``name`` when ``tensor`` holds NaN or inf: a damaged checkpoint
+    would otherwise compile into a model whose every output is NaN. A NaN or an infinity anywhere
+    makes the sum one (10x the speed of ``isfinite`` over every value); only then are they counted."""
+    if bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:  # finite values whose sum overflowed are not damage
+        raise InputError(f"weight '{name}' holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
+                         f"(of {tensor.numel()}): the checkpoint is damaged; nothing was compiled")
+
+
 class ParamStore(Mapping):
     """HF parameter name -> float32 tensor, read from the checkpoint when asked.
 
@@ -187,12 +199,7 @@ class ParamStore(Mapping):
         if tensor.shape != self._shapes[name]:
             raise InputError(f"tensor '{key}' in the checkpoint has shape {tuple(tensor.shape)}, the model's config "
                              f"says {tuple(self._shapes[name])}")
-        if bool(torch.isfinite(tensor.sum())):  # a NaN or an infinity anywhere makes the sum one: 10x isfinite's speed
-            return tensor
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise InputError(f"weight '{key}' holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
-                             f"(of {tensor.numel()}): the checkpoint is damaged; nothing was compiled")
+        check_finite_tensor(key, tensor)
         return tensor
 
     @contextmanager

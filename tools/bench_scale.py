@@ -28,7 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(1, str(REPO))
 
+from awq_graph.search import SearchOptions  # noqa: E402
 from random_checkpoint import SHAPES, build, smollm2_tokenizer  # noqa: E402
 
 
@@ -106,7 +108,7 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
         groups = report.get("groups", [])
         if groups:
             row["grid_float32_points"] = sum(g.get("exact_points", 0) for g in groups)
-            row["grid_points"] = sum(21 for _ in groups)
+            row["grid_points"] = len(groups) * (SearchOptions().n_grid + 1)  # the ratios and the identity
     else:
         row["error"] = [line for line in proc.stderr.splitlines() if "error" in line.lower()][-1:] or proc.stderr[-300:]
     return row

@@ -199,14 +199,13 @@ def awq_candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: floa
 
 def quadratic_output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """sum over tokens of ||x dW^T||^2 = tr(dW H dW^T), H = X^T X: (out, in), (in, in) -> scalar.
-    The product dW H runs in H's dtype (a bfloat16 H: the search's screen, summed in float32).
 
     A bank of E experts: dW (E * out, in) expert by expert and H (E, in, in), each expert's
     rows against the tokens routed to it."""
     if gram.dim() == 3:
         dwe = dw.reshape(gram.shape[0], -1, dw.shape[1])
-        return (torch.bmm(dwe.to(gram.dtype), gram).float() * dwe).sum()
-    return ((dw.to(gram.dtype) @ gram).float() * dw).sum()
+        return (torch.bmm(dwe, gram) * dwe).sum()
+    return ((dw @ gram) * dw).sum()
 
 
 def direct_output_error(dw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

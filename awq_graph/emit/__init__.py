@@ -7,8 +7,9 @@ Two writers, both over onnx_ir and one MatMulNBits node builder (``awq_graph.pas
     one-token decode steps in onnxruntime against the torch program with the same dequantized
     weights.
   * ``awq_graph.emit.generic``: for the other architectures whose cache transformers keeps in its
-    standard layers (keys and values, indexer keys, linear-attention states), torch.onnx of the model itself with the cache as inputs and outputs, its quantized linears
-    rewritten to MatMulNBits, checked like the fused decoder.
+    standard layers (keys and values, indexer keys, linear-attention states), torch.onnx of the
+    model itself with the cache as inputs and outputs, its quantized linears rewritten to
+    MatMulNBits, checked like the fused decoder.
   * ``awq_graph.emit.logits_only``: torch.onnx of the folded program (logits only, no KV cache),
     then each quantized linear rewritten to MatMulNBits (``RewriteMatMulNBits``). Any
     architecture torch.onnx can translate.
