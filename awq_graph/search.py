@@ -8,9 +8,9 @@ candidate scales s(a) = x_mean^a / w_mean^(1-a) (a = 0, 1/20, ..., 19/20) plus s
 where f is the ``module2inspect`` subgraph run by the interpreter. When f is the single
 linear of the group, L(s) = ||X dW^T||^2 / numel over every calibration token, in whichever of
 two equal forms costs less (the loss cost model, ``loss_form``): the quadratic form
-tr(dW H dW^T) with H = X^T X accumulated once (out x in^2 per grid point, in^2 float64 held),
-or, when the calibration has fewer tokens than the input has channels, the direct form from
-the rows X themselves (out x in x tokens per grid point, tokens x in floats held). Otherwise f
+tr(dW H dW^T) with H = X^T X accumulated once (tokens x in^2, then out x in^2 per grid point,
+in^2 float64 held), or the direct form from the rows X themselves (out x in x tokens per grid
+point, tokens x in floats held, only while that is less than H). Otherwise f
 runs on a fixed subsample of whole sequences (``loss_tokens``); the statistics (x_mean, and
 H or X) always use every token.
 
@@ -91,6 +91,13 @@ class SearchOptions:
             raise ValueError(f"screen must be one of {SCREENS}, got {self.screen!r}")
 
     @property
+    def loss_points(self) -> float:
+        """The grid's points in float32 equivalents, for the loss cost model (``loss_form``): each
+        point once in float32, or, screened, each in bfloat16 (about a quarter of float32's time
+        here) and about four in float32."""
+        return self.n_grid + 1 if self.screen_dtype is None else (self.n_grid + 1) / 4 + 4
+
+    @property
     def screen_dtype(self) -> torch.dtype | None:
         """The dtype of the grid's screen, or None (float32 throughout)."""
         if self.screen == "off":
@@ -121,15 +128,30 @@ def fast_bfloat16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def loss_form(tokens: int, channels: int, experts: int, asked: str = "auto") -> str:
-    """The cheaper exact form of a linear's output error: "direct" (from the rows X, out x in x
-    tokens per grid point) when there are fewer tokens than channels, else "quadratic" (from
-    H = X^T X, out x in^2). A bank of experts keeps one H per expert (its rows are routed)."""
+def loss_form(tokens: int, channels: int, experts: int, asked: str = "auto", out_features: int | None = None,
+              points: float = 21.0) -> str:
+    """The cheaper exact form of the statistics of a linear input with ``channels`` channels over
+    ``tokens`` calibration tokens: "quadratic" (H = X^T X, float64) or "direct" (the rows X, float32).
+
+    Counted in multiply-adds: the quadratic form accumulates H once (tokens x in^2), then costs
+    out x in^2 per grid point of a single-linear loss that reads it (``out_features``: that linear's
+    rows); the direct form accumulates nothing and costs out x in x tokens per point. ``points``: the
+    grid's points in float32 equivalents (``SearchOptions.loss_points``). An input only the clipping
+    search reads (``out_features`` None) needs just H's diagonal blocks, which the rows give for
+    tokens x in x group: the direct form is the cheaper there at any length. Either way the rows are
+    kept only while they take less memory than H (tokens < 2 in: tokens x in float32 against in^2
+    float64). A bank of experts keeps one H per expert (its rows are routed)."""
     if experts:
         return "quadratic"
     if asked != "auto":
         return asked
-    return "direct" if tokens < channels else "quadratic"
+    if tokens >= 2 * channels:
+        return "quadratic"
+    if out_features is None:
+        return "direct"
+    direct = points * out_features * channels * tokens
+    quadratic = tokens * channels * channels + points * out_features * channels * channels
+    return "direct" if direct < quadratic else "quadratic"
 
 
 @dataclass
@@ -371,7 +393,8 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
     nodes = [n for n in post if n in needed]
     head_opts = SearchOptions(**{**opts.__dict__, "scheme": scheme})
     tokens = int(ranks.total(sum(int(ids.numel()) for ids, n in zip(chunks.ids, chunks.counted) if n)))
-    stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form), opts.device, ranks)
+    stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form, site.out_features,
+                                               opts.loss_points), opts.device, ranks)
     input_node = gm.input_node()
     with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):  # the norm stays resident
         params_env = _layer_params(gm, nodes, opts.device)
@@ -449,10 +472,11 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
                   ranks: Ranks = ONE):
     """Decoder layer ``li`` in three steps that return records: the scale of each group
     (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize."""
-    stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages,
-                                              lambda channels, experts: loss_form(tokens, channels, experts,
-                                                                                  opts.loss_form), opts.device,
-                                              ranks)
+    def form_of(channels, experts, out_features):
+        return loss_form(tokens, channels, experts, opts.loss_form, out_features, opts.loss_points)
+
+    stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of,
+                                              opts.device, ranks)
     scales = []
     for g in groups:
         s, report = _search_group(gm, li, g, stats, inspect, saved, opts, set(linears), ranks)
@@ -468,7 +492,8 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
 
 def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu", ranks=ONE):
     """Run layer ``li`` over every calibration chunk: the statistics of each linear input (in the
-    form ``form_of(channels, experts)`` picks) from the chunks this rank counts, and (the loss
+    form ``form_of(channels, experts, out_features)`` picks, ``out_features`` the rows of the
+    single-linear loss that reads it, None for an input only the clipping reads) from the chunks this rank counts, and (the loss
     chunks) the inputs and outputs of each ``module2inspect`` that is not a single linear. Hands
     the chunks' values on to the next layer through ``stores``. The statistics are then those of
     every rank's tokens (``_Stat.reduce``, in the nodes' order: the same on every rank)."""
@@ -476,10 +501,12 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
     for g in groups:
         input_nodes.add(gm.linears[g.inp].input)
     banks = {gm.linears[n].input: gm.linears[n] for n in linears if gm.linears[n].experts}
+    loss_rows = {gm.linears[g.layers[0]].input: gm.linears[g.layers[0]].out_features for g in groups
+                 if len(g.layers) == 1 and g.module2inspect == g.layers[0]}
     stats = {}
     for node in input_nodes:
         channels, experts = node.meta["val"].shape[-1], banks[node].experts if node in banks else 0
-        stats[node] = _Stat(channels, experts, form_of(channels, experts), device, ranks)
+        stats[node] = _Stat(channels, experts, form_of(channels, experts, loss_rows.get(node)), device, ranks)
     inspect = {}
     for g in groups:
         if not (len(g.layers) == 1 and g.module2inspect == g.layers[0]) and g.module2inspect not in inspect:

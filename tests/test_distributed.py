@@ -100,8 +100,8 @@ def test_torchrun_with_two_ranks_chooses_what_one_process_chooses(tiny_checkpoin
     assert {k: report["ranks"][k] for k in ("world", "backend", "samples_per_rank")} == {
         "world": 2, "backend": "gloo", "samples_per_rank": [2, 2]}
     # the volume the README computes for large models (tools/bench_scale.py), against what was sent: two
-    # layers (hidden 64, MLP 128, 96 tokens: H of three inputs; down_proj's rows, 48 per rank, gathered)
-    # and the head's group (sum |x|, H and the token counts of its 64-wide input, its grid)
+    # layers (hidden 64, MLP 128, 96 tokens: H of o_proj's input; the rows of the other three, 48 per rank,
+    # gathered) and the head's group (sum |x|, H and the token counts of its 64-wide input, its grid)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from bench_scale import sent_bytes_per_layer
 

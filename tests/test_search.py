@@ -49,6 +49,12 @@ def test_the_loss_cost_model_picks_the_cheaper_form_and_both_forms_choose_the_sa
     from awq_graph.search import loss_form
 
     assert loss_form(tokens=8192, channels=14336, experts=0) == "direct"  # Llama-3-8B's down_proj, 16 x 512
+    # Llama-3.2-1B's down_proj at 16 x 512: as many tokens as inputs, but H alone would cost 5.5e11
+    # multiply-adds (tokens x in^2), as much as the grid's ~9 float32-equivalent points of either form
+    assert loss_form(8192, 8192, 0, out_features=2048, points=9.25) == "direct"
+    assert loss_form(65536, 8192, 0, out_features=2048, points=9.25) == "quadratic"  # 128 x 512
+    assert loss_form(2048, 2048, 0, out_features=None) == "direct"  # read by the clipping alone: blocks from rows
+    assert loss_form(4096, 2048, 0, out_features=None) == "quadratic"  # the rows would outweigh H (float64)
     assert loss_form(tokens=8192, channels=4096, experts=0) == "quadratic"
     assert loss_form(tokens=8, channels=4096, experts=8) == "quadratic"  # experts: one H per expert
     calib = torch.randint(0, 320, (3, 32), generator=torch.Generator().manual_seed(1))

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(1, str(REPO))
 
-from awq_graph.search import SearchOptions  # noqa: E402
+from awq_graph.search import SearchOptions, loss_form  # noqa: E402
 from random_checkpoint import SHAPES, build, smollm2_tokenizer  # noqa: E402
 
 
@@ -39,18 +39,21 @@ WIDTHS = {**{name: (shape[0], shape[2]) for name, shape in SHAPES.items()}, "70b
 
 
 def sent_bytes_per_layer(hidden: int, mlp: int, tokens: int, ranks: int = 2, grid: int = 21,
-                         passes: int = 2) -> tuple[int, int]:
+                         passes: int = 2, points: float | None = None) -> tuple[int, int]:
     """(all-reduced, all-gathered) payload bytes of each rank per dense Llama layer
-    (``awq_graph.core.ranks``): per linear input (attention, o_proj, gate/up: ``hidden`` wide;
-    down_proj: ``mlp`` wide) sum |x| (float64) and a token count, and H (float64, C x C) where the
-    loss takes the quadratic form (tokens >= C), or else this rank's rows (float32, tokens / ranks
-    x C) gathered; and the grid of losses of the four groups (float64), ``passes`` vectors each
-    (one without the bfloat16 screen; with it, the screen's and the float32 one, more where the
-    screen's margin widened: ``report.json`` ``grid_passes``)."""
+    (``awq_graph.core.ranks``): per linear input (attention and gate/up: ``hidden`` wide, read by
+    the clipping alone; o_proj: ``hidden`` wide and down_proj: ``mlp`` wide, each read by its
+    single-linear loss of ``hidden`` rows) sum |x| (float64) and a token count, and H (float64,
+    C x C) where the loss cost model (``awq_graph.search.loss_form``, ``points`` the grid's float32
+    equivalents, screened by default) takes the quadratic form, or else this rank's rows (float32,
+    tokens / ranks x C) gathered; and the grid of losses of the four groups (float64), ``passes``
+    vectors each (one without the bfloat16 screen; with it, the screen's and the float32 one, more
+    where the screen's margin widened: ``report.json`` ``grid_passes``)."""
+    points = SearchOptions(screen="bfloat16").loss_points if points is None else points
     summed, gathered = 4 * passes * grid * 8, 0
-    for channels in (hidden, hidden, hidden, mlp):
+    for channels, rows in ((hidden, None), (hidden, hidden), (hidden, None), (mlp, hidden)):
         summed += 8 * channels + 8
-        if tokens >= channels:
+        if loss_form(tokens, channels, 0, "auto", rows, points) == "quadratic":
             summed += 8 * channels * channels
         else:
             gathered += 4 * channels * -(-tokens // ranks)
