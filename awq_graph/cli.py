@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="screen the scale grid's losses in bfloat16, then decide on float32 losses of the best "
                         "points (auto: where bfloat16 products are fast: AVX512-BF16/AMX CPUs, CUDA; off: float32 "
                         "for every point)")
+    c.add_argument("--export-hf", metavar="DIR", default=None,
+                   help="also write the AWQ-scaled model to DIR as a compressed-tensors pack-quantized checkpoint "
+                        "(the same integers; transformers with compressed-tensors and vLLM load it)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quantize-lm-head", action="store_true",
                    help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized")
@@ -328,6 +331,10 @@ def _compile_on(args, ranks) -> int:
     print(f"wrote {result.out_dir} ({rep['scheme']}, {rep['method']}): {rep['quantized_linears']} MatMulNBits, "
           f"{len(groups)} scaling groups ({better} scaled), {rep['onnx_bytes'] / 2**20:.1f} MiB, "
           f"timings {rep['timings_s']}")
+    if rep.get("export_hf"):
+        hf = rep["export_hf"]
+        print(f"wrote {hf['folder']} (compressed-tensors {hf['format']}: {hf['quantized_linears']} linears, "
+              f"{hf['dtype']})")
     return 0
 
 
@@ -342,7 +349,7 @@ def _compile_options(args, ranks):
         lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,
-        grid_screen=args.grid_screen)
+        grid_screen=args.grid_screen, export_hf=args.export_hf)
 
 
 def _rank_device(asked: str, ranks) -> str:

@@ -12,17 +12,18 @@ from .core.errors import InputError
 from .interrupt import checkpoint
 
 
-def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = ()) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = (), flag: str = "-o", outputs: tuple = ()) -> None:
     """Fail before any work when OUT cannot be written as asked. ``inputs``: the paths compile
-    reads (the checkpoint, the calibration file); OUT may be none of them, nor inside one, nor
-    hold one, since replacing OUT deletes what it held."""
+    reads (the checkpoint, the calibration file); ``outputs``: the other folders it writes. OUT may
+    be none of them, nor inside one, nor hold one, since replacing OUT deletes what it held.
+    ``flag``: the option that named OUT, for the message."""
     target = out_dir.resolve()
-    for given in inputs:
+    for given, role in [(x, "input") for x in inputs] + [(x, "output folder") for x in outputs]:
         source = Path(given).resolve()
         if target == source or target in source.parents or source in target.parents:
             relation = ("is" if target == source else "holds" if target in source.parents else "is inside")
-            raise InputError(f"output folder {out_dir} {relation} the input {given}: choose another -o "
-                             "(the input is never replaced)")
+            raise InputError(f"output folder {out_dir} {relation} the {role} {given}: choose another {flag} "
+                             f"(the {role} is never replaced)")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output path {out_dir} is a file, not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:

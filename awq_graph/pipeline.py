@@ -12,6 +12,7 @@ import os
 import resource
 import time
 import warnings as pywarnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .core.numerics import QuantScheme
 from .core.ranks import ONE, RankFailed, Ranks
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
+from .emit.compressed import checkpoint_dtype, export_refusal, write_compressed_checkpoint
 from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
@@ -54,7 +56,9 @@ class CompileOptions:
     read one tensor at a time (``awq_graph.weights``) where it can be, so memory holds about one
     decoder layer in float32 whatever the depth; False loads the whole model in float32 first.
     grid_screen: "auto", "bfloat16" or "off" (``SearchOptions.screen``: the scale grid screened in
-    bfloat16, the choice made on float32 losses).
+    bfloat16, the choice made on float32 losses). export_hf: a second folder, written as OUT is,
+    holding the AWQ-scaled model as a compressed-tensors "pack-quantized" checkpoint with the same
+    integers (``awq_graph.emit.compressed``), for transformers and vLLM.
     """
 
     scheme: QuantScheme | str = "uint4_wo_128"
@@ -75,6 +79,7 @@ class CompileOptions:
     device: str = "auto"
     stream: bool = True
     grid_screen: str = "auto"
+    export_hf: str | os.PathLike | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -158,9 +163,14 @@ def one_line(exc: BaseException) -> str:
 def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, warn, ranks: Ranks) -> CompileResult:
     out_dir = Path(out_dir)
     calib_file = calib if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" else None
+    hf_dir = Path(opts.export_hf) if opts.export_hf is not None else None
     if ranks.leader:  # rank 0 alone writes OUT
+        inputs = tuple(x for x in (model, calib_file) if isinstance(x, (str, os.PathLike)))
         remove_stale(out_dir)  # first: an OUT a killed run had set aside is back before OUT is checked
-        check_out_dir(out_dir, opts.overwrite, tuple(x for x in (model, calib_file) if isinstance(x, (str, os.PathLike))))
+        check_out_dir(out_dir, opts.overwrite, inputs)
+        if hf_dir is not None:
+            remove_stale(hf_dir)
+            check_out_dir(hf_dir, opts.overwrite, inputs, flag="--export-hf", outputs=(out_dir,))
     if calib_file is not None and not opts.rtn_only:
         calibration.check_text_file(calib_file, hint=" (give a .txt or .jsonl file, or 'self')")
     if opts.rtn_only and not ranks.leader:  # no calibration to share: rank 0 compiles alone
@@ -194,6 +204,10 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         model = load_float_model(source)  # the tokenizer is loaded already
         gm = export_model(model, private=False, seqlen=opts.seqlen)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)
+    if hf_dir is not None:
+        refusal = export_refusal(gm, opts.scheme, _head_search(gm, opts) is not None)
+        if refusal:
+            raise InputError(refusal)
     graph_warnings = _narrower_than_a_group(gm, opts.scheme.group_size)
     if gm.fixed_seq:
         graph_warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; "
@@ -249,6 +263,13 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
             emitted = write_onnx(gm, quantized, tmp / "model.onnx", model=model, accuracy_level=opts.accuracy_level,
                                  act_dtype=opts.act_dtype, quantized_table=table, plan=plan)
             lap("emit")
+            with atomic_out_dir(hf_dir) if hf_dir is not None else nullcontext() as hf_tmp:
+                exported = (write_compressed_checkpoint(hf_tmp, gm, model, result.quantized, opts.scheme,
+                                                        checkpoint_dtype(model, source), tokenizer, progress)
+                            if hf_tmp is not None else None)
+            if exported is not None:
+                exported["folder"] = str(hf_dir)
+                lap("export_hf")
         finally:
             spill.close()
         if tokenizer is not None:
@@ -266,6 +287,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         report["ranks"] = _ranks_report(ranks, calib_ids, opts)
         report["weights"] = {"streamed": gm.streamed, "loaded_whole_because": whole_because}
         report["export"] = {"fixed_seq": gm.fixed_seq}
+        report["export_hf"] = exported
         for message in emitted.warnings:
             warn(message)
         report["warnings"] = warnings + emitted.warnings
