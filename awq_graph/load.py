@@ -81,6 +81,18 @@ def eval_dtype(path: str | Path, asked: str = "auto", available: int | None = No
                     f"{str(stored).removeprefix('torch.')}, its stored dtype (--dtype float32 to insist)")
 
 
+def sampler_dtype(path: str | Path, available: int | None = None) -> tuple[torch.dtype, str | None]:
+    """The dtype the whole model is loaded in to sample calibration text (``--calib self``), and a
+    note when it is not float32: float32 where that copy fits (``eval_dtype``'s "auto"), else the
+    checkpoint's stored dtype (an 8B model: 16 GB in bfloat16 against 32 GB)."""
+    dtype, _ = eval_dtype(path, "auto", available)
+    if dtype == torch.float32:
+        return dtype, None
+    return dtype, (f"calibration 'self' samples its text with {Path(path).name} in {str(dtype).removeprefix('torch.')}, "
+                   f"its stored dtype: its float32 copy would take more than {FITS:.0%} of the memory available "
+                   "(the search itself runs in float32, a layer at a time)")
+
+
 def _mem_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -27,7 +27,8 @@ from .emit.compressed import checkpoint_dtype, export_refusal, write_compressed_
 from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
-from .load import check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, tokenizer_files
+from .load import (check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, sampler_dtype,
+                   tokenizer_files)
 from .match import head_group, match
 from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
@@ -216,8 +217,9 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
-        calib_ids, calib_source = _calibration(calib, model, tokenizer, opts, progress, source, streamed=gm.streamed,
-                                               ranks=ranks)
+        calib_ids, calib_source, calib_notes = _calibration(calib, model, tokenizer, opts, progress, source,
+                                                            streamed=gm.streamed, ranks=ranks)
+        graph_warnings += calib_notes
         calibration.check_ids_fit(calib_ids, int(gm.param_shape(token_table(gm))[0]), calib_source)
         _same_on_every_rank(calib_ids, calib_source, ranks)
         lap("calibration")
@@ -393,8 +395,9 @@ def _peak_rss_mb() -> float:
 
 def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None, streamed=False,
                  ranks: Ranks = ONE):
-    """(token ids (n, seqlen), where they came from). Text sampled from a streamed model needs
-    the whole model once: it is loaded for the sampling and dropped after it. Over several ranks,
+    """(token ids (n, seqlen), where they came from, notes for the warnings). Text sampled from a
+    streamed model needs the whole model once: it is loaded for the sampling (in float32 where that
+    fits, else in its stored dtype: ``sampler_dtype``) and dropped after it. Over several ranks,
     the text is sampled once, by rank 0, and sent to the others (the same set as one process with
     the same seed, and the sampling is not repeated per rank); a file is read by every rank."""
     def missing(what: str) -> InputError:
@@ -404,18 +407,20 @@ def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source
     if calib is None or (isinstance(calib, str) and calib == "self"):
         if tokenizer is None:
             raise missing("calibration 'self'")
-        ids = None
+        ids, notes = None, []
         if ranks.leader:
-            sampler = load_float_model(source) if streamed else model
+            dtype, note = sampler_dtype(source) if streamed else (None, None)
+            notes += [note] if note else []
+            sampler = load_float_model(source, dtype) if streamed else model
             ids = calibration.self_generated(sampler, tokenizer, opts.n_samples, opts.seqlen, opts.seed,
                                              progress=progress)
             del sampler
-        return ranks.leader_object(ids), "self"
+        return ranks.leader_object(ids), "self", notes
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:
             raise missing(f"calibration from the text file {calib}")
-        return calibration.from_file(calib, tokenizer, opts.n_samples, opts.seqlen), str(calib)
-    return calibration.from_tensors(calib, opts.n_samples, opts.seqlen), "tensors"
+        return calibration.from_file(calib, tokenizer, opts.n_samples, opts.seqlen), str(calib), []
+    return calibration.from_tensors(calib, opts.n_samples, opts.seqlen), "tensors", []
 
 
 def _narrower_than_a_group(gm, group_size: int) -> list[str]:

@@ -152,3 +152,20 @@ def test_eval_of_a_checkpoint_too_large_for_float32_runs_in_its_stored_dtype(tmp
         assert ("stored dtype" in err) == (dtype == "stored"), err
     ratio = scores["stored"] / scores["float32"]
     assert abs(ratio - 1) < 0.02, scores  # bf16 activations; measured 1.000009
+
+
+def test_self_calibration_of_a_model_too_large_for_float32_samples_in_its_stored_dtype(tmp_path):
+    """--calib self loads the whole model to sample its text: in float32 where that fits, else in its
+    stored dtype (bfloat16 here), said in a warning; the samples are token ids of the model's vocabulary."""
+    from awq_graph.calib import self_generated
+    from awq_graph.load import load_float_model, load_tokenizer, sampler_dtype
+
+    folder = build(tmp_path / "ck", "tiny", layers=2, tokenizer=tiny_tokenizer())
+    elements = 4 * 64 * 64 + 2 * 64 * 16 * 2 + 3 * 64 * 128 + 320 * 64  # float32 takes ~4x: over 0.8 of it
+    assert sampler_dtype(folder, available=1 << 40) == (torch.float32, None)
+    dtype, note = sampler_dtype(folder, available=elements)
+    assert dtype == torch.bfloat16 and "in bfloat16, its stored dtype" in note, note
+    model = load_float_model(folder, dtype)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    ids = self_generated(model, load_tokenizer(folder), n_samples=3, seqlen=12)
+    assert ids.shape == (3, 12) and 0 <= int(ids.min()) and int(ids.max()) < 320
