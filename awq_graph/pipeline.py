@@ -247,7 +247,8 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         awq_search(gm, per_layer, calib_ids, opts.search_options(), head=_head_search(gm, opts), ranks=ranks)
         ranks.wait()  # rank 0's OUT (or its error)
         return CompileResult(out_dir, [], {"rank": ranks.rank, "timings_s": lap.timings})
-    with atomic_out_dir(out_dir) as tmp:
+    # DIR of --export-hf is written as OUT is, and put in place with it (just before it)
+    with atomic_out_dir(out_dir) as tmp, (atomic_out_dir(hf_dir) if hf_dir is not None else nullcontext()) as hf_tmp:
         spill = IntegerSpill(tmp / ".integers.spill")  # each layer's integers leave memory as it finishes
         try:
             head = _head_search(gm, opts)
@@ -265,11 +266,10 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
             emitted = write_onnx(gm, quantized, tmp / "model.onnx", model=model, accuracy_level=opts.accuracy_level,
                                  act_dtype=opts.act_dtype, quantized_table=table, plan=plan)
             lap("emit")
-            with atomic_out_dir(hf_dir) if hf_dir is not None else nullcontext() as hf_tmp:
-                exported = (write_compressed_checkpoint(hf_tmp, gm, model, result.quantized, opts.scheme,
-                                                        checkpoint_dtype(model, source), tokenizer, progress)
-                            if hf_tmp is not None else None)
-            if exported is not None:
+            exported = None
+            if hf_tmp is not None:
+                exported = write_compressed_checkpoint(hf_tmp, gm, model, result.quantized, opts.scheme,
+                                                       checkpoint_dtype(model, source), tokenizer, progress)
                 exported["folder"] = str(hf_dir)
                 lap("export_hf")
         finally:

@@ -48,7 +48,8 @@ def export_refusal(gm, scheme: QuantScheme, head_searched: bool) -> str | None:
                     "modules), which compressed-tensors' Linear targets do not cover")
         kind = gm.module_types.get(site.module)
         if kind != "Linear" or site.transposed:
-            return f"--export-hf: {site.module} is a {kind}, not an nn.Linear (compressed-tensors quantizes Linear modules)"
+            return (f"--export-hf: {site.module} is a {kind}, not an nn.Linear "
+                    "(compressed-tensors quantizes Linear modules)")
         if site.in_features % scheme.group_size:
             return (f"--export-hf: {site.module} has {site.in_features} inputs, not a whole number of groups of "
                     f"{scheme.group_size} (choose a group size that divides every linear's inputs)")
@@ -151,8 +152,9 @@ def write_compressed_checkpoint(folder: Path, gm, model, quantized: dict, scheme
     file_of = {i: f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)}  # transformers' names
     for i, file in file_of.items():
         (folder / f"part-{i}.safetensors").rename(folder / file)
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total_bytes},
-                                            "weight_map": {k: file_of[i] for k, i in shard_of.items()}}, indent=2) + "\n")
+    weight_map = {name: file_of[i] for name, i in shard_of.items()}
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                                           indent=2) + "\n")
     ignore = sorted(m for m, kind in gm.module_types.items() if kind == "Linear" and m not in quantized)
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(scheme, ignore)
