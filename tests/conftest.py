@@ -94,6 +94,15 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_gguf):
+    """(model, tokenizer): SmolLM2 loaded whole by transformers (its GGUF dequantized to float32), once
+    for the tests that only read it (a load takes ~20 s)."""
+    from awq_graph.load import load_model
+
+    return load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA / "wikitext2-test.txt").exists():
         pytest.fail(f"shared data not found at {DATA}; set AWQ_GRAPH_DATA")

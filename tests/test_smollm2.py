@@ -49,20 +49,19 @@ def _genai_greedy_text(folder, prompt: str, new: int) -> str:
     return prompt + tokenizer.decode([t for t in out if t not in eos])
 
 
-def test_int4_smollm2_greedy_starts_like_the_fake_quant_torch_model(smollm2_gguf, tmp_path):
+def test_int4_smollm2_greedy_starts_like_the_fake_quant_torch_model(smollm2_loaded, tmp_path):
     """KV-cache decoding in onnxruntime vs the torch program with the same int4 weights."""
     import torch
 
     from awq_graph.emit import fake_quant_overrides, write_onnx
     from awq_graph.export import export_model
-    from awq_graph.load import load_model
     from awq_graph.core.numerics import QuantScheme
     from awq_graph.runtime import CompiledModel
     from awq_graph.search import rtn
 
-    model, tokenizer = load_model(smollm2_gguf)
+    model, tokenizer = smollm2_loaded
     gm = export_model(model)
-    result = rtn(gm, QuantScheme(4, 128))
+    result = rtn(gm, QuantScheme(4, 128))  # the program has its own copies: the shared model stays as loaded
     emitted = write_onnx(gm, result.quantized, tmp_path / "model.onnx", model=model)
     assert emitted.kind == "kv-decoder" and emitted.check_deviation < 1e-4
     onnx_model = CompiledModel(tmp_path / "model.onnx", tokenizer=tokenizer)
@@ -76,16 +75,15 @@ def test_int4_smollm2_greedy_starts_like_the_fake_quant_torch_model(smollm2_gguf
         assert onnx_model.greedy_ids(ids[0, :n].tolist(), 8)[:6] == ids[0, n:n + 6].tolist(), prompt
 
 
-def test_the_gguf_read_tensor_by_tensor_equals_transformers_whole_file_dequantization(smollm2_gguf):
+def test_the_gguf_read_tensor_by_tensor_equals_transformers_whole_file_dequantization(smollm2_gguf, smollm2_loaded):
     """The per-tensor reader (memory-mapped, one tensor dequantized at a time) gives every
     parameter exactly as transformers' loading of the whole file does, q/k row order included."""
     import torch
 
     from awq_graph.gguf_weights import GGUFWeights
-    from awq_graph.load import load_model
 
     weights = GGUFWeights(smollm2_gguf)
-    model, _ = load_model(smollm2_gguf)
+    model, _ = smollm2_loaded
     params = dict(model.named_parameters())
     assert set(weights.names()) == set(params)  # the tied head is the table: one tensor in the file
     for name in weights.names():
