@@ -268,9 +268,9 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
             lap("emit")
             exported = None
             if hf_tmp is not None:
-                exported = write_compressed_checkpoint(hf_tmp, gm, model, result.quantized, opts.scheme,
-                                                       checkpoint_dtype(model, source), tokenizer, progress)
-                exported["folder"] = str(hf_dir)
+                exported = {"folder": str(hf_dir), **write_compressed_checkpoint(
+                    hf_tmp, gm, model, result.quantized, opts.scheme, checkpoint_dtype(model, source), tokenizer,
+                    progress)}
                 lap("export_hf")
         finally:
             spill.close()

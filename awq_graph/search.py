@@ -493,8 +493,8 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
 def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu", ranks=ONE):
     """Run layer ``li`` over every calibration chunk: the statistics of each linear input (in the
     form ``form_of(channels, experts, out_features)`` picks, ``out_features`` the rows of the
-    single-linear loss that reads it, None for an input only the clipping reads) from the chunks this rank counts, and (the loss
-    chunks) the inputs and outputs of each ``module2inspect`` that is not a single linear. Hands
+    single-linear loss that reads it, None for an input only the clipping reads) from the chunks
+    this rank counts, and (the loss chunks) the inputs and outputs of each ``module2inspect`` that is not a single linear. Hands
     the chunks' values on to the next layer through ``stores``. The statistics are then those of
     every rank's tokens (``_Stat.reduce``, in the nodes' order: the same on every rank)."""
     input_nodes = {gm.linears[n].input for n in linears}
@@ -502,14 +502,14 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
         input_nodes.add(gm.linears[g.inp].input)
     banks = {gm.linears[n].input: gm.linears[n] for n in linears if gm.linears[n].experts}
     loss_rows = {gm.linears[g.layers[0]].input: gm.linears[g.layers[0]].out_features for g in groups
-                 if len(g.layers) == 1 and g.module2inspect == g.layers[0]}
+                 if g.inspects_one_linear}
     stats = {}
     for node in input_nodes:
         channels, experts = node.meta["val"].shape[-1], banks[node].experts if node in banks else 0
         stats[node] = _Stat(channels, experts, form_of(channels, experts, loss_rows.get(node)), device, ranks)
     inspect = {}
     for g in groups:
-        if not (len(g.layers) == 1 and g.module2inspect == g.layers[0]) and g.module2inspect not in inspect:
+        if not g.inspects_one_linear and g.module2inspect not in inspect:
             sub = [n for n in nodes if in_module(n, g.module2inspect)]
             subset = set(sub)
             ext = {a for n in sub for a in n.all_input_nodes if a not in subset}
@@ -587,8 +587,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
     w_mean = sum(_scatter_mean(weight_magnitude(w, scheme.group_size), maps[n], g.channels) * w.shape[0]
                  for n, w in weights.items()) / rows
 
-    linear_inspect = len(g.layers) == 1 and g.module2inspect == g.layers[0]
-    if linear_inspect:
+    if g.inspects_one_linear:
         name = g.layers[0]
         stat = stats[gm.linears[name].input]
         moments, form = _Moments(stat, opts.screen_dtype), stat.form
@@ -698,8 +697,8 @@ def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, r
     With a ``screen`` dtype every point is first screened in it; the identity, the screen's best
     ratio and its two neighbours, and the points within ``SCREEN_MARGIN`` of the best screened loss
     then get their float32 loss, and the best of those is chosen. The screen's error is measured
-    on them (float32 loss minus screened loss, less the mean of that difference); while it is above a quarter of the margin, the margin
-    widens to four times it and the points newly within get their float32 loss (at worst every
+    on them (float32 loss minus screened loss, less the mean of that difference); while it is
+    above a quarter of the margin, the margin widens to four times it and the points newly within get their float32 loss (at worst every
     point). The choice is float32's whenever no point left unevaluated erred by more than half the
     final margin. Over several ranks each computes every world-th point of each pass, and every
     decision is made from rank 0's copy of the losses."""

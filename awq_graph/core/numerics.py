@@ -336,21 +336,21 @@ def pack_matmulnbits(qw: QuantizedWeight):
     n, k = q.shape
     kb = n_groups(k, bs)
     q = F.pad(q, (0, kb * bs - k)).reshape(n, kb, bs)
-    packed = _pack_nibbles(q) if scheme.bits == 4 else q
+    packed = pack_nibbles(q) if scheme.bits == 4 else q
     scales = qw.scale.to(torch.float32).reshape(-1)
     if scheme.symmetric:
         return packed.numpy(), scales.numpy(), None
     zp = qw.zero.to(torch.uint8)
     if scheme.bits == 4:
-        zp = _pack_nibbles(F.pad(zp, (0, kb % 2), value=scheme.sym_zero))
+        zp = pack_nibbles(F.pad(zp, (0, kb % 2), value=scheme.sym_zero))
     return packed.numpy(), scales.numpy(), zp.reshape(-1).numpy()
 
 
-def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Pairs along the last axis into one byte each: element 2i low nibble, 2i+1 high."""
     return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """``_pack_nibbles`` undone: each byte back to two elements, low nibble first."""
+    """``pack_nibbles`` undone: each byte back to two elements, low nibble first."""
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)

@@ -77,6 +77,11 @@ class ScalingGroup:
     def channel_map(self, layer: str) -> tuple[int, ...]:
         return self.channel_maps[self.layers.index(layer)]
 
+    @property
+    def inspects_one_linear(self) -> bool:
+        """Its loss is the output error of its single linear (no subgraph to run)."""
+        return len(self.layers) == 1 and self.module2inspect == self.layers[0]
+
     def used_channels(self) -> list[int]:
         """Source channels some layer reads; the others keep s = 1."""
         return sorted({c for m in self.channel_maps for c in m})

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.analysis import quantizable_linears
-from ..core.numerics import QuantScheme
+from ..core.numerics import QuantScheme, pack_nibbles
 from ..load import WEIGHT_FILES, eval_dtype
 
 FORMAT = "pack-quantized"
@@ -66,25 +66,23 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
             "ignore": ignore, "kv_cache_scheme": None}
 
 
+def _words(nibbles: np.ndarray) -> torch.Tensor:
+    """Packed nibble bytes (rows, bytes), the first nibble lowest -> (rows, bytes / 4) int32 words
+    (little-endian: eight values a word, the first in the lowest bits)."""
+    return torch.from_numpy(np.ascontiguousarray(nibbles).view("<i4").astype(np.int32))
+
+
 def packed_rows(blob: np.ndarray, out_features: int) -> torch.Tensor:
     """MatMulNBits' (out, groups, bytes) uint8 nibbles -> ``weight_packed`` (out, in / 8) int32."""
-    rows = np.ascontiguousarray(blob.reshape(out_features, -1))
-    return torch.from_numpy(rows.view("<i4").astype(np.int32))
+    return _words(blob.reshape(out_features, -1))
 
 
 def packed_zero_points(zero: torch.Tensor) -> torch.Tensor:
     """Unsigned zero points (out, groups), 0..15 -> ``weight_zero_point`` (ceil(out / 8), groups)
     int32: eight rows a word, the first in the lowest bits (the signed zero point plus 8 is ours)."""
-    z = zero.to(torch.int32).T  # (groups, out): packed along the rows
-    pad = -z.shape[1] % 8
-    if pad:
-        z = torch.nn.functional.pad(z, (0, pad))
-    z = z.reshape(z.shape[0], -1, 8)
-    words = torch.zeros(z.shape[:2], dtype=torch.int64)
-    for i in range(8):
-        words |= z[..., i].to(torch.int64) << (4 * i)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # the same 32 bits, signed
-    return words.to(torch.int32).T.contiguous()
+    z = zero.to(torch.uint8).T  # (groups, out): packed along the rows
+    z = torch.nn.functional.pad(z, (0, -z.shape[1] % 8))
+    return _words(pack_nibbles(z).numpy()).T.contiguous()
 
 
 def checkpoint_dtype(model, source: Path | None) -> torch.dtype:
@@ -108,7 +106,7 @@ def write_compressed_checkpoint(folder: Path, gm, model, quantized: dict, scheme
     """Write the checkpoint into ``folder`` (empty): safetensors shards with their index,
     config.json with the quantization_config, generation_config.json, the tokenizer. ``quantized``:
     linear name -> its held integers (``PackedWeight`` or ``SpilledWeight``); ``dtype``: that of the
-    float tensors and scales (``checkpoint_dtype``). Returns what the report says of it."""
+    float tensors and scales (``checkpoint_dtype``). Returns what the report says of it (the pipeline adds the folder)."""
     progress = progress or (lambda it, desc, total: it)
     linears = {gm.linears[n].weight: gm.linears[n] for n in quantized if n in gm.linears and not gm.linears[n].experts}
     names = _tensor_names(model)
@@ -165,5 +163,5 @@ def write_compressed_checkpoint(folder: Path, gm, model, quantized: dict, scheme
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    return {"folder": str(folder), "format": FORMAT, "quantized_linears": written, "ignored": ignore,
+    return {"format": FORMAT, "quantized_linears": written, "ignored": ignore,
             "dtype": str(dtype).removeprefix("torch."), "shards": shards}
