@@ -1,7 +1,10 @@
 """Export: torch.export of a causal LM (logits only, dynamic batch and sequence) -> ``GraphModel``."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .core.errors import ExportError, first_line
@@ -125,6 +128,7 @@ def _stream(program, params: dict[str, torch.Tensor], skeleton) -> ParamStore:
         if node.op == "call_function":
             node.args = tuple(cpu(a) for a in node.args)
             node.kwargs = {k: cpu(v) for k, v in node.kwargs.items()}
+    _count_as_floats(program.graph)
     weights = set(skeleton.weights.names())
     fixed = {}
     for name, tensor in params.items():
@@ -133,6 +137,29 @@ def _stream(program, params: dict[str, torch.Tensor], skeleton) -> ParamStore:
         elif skeleton.aliases.get(name, name) not in weights:
             raise StreamingUnsupported(f"the traced graph reads '{name}', which the checkpoint does not hold")
     return ParamStore(skeleton.weights, {name: t.shape for name, t in params.items()}, skeleton.aliases, fixed)
+
+
+def _count_as_floats(graph: torch.fx.Graph) -> int:
+    """Modeling code that branches on the device took, traced on the meta device, the branch
+    for accelerators: transformers' MoE experts count the tokens per expert with ``histc`` of
+    integers, which the CPU has no kernel for (its CPU branch counts the same ids as floats).
+    Each such ``histc`` gets its input cast to float32, as that branch does. Returns how many."""
+    cast = 0
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.histc.default:
+            continue
+        ids = node.args[0]
+        val = ids.meta.get("val")
+        if val is None or val.is_floating_point():
+            continue
+        with graph.inserting_before(node):
+            floats = graph.call_function(torch.ops.aten._to_copy.default, (ids,), {"dtype": torch.float32})
+        floats.meta = {key: value for key, value in node.meta.items() if key != "val"}
+        with (detect_fake_mode([val]) or nullcontext()):
+            floats.meta["val"] = val.to(torch.float32)
+        node.args = (floats, *node.args[1:])
+        cast += 1
+    return cast
 
 
 class StreamingUnsupported(ExportError):

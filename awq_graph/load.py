@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,9 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
     else:
         from .weights import SafetensorsWeights
 
-        weights = SafetensorsWeights(path)
+        weights, why = _under_model_names(SafetensorsWeights(path), model)
+        if weights is None:
+            return None, why
     model.tie_weights()
     model.eval()
     stored = set(weights.names())
@@ -195,6 +198,55 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
                 return None, f"the checkpoint has no tensor '{name}' under that name"
             aliases[name] = canonical[id(param)]
     return Skeleton(model, weights, aliases), None
+
+
+def _natural(key: str) -> tuple:
+    """Sort key: the numbers in a name as numbers (expert 2 before expert 10)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
+
+
+def _under_model_names(weights, model):
+    """(the checkpoint's tensors under the model's parameter names, None), or (None, why not):
+    transformers' conversion mapping for the model (what its loader renames, and the experts it
+    merges into banks: one tensor per expert, and per gate and up, in Mixtral's, Qwen-MoE's and
+    OLMoE's checkpoints) applied to the names; ``RenamedWeights`` reads the tensors so. A
+    conversion other than renaming and merging experts (a transpose, a split) is not streamed."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
+
+    from .weights import RenamedWeights
+
+    transforms = get_model_conversion_mapping(model) or []
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    meta = model.state_dict()
+    renamed, sources = {}, {}
+    for key in weights.names():
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None:
+            if target != key:
+                renamed[target] = key
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        ops = [(type(op), getattr(op, "dim", None)) for op in converter.operations]
+        if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
+            steps = ", ".join(type(op).__name__ for op in converter.operations)
+            return None, f"transformers converts the checkpoint's '{key}' on loading ({steps})"
+        sources.setdefault(target, (converter, {}))[1].setdefault(pattern, []).append(key)
+    merged = {}
+    for target, (converter, by_pattern) in sources.items():
+        parts = [sorted(by_pattern.get(p, []), key=_natural) for p in converter.source_patterns]
+        if target not in meta or not all(parts) or len({len(p) for p in parts}) != 1:
+            return None, f"the checkpoint's tensors merged into '{target}' do not make one bank"
+        merged[target] = parts
+    if not renamed and not merged:
+        return weights, None
+    renamed_weights = RenamedWeights(weights, renamed, merged)
+    for target in merged:
+        if renamed_weights.shape(target) != tuple(meta[target].shape):
+            return None, (f"the checkpoint's experts merge into {renamed_weights.shape(target)} for '{target}', "
+                          f"the model's config makes it {tuple(meta[target].shape)}")
+    return renamed_weights, None
 
 
 def tokenizer_files(model_path: str | Path) -> str:

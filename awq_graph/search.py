@@ -194,18 +194,16 @@ def rtn(gm: GraphModel, scheme: QuantScheme, progress=None, keep=None) -> Search
     out = {}
     for name in progress(names, "round to nearest", len(names)):
         site = gm.linears[name]
-        out[name] = _held(name, quantize(site.matrix(gm.params).detach().float(), scheme), site, keep)
+        out[name] = _held(name, quantize(site.matrix(gm.params).detach().float(), scheme), keep)
         if gm.streamed:
             gm.params.release([site.weight], spent=True)
     return SearchResult(out)
 
 
-def _held(name: str, qw: QuantizedWeight, site, keep=None) -> QuantizedWeight:
-    """The integers as the compile holds them until they are written: a plain linear's packed
-    (``PackedWeight``, half the bytes) and handed to ``keep(name, packed)`` (which may put them on
-    disk), a bank of experts' as they are (the QMoE writer slices them)."""
-    if site.experts:
-        return qw
+def _held(name: str, qw: QuantizedWeight, keep=None) -> QuantizedWeight:
+    """The integers as the compile holds them until they are written: packed (``PackedWeight``,
+    half the bytes) and handed to ``keep(name, packed)`` (which may put them on disk); a bank of
+    experts too, its (E * out, in) rows packed row by row (the QMoE writer takes rows as they lie)."""
     packed = PackedWeight.of(qw)
     return keep(name, packed) if keep else packed
 
@@ -442,7 +440,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
                                            sum(c.mean_shrink * r for c, r in zip(clips, rows)) / sum(rows)))
         whole = QuantizedWeight(torch.cat([q.q for q in pieces]), torch.cat([q.scale for q in pieces]),
                                 torch.cat([q.zero for q in pieces]), scheme)
-        result.quantized[name] = _held(name, whole, site, keep)
+        result.quantized[name] = _held(name, whole, keep)
 
 
 def _release_layer(gm: GraphModel, nodes, linears, folded: list[Folded]) -> None:
@@ -567,7 +565,7 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None
             continue
         if report is not None:
             clips.append(report)
-        quantized[name] = _held(name, quantize(w, opts.scheme, shrink).to("cpu"), site, keep)
+        quantized[name] = _held(name, quantize(w, opts.scheme, shrink).to("cpu"), keep)
     return quantized, clips
 
 

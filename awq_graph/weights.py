@@ -111,6 +111,9 @@ class SafetensorsWeights:
     def numel(self, name: str) -> int:
         return math.prod(self._where[name][2])
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name][2]
+
     def get(self, name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, in its stored dtype or converted to ``as_dtype`` piece by piece (16 MB of
         the file at a time: a 2 GB float32 table from bf16 takes 2 GB, not 3)."""
@@ -135,6 +138,53 @@ class SafetensorsWeights:
                 values = torch.frombuffer(chunk, dtype=dtype)
                 flat[start // size:start // size + values.numel()] = values
         return out
+
+
+class RenamedWeights:
+    """A checkpoint's tensors under the names the model's parameters carry, where transformers
+    renames or merges them on loading (its conversion mapping): a renamed tensor is read as it
+    is; a bank of experts (E, out, in) merged from one tensor per expert, and per source (gate
+    and up, stacked along the rows: Mixtral's ``w1``/``w3``, Qwen's ``gate_proj``/``up_proj``)
+    is put together when read, each expert's tensor copied into its slot (the bank plus one
+    expert in memory). ``merged``: model name -> its sources, one list per source pattern in
+    the concatenation's order, each in expert order."""
+
+    def __init__(self, source, renamed: dict[str, str], merged: dict[str, list[list[str]]]):
+        self.source = source
+        self._renamed = renamed
+        self._merged = merged
+        hidden = set(renamed.values()) | {k for parts in merged.values() for part in parts for k in part}
+        self._names = [n for n in source.names() if n not in hidden] + list(renamed) + list(merged)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def _first(self, name: str) -> str:
+        return self._merged[name][0][0] if name in self._merged else self._renamed.get(name, name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(self._first(name))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._merged:
+            return tuple(self.source.shape(self._renamed.get(name, name)))
+        parts = self._merged[name]
+        rows, cols = self.source.shape(parts[0][0])
+        return (len(parts[0]), rows * len(parts), cols)
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def get(self, name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self._merged:
+            return self.source.get(self._renamed.get(name, name), as_dtype)
+        parts = self._merged[name]
+        bank = torch.empty(self.shape(name), dtype=as_dtype or self.dtype(name))
+        rows = bank.shape[1] // len(parts)
+        for p, part in enumerate(parts):
+            for e, key in enumerate(part):
+                bank[e, p * rows:(p + 1) * rows] = self.source.get(key, as_dtype)
+        return bank
 
 
 def check_finite_tensor(name: str, tensor: torch.Tensor) -> None:

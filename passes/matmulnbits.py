@@ -46,19 +46,27 @@ def initializer(array: np.ndarray, name: str) -> ir.Value:
 SPILLED = "awq_graph.spilled"  # an initializer's Value.meta key: (array kind, SpilledWeight) it was read from
 
 
-def spilled_initializer(qw: SpilledWeight, kind: str, name: str, dtype: np.dtype | None = None) -> ir.Value:
+def spilled_initializer(qw: SpilledWeight, kind: str, name: str, dtype: np.dtype | None = None,
+                        rows=None, shape: tuple[int, ...] | None = None) -> ir.Value:
     """An initializer whose bytes are read from the integer scratch file only when the model is
-    saved (``ir.LazyTensor``, not cached); ``Value.meta[SPILLED]`` says where they came from."""
+    saved (``ir.LazyTensor``, not cached). ``rows``: the output rows to write, in this order (an
+    index tensor; None: all, as spilled); ``shape``: the array's shape (default: as spilled).
+    ``Value.meta[SPILLED]`` says where the bytes came from, when they are the spilled bytes in
+    their order (not for taken rows: those are checked by running the model)."""
     first = qw.segments[0].where[kind]
     dtype = np.dtype(dtype or first[1])
-    shape = (sum(s.where[kind][2][0] for s in qw.segments), *first[2][1:])
+    shape = shape or (sum(s.where[kind][2][0] for s in qw.segments), *first[2][1:])
 
     def read():
-        return ir.tensor(qw.array(kind).astype(dtype, copy=False), name=name)
+        array = qw.array(kind).astype(dtype, copy=False)
+        if rows is not None:
+            array = array.reshape(qw.shape[0], -1)[np.asarray(rows)]
+        return ir.tensor(np.ascontiguousarray(array.reshape(shape)), name=name)
 
     value = ir.Value(name=name, const_value=ir.LazyTensor(read, ir.DataType.from_numpy(dtype), ir.Shape(shape), name=name),
                      shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(dtype)))
-    value.meta[SPILLED] = (kind, qw)
+    if rows is None:
+        value.meta[SPILLED] = (kind, qw)
     return value
 
 

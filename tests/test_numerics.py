@@ -75,3 +75,21 @@ def test_each_end_of_an_asymmetric_range_shrinks_on_its_own():
     deq = fake_quantize(w, scheme, shrink=(1.0, 0.5))  # (for max, for min)
     assert float(deq.min()) >= -1.0 - 1e-6
     assert abs(float(deq.max()) - 1.0) < 0.11  # max end kept (within a step)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(4, 32, symmetric=True), QuantScheme(8, 16)],
+                         ids=lambda s: s.name)
+def test_rows_taken_from_packed_integers_are_the_packing_of_the_rows_taken(scheme):
+    """A bank of experts is held packed and the QMoE writer reorders its rows (gate and up
+    interleaved) without unpacking: each row's nibbles, scales and zero points are its own."""
+    from awq_graph.core.numerics import PackedWeight
+
+    qw = quantize(torch.randn(24, 80, generator=torch.Generator().manual_seed(0)), scheme)  # 3 groups, the last short
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    taken, expected = PackedWeight.of(qw).take_rows(order), PackedWeight.of(qw.take_rows(order))
+    assert taken.shape == expected.shape == (24, 80)
+    assert torch.equal(taken.blob, expected.blob) and torch.equal(taken.scales, expected.scales)
+    assert (taken.zeros is None) == scheme.symmetric
+    if taken.zeros is not None:
+        assert torch.equal(taken.zeros, expected.zeros)
+    assert torch.equal(taken.q, qw.q[order]) and torch.equal(taken.zero, qw.zero[order])

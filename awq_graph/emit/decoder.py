@@ -34,7 +34,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from awq_graph.core.numerics import QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, out_rows, signature)
 from awq_graph.emit.families import DecoderShape, Family, Names
@@ -253,8 +252,8 @@ def moe_block(g: GraphBuilder, h: str, m: str, names: Names, linears, shape: Dec
     # QMoE reads gate and up interleaved: row 2j is gate j, row 2j + 1 is up j
     per_expert = torch.stack([torch.arange(rows // 2), torch.arange(rows // 2) + rows // 2], 1).reshape(-1)
     order = (torch.arange(experts)[:, None] * rows + per_expert).reshape(-1)
-    fc1 = _expert_bank(g, gate_up.quantized.take_rows(order), experts, f"{m}.{names.experts_gate_up}")
-    fc2 = _expert_bank(g, down.quantized, experts, f"{m}.{names.experts_down}")
+    fc1 = g.nbits_bank(gate_up.quantized, f"{m}.{names.experts_gate_up}", experts, rows=order)
+    fc2 = g.nbits_bank(down.quantized, f"{m}.{names.experts_down}", experts)
     scheme = gate_up.quantized.scheme
     inputs = [h, logits, fc1[0], fc1[1], None, fc2[0], fc2[1], None, None, None, None, fc1[2], fc2[2]]
     if not shape.renormalize:
@@ -270,17 +269,6 @@ def moe_block(g: GraphBuilder, h: str, m: str, names: Names, linears, shape: Dec
     dense = _mlp(g, h, shared, names, linears, shape, accuracy_level)
     weight = g.op("Sigmoid", [linear(g, h, linears[shared_gate], shared_gate, accuracy_level)], f"{shared_gate}/Sigmoid")
     return g.op("Add", [routed, g.op("Mul", [weight, dense], f"{shared_gate}/Mul")], f"{m}/Add")
-
-
-def _expert_bank(g: GraphBuilder, qw: QuantizedWeight, experts: int, name: str):
-    """QMoE's (weights, scales, zero points) of a bank whose (E * out, in) rows go expert by
-    expert: MatMulNBits' packing, one (out, ...) slab per expert."""
-    packed, scales, zeros = pack_matmulnbits(qw)
-    out = qw.shape[0] // experts
-    weights = g.const(f"{name}.qweight", packed.reshape(experts, out, -1))
-    scale = g.const(f"{name}.scales", scales.reshape(experts, out, -1).astype(g.np_float))
-    zero = g.const(f"{name}.qzeros", zeros.reshape(experts, out, -1)) if zeros is not None else None
-    return weights, scale, zero
 
 
 def _norm(g: GraphBuilder, delta, residual, x, weight, name: str, eps: float):
