@@ -81,6 +81,38 @@ def test_a_bank_of_experts_is_measured_against_the_tokens_routed_to_each_expert(
     assert blocks.shape == (15, 2) and abs(float(blocks.sum()) / per_expert - 1) < 0.5  # cross-group terms left out
 
 
+def test_both_loss_forms_of_a_bank_of_experts_choose_the_same(mixtral):
+    """A bank's loss reads, per expert, the rows routed to it or their H: the rows while there are
+    fewer calibration tokens than channels (48 tokens here against the banks' 64 and 128 inputs),
+    H beyond. Forced either way, the search chooses the same ratios, clips and integers."""
+    from awq_graph.core.numerics import diagonal_blocks, diagonal_blocks_of_rows, direct_output_error
+    from awq_graph.search import loss_form
+
+    gen = torch.Generator().manual_seed(0)
+    dw, xs = torch.randn(3 * 5, 32, generator=gen), [torch.randn(n, 32, generator=gen) for n in (7, 0, 11)]
+    grams = torch.stack([x.T @ x for x in xs])  # an expert no token was routed to: zero rows, zero H
+    assert abs(float(direct_output_error(dw, xs)) / float(quadratic_output_error(dw, grams)) - 1) < 1e-5
+    assert torch.allclose(diagonal_blocks_of_rows(xs, 16), diagonal_blocks(grams, 16), atol=1e-4)
+    assert loss_form(tokens=2048, channels=14336, experts=8) == "direct"  # Mixtral-8x7B's down_proj input, 8 x 256
+    assert loss_form(tokens=65536, channels=4096, experts=8) == "quadratic"  # its gate_up input at 128 x 512
+    _, per_layer, _ = derive_groups(export_model(mixtral))
+    calib = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for form in ("auto", "quadratic", "direct"):
+        gm = export_model(mixtral)
+        with torch.no_grad():
+            results[form] = awq_search(gm, per_layer, calib, SearchOptions(scheme=QuantScheme(4, 32), loss_form=form))
+    banks = [g for g in results["auto"].groups if g.layers[-1].endswith("experts.down_proj")]
+    assert len(banks) == 2 and {g.loss_form for g in banks} == {"direct"}
+    quadratic, direct = results["quadratic"], results["direct"]
+    assert [g.ratio for g in quadratic.groups] == [g.ratio for g in direct.groups]
+    for q, d in zip(quadratic.groups, direct.groups):  # the same loss up to float32 rounding
+        assert abs(q.loss_awq - d.loss_awq) <= 1e-4 * max(q.loss_awq, 1e-30), (q, d)
+    assert [c.mean_shrink for c in quadratic.clips] == [c.mean_shrink for c in direct.clips]
+    for name, qw in quadratic.quantized.items():
+        assert torch.equal(qw.q, direct.quantized[name].q), name
+
+
 @pytest.fixture(scope="module")
 def mixtral():
     return tiny_random_model("mixtral")  # hidden 64, 4 experts of intermediate 128, top-2

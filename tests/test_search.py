@@ -56,7 +56,7 @@ def test_the_loss_cost_model_picks_the_cheaper_form_and_both_forms_choose_the_sa
     assert loss_form(2048, 2048, 0, out_features=None) == "direct"  # read by the clipping alone: blocks from rows
     assert loss_form(4096, 2048, 0, out_features=None) == "quadratic"  # the rows would outweigh H (float64)
     assert loss_form(tokens=8192, channels=4096, experts=0) == "quadratic"
-    assert loss_form(tokens=8, channels=4096, experts=8) == "quadratic"  # experts: one H per expert
+    assert loss_form(tokens=8192, channels=4096, experts=8) == "quadratic"  # experts: one H per expert
     calib = torch.randint(0, 320, (3, 32), generator=torch.Generator().manual_seed(1))
     scheme = QuantScheme(4, 16)
     results = {}

@@ -48,14 +48,15 @@ def test_a_moe_checkpoint_of_one_tensor_per_expert_streams_the_bytes_of_the_in_m
     which transformers merges into one bank per layer as it loads them; a streamed compile merges
     them as it reads the layer (experts in their numbers' order: 12 of them, so 10 and 11 sort
     after 2), and the graph traced on the meta device counts the tokens per expert as the CPU
-    does (modeling code takes another branch for meta tensors)."""
+    does (modeling code takes another branch for meta tensors). Three layers: the trace computes
+    the experts' sizes once, in layer 0, for every layer (layer 2 reads them two layers back)."""
     from safetensors import safe_open
 
     from awq_graph import compile
     from awq_graph.load import tiny_random_model
 
     folder = tmp_path / "ck"
-    tiny_random_model(model_type, **overrides).to(torch.bfloat16).save_pretrained(folder)
+    tiny_random_model(model_type, num_hidden_layers=3, **overrides).to(torch.bfloat16).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert any(".experts.11." in k or ".experts.3." in k for k in f.keys())  # per expert on disk

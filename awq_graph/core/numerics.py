@@ -208,10 +208,16 @@ def quadratic_output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor
     return ((dw @ gram) * dw).sum()
 
 
-def direct_output_error(dw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def direct_output_error(dw: torch.Tensor, rows) -> torch.Tensor:
     """The same sum as ``quadratic_output_error`` from the input rows X (tokens, in) instead of
     H = X^T X: ||X dW^T||^2, costing out x in x tokens instead of out x in^2 (cheaper when there
-    are fewer tokens than input channels). The product runs in the rows' dtype."""
+    are fewer tokens than input channels). The product runs in the rows' dtype.
+
+    A bank of E experts: dW (E * out, in) expert by expert and ``rows`` a list of E (tokens_e, in),
+    each expert's rows against the tokens routed to it."""
+    if isinstance(rows, list):
+        parts = dw.reshape(len(rows), -1, dw.shape[1])
+        return sum((direct_output_error(d, r) for d, r in zip(parts, rows)), torch.zeros((), device=dw.device))
     return (rows @ dw.T.to(rows.dtype)).float().square().sum()
 
 
@@ -228,8 +234,11 @@ def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
     return hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]
 
 
-def diagonal_blocks_of_rows(rows: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``diagonal_blocks`` of X^T X from the rows X (tokens, in), without forming H."""
+def diagonal_blocks_of_rows(rows, group_size: int) -> torch.Tensor:
+    """``diagonal_blocks`` of X^T X from the rows X (tokens, in), without forming H; a bank's list
+    of E experts' rows -> (E, G, gs, gs)."""
+    if isinstance(rows, list):
+        return torch.stack([diagonal_blocks_of_rows(r, group_size) for r in rows])
     tokens, in_f = rows.shape
     g = n_groups(in_f, group_size)
     pad = g * group_size - in_f

@@ -91,6 +91,8 @@ def run_layers(gm: GraphModel, input_ids: torch.Tensor, layers: list[int], made:
                 made_at = stages.stage_of.get(a)
                 if made_at is None or made_at == 0 or made_at == stage:
                     continue  # a parameter, the input, the pre stage's values, or its own
+                if a in env and not isinstance(a.meta.get("val"), torch.Tensor):
+                    continue  # a size: the trace computes one expression once for every layer using it
                 if previous is None or made_at != stage - 1:
                     raise InterpretError(f"{node.name} reads {a.name} of another layer than the one before it")
                 env[a] = env[stages.counterpart(a, previous)]
