@@ -355,7 +355,7 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
 
 
 @dataclass(frozen=True)
-class _Chunks:
+class Chunks:
     """The calibration samples as this rank runs them: ``ids[c]`` per interpreter pass; the first
     ``loss`` chunks are the loss subsample (every rank runs all of it: the grid points are shared
     out); ``counted[c]``: whether this rank adds chunk c to the statistics (each sample is counted
@@ -365,8 +365,14 @@ class _Chunks:
     counted: list[bool]
     loss: int
 
+    @staticmethod
+    def counted_once(ids: list[torch.Tensor]) -> "Chunks":
+        """One process's chunks, each counted (the first the loss subsample): what ``search_head``
+        takes outside ``awq_search`` (tools/bench_head.py)."""
+        return Chunks(list(ids), [True] * len(ids), 1)
 
-def _plan_chunks(calib, loss_idx, rest, per_chunk: int, ranks: Ranks) -> _Chunks:
+
+def _plan_chunks(calib, loss_idx, rest, per_chunk: int, ranks: Ranks) -> Chunks:
     mine = ranks.share(loss_idx)
     others = loss_idx[~torch.isin(loss_idx, mine)]
     ids, counted = [calib[mine]], [True]
@@ -378,7 +384,7 @@ def _plan_chunks(calib, loss_idx, rest, per_chunk: int, ranks: Ranks) -> _Chunks
     for i in range(0, len(rest), per_chunk):
         ids.append(calib[rest[i:i + per_chunk]])
         counted.append(True)
-    return _Chunks(ids, counted, loss)
+    return Chunks(ids, counted, loss)
 
 
 HEAD_ROWS = 8192  # rows of the head per pass: the search's temporaries stay a few (rows x in) floats

@@ -138,23 +138,25 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 @pytest.mark.slow
-def test_the_memory_of_a_streamed_compile_does_not_grow_with_depth(tmp_path):
-    """AWQ compiles of one width (63 MB of float32 weights per layer) at 2 and 4 layers, each in
-    its own process (peak RSS, ru_maxrss). Loaded whole (--no-stream), 4 more layers cost +313 MB
-    here; streamed, the 2 more should cost well under their 126 MB of float32. glibc is told to
-    map every allocation over 64 KB on its own (``MALLOC_MMAP_THRESHOLD_``), so that a freed tensor
-    leaves the RSS at once: the peak is then what was live, not what the heap kept (with glibc's
-    defaults the same compile's peak moved by up to 60 MB between runs, and took the lower of two)."""
+@pytest.mark.parametrize("shape,layer_mb", [("wide", 63.0), ("moe-wide", 51.0)])
+def test_the_memory_of_a_streamed_compile_does_not_grow_with_depth(tmp_path, shape, layer_mb):
+    """AWQ compiles of one width (63 MB of float32 weights per layer; the MoE shape 51 MB, 8
+    experts in Mixtral's checkpoint layout) at 2 and 4 layers, each in its own process (peak RSS,
+    ru_maxrss). Loaded whole (--no-stream), 4 more layers cost +313 MB here; streamed, the 2 more
+    should cost well under their float32. glibc is told to map every allocation over 64 KB on its
+    own (``MALLOC_MMAP_THRESHOLD_``), so that a freed tensor leaves the RSS at once: the peak is
+    then what was live, not what the heap kept (with glibc's defaults the same compile's peak moved
+    by up to 60 MB between runs, and took the lower of two)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
     peak = {}
     for layers in (2, 4):
-        folder = build(tmp_path / f"ck{layers}", "wide", layers=layers)
+        folder = build(tmp_path / f"ck{layers}", shape, layers=layers)
         run = subprocess.run([sys.executable, "-c", _PEAK, str(folder), str(tmp_path / "out"), "1"],
                              capture_output=True, text=True, cwd=REPO, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
         peak[layers] = float(run.stdout.split()[-1])
     growth = peak[4] - peak[2]
-    two_layers = 2 * 63.0
+    two_layers = 2 * layer_mb
     print(f"peak RSS MB: {peak}; 2 more layers: +{growth:.0f} MB (their float32 weights: {two_layers:.0f} MB)")
     # measured +2 .. +16 MB for 4 more layers over 3 pairs of runs (the integers are spilled to disk
     # as layers finish); glibc's defaults had moved the peak by up to 60 MB between runs

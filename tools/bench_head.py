@@ -53,7 +53,7 @@ def main() -> int:
     from awq_graph.load import load_model
     from awq_graph.match import head_group
     from awq_graph.runtime import perplexity
-    from awq_graph.search import SearchOptions, SearchResult, search_head
+    from awq_graph.search import Chunks, SearchOptions, SearchResult, search_head
 
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)  # the norm's fold edits a parameter in place
@@ -65,11 +65,11 @@ def main() -> int:
     (head,) = group.layers
     calib = calibration.from_file(args.data / "wikitext2-valid-tokenized.txt", tokenizer, args.n_samples, 512)
     test = tokenizer(calibration.read_text(args.data / "wikitext2-test.txt"), add_special_tokens=False).input_ids
-    chunks = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+    chunks = Chunks.counted_once([calib[i:i + 8] for i in range(0, len(calib), 8)])
     body = [n for k in range(stages.n + 1) for n in stages.stages[k]]
     stores = []
     with torch.no_grad():  # the float body once: what the post stage reads, per chunk
-        for ids in chunks:
+        for ids in chunks.ids:
             env = run_nodes(body, {gm.input_node(): ids}, made=gm.param_makers(), keep=stages.keep_after[stages.n])
             stores.append({n: env[n] for n in stages.keep_after[stages.n]})
     site, lookup, table = gm.linears[head], token_lookup(gm), gm.params[token_table(gm)].detach().clone()

@@ -31,6 +31,7 @@ SHAPES = {
 # name: (hidden, layers, expert intermediate, heads, kv_heads, vocab, experts, experts per token), untied head:
 # Mixtral's layout, written as its checkpoints are (one tensor per expert: block_sparse_moe.experts.N.w1/w3/w2)
 MOE_SHAPES = {
+    "moe-wide": (256, 2, 2048, 4, 2, 320, 8, 2),        # for tests of memory: 51 MB of float32 per layer
     "moe-mini": (1024, 6, 2048, 8, 4, 49152, 8, 2),     # 54M parameters per layer, 50M of them experts
     "mixtral": (4096, 32, 14336, 32, 8, 32000, 8, 2),   # Mixtral-8x7B
 }

@@ -25,23 +25,42 @@ def example_values(gm: GraphModel, seq: int = 6) -> dict:
     seq = gm.fixed_seq or seq
     ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    of_weights = computed_from_weights(gm, nodes)
     with torch.no_grad():  # the parameters read where used, then dropped; looked up again when asked
-        env = run_nodes(nodes, {gm.input_node(): ids}, made=gm.param_makers(), keep={*nodes, gm.input_node()})
-    return _WithParams(env, gm)
+        env = run_nodes(nodes, {gm.input_node(): ids}, made=gm.param_makers(),
+                        keep={*nodes, gm.input_node()} - of_weights)
+    return _WithParams(env, gm, of_weights)
+
+
+def computed_from_weights(gm: GraphModel, nodes: list[fx.Node]) -> set[fx.Node]:
+    """The ``nodes`` (in graph order) whose value is computed from parameters alone (an expert
+    bank's transpose, a rotary table): held, such a value holds its parameters (a view, often)."""
+    found: set[fx.Node] = set()
+    for n in nodes:
+        if n.all_input_nodes and all(a in found or gm.param_of(a) is not None for a in n.all_input_nodes):
+            found.add(n)
+    return found
 
 
 class _WithParams(dict):
-    """Node values, with a parameter read (from the checkpoint, when streamed) when it is looked up."""
+    """Node values, with a parameter read (from the checkpoint, when streamed) when it is looked up,
+    and a value computed from parameters alone made again: held, such a value (a view, often) would
+    hold its parameters, every layer's MoE banks at once."""
 
-    def __init__(self, env: dict, gm: GraphModel):
+    def __init__(self, env: dict, gm: GraphModel, of_weights: set = frozenset()):
         super().__init__(env)
         self._gm = gm
+        self._of_weights = of_weights
         self._last: tuple = (None, None)  # the analysis asks for one weight several times in a row
 
     def __missing__(self, node):
         name = self._gm.param_of(node)
         if name is None:
-            raise KeyError(node)
+            if node not in self._of_weights:
+                raise KeyError(node)
+            with torch.no_grad():
+                return node.target(*fx.node.map_arg(node.args, self.__getitem__),
+                                   **fx.node.map_arg(node.kwargs, self.__getitem__))
         if self._last[0] != name:
             self._last = (None, None)  # the previous one dropped before the next is read
             self._last = (name, self._gm.params[name])

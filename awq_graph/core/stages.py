@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .analysis import decoder_layers
+from .analysis import computed_from_weights, decoder_layers
 from .errors import InterpretError
 from .ir import GraphModel, module_path, run_nodes
 
@@ -59,16 +59,23 @@ class Stages:
                     for k in range(stage_of[a], stage_of[node]):
                         self.keep_after[k].add(a)
 
+    def _program(self, stage: int, sizes: bool = False) -> list[fx.Node]:
+        """A stage's nodes that compute tensors (``sizes``: all of them). The trace computes a size
+        expression once, in the first layer that needs it (a MoE model's layer 0 computes the
+        experts' sizes every later layer reads), so the layers' programs are their tensor ops."""
+        return [n for n in self.stages[stage] if sizes or isinstance(n.meta.get("val"), torch.Tensor)]
+
     def alike(self, a: int, b: int) -> bool:
         """Decoder layers ``a`` and ``b`` are the same program (the same ops in the same order)."""
-        return [n.target for n in self.stages[a + 1]] == [n.target for n in self.stages[b + 1]]
+        return [n.target for n in self._program(a + 1)] == [n.target for n in self._program(b + 1)]
 
     def counterpart(self, node: fx.Node, layer: int) -> fx.Node:
         """The node of decoder layer ``layer`` at ``node``'s place in its own layer."""
         own = self.stage_of[node]
-        index = self.stages[own].index(node)
-        other = self.stages[layer + 1]
-        if len(other) != len(self.stages[own]) or other[index].target != node.target:
+        sizes = not isinstance(node.meta.get("val"), torch.Tensor)
+        mine, other = self._program(own, sizes), self._program(layer + 1, sizes)
+        index = mine.index(node)
+        if len(other) != len(mine) or other[index].target != node.target:
             raise InterpretError(f"decoder layers {own - 1} and {layer} are not the same program "
                                  f"(at {node.name}): they cannot stand in for each other")
         return other[index]
@@ -84,6 +91,10 @@ def run_layers(gm: GraphModel, input_ids: torch.Tensor, layers: list[int], made:
     makers = {**gm.param_makers(skip=set(makers)), **makers}
     env = {gm.input_node(): input_ids, **(fixed or {})}
     calls = {n for stage in stages.stages for n in stage}
+    # a value made from the weights alone and read only in its own stage goes with its last reader
+    # (kept, an expert bank's transpose would keep the dequantized bank of every layer run)
+    keep = calls - {n for n in computed_from_weights(gm, [n for s in stages.stages for n in s])
+                    if all(stages.stage_of.get(u) == stages.stage_of[n] for u in n.users)}
     previous = None  # the layer run last
     for stage in [0] + [li + 1 for li in layers] + [stages.n + 1]:
         for node in stages.stages[stage]:
@@ -97,7 +108,7 @@ def run_layers(gm: GraphModel, input_ids: torch.Tensor, layers: list[int], made:
                     raise InterpretError(f"{node.name} reads {a.name} of another layer than the one before it")
                 env[a] = env[stages.counterpart(a, previous)]
         nodes = [n for n in stages.stages[stage] if n not in env]
-        run_nodes(nodes, env, made=makers, keep=calls)
+        run_nodes(nodes, env, made=makers, keep=keep)
         if 0 < stage <= stages.n:
             previous = stage - 1
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
