@@ -93,3 +93,22 @@ def test_rows_taken_from_packed_integers_are_the_packing_of_the_rows_taken(schem
     if taken.zeros is not None:
         assert torch.equal(taken.zeros, expected.zeros)
     assert torch.equal(taken.q, qw.q[order]) and torch.equal(taken.zero, qw.zero[order])
+
+
+def test_a_weight_quantized_a_block_of_rows_at_a_time_gets_the_integers_of_one_pass(monkeypatch):
+    """Rows are independent, so a bank of experts is quantized QUANTIZE_ROWS rows at a time (its
+    float temporaries stay a block's): the same integers, scales and zero points, with shrinks per
+    (row, group) too."""
+    from awq_graph.core import numerics
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(30, 80, generator=gen)
+    hi, lo = 1 - 0.3 * torch.rand(30, 3, generator=gen), 1 - 0.3 * torch.rand(30, 3, generator=gen)
+    for scheme, shrink in [(QuantScheme(4, 32), (hi, lo)), (QuantScheme(4, 32, symmetric=True), 0.9),
+                           (QuantScheme(8, 16), 1.0)]:
+        whole = quantize(w, scheme, shrink)
+        monkeypatch.setattr(numerics, "QUANTIZE_ROWS", 7)  # 30 rows: blocks of 7, the last of 2
+        blocks = quantize(w, scheme, shrink)
+        monkeypatch.undo()
+        assert torch.equal(whole.q, blocks.q) and torch.equal(whole.scale, blocks.scale), scheme
+        assert torch.equal(whole.zero, blocks.zero), scheme

@@ -150,21 +150,39 @@ def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tuple
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Integers of ``w`` for the given per-group (scale, zero): (out, in) float holding 0..qmax."""
     wg = to_groups(w, scheme.group_size)
-    q = torch.round(wg / scale.unsqueeze(2) + zero.unsqueeze(2)).clamp(0, scheme.qmax)
+    q = (wg / scale.unsqueeze(2)).add_(zero.unsqueeze(2)).round_().clamp_(0, scheme.qmax)  # one buffer
     return from_groups(q, w.shape[1])
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """(q - zero) * scale per group -> (out, in) float32."""
     in_f = q.shape[1]
-    qg = to_groups(q.float(), group_size)
-    return from_groups((qg - zero.float().unsqueeze(2)) * scale.float().unsqueeze(2), in_f)
+    qg = to_groups(q.to(torch.float32, copy=True), group_size)  # a copy: the products go into it
+    return from_groups(qg.sub_(zero.float().unsqueeze(2)).mul_(scale.float().unsqueeze(2)), in_f)
+
+
+QUANTIZE_ROWS = 8192  # rows per pass: an expert bank (Mixtral's gate_up: 229,376 rows) a block at a time
 
 
 def quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0) -> QuantizedWeight:
+    """The integers of ``w`` (out, in) per group, ranges shrunk by ``shrink`` (as ``group_range``).
+    Rows are independent: taken ``QUANTIZE_ROWS`` at a time, the float temporaries stay a few
+    (rows x in) whatever the weight (a float32 copy of Mixtral-8x7B's gate_up bank is 3.8 GB)."""
+    if w.shape[0] > QUANTIZE_ROWS:
+        parts = [quantize(w[r:r + QUANTIZE_ROWS], scheme, _rows_of(shrink, r, QUANTIZE_ROWS))
+                 for r in range(0, w.shape[0], QUANTIZE_ROWS)]
+        return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                               torch.cat([p.zero for p in parts]), scheme)
     scale, zero = group_range(w, scheme, shrink)
     q = quantize_with(w, scale, zero, scheme)
     return QuantizedWeight(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), scheme)
+
+
+def _rows_of(shrink, start: int, count: int):
+    """``shrink`` (a scalar, an (out, G) tensor, or a pair of either) for rows start .. start + count."""
+    if isinstance(shrink, tuple):
+        return tuple(_rows_of(s, start, count) for s in shrink)
+    return shrink[start:start + count] if isinstance(shrink, torch.Tensor) and shrink.dim() else shrink
 
 
 def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tuple | None = None) -> torch.Tensor:
