@@ -55,7 +55,7 @@ from .core.stages import Stages
 from .core.ranks import ONE, Ranks
 from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
                             diagonal_blocks_of_rows, direct_output_error, fake_quantize, group_extrema,
-                            quadratic_output_error, quantize, weight_magnitude)
+                            quadratic_output_error, quantize, scaled_fake_quantize, weight_magnitude)
 from .core.records import ScalingGroup
 from .passes.fold import Folded, fold_scales
 
@@ -617,7 +617,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         def loss_of(s, dtype=None):
             sc = s[maps[name]]
             w = weights[name]
-            dw = fake_quantize(w * sc, scheme) / sc - w
+            dw = scaled_fake_quantize(w, sc, scheme).sub_(w)
             return float(moments.error(dw, dtype)) / numel
     else:
         form = "forward"
@@ -632,7 +632,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
             quantized = {}
             for name, w in weights.items():
                 sc = s[maps[name]]
-                quantized[placeholders[name]] = gm.linears[name].stored(fake_quantize(w * sc, scheme) / sc)
+                quantized[placeholders[name]] = gm.linears[name].stored(scaled_fake_quantize(w, sc, scheme))
             total = 0.0
             for k, (ext_values, refs) in enumerate(parts):
                 env = {**ext_values, **quantized}
@@ -786,7 +786,7 @@ def _clip_search(name, w, blocks, numel, opts, node):
         return 1.0, None
     numel = max(numel, 1)
     if feeds_attention_scores(node):
-        base = blockwise_error(fake_quantize(w, scheme) - w, blocks)
+        base = blockwise_error(fake_quantize(w, scheme).sub_(w), blocks)
         loss = float(base.sum()) / numel
         return 1.0, ClipReport(name, False, loss, loss, 1.0)
     steps = max(1, int(round(opts.max_shrink * opts.clip_grid)))
@@ -795,7 +795,7 @@ def _clip_search(name, w, blocks, numel, opts, node):
     extrema = group_extrema(w, scheme)  # w is fixed: only the shrinks change
 
     def error(hi, lo):
-        return blockwise_error(fake_quantize(w, scheme, (hi, lo), extrema) - w, blocks)
+        return blockwise_error(fake_quantize(w, scheme, (hi, lo), extrema).sub_(w), blocks)  # one weight's temporary
 
     best_err = error(1.0, 1.0)  # (out, G)
     before = float(best_err.sum()) / numel

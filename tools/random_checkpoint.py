@@ -33,7 +33,7 @@ SHAPES = {
 MOE_SHAPES = {
     "moe-wide": (256, 2, 2048, 4, 2, 320, 8, 2),        # for tests of memory: 51 MB of float32 per layer
     "moe-mini": (1024, 6, 2048, 8, 4, 49152, 8, 2),     # 54M parameters per layer, 50M of them experts
-    "mixtral": (4096, 32, 14336, 32, 8, 32000, 8, 2),   # Mixtral-8x7B
+    "mixtral": (4096, 32, 14336, 32, 8, 49152, 8, 2),   # Mixtral-8x7B's body, SmolLM2's vocab
 }
 _DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 

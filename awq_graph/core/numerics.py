@@ -194,6 +194,16 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tup
     return from_groups(q.sub_(zero).mul_(scale), w.shape[1])
 
 
+def scaled_fake_quantize(w: torch.Tensor, col_scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """fake_quantize(w * s) / s for a scale s per input column: what a scaled weight computes once
+    quantized, in w's units. ``QUANTIZE_ROWS`` rows at a time: one more weight's worth of memory
+    (a Mixtral-8x7B gate_up bank's float32 copy is 3.8 GB), not four."""
+    out = torch.empty_like(w)
+    for r in range(0, w.shape[0], QUANTIZE_ROWS):
+        out[r:r + QUANTIZE_ROWS] = fake_quantize(w[r:r + QUANTIZE_ROWS] * col_scale, scheme) / col_scale
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # AWQ statistics and losses
 
