@@ -216,7 +216,10 @@ def _under_model_names(weights, model):
 
     from .weights import RenamedWeights
 
-    transforms = get_model_conversion_mapping(model) or []
+    try:
+        transforms = get_model_conversion_mapping(model) or []
+    except Exception as exc:  # transformers' own lookup; the checkpoint can still be loaded whole
+        return None, f"transformers' conversion mapping for {type(model).__name__} failed: {_first_line(exc)}"
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     meta = model.state_dict()
