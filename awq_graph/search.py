@@ -438,7 +438,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
 
         def loss_of(s, dtype=None):
             sc = s[cmap]
-            return sum(float(moments.error(fake_quantize(p * sc, scheme) / sc - p, dtype)) for p in parts) / numel
+            return sum(float(moments.error(scaled_fake_quantize(p, sc, scheme).sub_(p), dtype)) for p in parts) / numel
 
         s, ratio, outcome = grid_search(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks, moments.screen)
         result.groups.append(GroupReport(stages.n, group.prev_op, [name], ratio, loss_form=stat.form, **outcome))
@@ -460,9 +460,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             rows = [p.shape[0] for p in parts]
             result.clips.append(ClipReport(name, True, sum(c.loss_before for c in clips), sum(c.loss_after for c in clips),
                                            sum(c.mean_shrink * r for c, r in zip(clips, rows)) / sum(rows)))
-        whole = QuantizedWeight(torch.cat([q.q for q in pieces]), torch.cat([q.scale for q in pieces]),
-                                torch.cat([q.zero for q in pieces]), scheme)
-        result.quantized[name] = _held(name, whole, keep)
+        result.quantized[name] = _held(name, QuantizedWeight.concat_rows(pieces), keep)
 
 
 def _release_layer(gm: GraphModel, nodes, linears, folded: list[Folded]) -> None:

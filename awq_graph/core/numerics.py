@@ -107,6 +107,12 @@ class QuantizedWeight:
         """Some output rows (a slice or an index tensor), e.g. one expert of a bank."""
         return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.scheme)
 
+    @staticmethod
+    def concat_rows(parts: list) -> "QuantizedWeight":
+        """The rows of several weights of one input width and scheme (any held kind), one after the other."""
+        return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                               torch.cat([p.zero for p in parts]), parts[0].scheme)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
@@ -171,8 +177,7 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0) -> QuantizedWeigh
     if w.shape[0] > QUANTIZE_ROWS:
         parts = [quantize(w[r:r + QUANTIZE_ROWS], scheme, _rows_of(shrink, r, QUANTIZE_ROWS))
                  for r in range(0, w.shape[0], QUANTIZE_ROWS)]
-        return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                               torch.cat([p.zero for p in parts]), scheme)
+        return QuantizedWeight.concat_rows(parts)
     scale, zero = group_range(w, scheme, shrink)
     q = quantize_with(w, scale, zero, scheme)
     return QuantizedWeight(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), scheme)

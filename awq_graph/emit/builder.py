@@ -157,9 +157,7 @@ class LinearWeights:
             for kind in (SpilledWeight, PackedWeight):  # no unpacking (spilled: nothing read yet)
                 if all(isinstance(x, kind) for x in q) and len({x.shape[1] for x in q}) == 1:
                     return LinearWeights(kind.concat_rows(q), None, bias)
-            merged = QuantizedWeight(torch.cat([x.q for x in q]), torch.cat([x.scale for x in q]),
-                                     torch.cat([x.zero for x in q]), q[0].scheme)
-            return LinearWeights(merged, None, bias)
+            return LinearWeights(QuantizedWeight.concat_rows(q), None, bias)
         matrices = [p.quantized.dequantize() if p.quantized is not None else float_matrix(p.matrix) for p in parts]
         return LinearWeights(None, torch.cat(matrices), bias)
 
