@@ -80,10 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--loss-tokens", type=_at_least(1), default=None, help="tokens of the loss subsample (whole sequences)")
     c.add_argument("--device", default="auto",
                    help="where the search runs: cpu, cuda, cuda:N or auto (default: a CUDA GPU if torch sees one)")
-    c.add_argument("--grid-screen", default="auto", choices=["auto", "bfloat16", "off"],
-                   help="screen the scale grid's losses in bfloat16, then decide on float32 losses of the best "
-                        "points (auto: where bfloat16 products are fast: AVX512-BF16/AMX CPUs, CUDA; off: float32 "
-                        "for every point)")
+    c.add_argument("--grid-screen", default="auto", choices=["auto", "bfloat16", "sketch", "off"],
+                   help="estimate the scale grid's losses cheaply, then decide on float32 losses of the best "
+                        "points: bfloat16 products, or a single linear's loss from a random sketch of an eighth of "
+                        "its rows (auto: bfloat16 where its products are fast, AVX512-BF16/AMX CPUs and CUDA, else "
+                        "the sketch; off: float32 for every point)")
     c.add_argument("--export-hf", metavar="DIR", default=None,
                    help="also write the AWQ-scaled model to DIR as a compressed-tensors pack-quantized checkpoint "
                         "(the same integers; transformers with compressed-tensors and vLLM load it)")

@@ -56,8 +56,8 @@ class CompileOptions:
     sees one); the rest of the compile stays on the CPU. stream: a checkpoint given by path is
     read one tensor at a time (``awq_graph.weights``) where it can be, so memory holds about one
     decoder layer in float32 whatever the depth; False loads the whole model in float32 first.
-    grid_screen: "auto", "bfloat16" or "off" (``SearchOptions.screen``: the scale grid screened in
-    bfloat16, the choice made on float32 losses). export_hf: a second folder, written as OUT is,
+    grid_screen: "auto", "bfloat16", "sketch" or "off" (``SearchOptions.screen``: the scale grid's
+    losses screened cheaply, the choice made on float32 losses). export_hf: a second folder, written as OUT is,
     holding the AWQ-scaled model as a compressed-tensors "pack-quantized" checkpoint with the same
     integers (``awq_graph.emit.compressed``), for transformers and vLLM.
     """
@@ -449,10 +449,6 @@ def _finite(value):
     return value
 
 
-def _dtype_name(dtype) -> str:
-    return "off" if dtype is None else str(dtype).removeprefix("torch.")
-
-
 def _report(result: SearchResult, opts: CompileOptions, n_q: int, timings, calib_ids, skipped):
     return {
         "scheme": opts.scheme.name,
@@ -462,11 +458,12 @@ def _report(result: SearchResult, opts: CompileOptions, n_q: int, timings, calib
         "timings_s": timings,
         "search_s": round(result.seconds, 3),
         "device": opts.device,
-        "grid_screen": None if opts.rtn_only else _dtype_name(opts.search_options().screen_dtype),
+        "grid_screen": None if opts.rtn_only else (opts.search_options().linear_screen or "off"),
         "groups": [
             {"layer": g.layer, "prev_op": g.prev_op, "layers": g.layers,
              "ratio": g.ratio, "loss_rtn": g.loss_rtn, "loss_awq": g.loss_awq, "loss_form": g.loss_form,
-             "exact_points": g.exact_points, "screen_deviation": g.screen_deviation, "grid_passes": g.grid_passes}
+             "exact_points": g.exact_points, "screen": g.screen, "screen_deviation": g.screen_deviation,
+             "grid_passes": g.grid_passes}
             for g in result.groups
         ],
         "clipping": [

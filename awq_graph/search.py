@@ -54,7 +54,7 @@ from .core.ir import GraphModel, in_module, run_nodes
 from .core.stages import Stages
 from .core.ranks import ONE, Ranks
 from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
-                            diagonal_blocks_of_rows, direct_output_error, fake_quantize, group_extrema,
+                            diagonal_blocks_of_rows, direct_output_error, fake_quantize, gaussian_sketch, group_extrema,
                             quadratic_output_error, quantize, scaled_fake_quantize, weight_magnitude)
 from .core.records import ScalingGroup
 from .passes.fold import Folded, fold_scales
@@ -77,9 +77,11 @@ class SearchOptions:
     # where the calibration forward, the statistics, the grid and the clipping run; each
     # layer's weights go there only while it is searched, and the integers come back to the CPU
     device: str = "cpu"
-    # the grid's screen: every grid point's loss in a cheaper dtype first, then float32 for the
-    # best few ("auto": bfloat16 where its products are fast, "bfloat16", "off": float32
-    # throughout); the choice is float32's (see ``grid_search``)
+    # the grid's screen: every grid point's loss estimated cheaply first, then in float32 for the
+    # best few; the choice is float32's (see ``grid_search``). "bfloat16": the large products in
+    # bfloat16 (single linears and subgraphs); "sketch": a single linear's loss from a random
+    # sketch of its rows (float32, an eighth of them); "auto": bfloat16 where its products are fast,
+    # else the sketch; "off": float32 throughout
     screen: str = "auto"
 
     def __post_init__(self):
@@ -95,20 +97,31 @@ class SearchOptions:
         """The grid's points in float32 equivalents, for the loss cost model (``loss_form``): each
         point once in float32, or, screened, each in bfloat16 (about a quarter of float32's time
         here) and about four in float32."""
-        return self.n_grid + 1 if self.screen_dtype is None else (self.n_grid + 1) / 4 + 4
+        kind = self.linear_screen
+        return self.n_grid + 1 if kind is None else (self.n_grid + 1) / (4 if kind == "bfloat16" else SKETCH_RATIO) + 4
 
     @property
     def screen_dtype(self) -> torch.dtype | None:
-        """The dtype of the grid's screen, or None (float32 throughout)."""
+        """The dtype of the grid's screen of a subgraph's loss, or None (float32 throughout)."""
+        return torch.bfloat16 if self.linear_screen == "bfloat16" else None
+
+    @property
+    def linear_screen(self) -> str | None:
+        """The screen of a single linear's loss: "bfloat16", "sketch" or None (float32 throughout)."""
         if self.screen == "off":
             return None
-        if self.screen == "bfloat16" or fast_bfloat16(self.device):
-            return torch.bfloat16
-        return None
+        if self.screen == "bfloat16" or (self.screen == "auto" and fast_bfloat16(self.device)):
+            return "bfloat16"
+        return "sketch"
 
 
 LOSS_FORMS = ("auto", "quadratic", "direct")
-SCREENS = ("auto", "bfloat16", "off")
+SCREENS = ("auto", "bfloat16", "sketch", "off")
+# the sketch screen's rows: a single linear's rows R (X, or the factor of H) become S R with
+# S a (rows / SKETCH_RATIO, rows) Gaussian matrix scaled so that ||S R dW^T||^2 estimates
+# ||R dW^T||^2; rows fewer than SKETCH_RATIO x SKETCH_MIN_ROWS are not sketched (no screen)
+SKETCH_RATIO = 8
+SKETCH_MIN_ROWS = 256
 # a grid point whose screened loss is within this fraction of the best screened loss gets its
 # float32 loss (more when the screen's error seen on those is over a quarter of it: ``grid_search``)
 SCREEN_MARGIN = 0.002
@@ -168,6 +181,7 @@ class GroupReport:
     loss_form: str = "forward"  # "forward" (module2inspect run), or a single linear's "quadratic" / "direct"
     exact_points: int = 0  # grid points whose float32 loss was computed (all of them without a screen)
     screen_deviation: float | None = None  # the screen's largest deviation seen, relative to the best loss
+    screen: str | None = None  # the grid's screen ("bfloat16", "sketch"), None: every point in float32
     grid_passes: int = 0  # passes over grid points (each a vector of losses summed over the ranks)
 
 
@@ -434,11 +448,11 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
         x_mean = _scatter_mean(stat.x_mean, cmap, group.channels)
         w_mean = _scatter_mean(sum(weight_magnitude(p, scheme.group_size) * p.shape[0] for p in parts) / w.shape[0],
                                cmap, group.channels)
-        moments, numel = _Moments(stat, opts.screen_dtype), stat.tokens * site.out_features
+        moments, numel = _Moments(stat, opts.linear_screen), stat.tokens * site.out_features
 
-        def loss_of(s, dtype=None):
+        def loss_of(s, screened=None):
             sc = s[cmap]
-            return sum(float(moments.error(scaled_fake_quantize(p, sc, scheme).sub_(p), dtype)) for p in parts) / numel
+            return sum(float(moments.error(scaled_fake_quantize(p, sc, scheme).sub_(p), screened)) for p in parts) / numel
 
         s, ratio, outcome = grid_search(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks, moments.screen)
         result.groups.append(GroupReport(stages.n, group.prev_op, [name], ratio, loss_form=stat.form, **outcome))
@@ -608,15 +622,15 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
     if g.inspects_one_linear:
         name = g.layers[0]
         stat = stats[gm.linears[name].input]
-        moments, form = _Moments(stat, opts.screen_dtype), stat.form
+        moments, form = _Moments(stat, opts.linear_screen), stat.form
         numel = stat.tokens * gm.linears[name].out_features
         screen = moments.screen
 
-        def loss_of(s, dtype=None):
+        def loss_of(s, screened=None):
             sc = s[maps[name]]
             w = weights[name]
             dw = scaled_fake_quantize(w, sc, scheme).sub_(w)
-            return float(moments.error(dw, dtype)) / numel
+            return float(moments.error(dw, screened)) / numel
     else:
         form = "forward"
         sub, ext, outs = inspect[g.module2inspect]
@@ -626,7 +640,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         screen = opts.screen_dtype
         swaps = [_delta_products(sub, ext_values, device, screen) for ext_values, _ in parts] if screen else None
 
-        def loss_of(s, dtype=None):
+        def loss_of(s, screened=None):
             quantized = {}
             for name, w in weights.items():
                 sc = s[maps[name]]
@@ -634,7 +648,7 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
             total = 0.0
             for k, (ext_values, refs) in enumerate(parts):
                 env = {**ext_values, **quantized}
-                run_nodes(sub, env, device, swap=swaps[k] if dtype is not None else None)
+                run_nodes(sub, env, device, swap=swaps[k] if screened is not None else None)
                 total += sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs))
             return total / numel
 
@@ -644,41 +658,44 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
 
 class _Moments:
     """What a single linear's loss reads: the float32 moment (H or X, ``_Stat.scaled``) for the
-    exact loss, and for the screen, rows R with R^T R = H in the screen's dtype: X itself, or the
-    transposed Cholesky factor of H (made once per group, in float32: the screen then sums squares,
-    ||R dW^T||^2, where a bfloat16 H's rounding, with the large off-diagonal terms of outlier
-    channels, cancels badly). A bank of experts' H, or an H without a Cholesky factor, has no
-    screen (``screen`` is then None: the group's grid runs in float32)."""
+    exact loss, and for the screen, rows R with R^T R = H: X itself, or the transposed Cholesky
+    factor of H (made once per group, in float32: the screen then sums squares, ||R dW^T||^2,
+    where a bfloat16 H's rounding, with the large off-diagonal terms of outlier channels, cancels
+    badly). The "bfloat16" screen reads R in bfloat16, the "sketch" screen S R (``gaussian_sketch``:
+    an eighth of R's rows, float32). A bank of experts' H, an H without a Cholesky factor, or rows
+    too few to sketch, have no screen (``screen`` is then None: the group's grid runs in float32)."""
 
-    def __init__(self, stat: _Stat, screen: torch.dtype | None):
+    def __init__(self, stat: _Stat, screen: str | None):
         self.stat = stat
         self.exact = stat.scaled(None)
-        self.screen_rows = None
+        self.screen_rows, self.screen = None, None
         if screen is None or stat.experts:
             return
-        if stat.form == "direct":
-            self.screen_rows = self.exact.to(screen)
+        rows = self.exact if stat.form == "direct" else _cholesky_rows(self.exact)
+        if rows is None or (screen == "sketch" and rows.shape[0] < SKETCH_RATIO * SKETCH_MIN_ROWS):
             return
-        top = float(self.exact.diagonal().max())  # H = X^T X: semidefinite up to the rounding of its sums
-        for jitter in (1e-6, 1e-4, 1e-2):  # added to the diagonal, relative to its largest entry
-            shifted = self.exact.clone()
-            shifted.diagonal().add_(jitter * top + 1e-30)
-            factor, info = torch.linalg.cholesky_ex(shifted)  # float32: the screen's, not the choice's
-            del shifted
-            if int(info) == 0:
-                self.screen_rows = factor.mT.to(screen)
-                return
+        self.screen_rows = (rows.to(torch.bfloat16) if screen == "bfloat16"
+                            else gaussian_sketch(rows, rows.shape[0] // SKETCH_RATIO))
+        self.screen = screen
 
-    @property
-    def screen(self) -> torch.dtype | None:
-        """The dtype this group's grid is screened in, or None."""
-        return None if self.screen_rows is None else self.screen_rows.dtype
-
-    def error(self, dw: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        """The loss's sum ||X dW^T||^2: in float32, or screened (``dtype`` set)."""
-        if dtype is None:
+    def error(self, dw: torch.Tensor, screened) -> torch.Tensor:
+        """The loss's sum ||X dW^T||^2: in float32, or screened (``screened`` set)."""
+        if screened is None:
             return self.stat.output_error(dw, self.exact)
         return direct_output_error(dw, self.screen_rows)
+
+
+def _cholesky_rows(gram: torch.Tensor) -> torch.Tensor | None:
+    """R (in, in) with R^T R = H (up to a jitter on the diagonal), float32; None if H has none."""
+    top = float(gram.diagonal().max())  # H = X^T X: semidefinite up to the rounding of its sums
+    for jitter in (1e-6, 1e-4, 1e-2):  # added to the diagonal, relative to its largest entry
+        shifted = gram.clone()
+        shifted.diagonal().add_(jitter * top + 1e-30)
+        factor, info = torch.linalg.cholesky_ex(shifted)  # float32: the screen's, not the choice's
+        del shifted
+        if int(info) == 0:
+            return factor.mT
+    return None
 
 
 def _delta_products(sub, ext_values: dict, device, dtype: torch.dtype) -> dict:
@@ -706,13 +723,14 @@ def _delta_products(sub, ext_values: dict, device, dtype: torch.dtype) -> dict:
 
 
 def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: Ranks = ONE,
-                screen: torch.dtype | None = None):
+                screen=None):
     """AWQ's grid over the ratio, the identity included: (best scale or None, its ratio, the
     report's fields: the identity's loss, the best loss, how many points got a float32 loss, the
-    screen's largest deviation seen, the passes over points). ``loss_of(s, dtype)`` is the loss
-    of scale ``s``, its large products in ``dtype`` (None: float32).
+    screen's largest deviation seen, the passes over points). ``loss_of(s, screen)`` is the loss
+    of scale ``s``: in float32 (``screen`` None), or its cheaper estimate (``screen``: a bfloat16
+    dtype, or the name of the loss's screen, e.g. "sketch").
 
-    With a ``screen`` dtype every point is first screened in it; the identity, the screen's best
+    With a ``screen`` every point is first screened with it; the identity, the screen's best
     ratio and its two neighbours, and the points within ``SCREEN_MARGIN`` of the best screened loss
     then get their float32 loss, and the best of those is chosen. The screen's error is measured
     on them (float32 loss minus screened loss, less the mean of that difference); while it is
@@ -731,7 +749,7 @@ def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, r
 
     passes = 0
 
-    def losses(points, dtype):  # one pass: these points' losses, shared out over the ranks
+    def losses(points, screened):  # one pass: these points' losses, shared out over the ranks
         nonlocal passes
         values = torch.zeros(len(candidates), dtype=torch.float64)
         if not points:
@@ -739,7 +757,7 @@ def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, r
         passes += 1
         for j, i in enumerate(points):
             if j % ranks.world == ranks.rank:
-                values[i] = loss_of(candidates[i][1], dtype)
+                values[i] = loss_of(candidates[i][1], screened)
         return ranks.agreed_sum(values)
 
     deviation = None
@@ -769,7 +787,8 @@ def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, r
     ratio, s = candidates[best]
     return (None if best == 0 else s), ratio, {"loss_rtn": float(exact[0]), "loss_awq": float(exact[best]),
                                                "exact_points": len(points), "screen_deviation": deviation,
-                                               "grid_passes": passes}
+                                               "grid_passes": passes,
+                                               "screen": None if screen is None else str(screen).removeprefix("torch.")}
 
 
 def _clip_search(name, w, blocks, numel, opts, node):

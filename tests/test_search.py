@@ -112,35 +112,67 @@ def test_the_search_on_cuda_chooses_what_the_cpu_search_chooses():
         assert differ <= 0.01, (name, differ)  # measured on an H200: not yet run
 
 
+def _with_outlier_channels(model):
+    """4 channels 30x the others into q|k|v, as in the first test: the grid has a clear optimum."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 30
+    return model
+
+
+def _searched_alike(model, calib, scheme, form, screen):
+    """The search without a screen and with ``screen``, in loss form ``form``: both results, after
+    checking that they chose the same ratios, from the same float32 losses, and the same integers."""
+    results = []
+    for asked in ("off", screen):
+        gm = export_model(model)
+        with torch.no_grad():
+            results.append(awq_search(gm, match(gm).per_layer, calib,
+                                      SearchOptions(scheme=scheme, loss_form=form, screen=asked)))
+    plain, screened = results
+    assert [g.ratio for g in screened.groups] == [g.ratio for g in plain.groups], form
+    assert [g.loss_awq for g in screened.groups] == [g.loss_awq for g in plain.groups]  # float32's own losses
+    for name, qw in plain.quantized.items():
+        assert torch.equal(qw.q, screened.quantized[name].q), (form, name)
+    return plain, screened
+
+
 def test_the_bfloat16_screen_chooses_what_float32_chooses_in_every_loss_form():
     """The grid screened in bfloat16 (single linears through rows X or H's Cholesky factor, the
     attention and MLP subgraphs through their linears' changes) then decided on float32 losses
     makes the choices of the float32 grid: the same ratios and integers, in each loss form, with
     float32 losses for fewer points."""
-    model = tiny_model()
-    with torch.no_grad():  # outlier channels, as in the first test: the grid has a clear optimum
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:4] *= 30
-    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
-    scheme = QuantScheme(4, 16)
+    model, calib = _with_outlier_channels(tiny_model()), torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
     for form in ("quadratic", "direct"):
-        results = {}
-        for screen in ("off", "bfloat16"):
-            gm = export_model(model)
-            with torch.no_grad():
-                results[screen] = awq_search(gm, match(gm).per_layer, calib,
-                                             SearchOptions(scheme=scheme, loss_form=form, screen=screen))
-        plain, screened = results["off"], results["bfloat16"]
+        plain, screened = _searched_alike(model, calib, QuantScheme(4, 16), form, "bfloat16")
         assert {g.loss_form for g in screened.groups} == {"forward", form}
-        assert [g.ratio for g in screened.groups] == [g.ratio for g in plain.groups], form
-        assert [g.loss_awq for g in screened.groups] == [g.loss_awq for g in plain.groups]  # float32's own losses
-        for name, qw in plain.quantized.items():
-            assert torch.equal(qw.q, screened.quantized[name].q), (form, name)
         assert all(g.exact_points == 21 and g.screen_deviation is None for g in plain.groups)
         # measured: 4-5 float32 points of 21 per group; the screen off by 1.2e-4 .. 4.8e-3 of the best loss
         points = [g.exact_points for g in screened.groups]
         assert sum(points) <= 0.5 * sum(g.exact_points for g in plain.groups), points
         assert all(0 <= g.screen_deviation < 0.05 for g in screened.groups), [g.screen_deviation for g in screened.groups]
+
+
+def test_the_sketch_screen_chooses_what_float32_chooses_in_both_single_linear_forms():
+    """Where bfloat16 products are slow (the default there), a single linear's grid is screened
+    with a Gaussian sketch of its rows (an eighth of X's rows, or of H's Cholesky factor's): the
+    choices and integers are the float32 grid's, from float32 losses of fewer points. down_proj
+    reads 2048 channels over 2048 tokens (both forms have rows to sketch); o_proj's 64 channels
+    are too few in the quadratic form, so its grid stays float32 there."""
+    model = _with_outlier_channels(tiny_model(intermediate_size=2048))
+    calib = torch.randint(0, 320, (32, 64), generator=torch.Generator().manual_seed(2))
+    for form in ("quadratic", "direct"):
+        plain, sketched = _searched_alike(model, calib, QuantScheme(4, 32), form, "sketch")
+        linear = [g for g in sketched.groups if g.loss_form == form]
+        expected = {"quadratic": ["mlp.up_proj"], "direct": ["self_attn.v_proj", "mlp.up_proj"]}[form]
+        screened = [g for g in linear if g.screen == "sketch"]
+        assert sorted({g.prev_op.split(".", 3)[3] for g in screened}) == sorted(expected), form
+        assert all(g.screen is None and g.exact_points == 21 for g in linear if g not in screened)
+        assert all(g.screen is None for g in sketched.groups if g.loss_form == "forward")  # subgraphs: float32
+        # measured: 4-10 float32 points of 21 per sketched group; the sketch off by 1.0e-2 .. 2.4e-2
+        points = [g.exact_points for g in screened]
+        assert sum(points) <= 0.5 * 21 * len(points), points
+        assert all(0 <= g.screen_deviation < 0.05 for g in screened), [g.screen_deviation for g in screened]
 
 
 def test_a_screen_that_errs_more_than_its_margin_widens_until_float32_decides():

@@ -174,7 +174,7 @@ def main() -> int:
     p.add_argument("--generate", action="store_true", help="run `awq-graph generate` on each compiled folder")
     p.add_argument("--ranks", default="1", help="rank counts for AWQ, comma-separated (e.g. 1,2): torchrun beyond 1")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads in all, shared out among the ranks")
-    p.add_argument("--grid-screens", nargs="+", default=["auto"], choices=["auto", "bfloat16", "off"],
+    p.add_argument("--grid-screens", nargs="+", default=["auto"], choices=["auto", "bfloat16", "sketch", "off"],
                    help="AWQ once per grid screen (e.g. off bfloat16: side by side, and whether the bytes agree)")
     p.add_argument("--volume", action="store_true", help="print the computed all-reduce volume per layer, and stop")
     args = p.parse_args()

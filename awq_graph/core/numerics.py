@@ -205,8 +205,20 @@ def scaled_fake_quantize(w: torch.Tensor, col_scale: torch.Tensor, scheme: Quant
     (a Mixtral-8x7B gate_up bank's float32 copy is 3.8 GB), not four."""
     out = torch.empty_like(w)
     for r in range(0, w.shape[0], QUANTIZE_ROWS):
-        out[r:r + QUANTIZE_ROWS] = fake_quantize(w[r:r + QUANTIZE_ROWS] * col_scale, scheme) / col_scale
+        part = torch.mul(w[r:r + QUANTIZE_ROWS], col_scale, out=out[r:r + QUANTIZE_ROWS])
+        _fake_quantize_in_place(part, scheme).div_(col_scale)
     return out
+
+
+def _fake_quantize_in_place(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``w`` made ``fake_quantize(w, scheme)`` in its own buffer (the same operations, no
+    temporary of its size when the group size divides its width)."""
+    if w.shape[1] % scheme.group_size:
+        return w.copy_(fake_quantize(w, scheme))
+    scale, zero = group_range(w, scheme)
+    scale, zero = scale.unsqueeze(2), zero.unsqueeze(2)
+    to_groups(w, scheme.group_size).div_(scale).add_(zero).round_().clamp_(0, scheme.qmax).sub_(zero).mul_(scale)
+    return w
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,6 +264,22 @@ def direct_output_error(dw: torch.Tensor, rows) -> torch.Tensor:
         parts = dw.reshape(len(rows), -1, dw.shape[1])
         return sum((direct_output_error(d, r) for d, r in zip(parts, rows)), torch.zeros((), device=dw.device))
     return (rows @ dw.T.to(rows.dtype)).float().square().sum()
+
+
+def gaussian_sketch(rows: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """S R for rows R (n, in) and S (k, n) of independent N(0, 1/k) entries (a fixed seed): for
+    every dW, ||S R dW^T||^2 estimates ||R dW^T||^2 without bias (Johnson-Lindenstrauss), at k/n
+    of its cost. Float32, S made a block of its columns at a time."""
+    gen = torch.Generator(device=rows.device).manual_seed(seed)
+    out = torch.zeros(k, rows.shape[1], device=rows.device)
+    for r in range(0, rows.shape[0], SKETCH_BLOCK):
+        block = rows[r:r + SKETCH_BLOCK].float()
+        s = torch.randn(k, block.shape[0], generator=gen, device=rows.device).div_(math.sqrt(k))
+        out.addmm_(s, block)
+    return out
+
+
+SKETCH_BLOCK = 4096  # rows of R per product of the sketch
 
 
 def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
