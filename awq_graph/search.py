@@ -96,7 +96,7 @@ class SearchOptions:
     def loss_points(self) -> float:
         """The grid's points in float32 equivalents, for the loss cost model (``loss_form``): each
         point once in float32, or, screened, each in bfloat16 (about a quarter of float32's time
-        here) and about four in float32."""
+        on a CPU with AVX512-BF16) or sketched (an eighth of its rows), and about four in float32."""
         kind = self.linear_screen
         return self.n_grid + 1 if kind is None else (self.n_grid + 1) / (4 if kind == "bfloat16" else SKETCH_RATIO) + 4
 
@@ -637,8 +637,9 @@ def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantize
         parts = saved[g.module2inspect]  # the loss subsample, in one or two chunks
         placeholders = {name: gm.linears[name].weight_node for name in weights}
         numel = sum(r.numel() for _, refs in parts for r in refs)
-        screen = opts.screen_dtype
-        swaps = [_delta_products(sub, ext_values, device, screen) for ext_values, _ in parts] if screen else None
+        dtype = opts.screen_dtype
+        screen = None if dtype is None else opts.linear_screen  # "bfloat16": a subgraph has no sketch
+        swaps = [_delta_products(sub, ext_values, device, dtype) for ext_values, _ in parts] if dtype else None
 
         def loss_of(s, screened=None):
             quantized = {}
@@ -669,10 +670,12 @@ class _Moments:
         self.stat = stat
         self.exact = stat.scaled(None)
         self.screen_rows, self.screen = None, None
-        if screen is None or stat.experts:
+        # R has as many rows as the moment: X's tokens, or H's (square) size
+        if screen is None or stat.experts or (screen == "sketch" and
+                                              self.exact.shape[0] < SKETCH_RATIO * SKETCH_MIN_ROWS):
             return
         rows = self.exact if stat.form == "direct" else _cholesky_rows(self.exact)
-        if rows is None or (screen == "sketch" and rows.shape[0] < SKETCH_RATIO * SKETCH_MIN_ROWS):
+        if rows is None:
             return
         self.screen_rows = (rows.to(torch.bfloat16) if screen == "bfloat16"
                             else gaussian_sketch(rows, rows.shape[0] // SKETCH_RATIO))
@@ -726,9 +729,9 @@ def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, r
                 screen=None):
     """AWQ's grid over the ratio, the identity included: (best scale or None, its ratio, the
     report's fields: the identity's loss, the best loss, how many points got a float32 loss, the
-    screen's largest deviation seen, the passes over points). ``loss_of(s, screen)`` is the loss
-    of scale ``s``: in float32 (``screen`` None), or its cheaper estimate (``screen``: a bfloat16
-    dtype, or the name of the loss's screen, e.g. "sketch").
+    screen's largest deviation seen, the passes over points, the screen). ``loss_of(s, screen)`` is
+    the loss of scale ``s``: in float32 (``screen`` None), or its cheaper estimate (``screen``: the
+    name of the loss's screen, "bfloat16" or "sketch").
 
     With a ``screen`` every point is first screened with it; the identity, the screen's best
     ratio and its two neighbours, and the points within ``SCREEN_MARGIN`` of the best screened loss
@@ -788,7 +791,7 @@ def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, r
     return (None if best == 0 else s), ratio, {"loss_rtn": float(exact[0]), "loss_awq": float(exact[best]),
                                                "exact_points": len(points), "screen_deviation": deviation,
                                                "grid_passes": passes,
-                                               "screen": None if screen is None else str(screen).removeprefix("torch.")}
+                                               "screen": screen}
 
 
 def _clip_search(name, w, blocks, numel, opts, node):

@@ -190,14 +190,14 @@ def test_a_screen_that_errs_more_than_its_margin_widens_until_float32_decides():
     target = torch.log(awq_candidate_scales(x_mean, w_mean, 0.35))
     noise = torch.Generator().manual_seed(0)
 
-    def loss_of(s, dtype=None):
+    def loss_of(s, screened=None):
         exact = 1.0 + float(((torch.log(s) - target) ** 2).sum())
-        if dtype is None:
+        if screened is None:
             return exact
         return exact * (1 + 0.05 * (2 * float(torch.rand(1, generator=noise)) - 1))
 
     exact_best = grid_search(loss_of, x_mean, w_mean, group, 20, "cpu")
-    screened = grid_search(loss_of, x_mean, w_mean, group, 20, "cpu", screen=torch.bfloat16)
+    screened = grid_search(loss_of, x_mean, w_mean, group, 20, "cpu", screen="bfloat16")
     assert exact_best[1] == 0.35 and screened[1] == 0.35
     assert screened[2]["loss_awq"] == exact_best[2]["loss_awq"]
     assert screened[2]["exact_points"] > 4 and screened[2]["screen_deviation"] > SCREEN_MARGIN / 4

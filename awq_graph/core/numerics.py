@@ -156,8 +156,15 @@ def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tuple
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Integers of ``w`` for the given per-group (scale, zero): (out, in) float holding 0..qmax."""
     wg = to_groups(w, scheme.group_size)
-    q = (wg / scale.unsqueeze(2)).add_(zero.unsqueeze(2)).round_().clamp_(0, scheme.qmax)  # one buffer
-    return from_groups(q, w.shape[1])
+    return from_groups(_integers_into(torch.empty_like(wg), wg, scale.unsqueeze(2), zero.unsqueeze(2), scheme),
+                       w.shape[1])
+
+
+def _integers_into(out: torch.Tensor, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   scheme: QuantScheme) -> torch.Tensor:
+    """round(wg / scale + zero) clamped to 0..qmax, per group ((out, G, gs) against (out, G, 1)),
+    made in ``out`` (which may be ``wg`` itself): the one rounding every quantizer here shares."""
+    return torch.div(wg, scale, out=out).add_(zero).round_().clamp_(0, scheme.qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -195,7 +202,7 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tup
     scale, zero = group_range(w, scheme, shrink, extrema)
     wg = to_groups(w, scheme.group_size)
     scale, zero = scale.unsqueeze(2), zero.unsqueeze(2)
-    q = (wg / scale).add_(zero).round_().clamp_(0, scheme.qmax)  # in place: the same numbers, one buffer
+    q = _integers_into(torch.empty_like(wg), wg, scale, zero, scheme)  # then in place: one buffer
     return from_groups(q.sub_(zero).mul_(scale), w.shape[1])
 
 
@@ -217,7 +224,8 @@ def _fake_quantize_in_place(w: torch.Tensor, scheme: QuantScheme) -> torch.Tenso
         return w.copy_(fake_quantize(w, scheme))
     scale, zero = group_range(w, scheme)
     scale, zero = scale.unsqueeze(2), zero.unsqueeze(2)
-    to_groups(w, scheme.group_size).div_(scale).add_(zero).round_().clamp_(0, scheme.qmax).sub_(zero).mul_(scale)
+    wg = to_groups(w, scheme.group_size)  # a view of w: the group size divides its width
+    _integers_into(wg, wg, scale, zero, scheme).sub_(zero).mul_(scale)
     return w
 
 
