@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from .core.errors import AwqGraphError
-from .interrupt import catch_signals, checkpoint, signal_behind
+from .interrupt import catch_signals, checkpoint, signal_behind, signals_held
 
 
 def _progress(it, desc, total):
@@ -207,6 +208,10 @@ def _check(args) -> int:
     return 0
 
 
+_HEAVY_MODULE = {"compile": ".pipeline", "eval": ".pipeline", "infer-config": ".pipeline",
+                 "check-config": ".pipeline", "generate": ".runtime"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"(the head stays float without it)")
     _quiet()
     try:
+        with signals_held():  # torch, transformers and onnxruntime import whole before a signal ends the run
+            importlib.import_module(_HEAVY_MODULE[args.command], __package__)
         if args.command == "compile":
             return _compile(args)
         if args.command == "eval":

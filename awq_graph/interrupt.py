@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from contextlib import contextmanager
 
 _received: list[int] = []
 
@@ -21,9 +22,13 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_holding: list[bool] = []
+
+
 def _raise(signum, frame):
     _received.append(signum)
-    raise Interrupted(signum)
+    if not _holding:
+        raise Interrupted(signum)
 
 
 def _quiet_when_interrupted(unraisable, default=sys.unraisablehook):
@@ -56,3 +61,16 @@ def checkpoint() -> None:
     """Raise a signal received earlier whose exception was swallowed; nothing otherwise."""
     if _received:
         raise Interrupted(_received[0])
+
+
+@contextmanager
+def signals_held():
+    """A signal received inside is recorded, and raised when the block ends. For torch's import:
+    its C++ initialisation calls back into Python, and an exception raised there cannot pass through
+    the C++ frames: the process aborts (SIGABRT, "terminate called after throwing ...") instead."""
+    _holding.append(True)
+    try:
+        yield
+    finally:
+        _holding.pop()
+    checkpoint()

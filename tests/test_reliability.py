@@ -56,7 +56,9 @@ def _when_writing(out: Path):
 
 
 @pytest.mark.parametrize("signum, moment", [
-    (signal.SIGINT, 1.0),        # Ctrl-C while torch is still importing
+    (signal.SIGINT, 0.5),        # Ctrl-C while torch is still importing (its C++ part calls back into Python)
+    (signal.SIGINT, 1.0),
+    (signal.SIGTERM, 2.0),
     (signal.SIGTERM, b"self-calibration"),  # what kill and timeout send, while calibration text is sampled
     (signal.SIGHUP, "writing"),  # the terminal closed, while the ONNX files are being written
     (signal.SIGTERM, "writing"),
@@ -222,3 +224,28 @@ def test_a_signal_python_wrapped_in_another_exception_is_still_the_signal():
         type("CategoryDict", (), {"values": Field()})  # Python wraps what __set_name__ raises
     assert signal_behind(wrapped.value) == signal.SIGINT
     assert signal_behind(RuntimeError("a bug")) is None
+
+
+def test_a_signal_while_torch_imports_waits_for_the_import_to_finish():
+    """A signal inside ``signals_held`` (the CLI imports torch there) is raised when the block ends,
+    not inside it: torch's C++ initialisation calls back into Python, and an exception raised in
+    such a callback aborted the process in CI (SIGABRT, "terminate called after throwing an instance
+    of 'pybind11::error_already_set'") instead of ending it with one line."""
+    from awq_graph import interrupt
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    hook = sys.unraisablehook
+    interrupt.catch_signals()
+    finished = []
+    try:
+        with pytest.raises(interrupt.Interrupted) as stop:
+            with interrupt.signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now: Python calls it between bytecodes
+                finished.append("the held block ran to its end")
+        assert stop.value.signum == signal.SIGTERM and finished == ["the held block ran to its end"]
+    finally:
+        interrupt._received.clear()
+        sys.unraisablehook = hook
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
