@@ -202,3 +202,25 @@ def test_self_calibration_of_a_model_too_large_for_float32_samples_in_its_stored
     assert next(model.parameters()).dtype == torch.bfloat16
     ids = self_generated(model, load_tokenizer(folder), n_samples=3, seqlen=12)
     assert ids.shape == (3, 12) and 0 <= int(ids.min()) and int(ids.max()) < 320
+
+
+@pytest.mark.parametrize("model_type,gguf_arch,shape", [
+    ("llama", "llama", dict(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)),
+    ("qwen2_moe", "qwen2moe", dict(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                   num_experts=4, num_attention_heads=4, num_key_value_heads=2)),
+    ("bloom", "bloom", dict(n_head=4, n_layer=2)),  # its top module leaves names unmapped: the whole walk runs
+])
+def test_a_gguf_files_tensor_names_map_as_transformers_maps_them(model_type, gguf_arch, shape):
+    """GGUF names -> the model's names, mapped from the top module (the whole walk only when that
+    leaves a parameter out), equal transformers' own map, which walks every submodule."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    from awq_graph.gguf_weights import _gguf_to_hf_names
+
+    config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, vocab_size=100, **shape)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
+    expected = get_gguf_hf_weights_map(model, processor)
+    assert len(expected) >= 21 and _gguf_to_hf_names(model, processor) == expected
