@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                         "points: bfloat16 products, or a single linear's loss from a random sketch of an eighth of "
                         "its rows (auto: bfloat16 where its products are fast, AVX512-BF16/AMX CPUs and CUDA, else "
                         "the sketch; off: float32 for every point)")
+    c.add_argument("--grid", type=_at_least(1), default=20, metavar="N",
+                   help="ratios of the scale grid besides the identity (default 20, AWQ's; fewer search faster)")
     c.add_argument("--export-hf", metavar="DIR", default=None,
                    help="also write the AWQ-scaled model to DIR as a compressed-tensors pack-quantized checkpoint "
                         "(the same integers; transformers with compressed-tensors and vLLM load it)")
@@ -357,7 +359,7 @@ def _compile_options(args, ranks):
         lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,
-        grid_screen=args.grid_screen, export_hf=args.export_hf)
+        grid_screen=args.grid_screen, grid_points=args.grid, export_hf=args.export_hf)
 
 
 def _rank_device(asked: str, ranks) -> str:

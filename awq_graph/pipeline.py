@@ -57,7 +57,8 @@ class CompileOptions:
     read one tensor at a time (``awq_graph.weights``) where it can be, so memory holds about one
     decoder layer in float32 whatever the depth; False loads the whole model in float32 first.
     grid_screen: "auto", "bfloat16", "sketch" or "off" (``SearchOptions.screen``: the scale grid's
-    losses screened cheaply, the choice made on float32 losses). export_hf: a second folder, written as OUT is,
+    losses screened cheaply, the choice made on float32 losses). grid_points: the scale grid's
+    ratios besides the identity (AWQ's n_grid, 20; the search's grid time is about proportional). export_hf: a second folder, written as OUT is,
     holding the AWQ-scaled model as a compressed-tensors "pack-quantized" checkpoint with the same
     integers (``awq_graph.emit.compressed``), for transformers and vLLM.
     """
@@ -80,6 +81,7 @@ class CompileOptions:
     device: str = "auto"
     stream: bool = True
     grid_screen: str = "auto"
+    grid_points: int = 20
     export_hf: str | os.PathLike | None = None
 
     def __post_init__(self):
@@ -105,6 +107,8 @@ class CompileOptions:
             raise InputError(f"--seqlen {self.seqlen}: a calibration sample needs at least 2 tokens")
         if self.loss_tokens is not None and self.loss_tokens < 1:
             raise InputError(f"--loss-tokens {self.loss_tokens}: give at least 1")
+        if self.grid_points < 1:
+            raise InputError(f"--grid {self.grid_points}: give at least 1 ratio")
         if self.grid_screen not in SCREENS:
             raise InputError(f"--grid-screen {self.grid_screen}: choose one of {', '.join(SCREENS)}")
         if self.kv_cache not in (True, False, "generic"):
@@ -116,7 +120,8 @@ class CompileOptions:
 
     def search_options(self) -> SearchOptions:
         extra = {"loss_tokens": self.loss_tokens} if self.loss_tokens else {}
-        return SearchOptions(scheme=self.scheme, clip=self.clip, device=self.device, screen=self.grid_screen, **extra)
+        return SearchOptions(scheme=self.scheme, n_grid=self.grid_points, clip=self.clip, device=self.device,
+                             screen=self.grid_screen, **extra)
 
 
 @dataclass
@@ -459,6 +464,7 @@ def _report(result: SearchResult, opts: CompileOptions, n_q: int, timings, calib
         "search_s": round(result.seconds, 3),
         "device": opts.device,
         "grid_screen": None if opts.rtn_only else (opts.search_options().linear_screen or "off"),
+        "grid_points": None if opts.rtn_only else opts.grid_points,
         "groups": [
             {"layer": g.layer, "prev_op": g.prev_op, "layers": g.layers,
              "ratio": g.ratio, "loss_rtn": g.loss_rtn, "loss_awq": g.loss_awq, "loss_form": g.loss_form,

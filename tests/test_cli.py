@@ -194,6 +194,7 @@ def test_a_checkpoint_with_nan_or_inf_weights_is_refused_naming_the_tensor(tmp_p
     (["compile", "M", "-o", "O", "--seqlen", "1"], "--seqlen"),  # one token has nothing to predict
     (["compile", "M", "-o", "O", "--seqlen", "-5"], "--seqlen"),
     (["compile", "M", "-o", "O", "--loss-tokens", "0"], "--loss-tokens"),
+    (["compile", "M", "-o", "O", "--grid", "0"], "--grid"),
     (["eval", "M", "--text", "T", "--seqlen", "1"], "--seqlen"),
     (["eval", "M", "--text", "T", "--seqlen", "0"], "--seqlen"),
     (["eval", "M", "--text", "T", "--seqlen", "-5"], "--seqlen"),

@@ -57,6 +57,20 @@ def test_api_takes_a_model_and_token_tensors_and_names_its_files(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # caller's model untouched
 
 
+def test_the_scale_grid_has_the_ratios_asked_for(tmp_path):
+    """grid_points=4: each group weighs the identity and the ratios 0, 1/4, 2/4, 3/4, each in
+    float32 (no screen on a model this small), and the report says so; 0 is refused by name."""
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = awq_graph.compile(tiny_model(), calib, tmp_path / "out", scheme="uint4_wo_16", n_samples=4, seqlen=32,
+                               grid_points=4)
+    groups = result.report["groups"]
+    assert result.report["grid_points"] == 4 and len(groups) == 2 * 4  # 2 layers, 4 groups each
+    assert all(g["exact_points"] == 5 for g in groups), [g["exact_points"] for g in groups]
+    assert {g["ratio"] for g in groups} <= {None, 0.0, 0.25, 0.5, 0.75}
+    with pytest.raises(awq_graph.InputError, match="--grid 0: give at least 1"):
+        awq_graph.CompileOptions(grid_points=0)
+
+
 def test_an_architecture_with_nothing_to_scale_still_compiles_with_a_warning(tmp_path):
     cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=64)
     model = NoNormLM(cfg).eval()

@@ -6,6 +6,7 @@ the AWQ compile. Each compile runs alone in its own process.
 
     python tools/bench_quality.py --data ../shared/data                      # g128, 128 x 512
     python tools/bench_quality.py --data ../shared/data --peers              # g64, 8 x 512, 20 windows
+    python tools/bench_quality.py --data ../shared/data --n-samples 16 --grids 20 10 5   # the scale grid's size
 
 Compiled models go to bench/ (ignored); the figures to tools/results/quality-*.json, and a
 Markdown table is printed.
@@ -47,6 +48,7 @@ def main() -> int:
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--no-clip", action="store_true")
+    p.add_argument("--grids", type=int, nargs="+", default=[20], help="AWQ compiles with these --grid values, one each")
     p.add_argument("--work", type=Path, default=REPO / "bench")
     args = p.parse_args()
     n_samples = args.n_samples or (8 if args.peers else 128)
@@ -58,47 +60,50 @@ def main() -> int:
     tag = ("peers" if args.peers else f"g{group}-{n_samples}x{args.seqlen}")
     if args.model:  # another model's figures go to their own files
         tag = f"{args.model.stem}-{tag}"
-    awq = args.work / f"awq-{tag}"
     rtn = args.work / (f"rtn-{args.model.stem}-g{group}" if args.model else f"rtn-g{group}")
     calib = args.data / "wikitext2-valid-tokenized.txt"
     text = args.data / "wikitext2-test.txt"
 
-    load_before = os.getloadavg()[0]
-    cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(model), "-o", str(awq), "--calib", str(calib),
-           "--n-samples", str(n_samples), "--seqlen", str(args.seqlen), "--group-size", str(group), "--overwrite"]
-    if args.no_clip:
-        cmd.append("--no-clip")
-    wall, _ = _run(cmd, env)
-    load_after = os.getloadavg()[0]
-    report = json.loads((awq / "report.json").read_text())
+    rows = []
+    for grid in args.grids:  # each AWQ compile alone, in its own process
+        awq = args.work / (f"awq-{tag}" if grid == 20 else f"awq-{tag}-grid{grid}")
+        load_before = os.getloadavg()[0]
+        cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(model), "-o", str(awq), "--calib", str(calib),
+               "--n-samples", str(n_samples), "--seqlen", str(args.seqlen), "--group-size", str(group),
+               "--grid", str(grid), "--overwrite"]
+        if args.no_clip:
+            cmd.append("--no-clip")
+        wall, _ = _run(cmd, env)
+        rows.append((grid, awq, wall, json.loads((awq / "report.json").read_text()), load_before, os.getloadavg()[0]))
     _run([sys.executable, "-m", "awq_graph.cli", "compile", str(model), "-o", str(rtn), "--rtn",
           "--group-size", str(group), "--overwrite"], env)
     ppl_float = _ppl(model, text, windows, env)
     ppl_rtn = _ppl(rtn, text, windows, env)
-    ppl_awq = _ppl(awq, text, windows, env)
-    recovered = (ppl_rtn - ppl_awq) / (ppl_rtn - ppl_float)
-    figures = {
-        "setting": {"model": model.name, "group_size": group, "calibration": f"{n_samples} x {args.seqlen}",
-                    "clip": not args.no_clip, "eval_windows": windows, "window": 2048},
-        "ppl": {"float": ppl_float, "rtn": ppl_rtn, "awq": ppl_awq},
-        "rtn_loss_recovered": recovered,
-        "compile_wall_s": round(wall, 1),
-        "search_s": report["search_s"],
-        "timings_s": report["timings_s"],
-        "peak_rss_mb": report["peak_rss_mb"],
-        "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
-        "cpus": os.cpu_count(),
-    }
     results = REPO / "tools" / "results"
     results.mkdir(exist_ok=True)
-    out = results / f"quality-{tag}.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print("| setting | float | RTN | AWQ | RTN loss recovered | compile s | search s | peak RSS MB | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {model.name}, g{group}, {n_samples}x{args.seqlen}, {windows} windows | {ppl_float:.2f} | {ppl_rtn:.2f} | "
-          f"{ppl_awq:.2f} | {recovered:.0%} | {wall:.0f} | {report['search_s']:.0f} | {report['peak_rss_mb']:.0f} | "
-          f"{load_before:.2f} -> {load_after:.2f} |")
-    print(f"figures written to {out}")
+    print("| setting | grid | float | RTN | AWQ | RTN loss recovered | compile s | search s | peak RSS MB | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for grid, awq, wall, report, load_before, load_after in rows:
+        ppl_awq = _ppl(awq, text, windows, env)
+        recovered = (ppl_rtn - ppl_awq) / (ppl_rtn - ppl_float)
+        figures = {
+            "setting": {"model": model.name, "group_size": group, "calibration": f"{n_samples} x {args.seqlen}",
+                        "clip": not args.no_clip, "grid": grid, "eval_windows": windows, "window": 2048},
+            "ppl": {"float": ppl_float, "rtn": ppl_rtn, "awq": ppl_awq},
+            "rtn_loss_recovered": recovered,
+            "compile_wall_s": round(wall, 1),
+            "search_s": report["search_s"],
+            "timings_s": report["timings_s"],
+            "peak_rss_mb": report["peak_rss_mb"],
+            "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
+            "cpus": os.cpu_count(),
+        }
+        out = results / (f"quality-{tag}.json" if grid == 20 else f"quality-{tag}-grid{grid}.json")
+        out.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"| {model.name}, g{group}, {n_samples}x{args.seqlen}, {windows} windows | {grid} | {ppl_float:.2f} | "
+              f"{ppl_rtn:.2f} | {ppl_awq:.2f} | {recovered:.0%} | {wall:.0f} | {report['search_s']:.0f} | "
+              f"{report['peak_rss_mb']:.0f} | {load_before:.2f} -> {load_after:.2f} |")
+        print(f"figures written to {out}")
     return 0
 
 
