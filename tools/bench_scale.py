@@ -81,7 +81,8 @@ def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
     return folder
 
 
-def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks: int = 1, screen: str = "auto") -> dict:
+def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks: int = 1, screen: str = "auto",
+             grid: int = 20) -> dict:
     launch = [sys.executable, "-m", "awq_graph.cli"] if ranks == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "-m", "awq_graph"]
     cmd = ["/usr/bin/time", "-v", *launch, "compile", str(folder), "-o", str(out),
@@ -91,13 +92,13 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
         cmd.append("--rtn")
     else:
         cmd += ["--calib", str(args.data / "wikitext2-valid-tokenized.txt"), "--n-samples", str(args.n_samples),
-                "--seqlen", str(args.seqlen), "--grid-screen", screen]
+                "--seqlen", str(args.seqlen), "--grid-screen", screen, "--grid", str(grid)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     row = {"mode": mode, "weights": weights, "ranks": ranks, "threads_per_rank": max(1, args.threads // ranks),
-           "grid_screen": screen if mode == "awq" else None,
+           "grid_screen": screen if mode == "awq" else None, "grid": grid if mode == "awq" else None,
            "rc": proc.returncode, "wall_s": round(wall, 1),
            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
     if proc.returncode == 0:
@@ -146,14 +147,14 @@ def _generated(row: dict) -> str:
 
 def _merged(path: Path, rows: list[dict], args) -> list[dict]:
     """The rows already in ``path`` (same calibration), with this run's replacing those of the same
-    shape, depth, mode, weights, ranks and grid screen."""
+    shape, depth, mode, weights, ranks, grid screen and grid."""
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
     if (old.get("n_samples"), old.get("seqlen")) != (args.n_samples, args.seqlen):
         return rows
     key = lambda r: (r["shape"], r["layers"], r["mode"], r.get("weights", "streamed"), r.get("ranks", 1),  # noqa: E731
-                     r.get("grid_screen"))
+                     r.get("grid_screen"), r.get("grid") or (20 if r["mode"] == "awq" else None))
     new = {key(r) for r in rows}
     return [r for r in old["rows"] if key(r) not in new] + rows
 
@@ -176,6 +177,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads in all, shared out among the ranks")
     p.add_argument("--grid-screens", nargs="+", default=["auto"], choices=["auto", "bfloat16", "sketch", "off"],
                    help="AWQ once per grid screen (e.g. off bfloat16: side by side, and whether the bytes agree)")
+    p.add_argument("--grids", nargs="+", type=int, default=[20], help="AWQ's --grid values, one compile each")
     p.add_argument("--volume", action="store_true", help="print the computed all-reduce volume per layer, and stop")
     args = p.parse_args()
     if args.volume:
@@ -191,12 +193,12 @@ def main() -> int:
             config = json.loads((folder / "config.json").read_text())
             n_layers = config["num_hidden_layers"]
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            runs = [(m, w, n, sc) for m in args.modes for w in args.weights for n in (rank_counts if m == "awq" else [1])
-                    for sc in (args.grid_screens if m == "awq" else ["auto"])]
-            for mode, weights, ranks, screen in runs:
+            runs = [(m, w, n, sc, gr) for m in args.modes for w in args.weights for n in (rank_counts if m == "awq" else [1])
+                    for sc in (args.grid_screens if m == "awq" else ["auto"]) for gr in (args.grids if m == "awq" else [20])]
+            for mode, weights, ranks, screen, grid in runs:
                 row = {"shape": shape, "layers": n_layers, "params_b": round(disk / 2 / 1e9, 3),
                        "load_avg": os.getloadavg()[0], **_compile(folder, args.work / f"out-{folder.name}-{mode}",
-                                                                  mode, weights, args, env, ranks, screen)}
+                                                                  mode, weights, args, env, ranks, screen, grid)}
                 if "timings_s" in row:
                     row["search_s_per_layer"] = round(row["timings_s"].get("search", 0.0) / n_layers, 2)
                     if ranks > 1:  # the formula, beside the measured volume
@@ -211,11 +213,12 @@ def main() -> int:
     rows = _merged(args.results, rows, args) if args.merge else rows
     args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
     print(f"load average {os.getloadavg()[0]:.2f}; rows in {args.results}")
-    print("| shape | layers | params | mode | grid screen | weights | ranks x threads | peak RSS | search s/layer | "
+    print("| shape | layers | params | mode | grid screen | grid | weights | ranks x threads | peak RSS | search s/layer | "
           "total s | sent MB | OUT MB | data sha256 | generate | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r.get('grid_screen') or '-'} | "
+              f"{r.get('grid') or '-'} | "
               f"{r.get('weights', 'streamed')} | "
               f"{r.get('ranks', 1)} x {r.get('threads_per_rank', '-')} | "
               f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
