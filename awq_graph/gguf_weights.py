@@ -27,7 +27,7 @@ class _TopModule:
         return []
 
 
-def _gguf_to_hf_names(model, processor) -> dict[str, str]:
+def gguf_to_hf_names(model, processor) -> dict[str, str]:
     """The file's tensor names -> the model's parameter names, by transformers' map. Its function
     walks every submodule and builds gguf's name table at each (397 times, 11 s, on SmolLM2),
     which only a file converted from the base model (Bloom's) needs: the top module's names are
@@ -61,7 +61,7 @@ class GGUFWeights:
         # the processors read head counts from the config under transformers' names: the model's
         # config has them (parsing the file's fields again for them took 5.5 s on SmolLM2)
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
-        to_hf = _gguf_to_hf_names(model, self.processor)
+        to_hf = gguf_to_hf_names(model, self.processor)
         self._tensors = {to_hf[t.name]: t for t in self.reader.tensors if t.name in to_hf}
         self.architecture = architecture
 

@@ -216,11 +216,11 @@ def test_a_gguf_files_tensor_names_map_as_transformers_maps_them(model_type, ggu
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    from awq_graph.gguf_weights import _gguf_to_hf_names
+    from awq_graph.gguf_weights import gguf_to_hf_names
 
     config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, vocab_size=100, **shape)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
     expected = get_gguf_hf_weights_map(model, processor)
-    assert len(expected) >= 21 and _gguf_to_hf_names(model, processor) == expected
+    assert len(expected) >= 21 and gguf_to_hf_names(model, processor) == expected
