@@ -209,3 +209,24 @@ def test_the_command_line_compiles_a_mixtral_checkpoint_and_generates_from_it(mi
     text, err = capsys.readouterr()
     assert text.rstrip("\n") == greedy_continuation(out, "the king of", 8)
     assert "(KV cache)" in err
+
+
+def test_a_bank_clipped_a_block_of_rows_at_a_time_gets_the_shrinks_of_one_sweep(mixtral, monkeypatch):
+    """A bank's rows are clipped expert by expert against that expert's blocks of H, a block of rows
+    at a time (here 4 rows of the 64- and 128-wide inputs): the same shrinks and integers as one
+    sweep of the whole bank, whose experts ``blockwise_error`` pairs with their blocks itself."""
+    import awq_graph.search as search
+
+    _, per_layer, _ = derive_groups(export_model(mixtral))
+    calib = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for elements in (4 * 64, 1 << 40):
+        monkeypatch.setattr(search, "CLIP_BLOCK_ELEMENTS", elements)
+        gm = export_model(mixtral)
+        with torch.no_grad():
+            results[elements] = awq_search(gm, per_layer, calib, SearchOptions(scheme=QuantScheme(4, 32)))
+    blocks, whole = results[4 * 64], results[1 << 40]
+    assert any("experts" in c.linear for c in whole.clips)
+    assert [(c.linear, c.mean_shrink) for c in blocks.clips] == [(c.linear, c.mean_shrink) for c in whole.clips]
+    for name, qw in whole.quantized.items():
+        assert torch.equal(blocks.quantized[name].q, qw.q), name

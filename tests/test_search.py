@@ -201,3 +201,23 @@ def test_a_screen_that_errs_more_than_its_margin_widens_until_float32_decides():
     assert exact_best[1] == 0.35 and screened[1] == 0.35
     assert screened[2]["loss_awq"] == exact_best[2]["loss_awq"]
     assert screened[2]["exact_points"] > 4 and screened[2]["screen_deviation"] > SCREEN_MARGIN / 4
+
+
+def test_the_clipping_search_a_block_of_rows_at_a_time_chooses_what_one_sweep_of_the_whole_weight_chooses(
+        monkeypatch):
+    """Rows are independent in the clipping search: swept in blocks of 8 elements' rows (a row at a
+    time here) or the whole weight at once, every linear gets the same shrinks, hence the same integers."""
+    import awq_graph.search as search
+
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for elements in (8, 1 << 40):
+        monkeypatch.setattr(search, "CLIP_BLOCK_ELEMENTS", elements)
+        gm = export_model(tiny_model())
+        with torch.no_grad():
+            results[elements] = awq_search(gm, match(gm).per_layer, calib, SearchOptions(scheme=QuantScheme(4, 16)))
+    blocks, whole = results[8], results[1 << 40]
+    assert [c.mean_shrink for c in blocks.clips] == [c.mean_shrink for c in whole.clips]
+    assert any(c.mean_shrink < 1 for c in whole.clips)  # some range was shrunk
+    for name, qw in whole.quantized.items():
+        assert torch.equal(blocks.quantized[name].q, qw.q) and torch.equal(blocks.quantized[name].scale, qw.scale), name
