@@ -210,8 +210,9 @@ def _check(args) -> int:
     return 0
 
 
-_HEAVY_MODULE = {"compile": ".pipeline", "eval": ".pipeline", "infer-config": ".pipeline",
-                 "check-config": ".pipeline", "generate": ".runtime"}
+# what each command imports (torch, transformers, onnxruntime below them), imported while signals are held
+_HEAVY_MODULES = {"compile": (".pipeline",), "eval": (".runtime", ".load"), "generate": (".runtime",),
+                  "infer-config": (".export", ".load", ".match"), "check-config": (".export", ".load", ".match")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     try:
         with signals_held():  # torch, transformers and onnxruntime import whole before a signal ends the run
-            importlib.import_module(_HEAVY_MODULE[args.command], __package__)
+            for module in _HEAVY_MODULES[args.command]:
+                importlib.import_module(module, __package__)
         if args.command == "compile":
             return _compile(args)
         if args.command == "eval":
