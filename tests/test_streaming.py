@@ -132,7 +132,8 @@ _PEAK = """
 import resource, sys, torch
 from awq_graph import compile
 calib = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(0))
-compile(sys.argv[1], calib, sys.argv[2], n_samples=4, seqlen=64, stream=sys.argv[3] == "1", overwrite=True)
+compile(sys.argv[1], calib, sys.argv[2], n_samples=4, seqlen=64, stream=sys.argv[3] == "1", overwrite=True,
+        grid_points=4)  # the memory measured does not depend on the grid's length: its points run one by one
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
