@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from .core.analysis import feeds_attention_scores, quantizable_linears
+from .core.heap import heap_reused
 from .core.ir import GraphModel, in_module, run_nodes
 from .core.stages import Stages
 from .core.ranks import ONE, Ranks
@@ -329,6 +330,11 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     every group are shared out; rank 0 makes every choice and alone quantizes (the others'
     ``result.quantized`` stays empty).
     """
+    with heap_reused():  # the grid's large temporaries reuse the heap's pages (``core.heap``)
+        return _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks)
+
+
+def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks) -> SearchResult:
     t0 = time.perf_counter()
     progress = progress or (lambda it, desc, total: it)
     stages = Stages(gm)
