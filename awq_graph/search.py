@@ -20,8 +20,8 @@ AVX512-BF16 CPU), then in float32 for the identity, the screen's best ratio and 
 and the points within ``SCREEN_MARGIN`` of the best screened loss, and the choice is made from the
 float32 losses alone. The screen's own error (its deviations from those float32 losses, less their
 common offset) must be under a quarter of the margin, or the margin widens (``grid_search``). The
-screen reads rows, X or the Cholesky factor of H; a subgraph's linears add their change to
-their float outputs (``_delta_products``).
+screen reads rows, X or the Cholesky factor of H (a random sketch of them where they are many);
+a subgraph's linears add their change to their float outputs (``_delta_products``).
 
 Then per linear, a clipping search: each group's range [min, max] shrinks by r in
 1, 0.95, ..., 0.55 (asymmetric: both ends toward 0), r chosen per (row, group) by
@@ -80,7 +80,7 @@ class SearchOptions:
     device: str = "cpu"
     # the grid's screen: every grid point's loss estimated cheaply first, then in float32 for the
     # best few; the choice is float32's (see ``grid_search``). "bfloat16": the large products in
-    # bfloat16 (single linears and subgraphs); "sketch": a single linear's loss from a random
+    # bfloat16 (single linears, their rows sketched where many, and subgraphs); "sketch": a single linear's loss from a random
     # sketch of its rows (float32, an eighth of them); "auto": bfloat16 where its products are fast,
     # else the sketch; "off": float32 throughout
     screen: str = "auto"
@@ -182,7 +182,7 @@ class GroupReport:
     loss_form: str = "forward"  # "forward" (module2inspect run), or a single linear's "quadratic" / "direct"
     exact_points: int = 0  # grid points whose float32 loss was computed (all of them without a screen)
     screen_deviation: float | None = None  # the screen's largest deviation seen, relative to the best loss
-    screen: str | None = None  # the grid's screen ("bfloat16", "sketch"), None: every point in float32
+    screen: str | None = None  # the grid's screen ("bfloat16", "bfloat16 sketch", "sketch"), None: every point in float32
     grid_passes: int = 0  # passes over grid points (each a vector of losses summed over the ranks)
 
 
@@ -668,9 +668,11 @@ class _Moments:
     exact loss, and for the screen, rows R with R^T R = H: X itself, or the transposed Cholesky
     factor of H (made once per group, in float32: the screen then sums squares, ||R dW^T||^2,
     where a bfloat16 H's rounding, with the large off-diagonal terms of outlier channels, cancels
-    badly). The "bfloat16" screen reads R in bfloat16, the "sketch" screen S R (``gaussian_sketch``:
-    an eighth of R's rows, float32). A bank of experts' H, an H without a Cholesky factor, or rows
-    too few to sketch, have no screen (``screen`` is then None: the group's grid runs in float32)."""
+    badly). The "sketch" screen reads S R (``gaussian_sketch``: an eighth of R's rows, float32); the
+    "bfloat16" screen reads R in bfloat16, or S R in bfloat16 where R has rows enough to sketch
+    (Llama-3.2-1B's down_proj at 16 x 512: 8,192 x 8,192 rows, 0.16 s a point in bfloat16, 0.02 s
+    sketched). A bank of experts' H, an H without a Cholesky factor, or rows too few to sketch for the
+    "sketch" screen, have no screen (``screen`` is then None: the group's grid runs in float32)."""
 
     def __init__(self, stat: _Stat, screen: str | None):
         self.stat = stat
@@ -683,9 +685,11 @@ class _Moments:
         rows = self.exact if stat.form == "direct" else _cholesky_rows(self.exact)
         if rows is None:
             return
-        self.screen_rows = (rows.to(torch.bfloat16) if screen == "bfloat16"
-                            else gaussian_sketch(rows, rows.shape[0] // SKETCH_RATIO))
-        self.screen = screen
+        sketched = rows.shape[0] >= SKETCH_RATIO * SKETCH_MIN_ROWS
+        if sketched:
+            rows = gaussian_sketch(rows, rows.shape[0] // SKETCH_RATIO)
+        self.screen_rows = rows.to(torch.bfloat16) if screen == "bfloat16" else rows
+        self.screen = "bfloat16 sketch" if sketched and screen == "bfloat16" else screen  # the report's name
 
     def error(self, dw: torch.Tensor, screened) -> torch.Tensor:
         """The loss's sum ||X dW^T||^2: in float32, or screened (``screened`` set)."""
@@ -737,7 +741,7 @@ def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, r
     report's fields: the identity's loss, the best loss, how many points got a float32 loss, the
     screen's largest deviation seen, the passes over points, the screen). ``loss_of(s, screen)`` is
     the loss of scale ``s``: in float32 (``screen`` None), or its cheaper estimate (``screen``: the
-    name of the loss's screen, "bfloat16" or "sketch").
+    name of the loss's screen, "bfloat16", "bfloat16 sketch" or "sketch").
 
     With a ``screen`` every point is first screened with it; the identity, the screen's best
     ratio and its two neighbours, and the points within ``SCREEN_MARGIN`` of the best screened loss
