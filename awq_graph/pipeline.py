@@ -19,6 +19,7 @@ from pathlib import Path
 from . import calib as calibration
 from .core.analysis import quantizable_linears, token_table
 from .core.errors import AwqGraphError, ConfigError, InputError, SchemeError
+from .core.heap import give_back_freed_memory
 from .core.numerics import QuantScheme
 from .core.ranks import ONE, RankFailed, Ranks
 from .core.records import read_quark_config
@@ -34,7 +35,6 @@ from .outdir import atomic_out_dir, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
 from .search import SCREENS, SearchOptions, SearchResult, awq_search, rtn
 from .core.spill import IntegerSpill
-from .weights import give_back_freed_memory
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 

@@ -9,8 +9,6 @@ not the process's.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import math
 import struct
@@ -21,45 +19,11 @@ from pathlib import Path
 import torch
 
 from .core.errors import InputError
+from .core.heap import MMAP_THRESHOLD, trim_heap
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 4 << 20
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
-
-
-def give_back_freed_memory() -> bool:
-    """Have glibc's malloc map every allocation of 4 MB and more on its own, so that freeing it
-    gives the memory back. By default the threshold follows the largest block freed so far (up
-    to 32 MB): once a layer's weights are freed, the next layer's land on the heap, whose freed
-    holes the process keeps, and peak RSS grew by one float32 layer per layer (measured: 6
-    layers of 63 MB each, +460 MB over the trace; with this, +63 MB). Process-wide; a no-op
-    where the C library is not glibc. Returns whether it took effect."""
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) if _LIBC else False
-
-
-def _trim_heap() -> None:
-    """Return the heap's free holes to the OS (glibc's malloc_trim). The threshold above does
-    not always hold: in about one run in three (it varies with the hash seed) the weights landed
-    on the heap anyway and 235 MB of freed memory stayed with the process over 6 layers of 63 MB
-    (measured: RssAnon 564 MB, 329 MB after a trim), so a read of a large tensor trims first,
-    and so does ``ParamStore.release``."""
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 class SafetensorsWeights:
@@ -244,7 +208,7 @@ class ParamStore(Mapping):
 
     def _read(self, key: str, name: str) -> torch.Tensor:
         if 4 * math.prod(self._shapes[name]) >= MMAP_THRESHOLD:
-            _trim_heap()
+            trim_heap()
         tensor = self.source.get(key, torch.float32)
         if tensor.shape != self._shapes[name]:
             raise InputError(f"tensor '{key}' in the checkpoint has shape {tuple(tensor.shape)}, the model's config "
@@ -268,7 +232,7 @@ class ParamStore(Mapping):
                 self._resident.pop(key, None)
                 if spent:
                     self._spent.add(key)
-        _trim_heap()  # what they held goes back to the OS now, not at some later read
+        trim_heap()  # what they held goes back to the OS now, not at some later read
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._resident.values())
