@@ -1,0 +1,102 @@
+"""Side-by-side benchmark (not a test): the same AWQ compile by this checkout and by an earlier
+commit, each alone in its own process, alternated, so that the machine's drift falls on both.
+
+    python tools/bench_against.py ff2b8f9^ --checkpoint bench/scale/1b-2L --n-samples 16 --seqlen 512 \
+        --results tools/results/scale-issue-side-by-side.json
+
+The earlier commit's tree is written to a scratch folder (``git archive``) and run from there with
+its own ``awq_graph`` package (``passes/`` placed as ``awq_graph.passes``, as the install maps it),
+with this checkout's virtual environment. Per run: search seconds per decoder layer (report.json's
+timings over --layers), wall time, peak RSS (/usr/bin/time -v) and the load average before it.
+Prints a Markdown table and the ratio of the searches; writes the rows to --results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree_of(commit: str, into: Path) -> Path:
+    """The commit's files under ``into``, importable as ``awq_graph`` from there."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    if (into / "passes").is_dir() and not (into / "awq_graph" / "passes").exists():
+        shutil.copytree(into / "passes", into / "awq_graph" / "passes")
+    return into
+
+
+def _run(label: str, cwd: Path, extra_env: dict, out: Path, args) -> dict:
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "awq_graph.cli", "compile", str(args.checkpoint.resolve()),
+           "-o", str(out), "--overwrite", "--group-size", str(args.group_size), "--calib", str(args.calib.resolve()),
+           "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **extra_env}
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    row = {"code": label, "rc": proc.returncode, "load_avg": round(load, 2), "wall_s": round(wall, 1),
+           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+    if proc.returncode == 0:
+        timings = json.loads((out / "report.json").read_text())["timings_s"]
+        row["timings_s"] = timings
+        row["search_s_per_layer"] = round(timings["search"] / args.layers, 2)
+    else:
+        row["error"] = proc.stderr[-500:]
+    print(row, flush=True)
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("commit", help="the earlier code (a commit git knows)")
+    p.add_argument("--checkpoint", type=Path, default=REPO / "bench" / "scale" / "1b-2L")
+    p.add_argument("--layers", type=int, default=2, help="the checkpoint's decoder layers (for seconds per layer)")
+    p.add_argument("--calib", type=Path, default=REPO.parent / "shared" / "data" / "wikitext2-valid-tokenized.txt")
+    p.add_argument("--n-samples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--results", type=Path, default=REPO / "tools" / "results" / "side-by-side.json")
+    args = p.parse_args()
+    if not args.checkpoint.is_dir():
+        p.error(f"--checkpoint {args.checkpoint}: no such folder (tools/random_checkpoint.py 1b "
+                f"{args.checkpoint} --layers {args.layers} builds one)")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-against-") as scratch:
+        scratch = Path(scratch)
+        (scratch / "old").mkdir()
+        old = _tree_of(args.commit, scratch / "old")
+        for _ in range(args.repeats):
+            rows.append(_run(f"now ({head})", REPO, {}, scratch / "out-now", args))
+            rows.append(_run(f"{args.commit}", old, {"PYTHONPATH": str(old)}, scratch / "out-old", args))
+    now = [r["timings_s"]["search"] for r in rows if r["code"].startswith("now") and r["rc"] == 0]
+    then = [r["timings_s"]["search"] for r in rows if not r["code"].startswith("now") and r["rc"] == 0]
+    print(f"\nload average {os.getloadavg()[0]:.2f}")
+    print("| code | search s/layer | wall s | peak RSS GB | load avg |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['code']} | {r.get('search_s_per_layer', '-')} | {r['wall_s']} | {r['peak_rss_gb']} | {r['load_avg']} |")
+    if now and then:
+        print(f"search: {sum(then):.1f} s ({args.commit}) against {sum(now):.1f} s (now): {sum(then) / sum(now):.2f}x")
+    args.results.write_text(json.dumps({
+        "note": f"{args.checkpoint.name}, AWQ {args.n_samples} x {args.seqlen} of {args.calib.name}, "
+                f"g{args.group_size}; each compile alone in its process, alternated (tools/bench_against.py)",
+        "runs": rows}, indent=1) + "\n")
+    print(f"rows in {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
