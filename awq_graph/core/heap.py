@@ -10,8 +10,8 @@ freed weights go back to the OS.
 The search makes and drops the same large tensors over and over: every grid point quantizes a
 layer's weights anew and multiplies them by the calibration rows, each tensor tens of MB. Each
 mapped block is a fresh mmap, whose pages the kernel faults in and zeroes one by one at first
-touch, and unmaps when freed: on Llama-3.2-1B's width at 16 x 512 that kernel work was 44 of a
-compile's 140 CPU seconds. Inside ``heap_reused`` no block is mapped and freed ones stay on the
+touch, and unmaps when freed: on Llama-3.2-1B's width at 16 x 512 that kernel work was 46.8 of a
+2-layer compile's 140 CPU seconds. Inside ``heap_reused`` no block is mapped and freed ones stay on the
 heap to be reused (search 69.0 -> 48.4 s, kernel time 46.8 -> 10.8 s, peak RSS 2.34 -> 2.74 GB
 on 2 such layers; 2.42 GB on 4); on leaving, glibc's defaults come back and the heap is trimmed.
 The layers still leave memory as they finish: ``ParamStore.release`` trims the heap.
