@@ -184,6 +184,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         ranks.wait()  # rank 0's OUT (or its error)
         return CompileResult(out_dir, [], {"rank": ranks.rank})
     lap = _Laps()
+    _device_peak_mb(opts.device, reset=True)
 
     loaded_here = isinstance(model, (str, os.PathLike))
     source = Path(model) if loaded_here else None
@@ -300,6 +301,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         report["warnings"] = warnings + emitted.warnings
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
         report["peak_rss_mb"] = _peak_rss_mb()
+        report["device_peak_mb"] = _device_peak_mb(opts.device)  # the search's GPU memory; None on the CPU
         report["peak_rss_mb_after"] = lap.peak_rss_mb  # where the peak grows, stage by stage
         (tmp / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     ranks.wait()  # the others return once OUT is in place
@@ -396,6 +398,19 @@ class _Laps:
 
 def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _device_peak_mb(device: str, reset: bool = False) -> float | None:
+    """The most memory torch's allocator held on a CUDA ``device`` since the last reset (None for
+    the CPU, whose peak is the process's RSS)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None, streamed=False,

@@ -38,6 +38,7 @@ def test_compile_takes_a_sharded_bf16_checkpoint(tmp_path):
     assert main(["compile", str(folder), "-o", str(out), "--n-samples", "4", "--seqlen", "32", "--group-size", "16"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert (report["device_peak_mb"] > 0) if torch.cuda.is_available() else report["device_peak_mb"] is None
     graph = report["graph"]  # the float-activations copy against torch with the same integers (measured 2.0e-7)
     assert graph["kind"] == "kv-decoder" and graph["float_check_deviation"] < 1e-4, graph
 

@@ -7,7 +7,7 @@ commit, each alone in its own process, alternated, so that the machine's drift f
 The earlier commit's tree is written to a scratch folder (``git archive``) and run from there with
 its own ``awq_graph`` package (``passes/`` placed as ``awq_graph.passes``, as the install maps it),
 with this checkout's virtual environment. Per run: search seconds per decoder layer (report.json's
-timings over --layers), wall time, peak RSS (/usr/bin/time -v) and the load average before it.
+timings over --layers), wall time, peak RSS (tools/measured.py) and the load average before it.
 Prints a Markdown table and the ratio of the searches; writes the rows to --results.
 """
 from __future__ import annotations
@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from measured import run_measured  # noqa: E402
 
 
 def _tree_of(commit: str, into: Path) -> Path:
@@ -36,17 +37,14 @@ def _tree_of(commit: str, into: Path) -> Path:
 
 
 def _run(label: str, cwd: Path, extra_env: dict, out: Path, args) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "awq_graph.cli", "compile", str(args.checkpoint.resolve()),
+    cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(args.checkpoint.resolve()),
            "-o", str(out), "--overwrite", "--group-size", str(args.group_size), "--calib", str(args.calib.resolve()),
            "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **extra_env}
-    load = os.getloadavg()[0]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    row = {"code": label, "rc": proc.returncode, "load_avg": round(load, 2), "wall_s": round(wall, 1),
-           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+    run = run_measured(cmd, env=env, cwd=cwd)
+    proc = run.proc
+    row = {"code": label, "rc": proc.returncode, "load_avg": run.load_avg, "wall_s": run.wall_s,
+           "peak_rss_gb": run.peak_rss_gb}
     if proc.returncode == 0:
         timings = json.loads((out / "report.json").read_text())["timings_s"]
         row["timings_s"] = timings

