@@ -14,7 +14,12 @@ touch, and unmaps when freed: on Llama-3.2-1B's width at 16 x 512 that kernel wo
 2-layer compile's 140 CPU seconds. Inside ``heap_reused`` no block is mapped and freed ones stay on the
 heap to be reused (search 69.0 -> 48.4 s, kernel time 46.8 -> 10.8 s, peak RSS 2.34 -> 2.74 GB
 on 2 such layers; 2.42 GB on 4); on leaving, glibc's defaults come back and the heap is trimmed.
-The layers still leave memory as they finish: ``ParamStore.release`` trims the heap.
+The layers still leave memory as they finish: ``ParamStore.release`` trims the heap. Any mallopt
+turns glibc's moving mmap threshold off for good, so after the search a compile of a model in
+memory (``--no-stream``) maps its blocks from 128 KB up where glibc would have raised the
+threshold; measured on the 1B width (2 layers, AWQ 2 x 64, ``--no-stream``): emit 5.3-5.6 s
+against 5.7-5.8 s with the threshold set to glibc's dynamic ceiling (32 MB) after the search,
+peak RSS the same within 3%: left as it is.
 ``heap_reused`` leaves glibc alone where the environment sets one of its ``MALLOC_*`` tunables
 (the caller has chosen how memory is handed out: the depth tests map every block over 64 KB on
 its own, to measure what is live).
