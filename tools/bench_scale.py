@@ -9,7 +9,8 @@ Checkpoints (bf16, sharded, written tensor by tensor by tools/random_checkpoint.
 once under bench/scale/ (ignored). Each compile runs alone in its own process, its peak RSS
 measured as /usr/bin/time -v does (tools/measured.py); ``--device cuda`` searches on the GPU,
 and the row has the compile's peak GPU memory (report.json's device_peak_mb). AWQ calibrates on
-WikiText-2 validation (--data) with --n-samples x --seqlen (default 8 x 256). The same width at two depths shows whether peak memory grows with depth.
+WikiText-2 validation (--data) with --n-samples x --seqlen (default 8 x 256). The same width at
+two depths shows whether peak memory grows with depth.
 ``--ranks 1,2`` compiles AWQ once per rank count on the same cores: 1 rank with every thread, or
 ``torchrun --nproc_per_node N`` with the threads shared out (--threads in all); the peak RSS is the
 largest rank's.
