@@ -13,7 +13,10 @@ mapped block is a fresh mmap, whose pages the kernel faults in and zeroes one by
 touch, and unmaps when freed: on Llama-3.2-1B's width at 16 x 512 that kernel work was 46.8 of a
 2-layer compile's 140 CPU seconds. Inside ``heap_reused`` no block is mapped and freed ones stay on the
 heap to be reused (search 69.0 -> 48.4 s, kernel time 46.8 -> 10.8 s, peak RSS 2.34 -> 2.74 GB
-on 2 such layers; 2.42 GB on 4); on leaving, glibc's defaults come back and the heap is trimmed.
+on 2 such layers); on leaving, glibc's defaults come back and the heap is trimmed. Its cost in depth
+(the 1B width at 16 x 512): peak RSS 2.56 / 2.70 / 2.78 / 3.02 GiB at 2 / 4 / 8 / 16 layers, where
+without it 2.21 GiB at 8 and 2.20 at 16, 1.34-1.42x slower; the kept free top (1 GB or 256 MB) makes
+no difference: the large blocks on the heap do.
 The layers still leave memory as they finish: ``ParamStore.release`` trims the heap. Any mallopt
 turns glibc's moving mmap threshold off for good, so after the search a compile of a model in
 memory (``--no-stream``) maps its blocks from 128 KB up where glibc would have raised the
