@@ -184,7 +184,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         ranks.wait()  # rank 0's OUT (or its error)
         return CompileResult(out_dir, [], {"rank": ranks.rank})
     lap = _Laps()
-    _device_peak_mb(opts.device, reset=True)
+    _reset_device_peak(opts.device)
 
     loaded_here = isinstance(model, (str, os.PathLike))
     source = Path(model) if loaded_here else None
@@ -400,16 +400,21 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _device_peak_mb(device: str, reset: bool = False) -> float | None:
-    """The most memory torch's allocator held on a CUDA ``device`` since the last reset (None for
-    the CPU, whose peak is the process's RSS)."""
+def _reset_device_peak(device: str) -> None:
+    """Start ``_device_peak_mb``'s count afresh (a CUDA ``device``; nothing on the CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _device_peak_mb(device: str) -> float | None:
+    """The most memory torch's allocator held on a CUDA ``device`` since ``_reset_device_peak``
+    (None for the CPU, whose peak is the process's RSS)."""
     if not device.startswith("cuda"):
         return None
     import torch
 
-    if reset:
-        torch.cuda.reset_peak_memory_stats(device)
-        return None
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 

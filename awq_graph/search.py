@@ -80,9 +80,9 @@ class SearchOptions:
     device: str = "cpu"
     # the grid's screen: every grid point's loss estimated cheaply first, then in float32 for the
     # best few; the choice is float32's (see ``grid_search``). "bfloat16": the large products in
-    # bfloat16 (single linears, their rows sketched where many, and subgraphs); "sketch": a single linear's loss from a random
-    # sketch of its rows (float32, an eighth of them); "auto": bfloat16 where its products are fast,
-    # else the sketch; "off": float32 throughout
+    # bfloat16 (single linears, their rows sketched where many, and subgraphs); "sketch": a single
+    # linear's loss from a random sketch of its rows (float32, an eighth of them); "auto": bfloat16
+    # where its products are fast, else the sketch; "off": float32 throughout
     screen: str = "auto"
 
     def __post_init__(self):
@@ -671,8 +671,9 @@ class _Moments:
     badly). The "sketch" screen reads S R (``gaussian_sketch``: an eighth of R's rows, float32); the
     "bfloat16" screen reads R in bfloat16, or S R in bfloat16 where R has rows enough to sketch
     (Llama-3.2-1B's down_proj at 16 x 512: 8,192 x 8,192 rows, 0.24 s a point in bfloat16, 0.03 s
-    sketched, and 0.46 s once for the sketch). A bank of experts' H, an H without a Cholesky factor, or rows too few to sketch for the
-    "sketch" screen, have no screen (``screen`` is then None: the group's grid runs in float32)."""
+    sketched, and 0.46 s once for the sketch). A bank of experts' H, an H without a Cholesky
+    factor, or rows too few to sketch for the "sketch" screen, have no screen (``screen`` is then
+    None: the group's grid runs in float32)."""
 
     def __init__(self, stat: _Stat, screen: str | None):
         self.stat = stat

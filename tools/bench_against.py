@@ -7,7 +7,8 @@ commit, each alone in its own process, alternated, so that the machine's drift f
 The earlier commit's tree is written to a scratch folder (``git archive``) and run from there with
 its own ``awq_graph`` package (``passes/`` placed as ``awq_graph.passes``, as the install maps it),
 with this checkout's virtual environment. Per run: search seconds per decoder layer (report.json's
-timings over --layers), wall time, peak RSS (tools/measured.py) and the load average before it.
+timings over the checkpoint's decoder layers), wall time, peak RSS (tools/measured.py) and the
+load average before it.
 Prints a Markdown table and the ratio of the searches; writes the rows to --results.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _tree_of(commit: str, into: Path) -> Path:
     return into
 
 
-def _run(label: str, cwd: Path, extra_env: dict, out: Path, args) -> dict:
+def _run(label: str, cwd: Path, extra_env: dict, out: Path, layers: int, args) -> dict:
     cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(args.checkpoint.resolve()),
            "-o", str(out), "--overwrite", "--group-size", str(args.group_size), "--calib", str(args.calib.resolve()),
            "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen)]
@@ -48,7 +49,7 @@ def _run(label: str, cwd: Path, extra_env: dict, out: Path, args) -> dict:
     if proc.returncode == 0:
         timings = json.loads((out / "report.json").read_text())["timings_s"]
         row["timings_s"] = timings
-        row["search_s_per_layer"] = round(timings["search"] / args.layers, 2)
+        row["search_s_per_layer"] = round(timings["search"] / layers, 2)
     else:
         row["error"] = proc.stderr[-500:]
     print(row, flush=True)
@@ -59,7 +60,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("commit", help="the earlier code (a commit git knows)")
     p.add_argument("--checkpoint", type=Path, default=REPO / "bench" / "scale" / "1b-2L")
-    p.add_argument("--layers", type=int, default=2, help="the checkpoint's decoder layers (for seconds per layer)")
     p.add_argument("--calib", type=Path, default=REPO.parent / "shared" / "data" / "wikitext2-valid-tokenized.txt")
     p.add_argument("--n-samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
@@ -67,9 +67,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--results", type=Path, default=REPO / "tools" / "results" / "side-by-side.json")
     args = p.parse_args()
-    if not args.checkpoint.is_dir():
-        p.error(f"--checkpoint {args.checkpoint}: no such folder (tools/random_checkpoint.py 1b "
-                f"{args.checkpoint} --layers {args.layers} builds one)")
+    if not (args.checkpoint / "config.json").is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no checkpoint there (tools/random_checkpoint.py 1b "
+                f"{args.checkpoint} --layers 2 builds one)")
+    layers = json.loads((args.checkpoint / "config.json").read_text())["num_hidden_layers"]  # for seconds per layer
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
     rows = []
@@ -78,8 +79,8 @@ def main() -> int:
         (scratch / "old").mkdir()
         old = _tree_of(args.commit, scratch / "old")
         for _ in range(args.repeats):
-            rows.append(_run(f"now ({head})", REPO, {}, scratch / "out-now", args))
-            rows.append(_run(f"{args.commit}", old, {"PYTHONPATH": str(old)}, scratch / "out-old", args))
+            rows.append(_run(f"now ({head})", REPO, {}, scratch / "out-now", layers, args))
+            rows.append(_run(f"{args.commit}", old, {"PYTHONPATH": str(old)}, scratch / "out-old", layers, args))
     now = [r["timings_s"]["search"] for r in rows if r["code"].startswith("now") and r["rc"] == 0]
     then = [r["timings_s"]["search"] for r in rows if not r["code"].startswith("now") and r["rc"] == 0]
     print(f"\nload average {os.getloadavg()[0]:.2f}")

@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("shape", choices=sorted({**SHAPES, **MOE_SHAPES}))
     p.add_argument("out", type=Path)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
-    p.add_argument("--tokenizer-from", type=Path, default=None, help="a .gguf whose tokenizer to save, or a folder a tokenizer was saved in")
+    p.add_argument("--tokenizer-from", type=Path, default=None,
+                   help="a .gguf whose tokenizer to save, or a folder a tokenizer was saved in")
     p.add_argument("--shard-gb", type=float, default=2.0)
     args = p.parse_args(argv)
     build(args.out, args.shape, args.layers, tokenizer=smollm2_tokenizer(args.tokenizer_from),
