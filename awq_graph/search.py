@@ -721,19 +721,25 @@ def _delta_products(sub, ext_values: dict, device, dtype: torch.dtype) -> dict:
     env = run_nodes(sub, dict(ext_values), device)
 
     def product(x0, w0, out0):
-        w0_low = w0.to(dtype)
+        w0_low, x0_low = w0.to(dtype), x0.to(dtype)
 
-        def call(x, w, bias=None):
+        def call(x, w, bias=None):  # each difference made in dtype in one pass, each sum into out0's dtype
             out = out0
             if x is not x0:
-                out = out + ((x - x0).to(dtype) @ w0_low.T).to(out0.dtype)
+                out = torch.add(out, _difference(x, x0, dtype) @ w0_low.T, out=torch.empty_like(out0))
             if w is not w0:
-                out = out + (x.to(dtype) @ (w - w0).to(dtype).T).to(out0.dtype)
+                x_low = x0_low if x is x0 else x.to(dtype)
+                out = torch.add(out, x_low @ _difference(w, w0, dtype).T, out=torch.empty_like(out0))
             return out
         return call
 
     return {n: product(env[n.args[0]], env[n.args[1]], env[n])
             for n in sub if n.target is torch.ops.aten.linear.default}
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(a - b).to(dtype), the same bits, without a float temporary of a's size."""
+    return torch.sub(a, b, out=torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device))
 
 
 def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: Ranks = ONE,
@@ -834,10 +840,11 @@ def _clip_search(name, w, blocks, numel, opts, node):
     if rows >= w.shape[0]:  # the whole weight in one sweep (a bank: ``blockwise_error`` pairs experts and blocks)
         parts = [(w, blocks)]
     else:  # a block of rows at a time, within one expert's rows
-        experts = blocks.shape[0] if blocks.dim() == 4 else 1
-        per_expert = w.shape[0] // experts
-        parts = [(w[r:min(r + rows, (e + 1) * per_expert)], blocks[e] if blocks.dim() == 4 else blocks)
-                 for e in range(experts) for r in range(e * per_expert, (e + 1) * per_expert, rows)]
+        per_expert_blocks = list(blocks) if blocks.dim() == 4 else [blocks]
+        per_expert = w.shape[0] // len(per_expert_blocks)
+        parts = [(w[r:min(r + rows, (e + 1) * per_expert)], expert_blocks)
+                 for e, expert_blocks in enumerate(per_expert_blocks)
+                 for r in range(e * per_expert, (e + 1) * per_expert, rows)]
     his, los, before, after = [], [], 0.0, 0.0
     for part, part_blocks in parts:
         hi, lo, first, best = _clip_rows(part, part_blocks, scheme, ratios)

@@ -7,8 +7,8 @@ commit, each alone in its own process, alternated, so that the machine's drift f
 The earlier commit's tree is written to a scratch folder (``git archive``) and run from there with
 its own ``awq_graph`` package (``passes/`` placed as ``awq_graph.passes``, as the install maps it),
 with this checkout's virtual environment. Per run: search seconds per decoder layer (report.json's
-timings over the checkpoint's decoder layers), wall time, peak RSS (tools/measured.py) and the
-load average before it.
+timings over the checkpoint's decoder layers), wall time, peak RSS (tools/measured.py), the
+SHA-256 of the ONNX data written (the same bytes or not) and the load average before it.
 Prints a Markdown table and the ratio of the searches; writes the rows to --results.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from measured import run_measured  # noqa: E402
+from measured import file_sha256, run_measured  # noqa: E402
 
 
 def _tree_of(commit: str, into: Path) -> Path:
@@ -50,6 +50,7 @@ def _run(label: str, cwd: Path, extra_env: dict, out: Path, layers: int, args) -
         timings = json.loads((out / "report.json").read_text())["timings_s"]
         row["timings_s"] = timings
         row["search_s_per_layer"] = round(timings["search"] / layers, 2)
+        row["data_sha256"] = file_sha256(out / "model.onnx.data")
     else:
         row["error"] = proc.stderr[-500:]
     print(row, flush=True)
@@ -84,9 +85,11 @@ def main() -> int:
     now = [r["timings_s"]["search"] for r in rows if r["code"].startswith("now") and r["rc"] == 0]
     then = [r["timings_s"]["search"] for r in rows if not r["code"].startswith("now") and r["rc"] == 0]
     print(f"\nload average {os.getloadavg()[0]:.2f}")
-    print("| code | search s/layer | wall s | peak RSS GB | load avg |\n| --- | --- | --- | --- | --- |")
+    print("| code | search s/layer | wall s | peak RSS GB | data sha256 | load avg |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['code']} | {r.get('search_s_per_layer', '-')} | {r['wall_s']} | {r['peak_rss_gb']} | {r['load_avg']} |")
+        print(f"| {r['code']} | {r.get('search_s_per_layer', '-')} | {r['wall_s']} | {r['peak_rss_gb']} | "
+              f"{(r.get('data_sha256') or '-')[:12]} | {r['load_avg']} |")
     if now and then:
         print(f"search: {sum(then):.1f} s ({args.commit}) against {sum(now):.1f} s (now): {sum(then) / sum(now):.2f}x")
     args.results.write_text(json.dumps({

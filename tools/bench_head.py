@@ -6,6 +6,10 @@ choose its integers:
     scale        the search's scale grid only (the scale folded into the final norm; clipping off)
     scale+clip   the scale, then the clipping search: what `--lm-head-bits 4` does with calibration
 
+and, with ``--low-rank 8,32``, an experiment not in the compiler: the scale+clip head plus the best
+rank-r float correction of its error dW in the calibration's norm (dW L truncated by SVD, H = L L^T
+from the head's inputs): logits x (Q - C)^T, C of rank r, as two small products beside the head.
+
     python tools/bench_head.py [--model GGUF] [--n-samples 32] [--windows 4] [--data ../shared/data]
 
 The search is the compiler's own (``awq_graph.search.search_head``, on the final hidden states of
@@ -40,6 +44,8 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--schemes", default=",".join(f"{b}:{g}" for b, g in SCHEMES),
                    help="bits:group pairs of the head, comma-separated")
+    p.add_argument("--low-rank", default="", help="ranks of a float correction of the scale+clip head's error, "
+                   "comma-separated (an experiment)")
     p.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "head.json")
     args = p.parse_args()
     schemes = [tuple(int(x) for x in pair.split(":")) for pair in args.schemes.split(",")]
@@ -76,10 +82,12 @@ def main() -> int:
     norm = {name: gm.params[name].detach().clone() for name in group.prev_params}
 
     def ppl(qw) -> float:
+        weight = qw if isinstance(qw, torch.Tensor) else qw.dequantize()
+
         def logits(ids):
             ids = torch.as_tensor(ids, dtype=torch.long)
             with torch.no_grad():
-                return gm.run(ids, overrides={site.weight: site.stored(qw.dequantize())},
+                return gm.run(ids, overrides={site.weight: site.stored(weight)},
                               fixed={lookup: torch.nn.functional.embedding(ids, table)}).float()
         return perplexity(logits, test, 2048, args.windows)[0]
 
@@ -99,21 +107,64 @@ def main() -> int:
                 qw = result.quantized[head]
             seconds = time.perf_counter() - t
             rows.append({"scheme": scheme.name, "way": way, "ppl": ppl(qw), "search_s": seconds})
+            print(f"{scheme.name} {way}: {rows[-1]['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr)
+            if way == "scale+clip" and args.low_rank:
+                for rank, corrected, size in _low_rank_corrected(gm, stages, site, chunks, stores, qw, result,
+                                                                 [int(r) for r in args.low_rank.split(",")]):
+                    rows.append({"scheme": scheme.name, "way": f"scale+clip+rank {rank}", "ppl": ppl(corrected),
+                                 "correction_mb_fp16": size / 1e6})
+                    print(f"{scheme.name} rank {rank}: {rows[-1]['ppl']:.3f}", file=sys.stderr)
             with torch.no_grad():
                 for name, value in norm.items():  # the fold's edit of the final norm undone
                     gm.params[name].copy_(value)
-            print(f"{scheme.name} {way}: {rows[-1]['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr)
     print(f"\nSmolLM2-135M, head alone quantized, {args.n_samples} x 512 calibration, first {args.windows} windows of "
           f"2048 tokens of WikiText-2 test; float {rows[0]['ppl']:.3f} (load average {os.getloadavg()[0]:.2f})\n")
     print("| head | " + " | ".join(WAYS) + " |")
     print("|---|" + "---|" * len(WAYS))
     for bits, group_size in schemes:
         name = QuantScheme(bits, group_size).name
-        print(f"| {name} | " + " | ".join(f"{r['ppl']:.2f}" for r in rows if r["scheme"] == name) + " |")
+        print(f"| {name} | " + " | ".join(f"{r['ppl']:.2f}" for r in rows if r["scheme"] == name
+                                          and r["way"] in WAYS) + " |")
+    for r in rows:
+        if "correction_mb_fp16" in r:
+            print(f"{r['scheme']} {r['way']}: {r['ppl']:.3f} ({r['correction_mb_fp16']:.1f} MB more in float16)")
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps({"n_samples": args.n_samples, "windows": args.windows, "rows": rows,
                                     "load_avg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
     return 0
+
+
+def _low_rank_corrected(gm, stages, site, chunks, stores, qw, result, ranks: list[int]):
+    """(rank, Q - C, the float16 bytes of C's two factors) per rank: C the rank-r matrix minimizing
+    ||X (Q - W s - C)^T|| over the head's inputs X after the scale's fold (the best in H's norm:
+    the SVD of (Q - W s) L truncated, times L^-1, H = L L^T)."""
+    from awq_graph.core.ir import run_nodes
+
+    post = stages.stages[stages.n + 1]
+    in_post = set(post)
+    needed, frontier = set(), [site.input]
+    while frontier:
+        node = frontier.pop()
+        if node not in needed and node in in_post:
+            needed.add(node)
+            frontier.extend(node.all_input_nodes)
+    nodes = [n for n in post if n in needed]
+    channels = qw.shape[1]
+    gram = torch.zeros(channels, channels, dtype=torch.float64)
+    with torch.no_grad():
+        for c, ids in enumerate(chunks.ids):
+            env = run_nodes(nodes, {**stores[c], gm.input_node(): ids}, made=gm.param_makers(), keep={site.input})
+            x = env[site.input].reshape(-1, channels).double()
+            gram += x.T @ x
+        scale = result.folded[-1].scale.double() if result.folded else torch.ones(channels, dtype=torch.float64)
+        q = qw.dequantize().double()
+        error = q - site.matrix(gm.params).detach().double() * scale
+        factor = torch.linalg.cholesky(gram + 1e-6 * float(gram.diagonal().max()) * torch.eye(channels, dtype=torch.float64))
+        u, sv, vh = torch.linalg.svd(error @ factor, full_matrices=False)
+        inverse = torch.linalg.inv(factor)
+        for rank in ranks:
+            correction = ((u[:, :rank] * sv[:rank]) @ vh[:rank]) @ inverse
+            yield rank, (q - correction).float(), (q.shape[0] + channels) * rank * 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Figures go to tools/results/scale.json, and a Markdown table is printed with the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(1, str(REPO))
 
 from awq_graph.search import SearchOptions, loss_form  # noqa: E402
-from measured import run_measured  # noqa: E402
+from measured import file_sha256, run_measured  # noqa: E402
 from random_checkpoint import MOE_SHAPES, SHAPES, build, smollm2_tokenizer  # noqa: E402
 
 
@@ -107,7 +106,7 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
         row["sent_mb"] = round((sent.get("bytes_summed", 0) + sent.get("bytes_gathered", 0)) / 2**20, 1)
         row["peak_rss_mb_after"] = report.get("peak_rss_mb_after")
         row["out_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1)
-        row["data_sha256"] = _sha256(out / "model.onnx.data")
+        row["data_sha256"] = file_sha256(out / "model.onnx.data")
         groups = report.get("groups", [])
         if groups:
             row["grid_float32_points"] = sum(g.get("exact_points", 0) for g in groups)
@@ -115,16 +114,6 @@ def _compile(folder: Path, out: Path, mode: str, weights: str, args, env, ranks:
     else:
         row["error"] = [line for line in proc.stderr.splitlines() if "error" in line.lower()][-1:] or proc.stderr[-300:]
     return row
-
-
-def _sha256(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _generate(out: Path, env) -> dict:

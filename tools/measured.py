@@ -6,9 +6,12 @@ taken by a small Python parent of its own, so that the figure is that command's 
     from measured import run_measured
     run = run_measured([sys.executable, "-m", "awq_graph.cli", "compile", ...], env=env)
     run.proc.returncode, run.wall_s, run.peak_rss_gb, run.load_avg
+
+``file_sha256(path)``: what a run wrote, as a digest (two codes' outputs compared byte for byte).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -44,3 +47,14 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = Non
         wall = time.perf_counter() - t
         peak_kb = int(peak_file.read_text()) if peak_file.exists() else None
     return Measured(proc, round(wall, 1), None if peak_kb is None else round(peak_kb / 2**20, 2), round(load, 2))
+
+
+def file_sha256(path: Path) -> str | None:
+    """The file's SHA-256, read 16 MiB at a time; None when there is no such file."""
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
