@@ -721,25 +721,19 @@ def _delta_products(sub, ext_values: dict, device, dtype: torch.dtype) -> dict:
     env = run_nodes(sub, dict(ext_values), device)
 
     def product(x0, w0, out0):
-        w0_low, x0_low = w0.to(dtype), x0.to(dtype)
+        w0_low = w0.to(dtype)
 
-        def call(x, w, bias=None):  # each difference made in dtype in one pass, each sum into out0's dtype
+        def call(x, w, bias=None):
             out = out0
             if x is not x0:
-                out = torch.add(out, _difference(x, x0, dtype) @ w0_low.T, out=torch.empty_like(out0))
+                out = out + ((x - x0).to(dtype) @ w0_low.T).to(out0.dtype)
             if w is not w0:
-                x_low = x0_low if x is x0 else x.to(dtype)
-                out = torch.add(out, x_low @ _difference(w, w0, dtype).T, out=torch.empty_like(out0))
+                out = out + (x.to(dtype) @ (w - w0).to(dtype).T).to(out0.dtype)
             return out
         return call
 
     return {n: product(env[n.args[0]], env[n.args[1]], env[n])
             for n in sub if n.target is torch.ops.aten.linear.default}
-
-
-def _difference(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(a - b).to(dtype), the same bits, without a float temporary of a's size."""
-    return torch.sub(a, b, out=torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device))
 
 
 def grid_search(loss_of, x_mean, w_mean, g: ScalingGroup, n_grid: int, device, ranks: Ranks = ONE,
