@@ -8,7 +8,10 @@ choose its integers:
 
 and, with ``--low-rank 8,32``, an experiment not in the compiler: the scale+clip head plus the best
 rank-r float correction of its error dW in the calibration's norm (dW L truncated by SVD, H = L L^T
-from the head's inputs): logits x (Q - C)^T, C of rank r, as two small products beside the head.
+from the head's inputs): logits x (Q - C)^T, C of rank r, as two small products beside the head;
+with ``--float-rows 0.01,0.05``, the scale+clip head with the rows of the most probable tokens (softmax
+probability summed over the calibration tokens) put back in float: the best a head with those rows at
+a higher precision could do.
 
     python tools/bench_head.py [--model GGUF] [--n-samples 32] [--windows 4] [--data ../shared/data]
 
@@ -46,6 +49,8 @@ def main() -> int:
                    help="bits:group pairs of the head, comma-separated")
     p.add_argument("--low-rank", default="", help="ranks of a float correction of the scale+clip head's error, "
                    "comma-separated (an experiment)")
+    p.add_argument("--float-rows", default="", help="shares of the head's rows, the most probable tokens', put back in "
+                   "float after the scale+clip search, comma-separated (an experiment)")
     p.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "head.json")
     args = p.parse_args()
     schemes = [tuple(int(x) for x in pair.split(":")) for pair in args.schemes.split(",")]
@@ -114,6 +119,13 @@ def main() -> int:
                     rows.append({"scheme": scheme.name, "way": f"scale+clip+rank {rank}", "ppl": ppl(corrected),
                                  "correction_mb_fp16": size / 1e6})
                     print(f"{scheme.name} rank {rank}: {rows[-1]['ppl']:.3f}", file=sys.stderr)
+            if way == "scale+clip" and args.float_rows:
+                for share, mixed, mass in _high_mass_rows_float(gm, stages, site, chunks, stores, qw, result,
+                                                                [float(f) for f in args.float_rows.split(",")]):
+                    rows.append({"scheme": scheme.name, "way": f"scale+clip, top {share:.0%} rows float",
+                                 "ppl": ppl(mixed), "probability_kept": mass})
+                    print(f"{scheme.name} top {share:.0%} float ({mass:.3f} of the probability): "
+                          f"{rows[-1]['ppl']:.3f}", file=sys.stderr)
             with torch.no_grad():
                 for name, value in norm.items():  # the fold's edit of the final norm undone
                     gm.params[name].copy_(value)
@@ -128,16 +140,17 @@ def main() -> int:
     for r in rows:
         if "correction_mb_fp16" in r:
             print(f"{r['scheme']} {r['way']}: {r['ppl']:.3f} ({r['correction_mb_fp16']:.1f} MB more in float16)")
+        if "probability_kept" in r:
+            print(f"{r['scheme']} {r['way']}: {r['ppl']:.3f} ({r['probability_kept']:.3f} of the probability)")
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps({"n_samples": args.n_samples, "windows": args.windows, "rows": rows,
                                     "load_avg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
     return 0
 
 
-def _low_rank_corrected(gm, stages, site, chunks, stores, qw, result, ranks: list[int]):
-    """(rank, Q - C, the float16 bytes of C's two factors) per rank: C the rank-r matrix minimizing
-    ||X (Q - W s - C)^T|| over the head's inputs X after the scale's fold (the best in H's norm:
-    the SVD of (Q - W s) L truncated, times L^-1, H = L L^T)."""
+def _head_inputs(gm, stages, site, chunks, stores):
+    """The head's inputs (tokens, channels) per calibration chunk, as the model now computes them
+    (after the scale's fold into the final norm): the post stage run up to the head's input."""
     from awq_graph.core.ir import run_nodes
 
     post = stages.stages[stages.n + 1]
@@ -149,22 +162,56 @@ def _low_rank_corrected(gm, stages, site, chunks, stores, qw, result, ranks: lis
             needed.add(node)
             frontier.extend(node.all_input_nodes)
     nodes = [n for n in post if n in needed]
-    channels = qw.shape[1]
-    gram = torch.zeros(channels, channels, dtype=torch.float64)
     with torch.no_grad():
         for c, ids in enumerate(chunks.ids):
             env = run_nodes(nodes, {**stores[c], gm.input_node(): ids}, made=gm.param_makers(), keep={site.input})
-            x = env[site.input].reshape(-1, channels).double()
-            gram += x.T @ x
-        scale = result.folded[-1].scale.double() if result.folded else torch.ones(channels, dtype=torch.float64)
+            yield env[site.input].reshape(-1, env[site.input].shape[-1])
+
+
+def _scaled_head(gm, site, result) -> torch.Tensor:
+    """The float head in the folded model's units, W diag(s) (float64)."""
+    w = site.matrix(gm.params).detach().double()
+    return w * result.folded[-1].scale.double() if result.folded else w
+
+
+def _low_rank_corrected(gm, stages, site, chunks, stores, qw, result, ranks: list[int]):
+    """(rank, Q - C, the float16 bytes of C's two factors) per rank: C the rank-r matrix minimizing
+    ||X (Q - W s - C)^T|| over the head's inputs X after the scale's fold (the best in H's norm:
+    the SVD of (Q - W s) L truncated, times L^-1, H = L L^T)."""
+    channels = qw.shape[1]
+    gram = torch.zeros(channels, channels, dtype=torch.float64)
+    for x in _head_inputs(gm, stages, site, chunks, stores):
+        gram += x.double().T @ x.double()
+    with torch.no_grad():
         q = qw.dequantize().double()
-        error = q - site.matrix(gm.params).detach().double() * scale
-        factor = torch.linalg.cholesky(gram + 1e-6 * float(gram.diagonal().max()) * torch.eye(channels, dtype=torch.float64))
+        error = q - _scaled_head(gm, site, result)
+        jitter = 1e-6 * float(gram.diagonal().max()) * torch.eye(channels, dtype=torch.float64)
+        factor = torch.linalg.cholesky(gram + jitter)
         u, sv, vh = torch.linalg.svd(error @ factor, full_matrices=False)
         inverse = torch.linalg.inv(factor)
         for rank in ranks:
             correction = ((u[:, :rank] * sv[:rank]) @ vh[:rank]) @ inverse
             yield rank, (q - correction).float(), (q.shape[0] + channels) * rank * 2
+
+
+def _high_mass_rows_float(gm, stages, site, chunks, stores, qw, result, shares: list[float]):
+    """(share, head, the share of the probability kept float) per share: the head's integers with
+    the rows of the most probable tokens (their softmax probability summed over the calibration
+    tokens, float model) put back in float: what a head with those rows at a higher precision
+    could reach at best."""
+    scaled = _scaled_head(gm, site, result).float()
+    mass = torch.zeros(scaled.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for x in _head_inputs(gm, stages, site, chunks, stores):
+            for r in range(0, x.shape[0], 1024):  # a block of tokens' logits at a time
+                mass += torch.softmax(x[r:r + 1024].float() @ scaled.T, dim=-1).double().sum(0)
+        order = torch.argsort(mass, descending=True)
+        q = qw.dequantize()
+        for share in shares:
+            rows = order[:max(1, int(share * len(order)))]
+            mixed = q.clone()
+            mixed[rows] = scaled[rows]
+            yield share, mixed, float(mass[rows].sum() / mass.sum())
 
 
 if __name__ == "__main__":
