@@ -410,6 +410,21 @@ def _plan_chunks(calib, loss_idx, rest, per_chunk: int, ranks: Ranks) -> Chunks:
 HEAD_ROWS = 8192  # rows of the head per pass: the search's temporaries stay a few (rows x in) floats
 
 
+def head_input_nodes(stages: Stages, head_input) -> list:
+    """The post stage's nodes that ``head_input`` (the head's input node) depends on, in graph
+    order: what computes the final hidden states, normed, and not the (tokens x vocab) logits."""
+    post = stages.stages[stages.n + 1]
+    in_post = set(post)
+    needed, frontier = set(), [head_input]
+    while frontier:
+        node = frontier.pop()
+        if node in needed or node not in in_post:
+            continue
+        needed.add(node)
+        frontier.extend(node.all_input_nodes)
+    return [n for n in post if n in needed]
+
+
 def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks, stores, stages: Stages,
                 opts: SearchOptions, result: SearchResult, keep=None, ranks: Ranks = ONE) -> None:
     """The head as one more single-linear group (``group``: the final norm -> the head): the
@@ -421,16 +436,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
     worked on ``HEAD_ROWS`` rows at a time (an 8B model's is 128256 x 4096)."""
     (name,) = group.layers
     site = gm.linears[name]
-    post = stages.stages[stages.n + 1]
-    in_post = set(post)
-    needed, frontier = set(), [site.input]
-    while frontier:  # the post-stage nodes the head's input depends on
-        node = frontier.pop()
-        if node in needed or node not in in_post:
-            continue
-        needed.add(node)
-        frontier.extend(node.all_input_nodes)
-    nodes = [n for n in post if n in needed]
+    nodes = head_input_nodes(stages, site.input)
     head_opts = SearchOptions(**{**opts.__dict__, "scheme": scheme})
     tokens = int(ranks.total(sum(int(ids.numel()) for ids, n in zip(chunks.ids, chunks.counted) if n)))
     stat = _Stat(group.channels, 0, loss_form(tokens, group.channels, 0, opts.loss_form, site.out_features,

@@ -152,16 +152,9 @@ def _head_inputs(gm, stages, site, chunks, stores):
     """The head's inputs (tokens, channels) per calibration chunk, as the model now computes them
     (after the scale's fold into the final norm): the post stage run up to the head's input."""
     from awq_graph.core.ir import run_nodes
+    from awq_graph.search import head_input_nodes
 
-    post = stages.stages[stages.n + 1]
-    in_post = set(post)
-    needed, frontier = set(), [site.input]
-    while frontier:
-        node = frontier.pop()
-        if node not in needed and node in in_post:
-            needed.add(node)
-            frontier.extend(node.all_input_nodes)
-    nodes = [n for n in post if n in needed]
+    nodes = head_input_nodes(stages, site.input)
     with torch.no_grad():
         for c, ids in enumerate(chunks.ids):
             env = run_nodes(nodes, {**stores[c], gm.input_node(): ids}, made=gm.param_makers(), keep={site.input})
@@ -181,7 +174,8 @@ def _low_rank_corrected(gm, stages, site, chunks, stores, qw, result, ranks: lis
     channels = qw.shape[1]
     gram = torch.zeros(channels, channels, dtype=torch.float64)
     for x in _head_inputs(gm, stages, site, chunks, stores):
-        gram += x.double().T @ x.double()
+        x = x.double()
+        gram += x.T @ x
     with torch.no_grad():
         q = qw.dequantize().double()
         error = q - _scaled_head(gm, site, result)
