@@ -27,7 +27,8 @@ class Verification:
 def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seqlen: int = 24) -> Verification:
     """The parameters are not edited: the folded ones are made while the program runs, the
     parameters a set of groups shares together (one decoder layer's, in practice), and each
-    dropped after its last reader, so about one layer's folded copies are in memory at a time."""
+    dropped after its last reader, so about one layer's folded copies are in memory at a time (and,
+    while they are folded, the parameters they are compared with: each is read once)."""
     gen = torch.Generator().manual_seed(seed)
     seqlen = gm.fixed_seq or seqlen
     size = int(gm.param_shape(token_table(gm))[0])
@@ -73,15 +74,18 @@ def _folded_makers(gm: GraphModel, folds) -> tuple[dict, set]:
     def make(name):
         key = root(name)
         if key not in made:
-            local = {n: gm.params[n].clone() for n in members[key]}
+            # each parameter read once (a streamed one from the checkpoint): the copies are
+            # compared with it as soon as folded, then it is dropped
+            original = {n: gm.params[n] for n in members[key]}
+            local = {n: t.clone() for n, t in original.items()}
             for g, s in folds_of[key]:
                 fold_scales(local, g, s, gm.linears)
+            changed.update(n for n, t in local.items() if not torch.equal(t, original[n]))
+            del original
             made[key] = local
         value = made[key].pop(name)
         if not made[key]:
             del made[key]
-        if not torch.equal(value, gm.params[name]):
-            changed.add(name)
         return value
 
     return {name: (lambda name=name: make(name)) for name in parent}, changed

@@ -30,6 +30,26 @@ def test_a_sharded_bf16_checkpoint_written_tensor_by_tensor_loads_as_written(tmp
     assert all(0.85 <= float(p.min()) and float(p.max()) <= 1.15 for p in norms)
 
 
+def test_a_tensor_read_as_float32_a_piece_at_a_time_holds_its_stored_values(tmp_path):
+    from safetensors import safe_open
+
+    from awq_graph.weights import SafetensorsWeights
+
+    folder = build(tmp_path / "ck", "tiny", layers=2, shard_bytes=40_000)
+    weights = SafetensorsWeights(folder)
+    weights.PIECE_BYTES = 1000  # pieces that split rows, and one buffer reused over the tensors and shards
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    pieces = 0
+    for name in weights.names():
+        with safe_open(folder / index[name], "pt") as f:
+            stored = f.get_tensor(name)
+        read = weights.get(name, torch.float32)
+        assert read.dtype == torch.float32 and torch.equal(read, stored.float()), name
+        assert torch.equal(weights.get(name), stored), name  # in its stored dtype: straight into the tensor
+        pieces += -(-stored.numel() * 2 // 1000)
+    assert pieces > 2 * len(weights.names())  # most tensors took several pieces
+
+
 def test_compile_takes_a_sharded_bf16_checkpoint(tmp_path):
     from awq_graph.cli import main
 

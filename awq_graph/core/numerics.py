@@ -125,8 +125,9 @@ def group_extrema(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, .
     wg = to_groups(w, scheme.group_size)  # (out, G, gs)
     if scheme.symmetric:
         return (wg.abs().amax(dim=2),)
-    wmin, wmax = torch.aminmax(wg, dim=2)  # one pass for both ends
-    return wmin.clamp_(max=0), wmax.clamp_(min=0)
+    # two reductions, not torch.aminmax: on CPU (torch 2.13) aminmax over the groups' last
+    # dimension takes 13 ms for a 2048 x 8192 weight, amin and amax 1.6 ms each (the same values)
+    return wg.amin(dim=2).clamp_(max=0), wg.amax(dim=2).clamp_(min=0)
 
 
 def group_range(w: torch.Tensor, scheme: QuantScheme, shrink=1.0, extrema: tuple | None = None):
