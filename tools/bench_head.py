@@ -11,7 +11,10 @@ rank-r float correction of its error dW in the calibration's norm (dW L truncate
 from the head's inputs): logits x (Q - C)^T, C of rank r, as two small products beside the head;
 with ``--float-rows 0.01,0.05``, the scale+clip head with the rows of the most probable tokens (softmax
 probability summed over the calibration tokens) put back in float: the best a head with those rows at
-a higher precision could do.
+a higher precision could do; with ``--rotate``, every scheme and way on a rotated head: the head's
+rows turned by a random orthogonal R (seeded), W R, and the final norm's output by R (one float
+d x d product before the head), which leaves the logits as they were and spreads the head's
+outlier columns over all of them before its groups are quantized (QuaRot's incoherence).
 
     python tools/bench_head.py [--model GGUF] [--n-samples 32] [--windows 4] [--data ../shared/data]
 
@@ -51,6 +54,8 @@ def main() -> int:
                    "comma-separated (an experiment)")
     p.add_argument("--float-rows", default="", help="shares of the head's rows, the most probable tokens', put back in "
                    "float after the scale+clip search, comma-separated (an experiment)")
+    p.add_argument("--rotate", action="store_true", help="quantize the head turned by a random orthogonal "
+                   "matrix (an experiment: R before the head, the head W R)")
     p.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "head.json")
     args = p.parse_args()
     schemes = [tuple(int(x) for x in pair.split(":")) for pair in args.schemes.split(",")]
@@ -71,6 +76,8 @@ def main() -> int:
     gguf = args.model or Path(subprocess.check_output([sys.executable, str(REPO / "tools" / "smollm2_path.py")],
                                                       text=True).strip())
     model, tokenizer = load_model(gguf)
+    if args.rotate:
+        _rotate_head(model)
     gm = export_model(model, private=False)
     stages, group = Stages(gm), head_group(gm)
     (head,) = group.layers
@@ -146,6 +153,22 @@ def main() -> int:
     args.out.write_text(json.dumps({"n_samples": args.n_samples, "windows": args.windows, "rows": rows,
                                     "load_avg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
     return 0
+
+
+def _rotate_head(model, seed: int = 0) -> None:
+    """The head W replaced by W R and the final norm followed by a linear computing x R, R a random
+    orthogonal d x d matrix (QR of a Gaussian one, float64): logits x R (W R)^T = x W^T. The token
+    table stays W (the head is untied from it)."""
+    head, norm = model.get_output_embeddings(), model.model.norm
+    d = head.weight.shape[1]
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    rotation = q * torch.sign(torch.diagonal(r))
+    turn = torch.nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        turn.weight.copy_(rotation.T)  # turn(x) = x R
+        head.weight = torch.nn.Parameter((head.weight.double() @ rotation).float())
+    model.config.tie_word_embeddings = False
+    model.model.norm = torch.nn.Sequential(norm, turn)
 
 
 def _head_inputs(gm, stages, site, chunks, stores):
