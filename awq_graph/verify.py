@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .core.analysis import token_table
-from .core.ir import GraphModel
+from .core.ir import GraphModel, run_nodes
 from .passes.fold import fold_scales, folded_params
 
 
@@ -25,15 +25,16 @@ class Verification:
 
 @torch.no_grad()
 def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seqlen: int = 24) -> Verification:
-    """The parameters are not edited: the folded ones are made while the program runs, the
-    parameters a set of groups shares together (one decoder layer's, in practice), and each
-    dropped after its last reader, so about one layer's folded copies are in memory at a time (and,
-    while they are folded, the parameters they are compared with: each is read once)."""
+    """The parameters are not edited: the program runs twice in step, node by node, once on the
+    parameters and once on their folded copies, so that each parameter is read once (a streamed
+    one from the checkpoint: an 8B model's pass from disk takes ~40 s). The folded copies of a set
+    of parameters the groups share (one decoder layer's, in practice) are made when the set is
+    first read, and each, like its original, is dropped after its last reader: about one layer's
+    parameters twice over are in memory at a time."""
     gen = torch.Generator().manual_seed(seed)
     seqlen = gm.fixed_seq or seqlen
     size = int(gm.param_shape(token_table(gm))[0])
     ids = torch.randint(0, size, (batch, seqlen), generator=gen)
-    before = gm.run(ids)
     folds = []
     for groups in per_layer:
         for g in groups:
@@ -41,15 +42,39 @@ def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seql
             used = torch.tensor(g.used_channels())
             s[used] = torch.exp(torch.empty(len(used)).uniform_(-math.log(8), math.log(8), generator=gen))
             folds.append((g, s))
-    makers, changed = _folded_makers(gm, folds)
-    after = gm.run(ids, made=makers)
+    take, changed = _folded_sets(gm, folds)
+    before, after = _run_twice(gm, ids, take)
     return Verification(float((after - before).abs().max() / before.abs().max().clamp(min=1e-12)), len(changed))
 
 
-def _folded_makers(gm: GraphModel, folds) -> tuple[dict, set]:
-    """Parameter name -> a function making its folded copy. Groups that share a parameter are
-    folded together (in their order) when the first of their parameters is read. The returned
-    set fills, as the copies are made, with the names whose values the folds changed."""
+def _run_twice(gm: GraphModel, ids: torch.Tensor, take) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits on the parameters and on the folded ones (``take(name)``: (the parameter, its
+    folded copy)), the two programs evaluated in step (``run_nodes`` one node at a time), each
+    value dropped after its last reader."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    last_reader = {a: n for n in nodes for a in n.all_input_nodes}
+    plain, folded = {gm.input_node(): ids}, {gm.input_node(): ids}
+    for node in nodes:
+        for a in node.all_input_nodes:
+            name = gm.param_of(a)
+            if name is not None and a not in plain:
+                plain[a], folded[a] = take(name)
+        run_nodes([node], plain)
+        run_nodes([node], folded)
+        for a in node.all_input_nodes:
+            if last_reader[a] is node and a is not out:
+                plain.pop(a, None)
+                folded.pop(a, None)
+    return plain[out], folded[out]
+
+
+def _folded_sets(gm: GraphModel, folds):
+    """``take(name)`` -> (the parameter, its folded copy; the parameter itself where no group
+    folds into it), and the set that fills with the names whose values the folds changed. Groups
+    that share a parameter are folded together (in their order): on the first ``take`` of one of
+    their parameters, each of the set's is read once, copied and folded, and both are held until
+    taken."""
     parent: dict[str, str] = {}
 
     def root(name):
@@ -68,24 +93,20 @@ def _folded_makers(gm: GraphModel, folds) -> tuple[dict, set]:
     folds_of: dict[str, list] = {}  # a set's folds, in their order
     for g, s in folds:
         folds_of.setdefault(root(folded_params(g, gm.linears)[0]), []).append((g, s))
-    made: dict[str, dict] = {}
+    held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     changed: set[str] = set()
 
-    def make(name):
-        key = root(name)
-        if key not in made:
-            # each parameter read once (a streamed one from the checkpoint): the copies are
-            # compared with it as soon as folded, then it is dropped
-            original = {n: gm.params[n] for n in members[key]}
+    def take(name):
+        if name not in parent:
+            value = gm.params[name]
+            return value, value
+        if name not in held:
+            original = {n: gm.params[n] for n in members[root(name)]}
             local = {n: t.clone() for n, t in original.items()}
-            for g, s in folds_of[key]:
+            for g, s in folds_of[root(name)]:
                 fold_scales(local, g, s, gm.linears)
             changed.update(n for n, t in local.items() if not torch.equal(t, original[n]))
-            del original
-            made[key] = local
-        value = made[key].pop(name)
-        if not made[key]:
-            del made[key]
-        return value
+            held.update((n, (original[n], local[n])) for n in original)
+        return held.pop(name)
 
-    return {name: (lambda name=name: make(name)) for name in parent}, changed
+    return take, changed
