@@ -41,6 +41,23 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = (), flag: str 
         raise InputError(f"cannot create folders beside {out_dir} ({parent}: {exc.strerror})") from None
 
 
+def check_free_space(needs: list[tuple[Path, int, str]]) -> None:
+    """Fail before the long work when a filesystem has less free space than what the compile
+    will write to it, at least. ``needs``: (output folder, bytes at least, what they are) per
+    folder written; folders on one filesystem add up."""
+    by_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, least, what in needs:
+        parent = folder.resolve().parent
+        by_device.setdefault(os.stat(parent).st_dev, []).append((parent, least, what))
+    for entries in by_device.values():
+        least = sum(n for _, n, _ in entries)
+        free = shutil.disk_usage(entries[0][0]).free
+        if free < least:
+            what = "; ".join(w for _, _, w in entries)
+            raise InputError(f"{entries[0][0]} has {free / 2**30:.2f} GiB free, and the compile writes at least "
+                             f"{least / 2**30:.2f} GiB there ({what}): free some space or choose another folder")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import calib as calibration
-from .core.analysis import quantizable_linears, token_table
+from .core.analysis import output_head, quantizable_linears, token_table
 from .core.errors import AwqGraphError, ConfigError, InputError, SchemeError
 from .core.heap import give_back_freed_memory
 from .core.numerics import QuantScheme
@@ -31,7 +31,7 @@ from .interrupt import checkpoint
 from .load import (check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, sampler_dtype,
                    tokenizer_files)
 from .match import head_group, match
-from .outdir import atomic_out_dir, check_out_dir, remove_stale
+from .outdir import atomic_out_dir, check_free_space, check_out_dir, remove_stale
 from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
 from .search import SCREENS, SearchOptions, SearchResult, awq_search, rtn
 from .core.spill import IntegerSpill
@@ -220,6 +220,13 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         graph_warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; "
                               "its dynamic export failed): the analysis and the search run at that length; a KV-cache "
                               "decoder takes one token per step, a logits-only graph at most that many tokens")
+    if ranks.leader:  # before the long work: a disk too full for OUT
+        nibbles, others = _least_bytes(gm, opts)
+        needs = [(out_dir, 2 * nibbles + others, f"{out_dir}: the int4 integers, {nibbles / 2**30:.2f} GiB, in a scratch "
+                  f"file and in model.onnx.data, beside {others / 2**30:.2f} GiB of other weights")]
+        if hf_dir is not None:
+            needs.append((hf_dir, nibbles + others, f"{hf_dir}: the --export-hf checkpoint"))
+        check_free_space(needs)
     lap("export")
     calib_ids, calib_source = None, None
     if not opts.rtn_only:
@@ -300,6 +307,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
             warn(message)
         report["warnings"] = warnings + emitted.warnings
         report["onnx_bytes"] = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+        report["least_weight_bytes"] = {"int4": nibbles, "other": others}  # the free-space check's lower bound
         report["peak_rss_mb"] = _peak_rss_mb()
         report["device_peak_mb"] = _device_peak_mb(opts.device)  # the search's GPU memory; None on the CPU
         report["peak_rss_mb_after"] = lap.peak_rss_mb  # where the peak grows, stage by stage
@@ -307,6 +315,24 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     ranks.wait()  # the others return once OUT is in place
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     return CompileResult(out_dir, files, report)
+
+
+def _least_bytes(gm, opts: CompileOptions) -> tuple[int, int]:
+    """At least what compile writes of the weights, in bytes: (the quantized linears' int4 nibbles,
+    every other parameter at 2 bytes, the token table and the head at half a byte when
+    --quantize-lm-head). The scales, the zero points and the graph are left out: a lower bound
+    whatever the activation type (float32 weights take twice) or the decoder emitted."""
+    quantized = {gm.linears[n].weight for n in quantizable_linears(gm)}
+    head = output_head(gm) if opts.quantize_lm_head else None
+    packed = {token_table(gm)} | ({gm.linears[head].weight} if head else set()) if opts.quantize_lm_head else set()
+    nibbles = others = 0
+    for name in set(gm.placeholder_param.values()):
+        numel = math.prod(gm.param_shape(name))
+        if name in quantized:
+            nibbles += numel // 2
+        else:
+            others += numel // 2 if name in packed else 2 * numel
+    return nibbles, others
 
 
 def _head_search(gm, opts: CompileOptions):

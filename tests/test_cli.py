@@ -30,6 +30,8 @@ def test_compile_then_eval_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsy
     assert report["calibration"] == {"samples": 8, "seqlen": 64}
     assert any(g["ratio"] is not None and g["loss_awq"] < g["loss_rtn"] for g in report["groups"])  # a scale won
     assert set(report["timings_s"]) >= {"load", "calibration", "export", "match", "search", "emit"}
+    least = report["least_weight_bytes"]  # the free-space check's lower bound of model.onnx.data, and the data
+    assert least["int4"] > 0 and 0 < least["int4"] + least["other"] <= report["onnx_bytes"], (least, report["onnx_bytes"])
     config = json.loads((out / "awq_config.json").read_text())
     assert len(config["scaling_layers"]) == 4
     capsys.readouterr()

@@ -162,6 +162,23 @@ def test_an_output_on_a_filesystem_that_refuses_folders_fails_before_loading(tin
     assert err.strip() == "awq-graph: error: cannot create folders beside /sys/awq-graph-out (/sys: Operation not permitted)"
 
 
+def test_an_output_on_a_disk_too_full_for_it_fails_before_the_calibration_naming_the_folder_and_sizes(
+        tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(real(path).total, real(path).used, 1000))
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--n-samples", "2", "--seqlen", "16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"awq-graph: error: {tmp_path} has 0.00 GiB free, and the compile writes at least "), err
+    assert f"({out}: the int4 integers, " in err and "choose another folder" in err and "\n" not in err, err
+    assert "self-calibration" not in err  # refused before the calibration text is sampled (the first long work)
+    assert not out.exists() and _siblings(tmp_path, out) == []
+
+
 def test_eval_of_a_compiled_folder_that_lost_its_model_says_so(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", str(tiny_checkpoint), "-o", str(out), "--rtn", "--group-size", "16"]) == 0
