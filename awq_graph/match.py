@@ -51,10 +51,11 @@ class Match:
         return self.per_layer, []
 
 
-def match(gm: GraphModel, config: dict | None = None, *, verify: bool = False) -> Match:
+def match(gm: GraphModel, config: dict | None = None, *, verify: bool = False, progress=None) -> Match:
     """Derive the groups (``config`` None) or resolve a Quark config against the graph; with
-    ``verify``, fold random scales along every group and measure the logits (see ``verify_groups``)."""
-    example = example_values(gm)
+    ``verify``, fold random scales along every group and measure the logits (see ``verify_groups``).
+    ``progress``: bars over the passes over the weights (a large checkpoint's, from disk)."""
+    example = example_values(gm, progress=progress)
     if config is None:
         prefix, per_layer, skipped = derive_groups(gm, example)
         quark = to_quark_config(per_layer[0] if per_layer else [], prefix, len(per_layer))
@@ -62,7 +63,7 @@ def match(gm: GraphModel, config: dict | None = None, *, verify: bool = False) -
     else:
         per_layer, faults = resolve_config(gm, config, example)
         prefix, skipped, quark = config["model_decoder_layers"], [], dict(config)
-    verification = verify_groups(gm, per_layer) if verify and not faults else None
+    verification = verify_groups(gm, per_layer, progress=progress) if verify and not faults else None
     return Match(prefix, per_layer, skipped, faults, quark, verification)
 
 

@@ -239,7 +239,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     # the derived groups are proved by folding random scales (by rank 0; the others take its
     # verdict); round-to-nearest uses no group
     verify = opts.config is None and not opts.rtn_only
-    found = match(gm, opts.config, verify=verify and ranks.leader)
+    found = match(gm, opts.config, verify=verify and ranks.leader, progress=progress)
     if verify and ranks.world > 1:
         found = replace(found, verification=ranks.leader_object(found.verification))
     if found.faults:

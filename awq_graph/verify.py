@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .core.analysis import token_table
-from .core.ir import GraphModel, run_nodes
+from .core.ir import GraphModel, Steps, run_nodes
 from .passes.fold import fold_scales, folded_params
 
 
@@ -24,13 +24,14 @@ class Verification:
 
 
 @torch.no_grad()
-def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seqlen: int = 24) -> Verification:
+def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seqlen: int = 24,
+                  progress=None) -> Verification:
     """The parameters are not edited: the program runs twice in step, node by node, once on the
     parameters and once on their folded copies, so that each parameter is read once (a streamed
     one from the checkpoint: an 8B model's pass from disk takes ~40 s). The folded copies of a set
     of parameters the groups share (one decoder layer's, in practice) are made when the set is
     first read, and each, like its original, is dropped after its last reader: about one layer's
-    parameters twice over are in memory at a time."""
+    parameters twice over are in memory at a time. ``progress``: a bar over the parameters read."""
     gen = torch.Generator().manual_seed(seed)
     seqlen = gm.fixed_seq or seqlen
     size = int(gm.param_shape(token_table(gm))[0])
@@ -43,7 +44,15 @@ def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seql
             s[used] = torch.exp(torch.empty(len(used)).uniform_(-math.log(8), math.log(8), generator=gen))
             folds.append((g, s))
     take, changed = _folded_sets(gm, folds)
-    before, after = _run_twice(gm, ids, take)
+    steps = Steps(progress, "verifying the groups", len(gm.placeholder_param))
+
+    def counted(name):
+        pair = take(name)
+        steps.step()
+        return pair
+
+    before, after = _run_twice(gm, ids, counted)
+    steps.close()
     return Verification(float((after - before).abs().max() / before.abs().max().clamp(min=1e-12)), len(changed))
 
 

@@ -148,10 +148,31 @@ def test_a_warning_is_given_before_the_search_not_after(tiny_checkpoint, tmp_pat
             warn=lambda message: events.append(("warning", message)),
             progress=lambda it, desc, total: events.append(("progress", desc)) or it)
     warnings = [i for i, (kind, text) in enumerate(events) if kind == "warning" and "narrower than the group" in text]
-    search = [i for i, (kind, text) in enumerate(events) if kind == "progress" and text != "self-calibration"]
+    search = [i for i, (kind, text) in enumerate(events) if kind == "progress" and text == "AWQ search"]
     assert warnings and search and warnings[0] < search[0], events
     report = _strict_json(tmp_path / "out" / "report.json")
     assert any("narrower than the group size 128" in w for w in report["warnings"])
+
+
+def test_the_match_passes_over_the_weights_show_progress_to_the_last_parameter(tiny_checkpoint, tmp_path):
+    """The analysis and the verification each read every parameter once (from disk, for a large
+    checkpoint: a minute each for 8B): each is a bar that ends at its total."""
+    from awq_graph import compile
+
+    bars = {}
+
+    def progress(it, desc, total):
+        bars[desc] = [total, 0]
+        for item in it:
+            bars[desc][1] += 1
+            yield item
+
+    compile(tiny_checkpoint, "self", tmp_path / "out", n_samples=2, seqlen=16, scheme="uint4_wo_32", progress=progress)
+    report = _strict_json(tmp_path / "out" / "report.json")
+    assert report["weights"]["streamed"], report["weights"]
+    analysed, verified = bars["analysing the graph"], bars["verifying the groups"]
+    assert analysed[0] == verified[0] > 20 and analysed == [analysed[0]] * 2 and verified == [verified[0]] * 2, bars
+    assert list(bars).index("verifying the groups") < list(bars).index("AWQ search"), list(bars)
 
 
 def test_an_output_on_a_filesystem_that_refuses_folders_fails_before_loading(tiny_checkpoint, capsys):

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError, ExportError
-from .ir import GraphModel, run_nodes
+from .ir import GraphModel, Steps, run_nodes
 
 aten = torch.ops.aten
 
@@ -19,16 +19,28 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
-def example_values(gm: GraphModel, seq: int = 6) -> dict:
+def example_values(gm: GraphModel, seq: int = 6, progress=None) -> dict:
     """Concrete values of every node for a small input: shapes for the analysis (at the length
-    the export fixed, if it did)."""
+    the export fixed, if it did). ``progress``: a bar over the parameters read (a pass over a
+    large checkpoint, from disk)."""
     seq = gm.fixed_seq or seq
     ids = torch.arange(1, seq + 1).unsqueeze(0) % 7 + 1  # (1, seq)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     of_weights = computed_from_weights(gm, nodes)
+    makers = gm.param_makers()
+    steps = Steps(progress, "analysing the graph", len(makers))
+
+    def counted(make):
+        def read():
+            value = make()
+            steps.step()
+            return value
+        return read
+
     with torch.no_grad():  # the parameters read where used, then dropped; looked up again when asked
-        env = run_nodes(nodes, {gm.input_node(): ids}, made=gm.param_makers(),
+        env = run_nodes(nodes, {gm.input_node(): ids}, made={node: counted(make) for node, make in makers.items()},
                         keep={*nodes, gm.input_node()} - of_weights)
+    steps.close()
     return _WithParams(env, gm, of_weights)
 
 

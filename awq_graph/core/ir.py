@@ -207,6 +207,23 @@ def _experts_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
     return LinearSite(weight, node, x, w_t.args[0], weight, None, int(out_f), int(in_f), experts=int(experts))
 
 
+class Steps:
+    """A progress bar moved by calls: ``progress(iterable, desc, total)`` (the compile's, a bar on
+    stderr; None: nothing) drives it, one step per ``step()``, for work that is not a loop of the
+    caller's own, e.g. the parameters a run of the graph reads. ``close`` ends it."""
+
+    def __init__(self, progress, desc: str, total: int):
+        self._left = iter(progress(range(total), desc, total)) if progress and total else iter(())
+        next(self._left, None)  # the bar shows 0
+
+    def step(self) -> None:
+        next(self._left, None)
+
+    def close(self) -> None:
+        for _ in self._left:
+            pass
+
+
 def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None,
               made: dict[fx.Node, object] | None = None, keep: set | None = None,
               swap: dict[fx.Node, object] | None = None) -> dict[fx.Node, object]:
