@@ -323,10 +323,13 @@ def _least_bytes(gm, opts: CompileOptions) -> tuple[int, int]:
     --quantize-lm-head). The scales, the zero points and the graph are left out: a lower bound
     whatever the activation type (float32 weights take twice) or the decoder emitted."""
     quantized = {gm.linears[n].weight for n in quantizable_linears(gm)}
-    head = output_head(gm) if opts.quantize_lm_head else None
-    packed = {token_table(gm)} | ({gm.linears[head].weight} if head else set()) if opts.quantize_lm_head else set()
+    packed = set()  # at 4 bits or more
+    if opts.quantize_lm_head:
+        head = output_head(gm)
+        packed = {token_table(gm)} | ({gm.linears[head].weight} if head else set())
     nibbles = others = 0
-    for name in set(gm.placeholder_param.values()):
+    read = {gm.param_of(n) for n in gm.graph.nodes if n.op == "placeholder" and n.users}  # a tied table once
+    for name in read - {None}:
         numel = math.prod(gm.param_shape(name))
         if name in quantized:
             nibbles += numel // 2
