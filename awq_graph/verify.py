@@ -44,15 +44,14 @@ def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seql
             s[used] = torch.exp(torch.empty(len(used)).uniform_(-math.log(8), math.log(8), generator=gen))
             folds.append((g, s))
     take, changed = _folded_sets(gm, folds)
-    steps = Steps(progress, "verifying the groups", len(gm.placeholder_param))
+    with Steps(progress, "verifying the groups", len(gm.placeholder_param)) as steps:
 
-    def counted(name):
-        pair = take(name)
-        steps.step()
-        return pair
+        def counted(name):
+            pair = take(name)
+            steps.step()
+            return pair
 
-    before, after = _run_twice(gm, ids, counted)
-    steps.close()
+        before, after = _run_twice(gm, ids, counted)
     return Verification(float((after - before).abs().max() / before.abs().max().clamp(min=1e-12)), len(changed))
 
 

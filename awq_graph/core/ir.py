@@ -208,20 +208,27 @@ def _experts_site(gm: GraphModel, node: fx.Node) -> LinearSite | None:
 
 
 class Steps:
-    """A progress bar moved by calls: ``progress(iterable, desc, total)`` (the compile's, a bar on
-    stderr; None: nothing) drives it, one step per ``step()``, for work that is not a loop of the
-    caller's own, e.g. the parameters a run of the graph reads. ``close`` ends it."""
+    """A progress bar moved by calls, as a context: ``progress(iterable, desc, total)`` (the
+    compile's, a bar on stderr; None: nothing) drives it, one step per ``step()``, for work that
+    is not a loop of the caller's own, e.g. the parameters a run of the graph reads. On leaving,
+    the bar ends at its total, or, when an error leaves, is taken down before the error is told."""
 
     def __init__(self, progress, desc: str, total: int):
         self._left = iter(progress(range(total), desc, total)) if progress and total else iter(())
+
+    def __enter__(self) -> "Steps":
         next(self._left, None)  # the bar shows 0
+        return self
 
     def step(self) -> None:
         next(self._left, None)
 
-    def close(self) -> None:
-        for _ in self._left:
-            pass
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            for _ in self._left:
+                pass
+        elif hasattr(self._left, "close"):  # a generator: its bar's own cleanup runs now
+            self._left.close()
 
 
 def run_nodes(nodes: list[fx.Node], env: dict[fx.Node, object], device=None,
