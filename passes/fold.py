@@ -43,12 +43,10 @@ def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
         w = params[group.prev_params[0]]
         w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
         for name in group.prev_params[1:]:
-            params[name].copy_((params[name].float() / s).to(params[name].dtype))
+            _in_float32(params[name], torch.div, s)
     elif kind is FoldKind.LINEAR_T:  # Case D for a Conv1D weight stored (in, out): its columns are the rows
-        w = params[group.prev_params[0]]
-        w.copy_((w.float() / s).to(w.dtype))
-        for name in group.prev_params[1:]:
-            params[name].copy_((params[name].float() / s).to(params[name].dtype))
+        for name in group.prev_params:
+            _in_float32(params[name], torch.div, s)
     else:  # Cases A, C, D: every source parameter is divided along its output dim
         for name in group.prev_params:
             p = params[name]
