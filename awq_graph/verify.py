@@ -45,13 +45,7 @@ def verify_groups(gm: GraphModel, per_layer, seed: int = 0, batch: int = 2, seql
             folds.append((g, s))
     take, changed = _folded_sets(gm, folds)
     with Steps(progress, "verifying the groups", len(gm.placeholder_param)) as steps:
-
-        def counted(name):
-            pair = take(name)
-            steps.step()
-            return pair
-
-        before, after = _run_twice(gm, ids, counted)
+        before, after = _run_twice(gm, ids, steps.after(take))
     return Verification(float((after - before).abs().max() / before.abs().max().clamp(min=1e-12)), len(changed))
 
 

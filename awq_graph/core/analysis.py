@@ -28,17 +28,9 @@ def example_values(gm: GraphModel, seq: int = 6, progress=None) -> dict:
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     of_weights = computed_from_weights(gm, nodes)
     makers = gm.param_makers()
-
-    def counted(make, steps):
-        def read():
-            value = make()
-            steps.step()
-            return value
-        return read
-
     # the parameters read where used, then dropped; looked up again when asked
     with torch.no_grad(), Steps(progress, "analysing the graph", len(makers)) as steps:
-        env = run_nodes(nodes, {gm.input_node(): ids}, made={node: counted(make, steps) for node, make in makers.items()},
+        env = run_nodes(nodes, {gm.input_node(): ids}, made={node: steps.after(make) for node, make in makers.items()},
                         keep={*nodes, gm.input_node()} - of_weights)
     return _WithParams(env, gm, of_weights)
 

@@ -223,6 +223,14 @@ class Steps:
     def step(self) -> None:
         next(self._left, None)
 
+    def after(self, fn):
+        """``fn``, moving the bar one step after each call."""
+        def called(*args):
+            value = fn(*args)
+            self.step()
+            return value
+        return called
+
     def __exit__(self, kind, value, traceback) -> None:
         if kind is None:
             for _ in self._left:
