@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from .core.analysis import feeds_attention_scores, quantizable_linears
+from .core.analysis import ancestors, feeds_attention_scores, quantizable_linears
 from .core.heap import heap_reused
 from .core.ir import GraphModel, in_module, run_nodes
 from .core.stages import Stages
@@ -414,14 +414,7 @@ def head_input_nodes(stages: Stages, head_input) -> list:
     """The post stage's nodes that ``head_input`` (the head's input node) depends on, in graph
     order: what computes the final hidden states, normed, and not the (tokens x vocab) logits."""
     post = stages.stages[stages.n + 1]
-    in_post = set(post)
-    needed, frontier = set(), [head_input]
-    while frontier:
-        node = frontier.pop()
-        if node in needed or node not in in_post:
-            continue
-        needed.add(node)
-        frontier.extend(node.all_input_nodes)
+    needed = ancestors(head_input, within=set(post))
     return [n for n in post if n in needed]
 
 

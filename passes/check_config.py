@@ -7,7 +7,7 @@ entry against the graph; each fault is a string that starts with the config path
 """
 from __future__ import annotations
 
-from awq_graph.core.analysis import decoder_layers, example_values, layer_linears
+from awq_graph.core.analysis import ancestors, decoder_layers, example_values, layer_linears
 from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.core.records import ScalingGroup, common_module
 from awq_graph.passes.channel_flow import COMMUTING, Stop, find_groups, op_name, resolve_members, trace_up
@@ -104,16 +104,10 @@ def _blocking_op(gm: GraphModel, prev: str, start):
     inside = set(outs)
     frontier = {u for n in outs for u in n.users if u not in inside}
     between, stack = set(), list(frontier)
-    ancestors, up = set(), [start]
-    while up:  # ancestors of start
-        n = up.pop()
-        if n in ancestors:
-            continue
-        ancestors.add(n)
-        up.extend(a for a in n.all_input_nodes)
+    upstream = ancestors(start)
     while stack:
         n = stack.pop()
-        if n in between or n not in ancestors:
+        if n in between or n not in upstream:
             continue
         between.add(n)
         stack.extend(n.users)

@@ -19,6 +19,19 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
+def ancestors(node: fx.Node, within: set | None = None) -> set[fx.Node]:
+    """``node`` and every node its value depends on (its inputs, theirs, ...); with ``within``,
+    only those nodes, walked only through them."""
+    found, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in found or (within is not None and n not in within):
+            continue
+        found.add(n)
+        frontier.extend(n.all_input_nodes)
+    return found
+
+
 def example_values(gm: GraphModel, seq: int = 6, progress=None) -> dict:
     """Concrete values of every node for a small input: shapes for the analysis (at the length
     the export fixed, if it did). ``progress``: a bar over the parameters read (a pass over a
