@@ -111,6 +111,22 @@ def test_genai_runs_a_float16_folder(tmp_path):
     assert_genai_generates_our_tokens(tmp_path / "fp16", PROMPTS)
 
 
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_genai_runs_a_folder_with_a_quantized_head_and_table(tmp_path, head_bits):
+    """--quantize-lm-head: the head as MatMulNBits and the token lookup as GatherBlockQuantized; at 4
+    bits a tied table reads the head's (scaled) integers and undoes the scale, the smallest folder
+    the README's speed table deploys (g2)."""
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / f"head{head_bits}"
+    awq_graph.compile(tiny_model(tie_word_embeddings=True), calib, out, scheme="uint4_wo_32", n_samples=4, seqlen=32,
+                      quantize_lm_head=True, lm_head_bits=head_bits, lm_head_group_size=16)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert_genai_generates_our_tokens(out, PROMPTS)
+
+
 def test_the_configs_describe_the_written_graph_and_the_checkpoint(tiny_checkpoint, tmp_path):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 

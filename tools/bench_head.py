@@ -14,7 +14,10 @@ probability summed over the calibration tokens) put back in float: the best a he
 a higher precision could do; with ``--rotate``, every scheme and way on a rotated head: the head's
 rows turned by a random orthogonal R (seeded), W R, and the final norm's output by R (one float
 d x d product before the head), which leaves the logits as they were and spreads the head's
-outlier columns over all of them before its groups are quantized (QuaRot's incoherence).
+outlier columns over all of them before its groups are quantized (QuaRot's incoherence); with
+``--kl round:200,row:200``, the scale+clip head tuned against the KL divergence from the float head's
+softmax on the calibration's final hidden states (AutoRound's rounding offsets, or a gain and a bias
+per row, or a scale per group, or the error's mean as a bias: see ``_kl_tuned``).
 
     python tools/bench_head.py [--model GGUF] [--n-samples 32] [--windows 4] [--data ../shared/data]
 
@@ -56,6 +59,10 @@ def main() -> int:
                    "float after the scale+clip search, comma-separated (an experiment)")
     p.add_argument("--rotate", action="store_true", help="quantize the head turned by a random orthogonal "
                    "matrix (an experiment: R before the head, the head W R)")
+    p.add_argument("--kl", default="", metavar="KIND:STEPS,...",
+                   help="after the scale+clip search, the head tuned against the KL divergence from the float head's "
+                   "softmax on the calibration's final hidden states, for each KIND (round, group, row, bias) and "
+                   "STEPS (an experiment; see _kl_tuned)")
     p.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "head.json")
     args = p.parse_args()
     schemes = [tuple(int(x) for x in pair.split(":")) for pair in args.schemes.split(",")]
@@ -93,14 +100,15 @@ def main() -> int:
     site, lookup, table = gm.linears[head], token_lookup(gm), gm.params[token_table(gm)].detach().clone()
     norm = {name: gm.params[name].detach().clone() for name in group.prev_params}
 
-    def ppl(qw) -> float:
+    def ppl(qw, bias=None) -> float:
         weight = qw if isinstance(qw, torch.Tensor) else qw.dequantize()
 
         def logits(ids):
             ids = torch.as_tensor(ids, dtype=torch.long)
             with torch.no_grad():
-                return gm.run(ids, overrides={site.weight: site.stored(weight)},
-                              fixed={lookup: torch.nn.functional.embedding(ids, table)}).float()
+                out = gm.run(ids, overrides={site.weight: site.stored(weight)},
+                             fixed={lookup: torch.nn.functional.embedding(ids, table)}).float()
+            return out if bias is None else out + bias
         return perplexity(logits, test, 2048, args.windows)[0]
 
     rows = [{"scheme": "float", "way": "", "ppl": perplexity(lambda ids: gm.run(torch.as_tensor(ids)).float(),
@@ -133,6 +141,14 @@ def main() -> int:
                                  "ppl": ppl(mixed), "probability_kept": mass})
                     print(f"{scheme.name} top {share:.0%} float ({mass:.3f} of the probability): "
                           f"{rows[-1]['ppl']:.3f}", file=sys.stderr)
+            for kind, steps in ([k.split(":") for k in args.kl.split(",")] if way == "scale+clip" and args.kl else []):
+                t = time.perf_counter()
+                tuned, bias, kl_before, kl_after = _kl_tuned(gm, stages, site, chunks, stores, qw, result, kind,
+                                                             int(steps))
+                rows.append({"scheme": scheme.name, "way": f"scale+clip+kl {kind} {steps}", "ppl": ppl(tuned, bias),
+                             "kl_before": kl_before, "kl_after": kl_after, "search_s": time.perf_counter() - t})
+                print(f"{scheme.name} kl {kind} {steps}: {rows[-1]['ppl']:.3f} (calibration KL {kl_before:.4f} -> "
+                      f"{kl_after:.4f}, {rows[-1]['search_s']:.0f} s)", file=sys.stderr)
             with torch.no_grad():
                 for name, value in norm.items():  # the fold's edit of the final norm undone
                     gm.params[name].copy_(value)
@@ -147,6 +163,8 @@ def main() -> int:
     for r in rows:
         if "correction_mb_fp16" in r:
             print(f"{r['scheme']} {r['way']}: {r['ppl']:.3f} ({r['correction_mb_fp16']:.1f} MB more in float16)")
+        if "kl_after" in r:
+            print(f"{r['scheme']} {r['way']}: {r['ppl']:.3f} (calibration KL {r['kl_before']:.4f} -> {r['kl_after']:.4f})")
         if "probability_kept" in r:
             print(f"{r['scheme']} {r['way']}: {r['ppl']:.3f} ({r['probability_kept']:.3f} of the probability)")
     args.out.parent.mkdir(exist_ok=True)
@@ -230,6 +248,76 @@ def _high_mass_rows_float(gm, stages, site, chunks, stores, qw, result, shares: 
             mixed[rows] = scaled[rows]
             yield share, mixed, float(mass[rows].sum() / mass.sum())
 
+
+def _kl_tuned(gm, stages, site, chunks, stores, qw, result, kind: str, steps: int, batch: int = 1024, seed: int = 0):
+    """(head, bias or None, calibration KL before, after): the scale+clip head tuned against the KL
+    divergence from the float head's softmax to the quantized head's, on the calibration's final
+    hidden states (after the scale's fold), ``batch`` tokens a step, by ``kind``:
+
+        round  each weight's rounding moved by an offset v in [-0.5, 0.5] (round(w / scale + v),
+               straight-through gradient), signed gradient descent (AutoRound's: step 1 / steps)
+        group  each group's scale times exp(a) (its integers follow, straight-through), Adam
+        row    each row's logit times (1 + g) plus b (g folds into the row's scales; b is a bias), Adam
+        bias   b = -mean(x) (Q - W)^T, the error's mean over the calibration (no steps)
+
+    The KL before and after is over every calibration token."""
+    x = torch.cat(list(_head_inputs(gm, stages, site, chunks, stores))).float()
+    target = _scaled_head(gm, site, result).float()
+    g = qw.scheme.group_size
+    scale, zero = qw.scale.float().unsqueeze(2), qw.zero.float().unsqueeze(2)
+    wg = target.reshape(target.shape[0], -1, g)
+    rows_n = target.shape[0]
+    tuned = {"round": torch.zeros_like(wg), "group": torch.zeros_like(scale),
+             "row": torch.zeros(2, rows_n), "bias": torch.zeros(0)}[kind].requires_grad_()
+
+    def ste_round(t):
+        return t + (t.round() - t).detach()
+
+    def head(t):
+        """(weight, bias) for the tuned values t."""
+        if kind == "group":
+            sc = scale * t.exp()
+            integer = ste_round(wg / sc + zero).clamp(0, qw.scheme.qmax)
+            return ((integer - zero) * sc).reshape(target.shape), None
+        integer = ste_round(wg / scale + zero + (t if kind == "round" else 0)).clamp(0, qw.scheme.qmax)
+        w = ((integer - zero) * scale).reshape(target.shape)
+        return (w * (1 + t[0]).unsqueeze(1), t[1]) if kind == "row" else (w, None)
+
+    def kl(wb, rows):
+        w, bias = wb
+        with torch.no_grad():
+            p_log = torch.log_softmax(x[rows] @ target.T, dim=-1)
+        logits = x[rows] @ w.T
+        q_log = torch.log_softmax(logits if bias is None else logits + bias, dim=-1)
+        return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+    def kl_all(wb):
+        with torch.no_grad():
+            return sum(float(kl(wb, slice(r, r + batch))) * min(batch, len(x) - r)
+                       for r in range(0, len(x), batch)) / len(x)
+
+    before = kl_all(head(tuned))
+    if kind == "bias":
+        with torch.no_grad():
+            w, _ = head(tuned)
+            return w, -(x.mean(0) @ (w - target).T), before, kl_all((w, -(x.mean(0) @ (w - target).T)))
+    order = torch.Generator().manual_seed(seed)
+    adam = torch.optim.Adam([tuned], lr={"group": 2e-3, "row": 1e-2}[kind]) if kind != "round" else None
+    with torch.enable_grad():
+        for step in range(steps):
+            rows = torch.randint(0, len(x), (batch,), generator=order)
+            loss = kl(head(tuned), rows)
+            (grad,) = torch.autograd.grad(loss, tuned)
+            if adam is None:
+                with torch.no_grad():
+                    tuned -= (1.0 / steps) * (1 - step / steps) * 2 * grad.sign()
+                    tuned.clamp_(-0.5, 0.5)
+            else:
+                tuned.grad = grad
+                adam.step()
+    with torch.no_grad():
+        w, bias = head(tuned)
+    return w, bias, before, kl_all((w, bias))
 
 if __name__ == "__main__":
     sys.exit(main())

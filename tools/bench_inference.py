@@ -15,12 +15,13 @@ machines) and torch with OMP_WAIT_POLICY=PASSIVE; genai's config cannot turn spi
 llama.cpp's OpenMP threads run with their default policy (PASSIVE makes them 3x slower here),
 so (c) is also timed with spinning on, which is the like-for-like row for (d) and (e). (f) against
 (c, spinning on) is the same graph under two runtimes (their loops differ); (f) against (e) is two
-graphs under one runtime. --also DIR adds another compiled folder (g), as compiled, spinning off and
-on, and under onnxruntime-genai.
+graphs under one runtime. --also DIR (repeatable) adds another compiled folder (g1, g2, ...), as compiled,
+spinning off and on, and under onnxruntime-genai.
 --ppl N adds WikiText-2 perplexity (first N windows of 2048 tokens) of the int4 models.
 
     pip install llama-cpp-python onnxruntime-genai       # (d), (e); absent ones are skipped
-    python tools/bench_inference.py --int4 bench/awq-kv-head --also bench/awq-kv-head4 --ppl 16
+    python tools/bench_inference.py --int4 bench/awq-kv-head --also bench/awq-kv-head4 \
+        --also bench/awq-kv-g64-head4 --ppl 16      # the README's folders (its Deploying section)
 
 Models are built into bench/inference/ (ignored); figures go to tools/results/inference.json.
 """
