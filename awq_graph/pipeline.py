@@ -215,7 +215,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         refusal = export_refusal(gm, opts.scheme, _head_search(gm, opts) is not None)
         if refusal:
             raise InputError(refusal)
-    graph_warnings = _narrower_than_a_group(gm, opts.scheme.group_size)
+    graph_warnings = _group_fit(gm, opts.scheme.group_size)
     if gm.fixed_seq:
         graph_warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; "
                               "its dynamic export failed): the analysis and the search run at that length; a KV-cache "
@@ -477,19 +477,31 @@ def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source
     return calibration.from_tensors(calib, opts.n_samples, opts.seqlen), "tensors", []
 
 
-def _narrower_than_a_group(gm, group_size: int) -> list[str]:
+def _group_fit(gm, group_size: int) -> list[str]:
     """Refuse a group size wider than every quantized linear's input (each row would be one
-    padded block: a file larger than the float one); warn when only some are narrower."""
+    padded block: a file larger than the float one); warn when only some are narrower, and when
+    inputs are not a multiple of it: MatMulNBits pads each row's last group (SmolLM2's 576-wide
+    inputs at group 128: 4.5 groups written as 5), naming the group size that divides them all."""
     widths = {name: gm.linears[name].in_features for name in quantizable_linears(gm)}
     narrow = sorted(n for n, w in widths.items() if w < group_size)
-    if not narrow:
-        return []
-    widest = max(widths, key=widths.get)
-    if len(narrow) == len(widths):
+    widest = max(widths, key=widths.get) if widths else None
+    if narrow and len(narrow) == len(widths):
         raise InputError(f"group size {group_size} (--group-size) is wider than every quantized layer's input "
                          f"(the widest, {widest}, has {widths[widest]}): choose at most {widths[widest]}")
-    return [f"{len(narrow)} linears have inputs narrower than the group size {group_size} (e.g. {narrow[0]}, "
-            f"{widths[narrow[0]]}): each of their rows is one padded block"]
+    warnings = [f"{len(narrow)} linears have inputs narrower than the group size {group_size} (e.g. {narrow[0]}, "
+                f"{widths[narrow[0]]}): each of their rows is one padded block"] if narrow else []
+    ragged = sorted(n for n, w in widths.items() if w > group_size and w % group_size)
+    if ragged:
+        rows = {n: gm.linears[n].out_features * max(1, gm.linears[n].experts) for n in widths}
+        written = sum(rows[n] * -(-w // group_size) * group_size for n, w in widths.items())
+        padding = sum(rows[n] * (-(-w // group_size) * group_size - w) for n, w in widths.items())
+        divides = next((g for g in (group_size >> k for k in range(1, 8))
+                        if g >= 16 and all(w % g == 0 for w in widths.values())), None)
+        warnings.append(f"{len(ragged)} linears' inputs are not a multiple of the group size {group_size} (e.g. "
+                        f"{ragged[0]}, {widths[ragged[0]]}): MatMulNBits pads each row's last group, "
+                        f"{padding / written:.1%} of the int4 integers written"
+                        + (f"; --group-size {divides} divides every input" if divides else ""))
+    return warnings
 
 
 def _finite(value):

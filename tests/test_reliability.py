@@ -154,6 +154,32 @@ def test_a_warning_is_given_before_the_search_not_after(tiny_checkpoint, tmp_pat
     assert any("narrower than the group size 128" in w for w in report["warnings"])
 
 
+def test_inputs_not_a_multiple_of_the_group_are_warned_of_with_the_padding_the_file_holds(tmp_path):
+    """A 96-wide hidden size at group 64 (SmolLM2's 576 at 128): MatMulNBits pads each row's last
+    group; the warning's share is what the written integers hold, counted from the file's shapes."""
+    import onnx
+
+    from awq_graph import compile
+    from conftest import tiny_model
+
+    warnings = []
+    model = tiny_model(hidden_size=96, intermediate_size=192, head_dim=24)
+    compile(model, None, tmp_path / "out", rtn_only=True, scheme="uint4_wo_64", warn=warnings.append)
+    (said,) = [w for w in warnings if "not a multiple of the group size 64" in w]
+    assert "--group-size 32 divides every input" in said
+    graph = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    written = padding = 0
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and node.input[1] in shapes and not node.name.startswith("lm_head"):
+            attrs = {a.name: a.i for a in node.attribute}
+            n, blocks, _ = shapes[node.input[1]]
+            written += n * blocks * attrs["block_size"]
+            padding += n * (blocks * attrs["block_size"] - attrs["K"])
+    share = float(said.split("last group, ")[1].split("%")[0])
+    assert padding and abs(share - 100 * padding / written) < 0.05, (share, padding / written)  # measured: 20.6%
+
+
 def test_the_match_passes_over_the_weights_show_progress_to_the_last_parameter(tiny_checkpoint, tmp_path):
     """The analysis and the verification each read every parameter once (from disk, for a large
     checkpoint: a minute each for 8B): each is a bar that ends at its total."""
