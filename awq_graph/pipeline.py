@@ -20,7 +20,7 @@ from . import calib as calibration
 from .core.analysis import output_head, quantizable_linears, token_table
 from .core.errors import AwqGraphError, ConfigError, InputError, SchemeError
 from .core.heap import give_back_freed_memory
-from .core.numerics import QuantScheme
+from .core.numerics import QuantScheme, n_groups
 from .core.ranks import ONE, RankFailed, Ranks
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
@@ -484,8 +484,8 @@ def _group_fit(gm, group_size: int) -> list[str]:
     inputs at group 128: 4.5 groups written as 5), naming the group size that divides them all."""
     widths = {name: gm.linears[name].in_features for name in quantizable_linears(gm)}
     narrow = sorted(n for n, w in widths.items() if w < group_size)
-    widest = max(widths, key=widths.get) if widths else None
     if narrow and len(narrow) == len(widths):
+        widest = max(widths, key=widths.get)
         raise InputError(f"group size {group_size} (--group-size) is wider than every quantized layer's input "
                          f"(the widest, {widest}, has {widths[widest]}): choose at most {widths[widest]}")
     warnings = [f"{len(narrow)} linears have inputs narrower than the group size {group_size} (e.g. {narrow[0]}, "
@@ -493,8 +493,9 @@ def _group_fit(gm, group_size: int) -> list[str]:
     ragged = sorted(n for n, w in widths.items() if w > group_size and w % group_size)
     if ragged:
         rows = {n: gm.linears[n].out_features * max(1, gm.linears[n].experts) for n in widths}
-        written = sum(rows[n] * -(-w // group_size) * group_size for n, w in widths.items())
-        padding = sum(rows[n] * (-(-w // group_size) * group_size - w) for n, w in widths.items())
+        padded = {n: n_groups(w, group_size) * group_size for n, w in widths.items()}
+        written = sum(rows[n] * padded[n] for n in widths)
+        padding = sum(rows[n] * (padded[n] - widths[n]) for n in widths)
         divides = next((g for g in (group_size >> k for k in range(1, 8))
                         if g >= 16 and all(w % g == 0 for w in widths.values())), None)
         warnings.append(f"{len(ragged)} linears' inputs are not a multiple of the group size {group_size} (e.g. "
