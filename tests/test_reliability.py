@@ -313,3 +313,29 @@ def test_a_signal_while_torch_imports_waits_for_the_import_to_finish():
         sys.unraisablehook = hook
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def test_a_decoder_another_tool_wrote_is_named_as_such_not_a_traceback(tmp_path, capsys):
+    """onnxruntime-genai's builder writes its cache as (batch, kv_heads, past, 'kv_cache_dim') and takes
+    no position_ids: `awq-graph generate` on such a folder says what it is in one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", "kv_cache_dim"])
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", 10])
+    present = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["batch", 2, "total", "kv_cache_dim"])
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT),
+                               helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])],
+                              "foreign", [ids, past], [logits, present])
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
+    from awq_graph.runtime import CompiledModel
+    from awq_graph.core.errors import InputError
+
+    with pytest.raises(InputError, match="is not a KV-cache decoder awq-graph wrote: its past_key_values.0.key"):
+        CompiledModel(folder)
+    assert main(["generate", str(folder), "hello", "--max-new-tokens", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a KV-cache decoder awq-graph wrote" in err[0], err
