@@ -100,17 +100,16 @@ class CompiledModel:
         self.past_shapes = [inputs[n].shape for n in self.past_names]
         self.past_dtypes = [np.float16 if "float16" in inputs[n].type else np.float32 for n in self.past_names]
         if self.has_kv_cache:
-            first = inputs[self.past_names[0]]
-            if not self.growing_cache and (not all(isinstance(first.shape[d], int) for d in (1, 3))
-                                           or "position_ids" not in inputs):
-                raise InputError(f"{self.path} is not a KV-cache decoder awq-graph wrote: its {first.name} has "
-                                 f"shape {first.shape} (KV heads and head size not fixed) or it takes no "
-                                 f"position_ids; run it with the runtime it was written for (a folder with "
-                                 f"genai_config.json: onnxruntime-genai)")
+            if not self.growing_cache:  # the fused decoder's (B, kv_heads, length, head_dim)
+                first = inputs[self.past_names[0]]
+                if not all(isinstance(first.shape[d], int) for d in (1, 3)) or "position_ids" not in inputs:
+                    raise InputError(f"{self.path} is not a KV-cache decoder awq-graph wrote: its {first.name} has "
+                                     f"shape {first.shape} (KV heads and head size not fixed) or it takes no "
+                                     f"position_ids; run it with the runtime it was written for (a folder with "
+                                     f"genai_config.json: onnxruntime-genai)")
+                self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
             self.vocab = int(self.session.get_outputs()[0].shape[-1])
             self.np_dtype = self.past_dtypes[0]
-            if not self.growing_cache:  # the fused decoder's (B, kv_heads, length, head_dim)
-                self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
         # a generic decoder with linear-attention states takes one token per call
         self.one_token = self.growing_cache and inputs["input_ids"].shape[1] == 1
         context = metadata.get(CONTEXT_KEY)

@@ -300,7 +300,8 @@ def _kl_tuned(gm, stages, site, chunks, stores, qw, result, kind: str, steps: in
     if kind == "bias":
         with torch.no_grad():
             w, _ = head(tuned)
-            return w, -(x.mean(0) @ (w - target).T), before, kl_all((w, -(x.mean(0) @ (w - target).T)))
+            bias = -(x.mean(0) @ (w - target).T)
+            return w, bias, before, kl_all((w, bias))
     order = torch.Generator().manual_seed(seed)
     adam = torch.optim.Adam([tuned], lr={"group": 2e-3, "row": 1e-2}[kind]) if kind != "round" else None
     with torch.enable_grad():
