@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default="self", help="text or jsonl file, or 'self' (default): text sampled from the model")
     c.add_argument("--n-samples", type=_at_least(1), default=128, help="calibration sequences (default 128)")
     c.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per calibration sequence (default 512)")
+    c.add_argument("--held-samples", type=_at_least(0), default=None,
+                   help="calibration sequences beyond --n-samples held aside from the search: per layer and end to end "
+                        "(next-token NLL) the searched model is checked against round-to-nearest on them and the "
+                        "better written (default: 2048 tokens' worth, at most a quarter of --n-samples; 0: no check)")
     c.add_argument("--bits", type=int, default=4)
     c.add_argument("--group-size", type=int, default=128)
     sym = c.add_mutually_exclusive_group()
@@ -343,6 +347,9 @@ def _compile_on(args, ranks) -> int:
     print(f"wrote {result.out_dir} ({rep['scheme']}, {rep['method']}): {rep['quantized_linears']} MatMulNBits, "
           f"{len(groups)} scaling groups ({better} scaled), {rep['onnx_bytes'] / 2**20:.1f} MiB, "
           f"timings {rep['timings_s']}")
+    check = rep.get("held_aside_check")
+    if check and check["written"] == "searched" and check["nll"]["searched"] <= check["nll"]["rtn"]:
+        print(f"awq-graph: {check['summary']}", file=sys.stderr)  # otherwise it was a warning already
     if rep.get("export_hf"):
         hf = rep["export_hf"]
         print(f"wrote {hf['folder']} (compressed-tensors {hf['format']}: {hf['quantized_linears']} linears, "
@@ -361,7 +368,7 @@ def _compile_options(args, ranks):
         lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,
-        grid_screen=args.grid_screen, grid_points=args.grid, export_hf=args.export_hf)
+        grid_screen=args.grid_screen, grid_points=args.grid, export_hf=args.export_hf, held_samples=args.held_samples)
 
 
 def _rank_device(asked: str, ranks) -> str:

@@ -56,9 +56,11 @@ from .core.stages import Stages
 from .core.ranks import ONE, Ranks
 from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
                             diagonal_blocks_of_rows, direct_output_error, fake_quantize, gaussian_sketch, group_extrema,
-                            quadratic_output_error, quantize, scaled_fake_quantize, weight_magnitude)
+                            output_gain_matched, quadratic_output_error, quantize, scaled_fake_quantize,
+                            weight_magnitude)
 from .core.records import ScalingGroup
-from .passes.fold import Folded, fold_scales
+from .guard import GuardReport, HeldAsideGuard
+from .passes.fold import Folded, fold_scales, folded_params
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class SearchOptions:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
+    # a clipped linear's groups rescaled so their outputs keep the float outputs' size
+    # (``numerics.output_gain_matched``): "unbiased", "lsq", or "off"
+    clip_gain: str = "unbiased"
     # whole sequences for a non-linear module2inspect; on SmolLM2 g128, 4096 tokens gave no better
     # perplexity (24.90 vs 24.81 with 1024) at 1.3x the search time
     loss_tokens: int = 1024
@@ -92,6 +97,8 @@ class SearchOptions:
             raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
         if self.screen not in SCREENS:
             raise ValueError(f"screen must be one of {SCREENS}, got {self.screen!r}")
+        if self.clip_gain not in ("unbiased", "lsq", "off"):
+            raise ValueError(f"clip_gain must be 'unbiased', 'lsq' or 'off', got {self.clip_gain!r}")
 
     @property
     def loss_points(self) -> float:
@@ -202,6 +209,7 @@ class SearchResult:
     clips: list[ClipReport] = field(default_factory=list)
     folded: list[Folded] = field(default_factory=list)  # every fold, in order: what it changed
     seconds: float = 0.0
+    guard: GuardReport | None = None  # the held-aside check's verdicts (``awq_graph.guard``)
 
 
 def rtn(gm: GraphModel, scheme: QuantScheme, progress=None, keep=None) -> SearchResult:
@@ -317,7 +325,7 @@ def _scatter_mean(values: torch.Tensor, cmap: torch.Tensor, channels: int) -> to
 
 def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch.Tensor,
                opts: SearchOptions, progress=None, keep=None, head: tuple[ScalingGroup, QuantScheme] | None = None,
-               ranks: Ranks = ONE) -> SearchResult:
+               ranks: Ranks = ONE, held: torch.Tensor | None = None) -> SearchResult:
     """Search, fold (in place on ``gm.params``; each fold's record in ``result.folded``) and
     quantize every decoder layer; then, given ``head`` (the group of the final norm and the head,
     and the head's scheme), the head on the final hidden states (``search_head``).
@@ -329,12 +337,15 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     samples in the statistics; every rank runs the whole loss subsample, and the grid points of
     every group are shared out; rank 0 makes every choice and alone quantizes (the others'
     ``result.quantized`` stays empty).
+    ``held``: (n, seqlen) token ids the search does not use, for the held-aside check
+    (``awq_graph.guard``, by rank 0): per layer AWQ's integers, the unclipped ones or round-to-
+    nearest's, and of three candidate models the one of least NLL on them (``result.guard``).
     """
     with heap_reused():  # the grid's large temporaries reuse the heap's pages (``core.heap``)
-        return _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks)
+        return _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks, held)
 
 
-def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks) -> SearchResult:
+def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks, held=None) -> SearchResult:
     t0 = time.perf_counter()
     progress = progress or (lambda it, desc, total: it)
     stages = Stages(gm)
@@ -357,6 +368,8 @@ def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks) -> Sear
 
     quantizable = set(quantizable_linears(gm))
     result = SearchResult({})
+    guard = HeldAsideGuard(gm, stages, held, opts.scheme, opts.device) if held is not None and ranks.leader else None
+    fold_layer = []  # the decoder layer of each fold in result.folded
     for li in progress(range(stages.n), "AWQ search", stages.n):
         nodes = stages.stages[li + 1]
         groups = per_layer[li] if li < len(per_layer) else []
@@ -365,9 +378,14 @@ def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks) -> Sear
         folds_before = len(result.folded)
         with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
             _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen, keep,
-                          ranks)
+                          ranks, guard)
+        fold_layer += [li] * (len(result.folded) - folds_before)
         if gm.streamed:  # the layer leaves memory, but for what its folds edited outside its linears
             _release_layer(gm, nodes, linears, result.folded[folds_before:])
+    if guard is not None:
+        with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
+            result.guard, result.quantized, undone = guard.finish()
+        result.folded = [f for f, li in zip(result.folded, fold_layer) if li not in undone]
     if head is not None:
         search_head(gm, *head, chunks, stores, stages, opts, result, keep, ranks)
     result.seconds = time.perf_counter() - t0
@@ -473,7 +491,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
         for p in parts:
             p = p if col is None else p * col  # the scaled rows, a block at a time
             shrink, clip = _clip_search(name, p, blocks, numel, head_opts, site.node)
-            pieces.append(quantize(p, scheme, shrink).to("cpu"))
+            pieces.append(_clipped(p, shrink, blocks, clip, head_opts).to("cpu"))
             clips.append(clip)
         if clips[0] is not None:  # the sums over the row blocks: one report
             rows = [p.shape[0] for p in parts]
@@ -506,7 +524,7 @@ def _layer_params(gm, nodes, device) -> dict:
 
 
 def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens, keep=None,
-                  ranks: Ranks = ONE):
+                  ranks: Ranks = ONE, guard: HeldAsideGuard | None = None):
     """Decoder layer ``li`` in three steps that return records: the scale of each group
     (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize."""
     def form_of(channels, experts, out_features):
@@ -520,10 +538,16 @@ def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, 
         result.groups.append(report)
         if s is not None:
             scales.append((g, s.cpu()))  # the folds edit the parameters where they live
+    if guard is not None:  # what the layer was before its folds
+        guard.snapshot(li, linears, {p for g, _ in scales for p in folded_params(g, gm.linears)})
     folded = [fold_scales(gm.params, g, s, gm.linears) for g, s in scales]
     result.folded.extend(folded)
-    quantized, clips = _clip_and_quantize(gm, linears, stats, folded, opts, keep, ranks)
-    result.quantized.update(quantized)
+    quantized, unclipped, clips = _clip_and_quantize(gm, linears, stats, folded, opts, ranks, unclipped=guard is not None)
+    if guard is not None:
+        held = guard.layer(li, nodes, quantized, unclipped, lambda name, qw: _held(name, qw, keep))
+    else:
+        held = {name: _held(name, qw, keep) for name, qw in quantized.items()}
+    result.quantized.update(held)
     result.clips.extend(clips)
 
 
@@ -572,18 +596,19 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
     return stats, inspect, saved
 
 
-def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None, ranks: Ranks = ONE):
+def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, ranks: Ranks = ONE, unclipped: bool = False):
     """The integers of every quantizable linear of the layer, after the folds: per linear a
-    clipping search on its (now scaled) input statistics, then quantize. Over several ranks the
-    linears' clipping searches are shared out (linear i on rank i mod world), their outcomes sent
-    to rank 0, which alone quantizes."""
+    clipping search on its (now scaled) input statistics, then quantize. Returns (integers,
+    the integers at full range (``unclipped``; else None), the clipping reports). Over several
+    ranks the linears' clipping searches are shared out (linear i on rank i mod world), their
+    outcomes sent to rank 0, which alone quantizes."""
     col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
     for f in folded:
         for layer, cmap in zip(f.group.layers, f.group.channel_maps):
             if layer in col_scale:
                 col = f.scale[torch.tensor(cmap)]
                 col_scale[layer] = col if col_scale[layer] is None else col_scale[layer] * col
-    quantized, clips = {}, []
+    quantized, full_range, clips = {}, ({} if unclipped else None), []
     for i, name in enumerate(linears):
         site = gm.linears[name]
         stat = stats[site.input]
@@ -604,8 +629,18 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, keep=None
             continue
         if report is not None:
             clips.append(report)
-        quantized[name] = _held(name, quantize(w, opts.scheme, shrink).to("cpu"), keep)
-    return quantized, clips
+        quantized[name] = _clipped(w, shrink, blocks, report, opts).to("cpu")
+        if unclipped:
+            full_range[name] = quantized[name] if report is None or not report.clipped else quantize(w, opts.scheme).to("cpu")
+    return quantized, full_range, clips
+
+
+def _clipped(w, shrink, blocks, report: ClipReport | None, opts) -> QuantizedWeight:
+    """The integers of ``w`` in the ranges the clipping chose, their gains matched where it clipped."""
+    qw = quantize(w, opts.scheme, shrink)
+    if report is None or not report.clipped or opts.clip_gain == "off":
+        return qw
+    return output_gain_matched(qw, w, blocks, opts.clip_gain)
 
 
 def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str], ranks: Ranks = ONE):

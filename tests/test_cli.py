@@ -34,7 +34,11 @@ def test_compile_then_eval_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsy
     assert least["int4"] > 0 and 0 < least["int4"] + least["other"] <= report["onnx_bytes"], (least, report["onnx_bytes"])
     config = json.loads((out / "awq_config.json").read_text())
     assert len(config["scaling_layers"]) == 4
-    capsys.readouterr()
+    # two samples past the eight held aside (a quarter of --n-samples), checked per layer and end to end, and said
+    check = report["held_aside_check"]
+    assert (check["held_samples"], check["held_tokens"], len(check["layers"])) == (2, 128, 2)
+    assert check["written"] in ("searched", "unclipped", "rtn") and set(check["nll"]) == {"float", "searched", "unclipped", "rtn"}
+    assert "held-aside check (2 samples, 128 tokens" in capsys.readouterr().err
     assert main(["eval", str(out), "--text", str(calib), "--seqlen", "64", "--max-windows", "3", "--json"]) == 0
     int4 = json.loads(capsys.readouterr().out.strip())
     assert main(["eval", str(tiny_checkpoint), "--text", str(calib), "--seqlen", "64", "--max-windows", "3",
