@@ -15,15 +15,20 @@ layer undone). Each is run on the float model's input to the layer; its error is
 squared error relative to the float output's square, per token, averaged over the tokens (a token's
 error as the next norm sees it, so a massive-activation token does not outweigh the rest).
 
-Three candidate models flow through the layers side by side, each with its own hidden states:
+Candidate models flow through the layers side by side, each with its own hidden states:
 ``searched`` keeps the candidate of least error per layer, ``unclipped`` the lesser of
-``unclipped`` and ``rtn``, ``rtn`` is round-to-nearest everywhere. After the last layer each is
-scored by its NLL on the held-aside tokens (the float model's too, for reference); ``searched``
-is written unless another model's NLL is lower by more than twice the standard error of the
+``unclipped`` and ``rtn``, ``rtn`` is round-to-nearest everywhere, and per module of a layer whose
+linears the clipping changed (``self_attn``, ``mlp``), a model clipping only that module's linears
+(the ``unclipped`` model's choice elsewhere): on Qwen2.5-1.5B clipping the attention's linears
+helped while clipping ``down_proj`` undid all of AWQ's gain (docs/quality-on-a-1.5b-model.md).
+After the last layer each model is scored
+by its NLL on the held-aside tokens (the float model's too, for reference); ``searched`` is
+written unless another model's NLL is lower by more than twice the standard error of the
 per-token difference (then the lowest of those).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +40,9 @@ from .core.stages import Stages
 CANDIDATES = ("awq", "unclipped", "rtn")
 # each candidate model, and the layer candidates it may take (the first of equal errors wins)
 MODELS = {"searched": CANDIDATES, "unclipped": ("unclipped", "rtn"), "rtn": ("rtn",)}
+# and per module of a layer whose linears clipping changed ("self_attn", "mlp"), a model clipping
+# that module's linears only (the unclipped model's choice elsewhere), named CLIP_ONLY + the module
+CLIP_ONLY = "clipped only in "
 
 
 @dataclass
@@ -52,10 +60,11 @@ class GuardReport:
     written: str  # the candidate model written
     standard_error: dict[str, float]  # per other model: the standard error of its mean NLL difference to "searched"
     layers: list[LayerVerdict] = field(default_factory=list)
+    seconds: float = 0.0  # the check's own time, within the search's
 
     def counts(self, model: str) -> dict[str, int]:
-        taken = [v.chosen[model] for v in self.layers]
-        return {c: taken.count(c) for c in CANDIDATES if c in taken}
+        taken = [v.chosen.get(model, v.chosen["unclipped"]) for v in self.layers]
+        return {c: taken.count(c) for c in dict.fromkeys(taken)}
 
     @property
     def alarming(self) -> bool:
@@ -94,6 +103,7 @@ class HeldAsideGuard:
         self.param_nodes = {gm.placeholder_param[n.name]: n for n in gm.graph.nodes
                             if n.op == "placeholder" and n.name in gm.placeholder_param}
         self.verdicts: list[LayerVerdict] = []
+        t0 = time.perf_counter()
         self.before: dict[int, LayerBefore] = {}
         self.held: dict[str, dict] = {m: {} for m in MODELS}  # model -> linear -> the integers as held
         pre = stages.stages[0]
@@ -105,6 +115,7 @@ class HeldAsideGuard:
                 run_nodes(pre, env, device)
                 stores.append({n: env[n] for n in stages.keep_after[0]})
         self.streams = {"float": stores, **{m: stores for m in MODELS}}
+        self.seconds = time.perf_counter() - t0
 
     def _params(self, nodes) -> dict:
         env = {}
@@ -118,19 +129,31 @@ class HeldAsideGuard:
     def snapshot(self, li: int, linears: list[str], edited: set[str]) -> None:
         """Before the folds of layer ``li``: round-to-nearest's integers and the parameters
         (``edited``, the quantized linears' weights left out) as they are."""
+        t0 = time.perf_counter()
         rtn = {name: quantize(self.gm.linears[name].matrix(self.gm.params).detach().to(self.device, torch.float32),
                               self.scheme).to("cpu") for name in linears}
         weights = {self.gm.linears[n].weight for n in linears}
         params = {p: self.gm.params[p].detach().clone() for p in sorted(edited - weights)}
         self.before[li] = LayerBefore(rtn, params)
+        self.seconds += time.perf_counter() - t0
 
     def layer(self, li: int, nodes: list, clipped: dict[str, QuantizedWeight], unclipped: dict[str, QuantizedWeight],
               keep) -> dict:
         """Layer ``li``'s verdict (after its folds and quantization): each candidate's error, each
         model's choice; every model's hidden states advanced; the integers each model took held
         (``keep``, as the search holds them). Returns the ``searched`` model's integers."""
+        t0 = time.perf_counter()
         before = self.before[li]
         candidates = {"awq": clipped, "unclipped": unclipped, "rtn": before.rtn}
+        base = f"{self.stages.prefix}.{li}."
+        for name, qw in clipped.items():  # a module whose linears clipping changed: a model clipping it alone
+            if qw is not unclipped[name]:
+                module = name[len(base):].rsplit(".", 1)[0]
+                candidates.setdefault(f"{CLIP_ONLY}{module}", {**unclipped})[name] = qw
+        for label in candidates:
+            if label.startswith(CLIP_ONLY) and label not in self.streams:  # so far it was the unclipped model
+                self.streams[label] = self.streams["unclipped"]
+                self.held[label] = dict(self.held["unclipped"])
         params = self._params(nodes)
         outputs = [n for n in self.stages.keep_after[li + 1] if self.stages.stage_of.get(n) == li + 1
                    and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()]
@@ -170,24 +193,36 @@ class HeldAsideGuard:
             reference = run_once(self.streams["float"], None)
             error = {c: _relative_error(run_once(self.streams["float"], c), reference, outputs) for c in CANDIDATES}
             chosen = {m: min(options, key=lambda c: error[c]) for m, options in MODELS.items()}
-            self.streams = {"float": reference, **{m: run_once(self.streams[m], chosen[m]) for m in MODELS}}
+            for model in self.streams:  # a module's clipping model: clipped there, else the unclipped model's choice
+                if model.startswith(CLIP_ONLY):
+                    chosen[model] = model if model in candidates else chosen["unclipped"]
+            self.streams = {"float": reference, **{m: run_once(self.streams[m], c) for m, c in chosen.items()}}
         self.verdicts.append(LayerVerdict(li, error, chosen))
-        held = {c: {name: keep(name, qw) for name, qw in candidates[c].items()} for c in dict.fromkeys(chosen.values())}
-        for m in MODELS:
-            self.held[m].update(held[chosen[m]])
+        held = {}  # each linear's integers of each kind, held once
+        for c in dict.fromkeys(chosen.values()):
+            for name, qw in candidates[c].items():
+                key = (name, "rtn" if c == "rtn" else "awq" if qw is clipped[name] else "unclipped")
+                if key not in held:
+                    held[key] = keep(name, qw)
+        for m, c in chosen.items():
+            self.held.setdefault(m, {}).update(
+                {name: held[(name, "rtn" if c == "rtn" else "awq" if qw is clipped[name] else "unclipped")]
+                 for name, qw in candidates[c].items()})
         self.before[li] = LayerBefore({}, before.params)  # the integers are held: only the parameters stay
-        return held[chosen["searched"]]
+        self.seconds += time.perf_counter() - t0
+        return {name: self.held["searched"][name] for name in clipped}
 
     def finish(self) -> tuple[GuardReport, dict, set[int]]:
         """Each model's NLL on the held-aside tokens, the lowest chosen. Returns the report, the
         written model's integers, and the decoder layers whose folds it undoes (its layers taken
         as round-to-nearest); their parameters are put back as they were before the folds."""
+        t0 = time.perf_counter()
         post = self.stages.stages[self.stages.n + 1]
         out_node = next(n for n in self.gm.graph.nodes if n.op == "output").args[0][0]
         params = self._params(post)
         per_token, scored = {}, {}
         with torch.no_grad():
-            for m in ("float", *MODELS):
+            for m in self.streams:
                 stream = self.streams[m]
                 if id(stream) not in scored:  # models whose every layer is the same share one score
                     rows = []
@@ -201,12 +236,13 @@ class HeldAsideGuard:
                 per_token[m] = scored[id(stream)]
         nll = {m: float(v.mean()) for m, v in per_token.items()}
         written, standard_error = _written(per_token)
-        undone = {v.layer for v in self.verdicts if v.chosen[written] == "rtn"}
+        undone = {v.layer for v in self.verdicts if v.chosen.get(written, v.chosen["unclipped"]) == "rtn"}
         for li in undone:
             for p, value in self.before[li].params.items():
                 self.gm.params[p].copy_(value)
         samples = sum(int(ids.shape[0]) for ids in self.ids)
-        report = GuardReport(samples, samples * int(self.ids[0].shape[1]), nll, written, standard_error, self.verdicts)
+        report = GuardReport(samples, samples * int(self.ids[0].shape[1]), nll, written, standard_error, self.verdicts,
+                             round(self.seconds + time.perf_counter() - t0, 3))
         return report, dict(self.held[written]), undone
 
 
@@ -216,8 +252,8 @@ def _written(per_token: dict) -> tuple[str, dict]:
     noise of a few thousand tokens does not undo the search."""
     base = per_token["searched"]
     standard_error, better = {}, []
-    for m in MODELS:
-        if m == "searched":
+    for m in per_token:
+        if m in ("float", "searched"):
             continue
         d = per_token[m] - base
         standard_error[m] = float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0

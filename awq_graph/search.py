@@ -71,8 +71,9 @@ class SearchOptions:
     clip_grid: int = 20
     max_shrink: float = 0.5
     # a clipped linear's groups rescaled so their outputs keep the float outputs' size
-    # (``numerics.output_gain_matched``): "unbiased", "lsq", or "off"
-    clip_gain: str = "unbiased"
+    # (``numerics.output_gain_matched``): "lsq" (the least-squares gain: on SmolLM2 it did better
+    # than "unbiased", docs/quality-on-a-1.5b-model.md), "unbiased", or "off"
+    clip_gain: str = "lsq"
     # whole sequences for a non-linear module2inspect; on SmolLM2 g128, 4096 tokens gave no better
     # perplexity (24.90 vs 24.81 with 1024) at 1.3x the search time
     loss_tokens: int = 1024

@@ -37,7 +37,7 @@ def test_compile_then_eval_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsy
     # two samples past the eight held aside (a quarter of --n-samples), checked per layer and end to end, and said
     check = report["held_aside_check"]
     assert (check["held_samples"], check["held_tokens"], len(check["layers"])) == (2, 128, 2)
-    assert check["written"] in ("searched", "unclipped", "rtn") and set(check["nll"]) == {"float", "searched", "unclipped", "rtn"}
+    assert check["written"] in check["nll"] and set(check["nll"]) >= {"float", "searched", "unclipped", "rtn"}
     assert "held-aside check (2 samples, 128 tokens" in capsys.readouterr().err
     assert main(["eval", str(out), "--text", str(calib), "--seqlen", "64", "--max-windows", "3", "--json"]) == 0
     int4 = json.loads(capsys.readouterr().out.strip())

@@ -1,4 +1,4 @@
-"""Quality and compile-cost benchmark on SmolLM2-135M-Instruct (not a test).
+"""Quality and compile-cost benchmark on SmolLM2-135M-Instruct, or any model given (not a test).
 
 Perplexity (WikiText-2 test, non-overlapping windows of 2048 tokens) of the float model,
 round-to-nearest and AWQ with the same scheme; compile wall time, search time and peak RSS of
@@ -7,6 +7,7 @@ the AWQ compile. Each compile runs alone in its own process.
     python tools/bench_quality.py --data ../shared/data                      # g128, 128 x 512
     python tools/bench_quality.py --data ../shared/data --peers              # g64, 8 x 512, 20 windows
     python tools/bench_quality.py --data ../shared/data --n-samples 16 --grids 20 10 5   # the scale grid's size
+    python tools/bench_quality.py --model "$(python tools/qwen_model.py)" --n-samples 32 --windows 8   # a real 1.5B model
 
 Compiled models go to bench/ (ignored); the figures to tools/results/quality-*.json, and a
 Markdown table is printed.
@@ -95,6 +96,8 @@ def main() -> int:
             "search_s": report["search_s"],
             "timings_s": report["timings_s"],
             "peak_rss_mb": report["peak_rss_mb"],
+            "held_aside_check": (None if not report.get("held_aside_check") else
+                                 {k: report["held_aside_check"][k] for k in ("held_samples", "nll", "written", "seconds")}),
             "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
             "cpus": os.cpu_count(),
         }
@@ -103,6 +106,9 @@ def main() -> int:
         print(f"| {model.name}, g{group}, {n_samples}x{args.seqlen}, {windows} windows | {grid} | {ppl_float:.2f} | "
               f"{ppl_rtn:.2f} | {ppl_awq:.2f} | {recovered:.0%} | {wall:.0f} | {report['search_s']:.0f} | "
               f"{report['peak_rss_mb']:.0f} | {load_before:.2f} -> {load_after:.2f} |")
+        if figures["held_aside_check"]:
+            check = figures["held_aside_check"]
+            print(f"held-aside check ({check['seconds']:.0f} s of the search): wrote {check['written']}, NLL {check['nll']}")
         print(f"figures written to {out}")
     return 0
 

@@ -354,14 +354,15 @@ GAIN_LIMITS = (0.8, 1.25)
 
 
 def output_gain_matched(qw: QuantizedWeight, w: torch.Tensor, blocks: torch.Tensor,
-                        rule: str = "unbiased") -> QuantizedWeight:
+                        rule: str = "lsq") -> QuantizedWeight:
     """The integers with each (row, group)'s scale times a gain c that keeps the group's output
-    at the float output's size: "unbiased", c = <w, w>_H / <q, w>_H, leaves the output error
-    (c q - w) x uncorrelated with the float output w x over the calibration tokens (H_gg:
-    ``blocks``); "lsq", c = <q, w>_H / <q, q>_H, the least-squares gain (still a little short).
+    at the float output's size: "lsq", c = <q, w>_H / <q, q>_H, the least-squares gain, leaves the
+    output error (c q - w) x uncorrelated with the quantized output c q x over the calibration
+    tokens (H_gg: ``blocks``), short of the float output by the square of the error only;
+    "unbiased", c = <w, w>_H / <q, w>_H, leaves it uncorrelated with the float output w x.
     A clipped range rounds its large weights down: its integers alone would shrink every
     output they make, a coherent error that adds up over rows, layers and tokens where rounding's
-    scattered errors cancel (``awq_graph.guard``'s docstring: the 1.5B model where clipping
+    scattered errors cancel (docs/quality-on-a-1.5b-model.md: the 1.5B model where clipping
     lowered every layer's error and raised the perplexity)."""
     dq = qw.dequantize()
     if rule == "unbiased":
