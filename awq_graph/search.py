@@ -56,7 +56,7 @@ from .core.stages import Stages
 from .core.ranks import ONE, Ranks
 from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
                             diagonal_blocks_of_rows, direct_output_error, fake_quantize, gaussian_sketch, group_extrema,
-                            output_gain_matched, quadratic_output_error, quantize, scaled_fake_quantize,
+                            output_gain, quadratic_output_error, quantize, scaled_fake_quantize,
                             weight_magnitude)
 from .core.records import ScalingGroup
 from .guard import GuardReport, HeldAsideGuard
@@ -71,7 +71,7 @@ class SearchOptions:
     clip_grid: int = 20
     max_shrink: float = 0.5
     # a clipped linear's groups rescaled so their outputs keep the float outputs' size
-    # (``numerics.output_gain_matched``): "lsq" (the least-squares gain: on SmolLM2 it did better
+    # (``numerics.output_gain``): "lsq" (the least-squares gain: on SmolLM2 it did better
     # than "unbiased", docs/quality-on-a-1.5b-model.md), "unbiased", or "off"
     clip_gain: str = "lsq"
     # whole sequences for a non-linear module2inspect; on SmolLM2 g128, 4096 tokens gave no better
@@ -340,7 +340,7 @@ def awq_search(gm: GraphModel, per_layer: list[list[ScalingGroup]], calib: torch
     ``result.quantized`` stays empty).
     ``held``: (n, seqlen) token ids the search does not use, for the held-aside check
     (``awq_graph.guard``, by rank 0): per layer AWQ's integers, the unclipped ones or round-to-
-    nearest's, and of three candidate models the one of least NLL on them (``result.guard``).
+    nearest's, and of the candidate models the one of least NLL on them (``result.guard``).
     """
     with heap_reused():  # the grid's large temporaries reuse the heap's pages (``core.heap``)
         return _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks, held)
@@ -492,7 +492,9 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
         for p in parts:
             p = p if col is None else p * col  # the scaled rows, a block at a time
             shrink, clip = _clip_search(name, p, blocks, numel, head_opts, site.node)
-            pieces.append(_clipped(p, shrink, blocks, clip, head_opts).to("cpu"))
+            gain = _clip_gain(p, shrink, blocks, clip, head_opts)
+            qw = quantize(p, scheme, shrink)
+            pieces.append((qw if gain is None else qw.with_gain(gain)).to("cpu"))
             clips.append(clip)
         if clips[0] is not None:  # the sums over the row blocks: one report
             rows = [p.shape[0] for p in parts]
@@ -623,25 +625,29 @@ def _clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, ranks: Ra
             ranks.object_from(owner, None)
             continue
         w = site.matrix(gm.params).detach().to(opts.device, torch.float32)
-        shrink, report = (_clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
-                          if ranks.rank == owner else (None, None))
-        shrink, report = ranks.object_from(owner, (shrink, report))
+        shrink, report, gain = None, None, None
+        if ranks.rank == owner:
+            shrink, report = _clip_search(name, w, blocks, stat.tokens * site.out_features, opts, site.node)
+            gain = _clip_gain(w, shrink, blocks, report, opts)
+        shrink, report, gain = ranks.object_from(owner, (shrink, report, gain))
         if not ranks.leader:
             continue
         if report is not None:
             clips.append(report)
-        quantized[name] = _clipped(w, shrink, blocks, report, opts).to("cpu")
+        qw = quantize(w, opts.scheme, shrink)
+        quantized[name] = (qw if gain is None else qw.with_gain(gain)).to("cpu")
         if unclipped:
-            full_range[name] = quantized[name] if report is None or not report.clipped else quantize(w, opts.scheme).to("cpu")
+            full_range[name] = quantized[name] if gain is None and (report is None or not report.clipped) else \
+                quantize(w, opts.scheme).to("cpu")
     return quantized, full_range, clips
 
 
-def _clipped(w, shrink, blocks, report: ClipReport | None, opts) -> QuantizedWeight:
-    """The integers of ``w`` in the ranges the clipping chose, their gains matched where it clipped."""
-    qw = quantize(w, opts.scheme, shrink)
+def _clip_gain(w, shrink, blocks, report: ClipReport | None, opts) -> torch.Tensor | None:
+    """Where the clipping shrank a range: the gain of each (row, group)'s scale
+    (``numerics.output_gain``), computed by the rank that searched the clipping; else None."""
     if report is None or not report.clipped or opts.clip_gain == "off":
-        return qw
-    return output_gain_matched(qw, w, blocks, opts.clip_gain)
+        return None
+    return output_gain(quantize(w, opts.scheme, shrink), w, blocks, opts.clip_gain).cpu()
 
 
 def _search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str], ranks: Ranks = ONE):

@@ -103,6 +103,10 @@ class QuantizedWeight:
     def to(self, device) -> "QuantizedWeight":
         return QuantizedWeight(self.q.to(device), self.scale.to(device), self.zero.to(device), self.scheme)
 
+    def with_gain(self, gain: torch.Tensor) -> "QuantizedWeight":
+        """The same integers with each (row, group)'s scale times ``gain`` (out, G)."""
+        return QuantizedWeight(self.q, self.scale * gain.to(self.scale.device, self.scale.dtype), self.zero, self.scheme)
+
     def take_rows(self, index) -> "QuantizedWeight":
         """Some output rows (a slice or an index tensor), e.g. one expert of a bank."""
         return QuantizedWeight(self.q[index], self.scale[index], self.zero[index], self.scheme)
@@ -349,18 +353,19 @@ def blockwise_inner(a: torch.Tensor, b: torch.Tensor, blocks: torch.Tensor) -> t
     return torch.einsum("ogi,gij,ogj->og", grouped(a), blocks, grouped(b))
 
 
-# a group's gain (``output_gain_matched``) stays within these: a range clipped by at most half
+# a group's gain (``output_gain``) stays within these: a range clipped by at most half
 GAIN_LIMITS = (0.8, 1.25)
 
 
-def output_gain_matched(qw: QuantizedWeight, w: torch.Tensor, blocks: torch.Tensor,
-                        rule: str = "lsq") -> QuantizedWeight:
-    """The integers with each (row, group)'s scale times a gain c that keeps the group's output
-    at the float output's size: "lsq", c = <q, w>_H / <q, q>_H, the least-squares gain, leaves the
-    output error (c q - w) x uncorrelated with the quantized output c q x over the calibration
-    tokens (H_gg: ``blocks``), short of the float output by the square of the error only;
-    "unbiased", c = <w, w>_H / <q, w>_H, leaves it uncorrelated with the float output w x.
-    A clipped range rounds its large weights down: its integers alone would shrink every
+def output_gain(qw: "QuantizedWeight", w: torch.Tensor, blocks: torch.Tensor, rule: str = "lsq") -> torch.Tensor:
+    """Per (row, group) the gain c for ``qw``'s scales that keeps the group's output at the float
+    output's size: "lsq", c = <q, w>_H / <q, q>_H, the least-squares gain, leaves the output error
+    (c q - w) x uncorrelated with the quantized output c q x over the calibration tokens (H_gg:
+    ``blocks``), short of the float output by the square of the error only; "unbiased",
+    c = <w, w>_H / <q, w>_H, leaves it uncorrelated with the float output w x. (out, G), within
+    ``GAIN_LIMITS``.
+
+    A clipped range rounds its large weights toward zero: its integers alone would shrink every
     output they make, a coherent error that adds up over rows, layers and tokens where rounding's
     scattered errors cancel (docs/quality-on-a-1.5b-model.md: the 1.5B model where clipping
     lowered every layer's error and raised the perplexity)."""
@@ -371,8 +376,7 @@ def output_gain_matched(qw: QuantizedWeight, w: torch.Tensor, blocks: torch.Tens
         num, den = blockwise_inner(dq, w, blocks), blockwise_inner(dq, dq, blocks)
     else:
         raise ValueError(f"gain rule {rule!r}: 'unbiased' or 'lsq'")
-    gain = torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30), torch.ones_like(den)).clamp(*GAIN_LIMITS)
-    return QuantizedWeight(qw.q, qw.scale * gain.to(qw.scale.dtype), qw.zero, qw.scheme)
+    return torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30), torch.ones_like(den)).clamp(*GAIN_LIMITS)
 
 
 def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: int) -> torch.Tensor:
