@@ -35,7 +35,7 @@ import torch
 
 from .core.ir import GraphModel, run_nodes
 from .core.numerics import QuantizedWeight, QuantScheme, quantize
-from .core.stages import Stages
+from .core.stages import Stages, params_read
 
 CANDIDATES = ("awq", "unclipped", "rtn")
 # each candidate model, and the layer candidates it may take (the first of equal errors wins)
@@ -107,7 +107,7 @@ class HeldAsideGuard:
         self.before: dict[int, LayerBefore] = {}
         self.held: dict[str, dict] = {m: {} for m in MODELS}  # model -> linear -> the integers as held
         pre = stages.stages[0]
-        params = self._params(pre)
+        params = params_read(self.gm, pre, self.device)
         stores = []
         with torch.no_grad():
             for ids in self.ids:
@@ -116,15 +116,6 @@ class HeldAsideGuard:
                 stores.append({n: env[n] for n in stages.keep_after[0]})
         self.streams = {"float": stores, **{m: stores for m in MODELS}}
         self.seconds = time.perf_counter() - t0
-
-    def _params(self, nodes) -> dict:
-        env = {}
-        for node in nodes:
-            for a in node.all_input_nodes:
-                name = self.gm.param_of(a)
-                if name is not None and a not in env:
-                    env[a] = self.gm.params[name].to(self.device)
-        return env
 
     def snapshot(self, li: int, linears: list[str], edited: set[str]) -> None:
         """Before the folds of layer ``li``: round-to-nearest's integers and the parameters
@@ -154,7 +145,7 @@ class HeldAsideGuard:
             if label.startswith(CLIP_ONLY) and label not in self.streams:  # so far it was the unclipped model
                 self.streams[label] = self.streams["unclipped"]
                 self.held[label] = dict(self.held["unclipped"])
-        params = self._params(nodes)
+        params = params_read(self.gm, nodes, self.device)
         outputs = [n for n in self.stages.keep_after[li + 1] if self.stages.stage_of.get(n) == li + 1
                    and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()]
 
@@ -219,7 +210,7 @@ class HeldAsideGuard:
         t0 = time.perf_counter()
         post = self.stages.stages[self.stages.n + 1]
         out_node = next(n for n in self.gm.graph.nodes if n.op == "output").args[0][0]
-        params = self._params(post)
+        params = params_read(self.gm, post, self.device)
         per_token, scored = {}, {}
         with torch.no_grad():
             for m in self.streams:
@@ -235,7 +226,7 @@ class HeldAsideGuard:
                     scored[id(stream)] = torch.cat(rows).double()
                 per_token[m] = scored[id(stream)]
         nll = {m: float(v.mean()) for m, v in per_token.items()}
-        written, standard_error = _written(per_token)
+        written, standard_error = written_model(per_token)
         undone = {v.layer for v in self.verdicts if v.chosen.get(written, v.chosen["unclipped"]) == "rtn"}
         for li in undone:
             for p, value in self.before[li].params.items():
@@ -246,7 +237,7 @@ class HeldAsideGuard:
         return report, dict(self.held[written]), undone
 
 
-def _written(per_token: dict) -> tuple[str, dict]:
+def written_model(per_token: dict) -> tuple[str, dict]:
     """The model to write: ``searched``, unless another's NLL is below it by more than twice the
     standard error of the per-token difference (then the lowest such); a difference within the
     noise of a few thousand tokens does not undo the search."""

@@ -52,7 +52,7 @@ import torch
 from .core.analysis import ancestors, feeds_attention_scores, quantizable_linears
 from .core.heap import heap_reused
 from .core.ir import GraphModel, in_module, run_nodes
-from .core.stages import Stages
+from .core.stages import Stages, params_read
 from .core.ranks import ONE, Ranks
 from .core.numerics import (PackedWeight, QuantScheme, QuantizedWeight, awq_candidate_scales, blockwise_error, diagonal_blocks,
                             diagonal_blocks_of_rows, direct_output_error, fake_quantize, gaussian_sketch, group_extrema,
@@ -357,7 +357,7 @@ def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks, held=No
     rest = torch.tensor([i for i in range(n_samples) if i not in set(loss_idx.tolist())], dtype=torch.long)
     chunks = _plan_chunks(calib, loss_idx, rest, max(1, opts.chunk_tokens // seqlen), ranks)
     input_node = gm.input_node()
-    params_env = _layer_params(gm, stages.stages[0], "cpu")
+    params_env = params_read(gm, stages.stages[0], "cpu")
     stores: list[dict] = [{} for _ in chunks.ids]
     with torch.no_grad():
         for c, ids in enumerate(chunks.ids):  # pre stage (embeddings, rotary tables, masks), on the CPU
@@ -455,7 +455,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
                                                opts.loss_points), opts.device, ranks)
     input_node = gm.input_node()
     with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):  # the norm stays resident
-        params_env = _layer_params(gm, nodes, opts.device)
+        params_env = params_read(gm, nodes, opts.device)
         for c, ids in enumerate(chunks.ids):
             if not chunks.counted[c]:
                 continue
@@ -515,17 +515,6 @@ def _on(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _layer_params(gm, nodes, device) -> dict:
-    """The parameters the nodes read, on ``device`` (on the CPU: the tensors themselves)."""
-    env = {}
-    for node in nodes:
-        for a in node.all_input_nodes:
-            name = gm.param_of(a)
-            if name is not None and a not in env:
-                env[a] = gm.params[name].to(device)
-    return env
-
-
 def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens, keep=None,
                   ranks: Ranks = ONE, guard: HeldAsideGuard | None = None):
     """Decoder layer ``li`` in three steps that return records: the scale of each group
@@ -581,7 +570,7 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
                     and isinstance(n.meta.get("val"), torch.Tensor)]
             inspect[g.module2inspect] = (sub, ext, outs)
     saved = {name: [] for name in inspect}  # per loss chunk: the subgraph's inputs and outputs
-    params_env = _layer_params(gm, nodes, device)
+    params_env = params_read(gm, nodes, device)
     input_node = gm.input_node()
     for c, ids in enumerate(chunks.ids):
         env = {**params_env, **stores[c], input_node: ids}

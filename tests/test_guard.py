@@ -108,7 +108,7 @@ def test_a_layer_planted_to_make_awq_worse_keeps_round_to_nearest_and_its_folds_
 
 
 def test_the_searched_model_is_replaced_only_by_one_whose_nll_is_lower_beyond_the_noise():
-    from awq_graph.guard import GuardReport, _written
+    from awq_graph.guard import GuardReport, written_model
 
     gen = torch.Generator().manual_seed(0)
     searched = 3 + torch.rand(2048, generator=gen, dtype=torch.float64)
@@ -116,10 +116,10 @@ def test_the_searched_model_is_replaced_only_by_one_whose_nll_is_lower_beyond_th
     noise -= noise.mean()
     # lower by 0.005: under twice the standard error (2 x 0.2 / sqrt(2048) = 0.0088): the search's model stays
     close = {"float": searched - 0.1, "searched": searched, "unclipped": searched + noise - 0.005, "rtn": searched + noise}
-    assert _written(close)[0] == "searched"
+    assert written_model(close)[0] == "searched"
     # lower by 0.02 (2.3 standard errors of the difference) : round-to-nearest is written, and said
     worse = {**close, "rtn": searched + noise - 0.02}
-    written, standard_error = _written(worse)
+    written, standard_error = written_model(worse)
     assert written == "rtn" and abs(standard_error["rtn"] - 0.2 / 2048 ** 0.5) < 0.001, standard_error
     nll = {m: float(v.mean()) for m, v in worse.items()}
     report = GuardReport(4, 2048, nll, written, standard_error)

@@ -235,22 +235,22 @@ def cmd_eval(args) -> None:
 def _local_errors(gm, stages, held, a, b, prefix, run_nodes):
     """Per decoder layer, with the float model's input to it: the output error of variant a's and
     b's layer against the float layer, over the held-aside tokens, in several weightings."""
-    from awq_graph.search import _layer_params
+    from awq_graph.core.stages import params_read
 
-    params_env = _layer_params(gm, stages.stages[0], "cpu")
+    params_env = params_read(gm, stages.stages[0], "cpu")
     env = {**params_env, gm.input_node(): held}
     run_nodes(stages.stages[0], env)
     store = {n: env[n] for n in stages.keep_after[0]}
     # the float model to the end once: the final residual, and the logits an error injected there gives
     fstore = dict(store)
     for li in range(stages.n):
-        fenv = {**_layer_params(gm, stages.stages[li + 1], "cpu"), **fstore, gm.input_node(): held}
+        fenv = {**params_read(gm, stages.stages[li + 1], "cpu"), **fstore, gm.input_node(): held}
         run_nodes(stages.stages[li + 1], fenv)
         fstore = {n: fenv[n] for n in stages.keep_after[li + 1]}
     final_node = next(n for n in stages.keep_after[stages.n] if stages.stage_of.get(n) == stages.n
                       and fenv[n].shape[-1] == fenv[n].shape[-1] and fenv[n].dim() == 3 and fenv[n].dtype.is_floating_point)
     post = stages.stages[stages.n + 1]
-    post_params = _layer_params(gm, post, "cpu")
+    post_params = params_read(gm, post, "cpu")
     out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
 
     def logp_with(error):
@@ -266,7 +266,7 @@ def _local_errors(gm, stages, held, a, b, prefix, run_nodes):
         nodes = stages.stages[li + 1]
         results = {}
         for tag, var in (("float", None), ("a", a), ("b", b)):
-            penv = dict(_layer_params(gm, nodes, "cpu"))
+            penv = dict(params_read(gm, nodes, "cpu"))
             if var is not None:
                 for name, make in var.made({li}, prefix).items():
                     penv[gm.param_node(name)] = make()
@@ -310,9 +310,9 @@ def _trace(gm, stages, held, variants, prefix, run_nodes):
     the residual stream's error against the float one after each layer (errors compounding through
     the quantized layers), per token relative to the float residual's RMS (what the next RMS
     normalization sees), the first token of each window apart."""
-    from awq_graph.search import _layer_params
+    from awq_graph.core.stages import params_read
 
-    env0 = {**_layer_params(gm, stages.stages[0], "cpu"), gm.input_node(): held}
+    env0 = {**params_read(gm, stages.stages[0], "cpu"), gm.input_node(): held}
     run_nodes(stages.stages[0], env0)
     stores = {tag: {n: env0[n] for n in stages.keep_after[0]} for tag in ["float", *variants]}
     out = {v: [] for v in variants}
@@ -320,7 +320,7 @@ def _trace(gm, stages, held, variants, prefix, run_nodes):
         nodes = stages.stages[li + 1]
         residual = {}
         for tag in stores:
-            penv = dict(_layer_params(gm, nodes, "cpu"))
+            penv = dict(params_read(gm, nodes, "cpu"))
             if tag != "float":
                 for name, make in variants[tag].made({li}, prefix).items():
                     penv[gm.param_node(name)] = make()

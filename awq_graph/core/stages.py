@@ -81,6 +81,18 @@ class Stages:
         return other[index]
 
 
+def params_read(gm: GraphModel, nodes, device=None) -> dict:
+    """The parameters ``nodes`` read, placeholder -> tensor, on ``device`` (None or the CPU: the
+    tensors themselves)."""
+    env = {}
+    for node in nodes:
+        for a in node.all_input_nodes:
+            name = gm.param_of(a)
+            if name is not None and a not in env:
+                env[a] = gm.params[name] if device is None else gm.params[name].to(device)
+    return env
+
+
 def run_layers(gm: GraphModel, input_ids: torch.Tensor, layers: list[int], made: dict[str, object] | None = None,
                fixed: dict[fx.Node, torch.Tensor] | None = None, stages: Stages | None = None) -> torch.Tensor:
     """Logits of the program run through decoder ``layers`` only, in that order (each layer's
