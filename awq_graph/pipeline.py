@@ -292,7 +292,8 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
                       awq_search(gm, per_layer, calib_ids, opts.search_options(), progress=progress, keep=spill.put,
                                  head=head, ranks=ranks, held=held_ids))
             if result.guard is not None and result.guard.alarming:  # never silently: said now, and in report.json
-                warn(result.guard.summary())
+                warnings.append(result.guard.summary())
+                warn(warnings[-1])
             quantized, table = dict(result.quantized), None
             if opts.quantize_lm_head:
                 name = head[0].layers[0] if head else None
