@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .checkpoint import check_loading_info, check_stored, integer_floats
 from .core.errors import InputError
 from .weights import check_finite_tensor
 
@@ -36,15 +37,42 @@ def load_float_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """The whole model, in float32 (or ``dtype``) eval mode (transformers' loading)."""
     from transformers import AutoModelForCausalLM
 
+    model, _ = load_checked_model(path, dtype)
+    return model
+
+
+def load_checked_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(the whole model in ``dtype`` eval mode, notes on the checkpoint's tensors left unread):
+    transformers' loading, whose own report (missing, mismatched and unexpected tensors) is read
+    by ``checkpoint.check_loading_info`` rather than silenced; a float parameter stored as integers
+    is refused before loading (transformers would cast them)."""
+    from transformers import AutoModelForCausalLM
+
     path = Path(path)
     folder, kwargs = checkpoint_location(path)
+    stored = None  # safetensors headers, each checked before transformers allocates anything
+    if path.is_dir() and ((path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()):
+        from .weights import SafetensorsWeights
+
+        stored = SafetensorsWeights(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True,
+                                                               **kwargs)
     except Exception as exc:
         raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
-    return model.eval()
+    where = f"the checkpoint {path}"
+    notes = check_loading_info(info, model, where)
+    if stored is not None and not getattr(model.config, "quantization_config", None):
+        stored_as_integers = integer_floats(stored, model)
+        if stored_as_integers:
+            name = stored_as_integers[0]
+            raise InputError(f"tensor '{name}' in {where} is stored as integers, and the model's parameter is "
+                             "floating point: a quantized checkpoint needs the quantization_config that says how to "
+                             "read it (none in config.json)")
+    return model.eval(), notes
 
 
 FITS = 0.8  # of the memory available: what a whole model may take, the rest for activations and the runtime
@@ -147,6 +175,7 @@ class Skeleton:
     model: torch.nn.Module
     weights: object  # SafetensorsWeights or GGUFWeights: names(), get(name)
     aliases: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # the checkpoint's tensors left unread (``check_stored``)
 
 
 def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
@@ -189,15 +218,20 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
     stored = set(weights.names())
     canonical: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    params = list(model.named_parameters(remove_duplicate=False))
+    for name, param in params:
         if name in stored:
             canonical.setdefault(id(param), name)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name not in stored:
-            if id(param) not in canonical:
-                return None, f"the checkpoint has no tensor '{name}' under that name"
+    for name, param in params:
+        if name not in stored and id(param) in canonical:
             aliases[name] = canonical[id(param)]
-    return Skeleton(model, weights, aliases), None
+    missing = [name for name, _ in params if name not in stored and name not in aliases]
+    if len(missing) > len(params) // 2:  # other names altogether: transformers' loading knows more renamings
+        return None, f"the checkpoint's tensors are not under the model's parameter names ('{missing[0]}', ...)"
+    shapes = {name: (getattr(weights, "shape", lambda n: None)(name), getattr(weights, "dtype", lambda n: None)(name))
+              for name in stored}
+    notes = check_stored(shapes, model, aliases, f"the checkpoint {path}")
+    return Skeleton(model, weights, aliases, notes), None
 
 
 def _natural(key: str) -> tuple:

@@ -28,7 +28,7 @@ from .emit.compressed import checkpoint_dtype, export_refusal, write_compressed_
 from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
-from .load import (check_finite, load_float_model, load_model, load_tokenizer, open_skeleton, sampler_dtype,
+from .load import (check_finite, load_checked_model, load_float_model, load_tokenizer, open_skeleton, sampler_dtype,
                    tokenizer_files)
 from .match import head_group, match
 from .outdir import atomic_out_dir, check_free_space, check_out_dir, remove_stale
@@ -208,11 +208,15 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     loaded_here = isinstance(model, (str, os.PathLike))
     source = Path(model) if loaded_here else None
     skeleton, whole_because = None, None if loaded_here else "a model object was given"
+    checkpoint_notes: list[str] = []  # its tensors that no parameter reads
     if loaded_here:
         skeleton, whole_because = open_skeleton(source) if opts.stream else (None, "--no-stream")
         if skeleton:
             give_back_freed_memory()
-        model, tokenizer = (skeleton.model, load_tokenizer(source)) if skeleton else load_model(source)
+            model, checkpoint_notes = skeleton.model, skeleton.notes
+        else:
+            model, checkpoint_notes = load_checked_model(source)
+        tokenizer = load_tokenizer(source)
     model.eval()
     check_finite(model)  # a streamed checkpoint's tensors are checked as they are read
     context = getattr(model.config, "max_position_embeddings", None)
@@ -227,14 +231,14 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
             raise StreamingUnsupported(f"the logits-only graph ({plan.reason}) is exported from the model in memory")
     except StreamingUnsupported as exc:
         skeleton, whole_because = None, str(exc)
-        model = load_float_model(source)  # the tokenizer is loaded already
+        model, checkpoint_notes = load_checked_model(source)  # the tokenizer is loaded already
         gm = export_model(model, private=False, seqlen=opts.seqlen)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)
     if hf_dir is not None:
         refusal = export_refusal(gm, opts.scheme, _head_search(gm, opts) is not None)
         if refusal:
             raise InputError(refusal)
-    graph_warnings = _group_fit(gm, opts.scheme.group_size)
+    graph_warnings = checkpoint_notes + _group_fit(gm, opts.scheme.group_size)
     if gm.fixed_seq:
         graph_warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; "
                               "its dynamic export failed): the analysis and the search run at that length; a KV-cache "

@@ -37,9 +37,14 @@ class SafetensorsWeights:
         index = folder / "model.safetensors.index.json"
         if index.exists():
             try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise InputError(f"{index} is not a safetensors index (no weight_map object)") from exc
+            if not files:
+                raise InputError(f"{index} has an empty weight_map: it names no shard")
+            if not all(isinstance(f, str) for f in files):
+                raise InputError(f"{index}: its weight_map has a shard that is not a file name")
         else:
             files = ["model.safetensors"]
         self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
@@ -51,6 +56,9 @@ class SafetensorsWeights:
             self._read_header(path)
 
     def _read_header(self, path: Path) -> None:
+        """Every tensor's entry checked before anything is allocated: a known dtype, a shape of
+        non-negative integers, a byte range inside the file whose length is the shape's bytes."""
+        file_size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
@@ -60,14 +68,32 @@ class SafetensorsWeights:
                 header = json.loads(f.read(size))
             except ValueError as exc:
                 raise InputError(f"{path} is not a safetensors file (its header is not JSON)") from exc
+        if not isinstance(header, dict):
+            raise InputError(f"{path} is not a safetensors file (its header is not a JSON object)")
         base = 8 + size
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info.get("dtype") not in _DTYPES:
-                raise InputError(f"tensor '{name}' in {path} has dtype {info.get('dtype')}, which awq-graph does not read")
-            start, end = info["data_offsets"]
-            self._where[name] = (path, _DTYPES[info["dtype"]], tuple(info["shape"]), base + start, end - start)
+            where = f"tensor '{name}' in {path}"
+            if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+                dtype = info.get("dtype") if isinstance(info, dict) else None
+                raise InputError(f"{where} has dtype {dtype}, which awq-graph does not read")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise InputError(f"{where}: its header's shape {shape!r} is not a list of sizes: the header is damaged")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise InputError(f"{where}: its header's data_offsets {offsets!r} are not a byte range: "
+                                 "the header is damaged")
+            start, end = offsets
+            dtype = _DTYPES[info["dtype"]]
+            needs = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - start != needs:
+                raise InputError(f"{where}: its header says shape {tuple(shape)} of {info['dtype']}, {needs} bytes, "
+                                 f"and gives it {end - start} bytes: the header is damaged")
+            if base + end > file_size:
+                raise InputError(f"{path} is truncated: {where} ends at byte {base + end}, the file has {file_size}")
+            self._where[name] = (path, dtype, tuple(shape), base + start, end - start)
 
     def names(self) -> list[str]:
         return list(self._where)
