@@ -1,8 +1,12 @@
-"""The output folder, written atomically: everything goes into a hidden sibling folder, which
-replaces OUT only once every file is complete; on any failure it is removed and OUT is as it was."""
+"""The output folder, claimed and written atomically: a compile claims OUT (a ``.OUT.lock`` beside
+it, made exclusively, so a second compile into it is refused at once); everything goes into a
+hidden sibling folder, which replaces OUT only once every file is complete, and never an OUT that
+appeared during the run unless --overwrite was given; on any failure it is removed and OUT is as it
+was."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -10,6 +14,57 @@ from pathlib import Path
 
 from .core.errors import InputError
 from .interrupt import checkpoint
+
+
+def output_path(out_dir: str | os.PathLike, flag: str = "-o") -> Path:
+    """OUT as compile writes it: a symbolic link is followed to the folder it names (whose parent
+    holds the hidden siblings, so the final rename stays on its filesystem and the link keeps
+    naming the new OUT); the current folder, or one holding it, is refused (replacing it would
+    pull the folder out from under the shell that ran the compile)."""
+    given = Path(out_dir)
+    target = given.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise InputError(f"{flag} {given} is the current folder{'' if target == here else ' or holds it'}: name a "
+                         "folder of its own (OUT is replaced as a whole)")
+    return target if given.is_symlink() else Path(os.path.abspath(given))
+
+
+def _lock(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir: Path, flag: str = "-o"):
+    """OUT is this run's until the block ends: a second compile into it (another process) is
+    refused at once, not found out at the final rename. A lock a killed run left (its process
+    gone) is taken over."""
+    lock = _lock(out_dir)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                raise InputError(f"{flag} {out_dir}: another awq-graph compile (pid {holder}) is writing it; wait for "
+                                 f"it to end or choose another folder") from None
+            lock.unlink(missing_ok=True)  # its run is gone
+        except OSError as exc:
+            raise InputError(f"cannot claim {out_dir} ({lock}: {exc.strerror})") from None
+    else:
+        raise InputError(f"{flag} {out_dir}: another awq-graph compile is claiming it at the same moment")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield out_dir
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == str(os.getpid()):
+                lock.unlink()
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = (), flag: str = "-o", outputs: tuple = ()) -> None:
@@ -75,6 +130,12 @@ def remove_stale(out_dir: Path) -> list[Path]:
     Returns what was removed or put back."""
     parent = out_dir.resolve().parent
     handled = []
+    lock = _lock(out_dir.resolve())
+    with contextlib.suppress(OSError, ValueError):
+        holder = int(lock.read_text().strip() or 0)
+        if holder != os.getpid() and not _alive(holder):
+            lock.unlink()
+            handled.append(lock)
     for kind in ("tmp", "old"):
         for stale in parent.glob(f".{out_dir.name}.{kind}-*"):
             pid = stale.name[len(f".{out_dir.name}.{kind}-"):].split("-", 1)[0]
@@ -89,16 +150,29 @@ def remove_stale(out_dir: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_out_dir(out_dir: Path):
+def atomic_out_dir(out_dir: Path, overwrite: bool = True, flag: str = "-o"):
     """Yields the folder to write into; on a normal exit it becomes ``out_dir`` (replacing an old
-    one), with the permissions a plain mkdir/open would have given."""
+    one only with ``overwrite``: without it, OUT was absent or empty when the run was checked, and
+    an OUT with files now appeared during the run), with the
+    permissions a plain mkdir/open would have given. A file that cannot be written (a full disk,
+    a quota, a file-size limit) is one line naming OUT and the file."""
     parent = out_dir.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
     old = parent / f".{out_dir.name}.old-{os.getpid()}"
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            # numpy's tofile reports a short write without an errno ("20480 requested and 8192 written")
+            why = (exc.strerror or errno.errorcode.get(exc.errno, "")) if exc.errno else \
+                f"{exc} (a short write: the disk is full, or a file-size limit was reached)"
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise InputError(f"writing {out_dir} failed: {why}{where}; {out_dir} is as it was") from exc
         checkpoint()  # a signal swallowed while the files were written: OUT stays as it was
         _default_permissions(tmp)
+        if not overwrite and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise InputError(f"{flag} {out_dir} appeared while compiling (another program made it): it was not "
+                             "replaced (pass --overwrite to replace it), and nothing was written")
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)

@@ -12,7 +12,7 @@ import os
 import resource
 import time
 import warnings as pywarnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from .interrupt import checkpoint
 from .load import (check_finite, load_checked_model, load_float_model, load_tokenizer, open_skeleton, sampler_dtype,
                    tokenizer_files)
 from .match import head_group, match
-from .outdir import atomic_out_dir, check_free_space, check_out_dir, remove_stale
+from .outdir import atomic_out_dir, check_free_space, check_out_dir, claim_out_dir, output_path, remove_stale
 from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
 from .search import SCREENS, SearchOptions, SearchResult, awq_search, rtn
 from .core.spill import IntegerSpill
@@ -169,7 +169,8 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     opts = options if options is not None else _options(option_fields)
     ranks = ranks or ONE
     try:
-        return _compile(model, calib, out_dir, opts, tokenizer, progress, warn, ranks)
+        with ExitStack() as claims:  # OUT (and --export-hf's DIR) are this run's until it ends
+            return _compile(model, calib, out_dir, opts, tokenizer, progress, warn, ranks, claims)
     except RankFailed:
         raise
     except BaseException as exc:  # the others are told, and stop at their next collective
@@ -185,17 +186,21 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, AwqGraphError) else f"{type(exc).__name__}: {text}"
 
 
-def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, warn, ranks: Ranks) -> CompileResult:
-    out_dir = Path(out_dir)
+def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, warn, ranks: Ranks,
+             claims: ExitStack) -> CompileResult:
     calib_file = calib if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" else None
-    hf_dir = Path(opts.export_hf) if opts.export_hf is not None else None
+    out_dir = output_path(out_dir) if ranks.leader else Path(out_dir)
+    hf_dir = None if opts.export_hf is None else (
+        output_path(opts.export_hf, "--export-hf") if ranks.leader else Path(opts.export_hf))
     if ranks.leader:  # rank 0 alone writes OUT
         inputs = tuple(x for x in (model, calib_file) if isinstance(x, (str, os.PathLike)))
         remove_stale(out_dir)  # first: an OUT a killed run had set aside is back before OUT is checked
         check_out_dir(out_dir, opts.overwrite, inputs)
+        claims.enter_context(claim_out_dir(out_dir))
         if hf_dir is not None:
             remove_stale(hf_dir)
             check_out_dir(hf_dir, opts.overwrite, inputs, flag="--export-hf", outputs=(out_dir,))
+            claims.enter_context(claim_out_dir(hf_dir, "--export-hf"))
     if calib_file is not None and not opts.rtn_only:
         calibration.check_text_file(calib_file, hint=" (give a .txt or .jsonl file, or 'self')")
     if opts.rtn_only and not ranks.leader:  # no calibration to share: rank 0 compiles alone
@@ -288,7 +293,8 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         ranks.wait()  # rank 0's OUT (or its error)
         return CompileResult(out_dir, [], {"rank": ranks.rank, "timings_s": lap.timings})
     # DIR of --export-hf is written as OUT is, and put in place with it (just before it)
-    with atomic_out_dir(out_dir) as tmp, (atomic_out_dir(hf_dir) if hf_dir is not None else nullcontext()) as hf_tmp:
+    with atomic_out_dir(out_dir, opts.overwrite) as tmp, (
+            atomic_out_dir(hf_dir, opts.overwrite, "--export-hf") if hf_dir is not None else nullcontext()) as hf_tmp:
         spill = IntegerSpill(tmp / ".integers.spill")  # each layer's integers leave memory as it finishes
         try:
             head = _head_search(gm, opts)

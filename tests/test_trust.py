@@ -149,3 +149,110 @@ def test_a_tensor_the_model_has_no_place_for_is_compiled_around_with_a_warning_n
     assert "awq-graph: warning: 1 tensor(s) in the checkpoint" in err and "'model.extra.scale'" in err, err
     report = json.loads((out / "report.json").read_text())
     assert any("'model.extra.scale'" in w for w in report["warnings"])
+
+
+# -- the output folder: claimed, never replaced behind the user's back, nothing stale beside it
+
+def _start_compile(checkpoint: Path, out: Path, *extra: str):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(checkpoint), "-o", str(out), "--n-samples", "64",
+           "--seqlen", "64", "--group-size", "16", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _when(condition, proc, seconds=180):
+    import time
+
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert condition(), "the first compile never got there"
+
+
+def _beside(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_a_second_compile_into_an_out_another_is_writing_is_refused_at_once(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = _start_compile(tiny_checkpoint, out)
+    _when(lambda: (tmp_path / ".out.lock").exists(), first)
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), *FAST, "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"another awq-graph compile (pid {first.pid}) is writing it" in err and "Traceback" not in err, err
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert (out / "model.onnx").exists() and _beside(out) == []
+
+
+def test_an_out_that_appears_during_the_run_is_not_replaced_without_overwrite(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    first = _start_compile(tiny_checkpoint, out)
+    _when(lambda: (tmp_path / ".out.lock").exists(), first)
+    out.mkdir()
+    (out / "theirs.txt").write_text("made by another program meanwhile")
+    assert first.wait(timeout=600) == 1
+    err = first.stderr.read()
+    assert "appeared while compiling" in err and err.count("awq-graph: error:") == 1 and "Traceback" not in err, err
+    assert _tree(out) == {"theirs.txt": b"made by another program meanwhile"} and _beside(out) == []
+
+
+def test_a_symlinked_out_is_written_where_it_points_and_stays_a_link(tiny_checkpoint, tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "old.txt").write_text("the previous output")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    assert main(["compile", str(tiny_checkpoint), "-o", str(link), *FAST, "--overwrite"]) == 0
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "model.onnx").exists() and not (target / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]  # no .out.old-* nor .real.old-* beside
+
+
+def test_the_current_folder_as_out_is_refused_before_loading(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", str(work), ".."):
+        assert main(["compile", str(tiny_checkpoint), "-o", out, *FAST, "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert "is the current folder" in err and err.count("awq-graph: error:") == 1 and "load" not in err, err
+    assert _tree(work) == {"notes.txt": b"mine"} and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_a_write_that_fails_partway_is_one_line_and_leaves_out_as_it_was(tiny_checkpoint, tmp_path):
+    """A file-size limit makes the writes past 64 KiB fail (EFBIG), as a disk filling up past the
+    free-space estimate would (ENOSPC): the same OSError, where the files are written."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier compile's output")
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    proc = subprocess.run([sys.executable, "-m", "awq_graph.cli", "compile", str(tiny_checkpoint), "-o", str(out),
+                           *FAST, "--overwrite"], capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("awq-graph:")]
+    assert len(lines) == 1 and lines[0].startswith(f"awq-graph: error: writing {out} failed: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _tree(out) == {"earlier.txt": b"an earlier compile's output"} and _beside(out) == []
+
+
+def test_a_stale_claim_of_a_killed_run_is_taken_over(tiny_checkpoint, tmp_path):
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    out = tmp_path / "out"
+    (tmp_path / ".out.lock").write_text(f"{gone.pid}\n")
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), *FAST]) == 0
+    assert (out / "model.onnx").exists() and _beside(out) == []
