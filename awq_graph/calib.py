@@ -69,10 +69,25 @@ def from_tensors(data, n_samples: int, seqlen: int) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         data = [data]
     parts = []
-    for item in data:
+    try:
+        items = iter(data)
+    except TypeError:
+        raise InputError(f"calibration: give token ids (a tensor, a list of tensors, a dataloader), a text file or "
+                         f"'self', not a {type(data).__name__}") from None
+    for item in items:
         if isinstance(item, dict):
+            if "input_ids" not in item:
+                raise InputError(f"a calibration batch is a dict without 'input_ids' (its keys: {sorted(item)})")
             item = item["input_ids"]
-        parts.append(torch.as_tensor(item).reshape(-1))
+        try:
+            ids = torch.as_tensor(item).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"calibration: a batch is not token ids ({type(item).__name__}: {exc})") from None
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            # torch.rand(4, 32) would become all-zero ids: a calibration of one repeated token
+            raise InputError(f"calibration tensors must hold integer token ids, and one holds {str(ids.dtype)[6:]} "
+                             "values: tokenize the text (or give the file, or 'self')")
+        parts.append(ids)
     if not parts:
         raise InputError("the calibration data is empty")
     return windows(torch.cat(parts), n_samples, seqlen, "the given tensors")

@@ -168,14 +168,47 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     """
     opts = options if options is not None else _options(option_fields)
     ranks = ranks or ONE
+    given, was_training = model, getattr(model, "training", None)
     try:
+        usable = _usable_model(model)
         with ExitStack() as claims:  # OUT (and --export-hf's DIR) are this run's until it ends
-            return _compile(model, calib, out_dir, opts, tokenizer, progress, warn, ranks, claims)
+            return _compile(usable, calib, out_dir, opts, tokenizer, progress, warn, ranks, claims,
+                            owned=usable is not model)
     except RankFailed:
         raise
     except BaseException as exc:  # the others are told, and stop at their next collective
         ranks.fail(one_line(exc))
         raise
+    finally:
+        if was_training is not None:  # the caller's model is not modified, its mode neither
+            given.train(was_training)
+
+
+def _usable_model(model):
+    """A checkpoint path as it is; a caller's model checked (a module with values on the CPU) and,
+    when stored in bfloat16 or float16 (what ``from_pretrained`` usually returns), copied to
+    float32: the copy is what compile would have cloned anyway, and the graph is traced in the
+    dtype the search runs in."""
+    import copy
+
+    import torch
+
+    if isinstance(model, (str, os.PathLike)):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model: give a checkpoint folder or .gguf path, or a transformers causal LM, not a "
+                         f"{type(model).__name__}")
+    devices = {p.device.type for p in model.parameters()}
+    if "meta" in devices:
+        raise InputError("model: its parameters are on the meta device (shapes without values): load it with its "
+                         "weights, or give its checkpoint path (a path is read one tensor at a time)")
+    if devices - {"cpu"}:
+        raise InputError(f"model: its parameters are on {', '.join(sorted(devices - {'cpu'}))}: give it on the CPU "
+                         "(--device / device= says where the search runs)")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:
+        return copy.deepcopy(model).to(torch.float32)  # its config keeps the dtype (what --export-hf writes)
+    return model
 
 
 def one_line(exc: BaseException) -> str:
@@ -187,7 +220,8 @@ def one_line(exc: BaseException) -> str:
 
 
 def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, warn, ranks: Ranks,
-             claims: ExitStack) -> CompileResult:
+             claims: ExitStack, owned: bool = False) -> CompileResult:
+    """``owned``: ``model`` is compile's own copy of the caller's (the folds may edit it in place)."""
     calib_file = calib if isinstance(calib, (str, os.PathLike)) and str(calib) != "self" else None
     out_dir = output_path(out_dir) if ranks.leader else Path(out_dir)
     hf_dir = None if opts.export_hf is None else (
@@ -230,7 +264,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     lap("load")
     # The folds edit the weights in place: a model we loaded ourselves shares them, a caller's gets copies.
     try:
-        gm = export_model(model, private=not loaded_here, skeleton=skeleton, seqlen=opts.seqlen)
+        gm = export_model(model, private=not (loaded_here or owned), skeleton=skeleton, seqlen=opts.seqlen)
         plan = plan_graph(gm, model, opts.kv_cache, opts.scheme.group_size)  # a graph nobody can write fails here
         if skeleton and not plan.kv_decoder:
             raise StreamingUnsupported(f"the logits-only graph ({plan.reason}) is exported from the model in memory")

@@ -256,3 +256,61 @@ def test_a_stale_claim_of_a_killed_run_is_taken_over(tiny_checkpoint, tmp_path):
     (tmp_path / ".out.lock").write_text(f"{gone.pid}\n")
     assert main(["compile", str(tiny_checkpoint), "-o", str(out), *FAST]) == 0
     assert (out / "model.onnx").exists() and _beside(out) == []
+
+
+# -- the Python API: a wrong argument is one InputError naming it, a bfloat16 model is accepted
+
+def _api_compile(model, calib, out, **options):
+    from awq_graph import compile
+
+    return compile(model, calib, out, scheme="uint4_wo_16", n_samples=2, seqlen=16, held_samples=0, **options)
+
+
+@pytest.mark.parametrize("case, model, calib, culprit", [
+    ("float calibration tensor", "tiny", lambda: torch.rand(4, 32), "must hold integer token ids"),
+    ("an int for the model", 5, lambda: None, "not a int"),
+    ("a meta-device model", "meta", lambda: None, "meta device"),
+    ("a calibration that is a number", "tiny", lambda: 3.5, "not a float"),
+])
+def test_the_api_refuses_what_is_not_a_model_or_token_ids_with_one_error(tmp_path, case, model, calib, culprit):
+    from awq_graph.core.errors import InputError
+    from conftest import tiny_model
+
+    given = {"tiny": tiny_model, "meta": lambda: tiny_model().to("meta")}.get(model, lambda: model)()
+    with pytest.raises(InputError, match=culprit):
+        _api_compile(given, calib(), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_api_compiles_a_bfloat16_model_as_its_float32_copy_and_leaves_it_as_it_was(tmp_path):
+    """A bfloat16 model (what from_pretrained usually returns) compiles to the same integers as its
+    float32 copy given directly; the caller's model keeps its dtype, values and training mode."""
+    import numpy as np
+    import onnx
+
+    from conftest import tiny_model
+
+    bf16 = tiny_model().to(torch.bfloat16).train()
+    before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    _api_compile(bf16, ids, tmp_path / "bf16")
+    _api_compile(tiny_model().to(torch.bfloat16).to(torch.float32), ids, tmp_path / "f32")
+    assert bf16.training and all(v.dtype == torch.bfloat16 for v in bf16.state_dict().values() if v.is_floating_point())
+    assert all(torch.equal(before[k], v) for k, v in bf16.state_dict().items())
+
+    def integers(folder):
+        graph = onnx.load(folder / "model.onnx").graph
+        return {t.name: onnx.numpy_helper.to_array(t, base_dir=str(folder)) for t in graph.initializer
+                if t.data_type == onnx.TensorProto.UINT8}
+
+    a, b = integers(tmp_path / "bf16"), integers(tmp_path / "f32")
+    assert a.keys() == b.keys() and len(a) >= 14
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_compile_leaves_the_callers_model_in_its_training_mode(tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model().train()
+    _api_compile(model, None, tmp_path / "out", rtn_only=True)
+    assert model.training

@@ -90,6 +90,9 @@ def checkpoint_dtype(model, source: Path | None) -> torch.dtype:
     dtype (its safetensors headers; a GGUF is dequantized: float32), or a model object's own."""
     if source is not None:
         return eval_dtype(source, "stored")[0]
+    configured = getattr(model.config, "dtype", None)  # a bfloat16 model compile copied to float32 says bfloat16
+    if isinstance(configured, torch.dtype) and configured.is_floating_point:
+        return configured
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
