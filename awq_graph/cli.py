@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="quantize MODEL with AWQ and write an int4 ONNX model")
     c.add_argument("model", help="checkpoint folder or .gguf file")
     c.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
-    c.add_argument("--calib", default="self", help="text or jsonl file, or 'self' (default): text sampled from the model")
+    c.add_argument("--calib", default=None, help="text or jsonl file, or 'self' (default): text sampled from the model")
     c.add_argument("--n-samples", type=_at_least(1), default=128, help="calibration sequences (default 128)")
     c.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--held-samples", type=_at_least(0), default=None,
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
     c.add_argument("--rtn", action="store_true", help="round-to-nearest baseline: no search, no calibration")
     c.add_argument("--config", help="a Quark-format AWQ config to use instead of the derived one")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_at_least(0), default=0)
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (4: int8 activations on CPU)")
     c.add_argument("--loss-tokens", type=_at_least(1), default=None, help="tokens of the loss subsample (whole sequences)")
@@ -106,9 +106,10 @@ def _parser() -> argparse.ArgumentParser:
                         "least perplexity)")
     c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"],
                    help="activation type of the ONNX model (float16 for the CUDA provider)")
-    c.add_argument("--no-kv-cache", action="store_true",
+    decoder = c.add_mutually_exclusive_group()
+    decoder.add_argument("--no-kv-cache", action="store_true",
                    help="emit the logits-only graph (torch.onnx) even where the fused KV-cache decoder fits")
-    c.add_argument("--generic-decoder", action="store_true",
+    decoder.add_argument("--generic-decoder", action="store_true",
                    help="emit the generic KV-cache decoder (torch.onnx of the model with its cache) even where "
                         "the fused one fits, e.g. to compare them")
     c.add_argument("--no-stream", action="store_true",
@@ -135,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
     mode.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="sample at this temperature (> 0)")
     g.add_argument("--top-k", type=_at_least(0), default=0, help="sample among the k likeliest tokens (0: all)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_at_least(0), default=0)
     g.add_argument("--threads", type=_at_least(1), default=None)
     g.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--spin", action="store_true",
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag, None) is not None and not args.quantize_lm_head:
             parser.error(f"argument --{flag.replace('_', '-')}: applies only with --quantize-lm-head "
                          f"(the head stays float without it)")
+    if args.command == "compile":
+        if args.rtn and args.calib is not None:
+            parser.error("argument --calib: applies only without --rtn (round-to-nearest reads no calibration)")
+        args.calib = args.calib or "self"
     _quiet()
     try:
         with signals_held():  # torch, transformers and onnxruntime import whole before a signal ends the run
@@ -280,8 +285,16 @@ def _torchrun_ranks():
     """The ranks of a ``torchrun`` launch (its environment: WORLD_SIZE > 1, RANK, MASTER_ADDR,
     MASTER_PORT): a process group over them (gloo, or nccl when the search runs on CUDA, each rank
     on GPU LOCAL_RANK) and the rendezvous store. None for one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise AwqGraphError(f"WORLD_SIZE={world} is not a number of processes: launch with torchrun, or unset it")
+    if int(world) == 1:
         return None
+    unset = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if unset:
+        raise AwqGraphError(f"WORLD_SIZE={world} asks for a distributed compile, and {', '.join(unset)} "
+                            f"{'is' if len(unset) == 1 else 'are'} not set: launch it with torchrun "
+                            f"(torchrun --nproc-per-node {world} -m awq_graph.cli compile ...), or unset WORLD_SIZE")
     from datetime import timedelta
 
     import torch
@@ -440,6 +453,9 @@ def _generate(args) -> int:
     model = CompiledModel(folder, threads=args.threads, provider=args.provider, spinning=args.spin)
     prompt = args.prompt
     if args.chat:
+        if not getattr(model.tokenizer, "chat_template", None):
+            raise InputError(f"--chat: the tokenizer in {folder} has no chat template (tokenizer_config.json's "
+                             "chat_template): give the prompt as plain text, without --chat")
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                      add_generation_prompt=True)
     prompt_ids = model.encode(prompt)

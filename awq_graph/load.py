@@ -194,8 +194,7 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
-            if getattr(config, "quantization_config", None):
-                return None, "the checkpoint is quantized already (its config has a quantization_config)"
+            refuse_quantized(path, config)
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
@@ -232,6 +231,28 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
               for name in stored}
     notes = check_stored(shapes, model, aliases, f"the checkpoint {path}")
     return Skeleton(model, weights, aliases, notes), None
+
+
+def refuse_quantized(path: Path, config=None) -> None:
+    """compile quantizes a float checkpoint: one whose config has a quantization_config (a
+    compressed-tensors folder, our own --export-hf output, GPTQ, AWQ, bitsandbytes) is refused by
+    name rather than failing later in torch.export."""
+    if config is None:
+        from transformers import AutoConfig
+
+        folder, kwargs = checkpoint_location(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+        except Exception as exc:
+            raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", None)
+        raise InputError(f"{path} is quantized already (config.json's quantization_config, quant_method "
+                         f"{getattr(method, 'value', method)}): compile the float checkpoint it was made from")
 
 
 def _natural(key: str) -> tuple:

@@ -28,8 +28,8 @@ from .emit.compressed import checkpoint_dtype, export_refusal, write_compressed_
 from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
 from .interrupt import checkpoint
-from .load import (check_finite, load_checked_model, load_float_model, load_tokenizer, open_skeleton, sampler_dtype,
-                   tokenizer_files)
+from .load import (check_finite, load_checked_model, load_float_model, load_tokenizer, open_skeleton, refuse_quantized,
+                   sampler_dtype, tokenizer_files)
 from .match import head_group, match
 from .outdir import atomic_out_dir, check_free_space, check_out_dir, claim_out_dir, output_path, remove_stale
 from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
@@ -40,6 +40,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # the held-aside check's tokens by default (``CompileOptions.held``): a few thousand tokens put the
 # standard error of a per-token NLL difference near 0.003 (Qwen2.5-1.5B), under the differences it decides
 HELD_TOKENS = 2048
+MAX_GRID_POINTS = 200  # the scale grid's ratios: beyond AWQ's 20 the losses barely move while the grid time grows
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,9 @@ class CompileOptions:
             raise InputError(f"--seqlen {self.seqlen}: a calibration sample needs at least 2 tokens")
         if self.loss_tokens is not None and self.loss_tokens < 1:
             raise InputError(f"--loss-tokens {self.loss_tokens}: give at least 1")
-        if self.grid_points < 1:
-            raise InputError(f"--grid {self.grid_points}: give at least 1 ratio")
+        if not 1 <= self.grid_points <= MAX_GRID_POINTS:
+            raise InputError(f"--grid {self.grid_points}: give 1 to {MAX_GRID_POINTS} ratios (the search's grid time "
+                             f"grows with them: AWQ's 20 is the default, {MAX_GRID_POINTS} takes about 10 times as long)")
         if self.held_samples is not None and self.held_samples < 0:
             raise InputError(f"--held-samples {self.held_samples}: give 0 (no held-aside check) or more")
         if self.grid_screen not in SCREENS:
@@ -249,6 +251,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     skeleton, whole_because = None, None if loaded_here else "a model object was given"
     checkpoint_notes: list[str] = []  # its tensors that no parameter reads
     if loaded_here:
+        refuse_quantized(source)
         skeleton, whole_because = open_skeleton(source) if opts.stream else (None, "--no-stream")
         if skeleton:
             give_back_freed_memory()
@@ -278,6 +281,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         if refusal:
             raise InputError(refusal)
     graph_warnings = checkpoint_notes + _group_fit(gm, opts.scheme.group_size)
+    _check_head_group(gm, opts)
     if gm.fixed_seq:
         graph_warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; "
                               "its dynamic export failed): the analysis and the search run at that length; a KV-cache "
@@ -586,6 +590,18 @@ def _group_fit(gm, group_size: int) -> list[str]:
                         f"{padding / written:.1%} of the int4 integers written"
                         + (f"; --group-size {divides} divides every input" if divides else ""))
     return warnings
+
+
+def _check_head_group(gm, opts: CompileOptions) -> None:
+    """A quantized head's group may not be wider than its input: each row would be one padded
+    block, a head larger than at the group that fits."""
+    head = output_head(gm) if opts.quantize_lm_head else None
+    if head is None:
+        return
+    width, group = gm.linears[head].in_features, opts.head_scheme.group_size
+    if group > width:
+        raise InputError(f"--lm-head-group-size {group} is wider than the head's input ({head}: {width}): choose at "
+                         f"most {width} (each row would be one padded block)")
 
 
 def _finite(value):

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .core.errors import InputError
+from .core.errors import InputError, first_line
 
 PAST = "past_key_values."
 KV_CACHE_KEY = "awq_graph.kv_cache"  # model metadata: "concat" for the generic decoder's growing cache
@@ -55,7 +55,33 @@ def session(model_path: str | Path, threads: int | None = None, provider: str = 
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(model_path), opts, providers=providers)
+    data = model_path.with_name(model_path.name + ".data")
+    try:
+        return ort.InferenceSession(str(model_path), opts, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types: a damaged or partial folder
+        text = str(exc)
+        if "external" in text.lower():
+            why = (f"its weights file {data.name} is missing" if not data.exists() else
+                   f"its weights file {data.name} ({data.stat().st_size} bytes) is shorter than model.onnx says")
+        elif "Protobuf parsing failed" in text or "INVALID_PROTOBUF" in text:
+            why = f"{model_path.name} is not a whole ONNX model (cut short or damaged)"
+        else:
+            why = f"onnxruntime could not load it ({first_line(exc, 300)})"
+        raise InputError(f"{model_path.parent}: {why}: copy the folder again or compile anew") from None
+
+
+def _check_json(path: Path) -> None:
+    """A compiled folder's JSON file, when present, must be JSON (transformers' error about it is
+    four chained tracebacks)."""
+    import json
+
+    if not path.exists():
+        return
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({first_line(exc, 120)}): the compiled folder is damaged; copy "
+                         "it again or compile anew") from None
 
 
 @dataclass
@@ -132,7 +158,14 @@ class CompiledModel:
                 raise InputError(f"{folder} has no tokenizer (compile from a checkpoint with one, or pass tokenizer=)")
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(folder)
+            for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+                _check_json(folder / name)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            except Exception as exc:  # a missing tokenizer.json shows as a request for sentencepiece
+                why = "tokenizer.json is missing" if not (folder / "tokenizer.json").exists() else first_line(exc, 200)
+                raise InputError(f"{folder}: its tokenizer cannot be loaded ({why}): copy the folder again or "
+                                 "compile anew") from None
         return self._tokenizer
 
     def encode(self, prompt: str) -> list[int]:
@@ -356,11 +389,14 @@ class _GrowingCache:
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:
     if temperature <= 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    logits = logits.astype(np.float64).reshape(-1)
+    # the largest logit subtracted before the division: at a temperature of 1e-320 the rest go to
+    # -inf and the largest stays 0 (greedy in effect), where logits / t would be inf - inf = NaN
+    z = (logits - logits.max()) / temperature
     if top_k and top_k < z.size:
         cut = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= cut, z, -np.inf)
-    p = np.exp(z - z.max())
+    p = np.exp(z)
     return int(rng.choice(z.size, p=p / p.sum()))
 
 

@@ -314,3 +314,141 @@ def test_compile_leaves_the_callers_model_in_its_training_mode(tmp_path):
     model = tiny_model().train()
     _api_compile(model, None, tmp_path / "out", rtn_only=True)
     assert model.training
+
+
+# -- options and files that used to be ignored, misread or a traceback
+
+def _status(argv: list[str]) -> int:
+    """main's exit status, a usage error's (argparse exits with 2) included."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+def _write_file(tmp_path: Path, name: str, data: bytes) -> str:
+    (tmp_path / name).write_bytes(data)
+    return str(tmp_path / name)
+
+
+OPTIONS = {
+    "--rtn with --calib (a missing file)": (lambda tmp: ["--rtn", "--calib", str(tmp / "nope.txt")],
+                                            "--calib: applies only without --rtn", 2),
+    "--no-kv-cache with --generic-decoder": (lambda tmp: ["--rtn", "--no-kv-cache", "--generic-decoder"],
+                                             "not allowed with argument --no-kv-cache", 2),
+    "a 4-bit head group wider than the hidden size": (
+        lambda tmp: ["--rtn", "--quantize-lm-head", "--lm-head-bits", "4", "--lm-head-group-size", "128"],
+        "--lm-head-group-size 128 is wider than the head's input (lm_head: 64)", 1),
+    "--grid 1000000": (lambda tmp: ["--grid", "1000000"], "--grid 1000000: give 1 to 200", 1),
+    "--seed -5": (lambda tmp: ["--seed", "-5"], "--seed: must be an integer of at least 0", 2),
+    "a --config file that is a number": (lambda tmp: ["--config", _write_file(tmp, "n.json", b"5")],
+                                         "holds a int", 1),
+    "a --config that is a folder": (lambda tmp: ["--config", str(tmp)], "is a folder, not a JSON file", 1),
+    "a --config that is not UTF-8": (lambda tmp: ["--config", _write_file(tmp, "b.json", b"\xff\xfe{}")],
+                                     "is not UTF-8 text", 1),
+    "a --config with a non-object entry": (
+        lambda tmp: ["--config", _write_file(tmp, "e.json", b'{"model_decoder_layers": "model.layers", '
+                                                            b'"scaling_layers": [5]}')],
+        "scaling_layers[0] is a int, not an object", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_an_option_that_would_be_ignored_or_misread_is_one_line_before_loading(tiny_checkpoint, tmp_path, capsys,
+                                                                                case):
+    args, culprit, status = OPTIONS[case]
+    out = tmp_path / "out"
+    code = _status(["compile", str(tiny_checkpoint), "-o", str(out), "--group-size", "16", "--n-samples", "2",
+                 "--seqlen", "16", *args(tmp_path)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("awq-graph:")]
+    assert code == status and len(lines) == 1 and culprit in lines[0], err
+    assert "Traceback" not in err and "Loading" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_already_quantized_checkpoint_is_named_as_such(tiny_checkpoint, tmp_path, capsys):
+    """Our own --export-hf output (compressed-tensors): the line says it is quantized already,
+    not a torch.export failure."""
+    hf = tmp_path / "hf"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(tmp_path / "first"), *FAST, "--export-hf", str(hf)]) == 0
+    capsys.readouterr()
+    for stream in ([], ["--no-stream"]):
+        assert main(["compile", str(hf), "-o", str(tmp_path / "again"), *FAST, *stream]) == 1
+        err = capsys.readouterr().err
+        assert "is quantized already" in err and "compressed-tensors" in err and "Traceback" not in err, err
+
+
+def test_a_config_vocab_smaller_than_the_embedding_is_blamed_on_the_config(tiny_checkpoint, tmp_path, capsys):
+    model = _config(_copy(tiny_checkpoint, tmp_path), vocab_size=300)
+    assert main(["compile", str(model), "-o", str(tmp_path / "out"), "--group-size", "16", "--n-samples", "2",
+                 "--seqlen", "16"]) == 1
+    err = capsys.readouterr().err
+    assert "'model.embed_tokens.weight'" in err and "(320, 64)" in err and "(300, 64)" in err, err
+    assert "tokenizer" not in err
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compiled") / "out"
+    assert main(["compile", str(tiny_checkpoint), "-o", str(out), *FAST]) == 0
+    return out
+
+
+def _truncate(name, size):
+    def damage(folder):
+        with open(folder / name, "r+b") as f:
+            f.truncate(size)
+    return damage
+
+
+FOLDERS = {
+    "model.onnx.data truncated": (_truncate("model.onnx.data", 1000), "is shorter than model.onnx says"),
+    "model.onnx.data deleted": (lambda f: (f / "model.onnx.data").unlink(), "model.onnx.data is missing"),
+    "model.onnx cut": (_truncate("model.onnx", 500), "model.onnx is not a whole ONNX model"),
+    "tokenizer.json gone": (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    "config.json not JSON": (lambda f: (f / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("case", list(FOLDERS))
+def test_a_damaged_compiled_folder_is_one_line_naming_the_file(compiled, tmp_path, capsys, case, command):
+    damage, culprit = FOLDERS[case]
+    folder = tmp_path / "copy"
+    shutil.copytree(compiled, folder)
+    damage(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat of the city is 3 and more text " * 10)
+    argv = ["eval", str(folder), "--text", str(text)] if command == "eval" else ["generate", str(folder), "the cat"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("awq-graph:")]
+    assert len(lines) == 1 and culprit in lines[0] and "Traceback" not in err, err
+
+
+def test_generate_chat_without_a_chat_template_says_so(compiled, capsys):
+    assert main(["generate", str(compiled), "the cat", "--chat"]) == 1
+    err = capsys.readouterr().err
+    assert "--chat: the tokenizer in" in err and "has no chat template" in err and "Traceback" not in err, err
+
+
+def test_a_temperature_too_small_to_divide_by_samples_the_likeliest_token(compiled, capsys):
+    assert main(["generate", str(compiled), "the cat", "--temperature", "1e-320", "--max-new-tokens", "4"]) == 0
+    sampled = capsys.readouterr().out
+    assert main(["generate", str(compiled), "the cat", "--greedy", "--max-new-tokens", "4"]) == 0
+    assert sampled == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env, culprit", [
+    ({"WORLD_SIZE": "2"}, "RANK, MASTER_ADDR, MASTER_PORT are not set: launch it with torchrun"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE=two is not a number of processes"),
+])
+def test_a_distributed_environment_without_torchrun_is_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys,
+                                                                env, culprit):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["compile", str(tiny_checkpoint), "-o", str(tmp_path / "out"), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert err.count("awq-graph: error:") == 1 and culprit in err and "Traceback" not in err, err

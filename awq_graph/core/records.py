@@ -136,24 +136,37 @@ def to_quark_config(groups: list[ScalingGroup], decoder_layers: str, n_layers: i
 
 def read_quark_config(path) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder, not a JSON file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     # Quark nests the AWQ algorithm config; accept the AWQ part or the whole.
-    if "algo_config" in cfg:
+    if isinstance(cfg, dict) and "algo_config" in cfg:
         algo = cfg["algo_config"]
-        algo = algo[0] if isinstance(algo, list) else algo
+        algo = algo[0] if isinstance(algo, list) and algo else algo
         cfg = algo
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {path}: a Quark AWQ config is a JSON object, and this holds a {type(cfg).__name__}")
     for key in ("model_decoder_layers", "scaling_layers"):
         if key not in cfg:
             raise ConfigError(f"config {path}: missing key '{key}' (Quark AWQ format)")
     if not isinstance(cfg["scaling_layers"], list):
         raise ConfigError(f"config {path}: 'scaling_layers' must be a list")
     for i, entry in enumerate(cfg["scaling_layers"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config {path}: scaling_layers[{i}] is a {type(entry).__name__}, not an object with "
+                              "prev_op, layers and inp")
         for key in ("prev_op", "layers", "inp"):
             if key not in entry:
                 raise ConfigError(f"config {path}: scaling_layers[{i}] is missing '{key}'")
+        if not (isinstance(entry["layers"], list) and all(isinstance(x, str) for x in entry["layers"])):
+            raise ConfigError(f"config {path}: scaling_layers[{i}]'s 'layers' must be a list of module names")
     return cfg
