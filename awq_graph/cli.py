@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .core.errors import AwqGraphError
+from .core.errors import AwqGraphError, first_line
 from .interrupt import catch_signals, checkpoint, signal_behind, signals_held
 
 
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"awq-graph: error: {_rank_said(exc)}", file=sys.stderr)
+        _exit_if_joining(1)
         if _RANK[0] is not None and _group_alive():
             # a torchrun rank whose process group is still up (a fault every rank saw at once):
             # tearing it down at exit, with the other ranks' connections closing too, can abort
@@ -275,16 +276,27 @@ def _group_alive() -> bool:
 
 def _interrupted(signum: int) -> int:
     print(f"awq-graph: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+    _exit_if_joining(128 + signum)
     return 128 + signum
 
 
-RANK_TIMEOUT_S = 2 * 3600  # the longest a rank waits in a collective: rank 0's emission of a large model
+def _exit_if_joining(code: int) -> None:
+    """A rank stopped while its rendezvous thread still waits in C++ (for peers that never came)
+    exits now: the interpreter's shutdown would wait on the store it holds."""
+    if _PENDING[0] is not None:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+
+
+COLLECTIVE_TIMEOUT_S = 2 * 3600  # the longest a collective inside the search may wait (torch.distributed's own)
 
 
 def _torchrun_ranks():
     """The ranks of a ``torchrun`` launch (its environment: WORLD_SIZE > 1, RANK, MASTER_ADDR,
     MASTER_PORT): a process group over them (gloo, or nccl when the search runs on CUDA, each rank
-    on GPU LOCAL_RANK) and the rendezvous store. None for one process."""
+    on GPU LOCAL_RANK) and the rendezvous store. None for one process. The rendezvous runs in a
+    thread, so that SIGTERM and Ctrl-C end a rank whose peers never come, and it gives up after
+    ``rank_timeout_s`` (AWQ_GRAPH_RANK_TIMEOUT) with one line."""
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit() or int(world) < 1:
         raise AwqGraphError(f"WORLD_SIZE={world} is not a number of processes: launch with torchrun, or unset it")
@@ -295,22 +307,45 @@ def _torchrun_ranks():
         raise AwqGraphError(f"WORLD_SIZE={world} asks for a distributed compile, and {', '.join(unset)} "
                             f"{'is' if len(unset) == 1 else 'are'} not set: launch it with torchrun "
                             f"(torchrun --nproc-per-node {world} -m awq_graph.cli compile ...), or unset WORLD_SIZE")
+    import threading
+    import time
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
-    from .core.ranks import Ranks
+    from .core.ranks import Ranks, rank_timeout_s
 
-    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=RANK_TIMEOUT_S)))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=RANK_TIMEOUT_S))
-    return Ranks(dist.group.WORLD, store)
+    timeout = rank_timeout_s()
+    joined: dict = {}
+
+    def join():
+        try:
+            store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=size,
+                                    timeout=timedelta(seconds=max(COLLECTIVE_TIMEOUT_S, timeout)))
+            joined["store"] = store
+        except Exception as exc:
+            joined["error"] = exc
+
+    _PENDING[0] = thread = threading.Thread(target=join, name="awq-graph-rendezvous", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout + 30  # the rendezvous's own timeout, and the group's set-up
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.1)  # a signal's exception is raised here, between the waits
+    if thread.is_alive() or "error" in joined:
+        why = first_line(joined["error"], 200) if "error" in joined else "no answer"
+        raise AwqGraphError(f"rank {os.environ['RANK']}: the {world} ranks did not all join at "
+                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:.0f} s ({why}): "
+                            "start every rank (torchrun), or set AWQ_GRAPH_RANK_TIMEOUT (seconds)")
+    _PENDING[0] = None
+    return Ranks(dist.group.WORLD, joined["store"])
 
 
+_PENDING = [None]  # the rendezvous thread while it waits: a run ended then exits at once (it blocks in C++)
 _RANK = [None]  # this process's rank in a torchrun launch, for its error lines
 
 

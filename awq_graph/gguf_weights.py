@@ -68,6 +68,12 @@ class GGUFWeights:
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    def sample_bytes(self, name: str, size: int) -> bytes:
+        """Up to ``size`` stored (quantized) bytes of ``name`` at its start, middle and end."""
+        raw = self._tensors[name].data.reshape(-1).view("uint8")
+        middle = max(0, raw.size // 2 - size // 2)
+        return b"".join(raw[start:start + size].tobytes() for start in sorted({0, middle, max(0, raw.size - size)}))
+
     def get(self, name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, dequantized to float32 (``as_dtype`` is float32 or None)."""
         from gguf import dequantize

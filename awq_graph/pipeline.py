@@ -27,6 +27,7 @@ from .emit import plan_graph, write_onnx
 from .emit.compressed import checkpoint_dtype, export_refusal, write_compressed_checkpoint
 from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
+from .fingerprint import WHAT, model_fingerprint, options_fingerprint
 from .interrupt import checkpoint
 from .load import (check_finite, load_checked_model, load_float_model, load_tokenizer, open_skeleton, refuse_quantized,
                    sampler_dtype, tokenizer_files)
@@ -261,6 +262,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
         tokenizer = load_tokenizer(source)
     model.eval()
     check_finite(model)  # a streamed checkpoint's tensors are checked as they are read
+    _same_model_on_every_rank(model, skeleton, opts, ranks)
     context = getattr(model.config, "max_position_embeddings", None)
     if not opts.rtn_only and context and opts.seqlen > context:
         raise InputError(f"seqlen {opts.seqlen} (--seqlen) is longer than the model's context of {context} positions")
@@ -421,6 +423,22 @@ def _head_search(gm, opts: CompileOptions):
         return None
     head = head_group(gm)
     return (head, opts.head_scheme) if head else None
+
+
+def _same_model_on_every_rank(model, skeleton, opts: CompileOptions, ranks: Ranks) -> None:
+    """Every rank compiles the same model with the same options (``awq_graph.fingerprint``),
+    checked before any collective that depends on them: a rank that differs is named on every
+    rank, with what differs."""
+    if ranks.world == 1:
+        return
+    mine = {**model_fingerprint(model, skeleton.weights if skeleton else None, skeleton.aliases if skeleton else None),
+            "options": options_fingerprint(opts)}
+    every = ranks.gather(mine)
+    for rank, theirs in enumerate(every):
+        differs = [part for part in WHAT if theirs.get(part) != every[0].get(part)]
+        if differs:
+            raise RankFailed(f"rank {rank}: its model or options differ from rank 0's ({'; '.join(WHAT[p] for p in differs)}): "
+                             "every rank must compile the same checkpoint with the same options")
 
 
 def _same_on_every_rank(calib_ids, source: str, ranks: Ranks) -> None:

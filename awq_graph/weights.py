@@ -107,6 +107,18 @@ class SafetensorsWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name][2]
 
+    def sample_bytes(self, name: str, size: int) -> bytes:
+        """Up to ``size`` stored bytes of ``name`` at its start, middle and end (a digest's sample:
+        ``awq_graph.fingerprint``), read without reading the tensor."""
+        path, _, _, offset, length = self._where[name]
+        starts = sorted({0, max(0, length // 2 - size // 2), max(0, length - size)})
+        with open(path, "rb") as f:
+            pieces = []
+            for start in starts:
+                f.seek(offset + start)
+                pieces.append(f.read(min(size, length - start)))
+        return b"".join(pieces)
+
     def get(self, name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, in its stored dtype or converted to ``as_dtype`` piece by piece (16 MB of
         the file at a time: a 2 GB float32 table from bf16 takes 2 GB, not 3). The pieces go
@@ -171,6 +183,11 @@ class RenamedWeights:
 
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
+
+    def sample_bytes(self, name: str, size: int) -> bytes:
+        if name not in self._merged:
+            return self.source.sample_bytes(self._renamed.get(name, name), size)
+        return b"".join(self.source.sample_bytes(key, size) for part in self._merged[name] for key in part)
 
     def get(self, name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self._merged:

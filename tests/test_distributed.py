@@ -219,3 +219,74 @@ def test_a_rank_stopped_during_the_search_stops_the_other_with_its_line(tmp_path
     assert err0 == "awq-graph: error: rank 1: interrupted (SIGTERM)", err0
     assert procs[0].returncode == 1 and procs[1].returncode == 128 + signal.SIGTERM
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def _launch(rank: int, model: Path, out: Path, port: int, cwd: Path, *extra: str, **env) -> subprocess.Popen:
+    environment = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE="2", PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env)
+    return subprocess.Popen([sys.executable, "-m", "awq_graph", "compile", str(model), "-o", str(out), *extra],
+                            cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("other, line", [
+    ({"seed": 1}, "rank 1: its model or options differ from rank 0's (its weights' values (another checkpoint of "
+                  "the same shape))"),
+    ({"intermediate_size": 96}, "rank 1: its model or options differ from rank 0's (its config.json; its tensors' "
+                                "names, shapes or dtypes; its weights' values"),
+])
+def test_a_rank_given_another_model_is_named_on_every_rank_before_the_search(tmp_path, other, line):
+    """Rank 1 reads model/ in its own working directory (as on another machine), where it is another
+    checkpoint: of the same shape (other values; once summed into rank 0's statistics) or of another
+    shape (once an abort inside a collective). Both ranks print one line naming rank 1, and nothing
+    is left beside OUT."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    here, there = tmp_path / "node0", tmp_path / "node1"
+    for node, fields in ((here, {}), (there, other)):
+        seed = fields.get("seed", 0)
+        tiny_model(seed=seed, **{k: v for k, v in fields.items() if k != "seed"}).save_pretrained(node / "model")
+        tiny_tokenizer().save_pretrained(node / "model")
+        _text_file(node)
+    out = tmp_path / "out"
+    port = _free_port()
+    procs = [_launch(rank, Path("model"), out, port, cwd, "--calib", "calib.txt", "--n-samples", "4", "--seqlen", "24",
+                     "--group-size", "32") for rank, cwd in enumerate((here, there))]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], [r[1][-2000:] for r in results]
+    for _, stderr in results:
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"awq-graph: error: {line}"), stderr[-2000:]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["node0", "node1"]
+
+
+def test_a_rank_whose_peers_never_come_gives_up_after_the_timeout_with_one_line(tiny_checkpoint, tmp_path):
+    import time
+
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = _launch(0, tiny_checkpoint, out, _free_port(), tmp_path, "--rtn", AWQ_GRAPH_RANK_TIMEOUT="3")
+    _, stderr = proc.communicate(timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode == 1 and took < 60, (took, stderr[-2000:])
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("awq-graph: error: rank 0: the 2 ranks did not all join at "
+                                                   "127.0.0.1:") and "within 3 s" in lines[0], stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rank, signum", [(0, "SIGTERM"), (1, "SIGINT")])
+def test_a_rank_waiting_for_peers_that_never_come_answers_a_signal_at_once(tiny_checkpoint, tmp_path, rank, signum):
+    """Rank 0 waits for rank 1 to join its store; rank 1 waits for rank 0's store to exist: either
+    ends within seconds of SIGTERM or Ctrl-C, with the one line of an interrupted run."""
+    import signal
+    import time
+
+    proc = _launch(rank, tiny_checkpoint, tmp_path / "out", _free_port(), tmp_path, "--rtn")
+    time.sleep(5)  # past the imports, into the rendezvous
+    assert proc.poll() is None
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, signum))
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 128 + getattr(signal, signum), stderr[-2000:]
+    assert stderr.strip().splitlines() == [f"awq-graph: interrupted ({signum}); nothing was written"], stderr[-2000:]

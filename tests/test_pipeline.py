@@ -68,7 +68,7 @@ def test_the_scale_grid_has_the_ratios_asked_for(tmp_path):
     assert result.report["grid_points"] == 4 and len(groups) == 2 * 4  # 2 layers, 4 groups each
     assert all(g["exact_points"] == 5 for g in groups), [g["exact_points"] for g in groups]
     assert {g["ratio"] for g in groups} <= {None, 0.0, 0.25, 0.5, 0.75}
-    with pytest.raises(awq_graph.InputError, match="--grid 0: give at least 1"):
+    with pytest.raises(awq_graph.InputError, match="--grid 0: give 1 to 200 ratios"):
         awq_graph.CompileOptions(grid_points=0)
 
 

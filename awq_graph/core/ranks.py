@@ -12,9 +12,17 @@ rounded differently on another rank cannot split them. ``Ranks()`` is one proces
 A rank that fails leaves its one-line error in the rendezvous store (``fail``) and closes its
 connections; the others, waiting in a collective, see the connection close and raise that line as
 their own (``RankFailed``), so every rank's stderr names the rank at fault and why.
+
+Where a rank waits for the others outside the search (``wait``: every rank ready, rank 0's OUT in
+place) it polls the store in Python rather than blocking in a barrier, so that SIGTERM and Ctrl-C
+end it within a fraction of a second; each rank beats a counter in the store from a thread, and a
+waiting rank gives up with one line when a peer's beat has stopped for ``rank_timeout_s()`` (a rank
+killed, stopped or cut off), however long a live peer takes (rank 0 writing a large model).
 """
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +34,21 @@ from .errors import AwqGraphError
 FAILED_KEY = "awq_graph/failed"
 SEEN_KEY = "awq_graph/failure_seen"
 WAIT_FOR_PEERS_S = 10.0  # how long a failing rank waits for the others to read its error
+BEAT_S = 1.0  # how often a rank beats its counter in the store
+POLL_S = 0.05
+
+
+def rank_timeout_s() -> float:
+    """How long a rank waits for a silent peer (or for the others to join): AWQ_GRAPH_RANK_TIMEOUT
+    seconds, 600 by default."""
+    try:
+        value = float(os.environ.get("AWQ_GRAPH_RANK_TIMEOUT", "600"))
+    except ValueError:
+        raise AwqGraphError(f"AWQ_GRAPH_RANK_TIMEOUT={os.environ['AWQ_GRAPH_RANK_TIMEOUT']} is not a number of "
+                            "seconds") from None
+    if not value > 0:
+        raise AwqGraphError(f"AWQ_GRAPH_RANK_TIMEOUT={value:g}: give a positive number of seconds")
+    return value
 
 
 class RankFailed(AwqGraphError):
@@ -44,6 +67,21 @@ class Ranks:
     # what this rank sent: the payload bytes of its all-reduces ("summed"), all-gathers and broadcasts
     traffic: dict = field(default_factory=lambda: {"summed": 0, "gathered": 0, "broadcast": 0}, compare=False,
                           repr=False)
+    _waits: list = field(default_factory=lambda: [0], compare=False, repr=False)  # this rank's wait() calls
+
+    def __post_init__(self):
+        if self.group is not None and self.store is not None:
+            threading.Thread(target=self._beat, name="awq-graph-rank-beat", daemon=True).start()
+
+    def _beat(self) -> None:
+        """This rank is alive: its counter in the store grows while the process runs."""
+        key = f"awq_graph/alive/{self.rank}"
+        while True:
+            try:
+                self.store.add(key, 1)
+            except Exception:  # the store is gone (its host, rank 0, ended): nobody to tell
+                return
+            time.sleep(BEAT_S)
 
     @property
     def world(self) -> int:
@@ -125,9 +163,35 @@ class Ranks:
         return out
 
     def wait(self) -> None:
-        """Until every rank is here (or one failed: then its error)."""
-        if self.group is not None:
+        """Until every rank is here (or one failed: then its error; or a peer fell silent for
+        ``rank_timeout_s``). Signals end it at once: the store is polled from Python."""
+        if self.group is None:
+            return
+        if self.store is None:
             self._collective(lambda d: d.barrier(group=self.group))
+            return
+        self._waits[0] += 1
+        key = f"awq_graph/wait/{self._waits[0]}"
+        timeout = rank_timeout_s()
+        heard = {r: (-1, time.monotonic()) for r in range(self.world) if r != self.rank}
+        try:
+            self.store.add(key, 1)
+            while self.store.add(key, 0) < self.world:
+                if self.store.check([FAILED_KEY]):
+                    raise RankFailed(self._peer_error())
+                now = time.monotonic()
+                for peer, (count, since) in heard.items():
+                    beats = self.store.add(f"awq_graph/alive/{peer}", 0)
+                    if beats != count:
+                        heard[peer] = (beats, now)
+                    elif now - since > timeout:
+                        raise RankFailed(f"rank {peer} fell silent: no sign of it for {timeout:.0f} s (killed, stopped "
+                                         "or cut off; AWQ_GRAPH_RANK_TIMEOUT sets the wait, in seconds)")
+                time.sleep(POLL_S)
+        except RankFailed:
+            raise
+        except Exception as exc:  # the store's host, rank 0, is gone
+            raise RankFailed(self._peer_error()) from exc
 
     def fail(self, message: str) -> None:
         """This rank failed with ``message``: leave it for the others, close this rank's connections
@@ -170,7 +234,7 @@ class Ranks:
                     return message
             except Exception:
                 pass
-        return "another rank stopped (its error is on its own stderr)"
+        return "another rank ended without leaving its error (killed, or rank 0, which hosts the store, is gone)"
 
     def _device(self):
         backend = _dist().get_backend(self.group)
