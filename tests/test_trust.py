@@ -210,6 +210,26 @@ def test_a_symlinked_out_is_written_where_it_points_and_stays_a_link(tiny_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]  # no .out.old-* nor .real.old-* beside
 
 
+def test_an_out_linked_to_another_filesystem_is_written_there(tiny_checkpoint, tmp_path):
+    """OUT a link into another filesystem (tmpfs): the hidden folder is made beside the link's
+    target, so the final rename does not cross filesystems (once an OSError after the search)."""
+    import os
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) here")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        link = tmp_path / "out"
+        link.symlink_to(elsewhere / "real")
+        assert main(["compile", str(tiny_checkpoint), "-o", str(link), *FAST]) == 0
+        assert (elsewhere / "real" / "model.onnx").exists() and link.is_symlink()
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["real"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    finally:
+        shutil.rmtree(elsewhere)
+
+
 def test_the_current_folder_as_out_is_refused_before_loading(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     work = tmp_path / "work"
     work.mkdir()
