@@ -153,7 +153,8 @@ def checkpoint_location(path: Path) -> tuple[Path, dict]:
 
 
 def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer, or None when it has none."""
+    """The checkpoint's tokenizer, or None when it has none. Tokenizer files that do not load are
+    a damaged checkpoint, said so by name (not "no tokenizer", nor a folder written without one)."""
     from transformers import AutoTokenizer
 
     folder, kwargs = checkpoint_location(Path(path))
@@ -162,6 +163,10 @@ def load_tokenizer(path: str | Path):
             warnings.simplefilter("ignore")
             return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as exc:
+        present = sorted(p.name for p in folder.glob("tokenizer*")) if not kwargs else []
+        if present:
+            raise InputError(f"the tokenizer in {folder} ({', '.join(present)}) cannot be loaded: "
+                             f"{_first_line(exc)[:200]}") from exc
         log.info("no tokenizer in %s: %s", folder, _first_line(exc))
         return None
 

@@ -110,6 +110,8 @@ DAMAGED = {
     "a header shape the config disagrees with": (lambda f: _edit_header(f, _set(UP, shape=[64, 128])),
                                                  f"tensor '{UP}'"),
     "an index with an empty weight_map": (_index_without_shards, "empty weight_map"),
+    "a tokenizer.json that is not JSON": (lambda f: (f / "tokenizer.json").write_text("{not json") and f,
+                                          "tokenizer.json, tokenizer_config.json) cannot be loaded"),
 }
 
 
