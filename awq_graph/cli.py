@@ -216,7 +216,7 @@ def _check(args) -> int:
 
 
 # what each command imports (torch, transformers, onnxruntime below them), imported while signals are held
-_HEAVY_MODULES = {"compile": (".pipeline",), "eval": (".runtime", ".load"), "generate": (".runtime",),
+_HEAVY_MODULES = {"compile": (".pipeline",), "eval": (".runtime", ".load", ".float_eval", ".export"), "generate": (".runtime",),
                   "infer-config": (".export", ".load", ".match"), "check-config": (".export", ".load", ".match")}
 
 
@@ -439,33 +439,71 @@ def _eval(args) -> int:
 
     target = Path(args.model)
     text = read_text(args.text, "--text file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if _compiled_folder(target):
         compiled = runtime.CompiledModel(target, threads=args.threads, provider=args.provider)
-        tokenizer = compiled.tokenizer
-        logits_fn, context = compiled.logits, compiled.max_positions
+        ids, seqlen = _scored_ids(args, compiled.tokenizer, text, compiled.max_positions)
+        ppl, tokens = runtime.perplexity(compiled.logits, ids, seqlen, args.max_windows,
+                                         progress=None if args.json else _progress)
     else:
-        from .load import eval_dtype, load_float_model, load_tokenizer, tokenizer_files
-
-        dtype, why = eval_dtype(target, args.dtype)
-        if why:
-            print(f"awq-graph: {why}", file=sys.stderr)
-        model, tokenizer = load_float_model(target, dtype), load_tokenizer(target)
-        if tokenizer is None:
-            raise InputError(f"eval needs a tokenizer, and {tokenizer_files(target)}")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        logits_fn, context = runtime.torch_logits(model), getattr(model.config, "max_position_embeddings", None)
-    seqlen = args.seqlen or min(2048, context or 2048)
-    if context and seqlen > context:
-        raise InputError(f"--seqlen {seqlen} is longer than the model's context of {context} positions")
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    ppl, tokens = runtime.perplexity(logits_fn, ids, seqlen, args.max_windows,
-                                     progress=None if args.json else _progress)
+        ppl, tokens = _eval_checkpoint(args, target, text)
     if args.json:
         print(json.dumps({"ppl": ppl, "tokens": tokens}))
     else:
         print(f"perplexity {ppl:.4f} over {tokens} tokens")
     return 0
+
+
+def _scored_ids(args, tokenizer, text: str, context: int | None) -> tuple[list[int], int]:
+    """The text's token ids and the window length: --seqlen, or 2048 (the context when shorter)."""
+    from .core.errors import InputError
+
+    seqlen = args.seqlen or min(2048, context or 2048)
+    if context and seqlen > context:
+        raise InputError(f"--seqlen {seqlen} is longer than the model's context of {context} positions")
+    return tokenizer(text, add_special_tokens=False).input_ids, seqlen
+
+
+def _eval_checkpoint(args, target: Path, text: str) -> tuple[float, int]:
+    """The float model's perplexity in torch: a decoder layer at a time in float32 (``float_eval``),
+    or the whole model where the checkpoint cannot be streamed or --dtype stored asks for its dtype."""
+    from . import runtime
+    from .core.errors import InputError
+    from .float_eval import streamed_perplexity, streamed_program, windows_of
+    from .load import eval_dtype, load_float_model, load_tokenizer, tokenizer_files
+
+    tokenizer = load_tokenizer(target)
+    if tokenizer is None:
+        raise InputError(f"eval needs a tokenizer, and {tokenizer_files(target)}")
+    progress = None if args.json else _progress
+    if args.dtype != "stored":
+        config_context = _context_of(target)
+        ids, seqlen = _scored_ids(args, tokenizer, text, config_context)
+        gm, why = streamed_program(target, seqlen)
+        if gm is not None:
+            return streamed_perplexity(gm, windows_of(ids, seqlen, args.max_windows), progress)
+        print(f"awq-graph: eval: {target.name} is loaded whole ({why})", file=sys.stderr)
+    dtype, note = eval_dtype(target, args.dtype)
+    if note:
+        print(f"awq-graph: {note}", file=sys.stderr)
+    model = load_float_model(target, dtype)
+    ids, seqlen = _scored_ids(args, tokenizer, text, getattr(model.config, "max_position_embeddings", None))
+    return runtime.perplexity(runtime.torch_logits(model), ids, seqlen, args.max_windows, progress=progress)
+
+
+def _context_of(target: Path) -> int | None:
+    """The checkpoint's context (max_position_embeddings), from its config alone."""
+    from transformers import AutoConfig
+
+    from .load import checkpoint_location
+
+    folder, kwargs = checkpoint_location(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
 
 
 def _compiled_folder(path: Path) -> bool:

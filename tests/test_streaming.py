@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_tokenizer
+from conftest import REPO, tiny_model, tiny_tokenizer
 
 sys.path.insert(0, str(REPO / "tools"))
 from random_checkpoint import build  # noqa: E402
@@ -225,3 +225,33 @@ def test_a_gguf_files_tensor_names_map_as_transformers_maps_them(model_type, ggu
     processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
     expected = get_gguf_hf_weights_map(model, processor)
     assert len(expected) >= 21 and gguf_to_hf_names(model, processor) == expected
+
+
+def test_eval_of_a_checkpoint_runs_a_layer_at_a_time_and_scores_what_the_whole_model_scores(tmp_path, capsys):
+    """``eval MODEL`` streams the float model a decoder layer at a time over every window; its
+    perplexity is the whole model's (--dtype stored: the whole float32 checkpoint in memory) to
+    float32 rounding, whether every window is held at once or one per pass over the layers."""
+    from awq_graph.cli import main
+    from awq_graph.float_eval import streamed_perplexity, streamed_program, windows_of
+    from awq_graph.load import load_tokenizer
+
+    folder = tmp_path / "ck"
+    tiny_model(num_hidden_layers=3).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the song of the king is {n} and the river of the world is {n * 7}" for n in range(80)))
+    scores = {}
+    for dtype in ("auto", "stored"):
+        assert main(["eval", str(folder), "--text", str(text), "--seqlen", "64", "--json", "--dtype", dtype]) == 0
+        out, err = capsys.readouterr()
+        scores[dtype] = json.loads(out)
+        assert "is loaded whole" not in err, err
+    ids = load_tokenizer(folder)(text.read_text(), add_special_tokens=False).input_ids
+    gm, why = streamed_program(folder, 64)
+    assert gm is not None and gm.streamed, why
+    one_per_pass, tokens = streamed_perplexity(gm, windows_of(ids, 64), budget=1)
+    relative = abs(scores["auto"]["ppl"] / scores["stored"]["ppl"] - 1)
+    print(f"streamed {scores['auto']['ppl']:.6f}, whole {scores['stored']['ppl']:.6f}: {relative:.1e} relative")
+    assert scores["auto"]["tokens"] == scores["stored"]["tokens"] == tokens > 64 * 10
+    assert relative < 1e-5  # measured 0 (the same float32 ops in the same order)
+    assert abs(one_per_pass / scores["auto"]["ppl"] - 1) < 1e-9
