@@ -41,6 +41,7 @@ def streamed_perplexity(gm, windows: list[torch.Tensor], progress=None,
     """exp(mean next-token NLL) of the program ``gm`` (its parameters read from the checkpoint as
     each stage needs them) over ``windows``, as ``runtime.perplexity`` scores them; (ppl, tokens)."""
     from .core.ir import run_nodes
+    from .runtime import window_nll
 
     progress = progress or (lambda it, desc, total: it)
     stages = Stages(gm)
@@ -63,11 +64,10 @@ def streamed_perplexity(gm, windows: list[torch.Tensor], progress=None,
                     else:
                         env = {**params, **stores[w], input_node: ids}
                         run_nodes(stages.stages[stage], env)
-                        logits = env[out_node][0, :-1].float()
-                        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                        nll += window_nll(env[out_node][0, :-1], ids[0, 1:])
                         count += ids.shape[1] - 1
                         stores[w] = {}
-                        del env, logits
+                        del env
                     next(bar, None)
                 del params
     return math.exp(nll / count), count

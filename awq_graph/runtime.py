@@ -421,7 +421,20 @@ def perplexity(logits_fn, ids, seqlen: int = 2048, max_windows: int | None = Non
     nll, count = 0.0, 0
     for w in progress(range(n), "perplexity", n):
         window = ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0)
-        logits = torch.as_tensor(logits_fn(window))[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
+        nll += window_nll(torch.as_tensor(logits_fn(window))[0, :-1], window[0, 1:])
         count += seqlen - 1
     return math.exp(nll / count), count
+
+
+NLL_ROWS = 256  # positions scored at a time: a (rows x vocab) float32 temporary, not a second (seqlen x vocab)
+
+
+def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The summed next-token NLL of one window: ``logits`` (positions x vocab, any float dtype)
+    against ``targets`` (positions), scored a few rows at a time in float32 (at a 128k vocabulary a
+    2048-token window's log-softmax would be another 1 GB beside the logits)."""
+    total = 0.0
+    for start in range(0, logits.shape[0], NLL_ROWS):
+        rows = logits[start:start + NLL_ROWS].float()
+        total += float(torch.nn.functional.cross_entropy(rows, targets[start:start + NLL_ROWS], reduction="sum"))
+    return total
