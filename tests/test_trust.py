@@ -142,11 +142,12 @@ def test_eval_of_a_checkpoint_missing_a_tensor_is_refused_not_run_with_random_we
     assert f"'{DOWN}'" in err and err.count("awq-graph: error:") == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 def test_a_tensor_the_model_has_no_place_for_is_compiled_around_with_a_warning_naming_it(tiny_checkpoint, tmp_path,
-                                                                                         capsys):
+                                                                                         capsys, stream):
     model = _tensors(_copy(tiny_checkpoint, tmp_path), lambda t: {**t, "model.extra.scale": torch.ones(4)})
     out = tmp_path / "out"
-    assert main(["compile", str(model), "-o", str(out), *FAST]) == 0
+    assert main(["compile", str(model), "-o", str(out), *FAST, *([] if stream else ["--no-stream"])]) == 0
     err = capsys.readouterr().err
     assert "awq-graph: warning: 1 tensor(s) in the checkpoint" in err and "'model.extra.scale'" in err, err
     report = json.loads((out / "report.json").read_text())
