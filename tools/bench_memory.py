@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / "bench" / "memory")
     args = p.parse_args()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    args.work.mkdir(parents=True, exist_ok=True)
     name = args.model.name.removesuffix(".gguf")
     rows = []
     for mode in args.modes:
