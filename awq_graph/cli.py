@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="checkpoint folder or .gguf file")
     c.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
     c.add_argument("--calib", default=None, help="text or jsonl file, or 'self' (default): text sampled from the model")
+    c.add_argument("--self-sampler", default="int8", choices=["int8", "transformers"],
+                   help="what --calib self samples its text with: int8 (default), the model's round-to-nearest 8-bit "
+                        "decoder in onnxruntime, a batch of samples per step; transformers: generate() on the whole "
+                        "float model")
     c.add_argument("--n-samples", type=_at_least(1), default=128, help="calibration sequences (default 128)")
     c.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--held-samples", type=_at_least(0), default=None,
@@ -416,7 +420,8 @@ def _compile_options(args, ranks):
         lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,
-        grid_screen=args.grid_screen, grid_points=args.grid, export_hf=args.export_hf, held_samples=args.held_samples)
+        grid_screen=args.grid_screen, grid_points=args.grid, export_hf=args.export_hf, held_samples=args.held_samples,
+        self_sampler=args.self_sampler)
 
 
 def _rank_device(asked: str, ranks) -> str:

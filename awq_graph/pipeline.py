@@ -34,6 +34,7 @@ from .load import (check_finite, load_checked_model, load_float_model, load_toke
 from .match import head_group, match
 from .outdir import atomic_out_dir, check_free_space, check_out_dir, claim_out_dir, output_path, remove_stale
 from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
+from .sampling import can_sample, sampled_ids
 from .search import SCREENS, SearchOptions, SearchResult, awq_search, rtn
 from .core.spill import IntegerSpill
 
@@ -93,6 +94,7 @@ class CompileOptions:
     grid_points: int = 20
     export_hf: str | os.PathLike | None = None
     held_samples: int | None = None  # None: HELD_TOKENS' worth of samples; 0: no held-aside check
+    self_sampler: str = "int8"  # what --calib self samples with: "int8" (awq_graph.sampling) or "transformers"
 
     def __post_init__(self):
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -124,6 +126,8 @@ class CompileOptions:
             raise InputError(f"--held-samples {self.held_samples}: give 0 (no held-aside check) or more")
         if self.grid_screen not in SCREENS:
             raise InputError(f"--grid-screen {self.grid_screen}: choose one of {', '.join(SCREENS)}")
+        if self.self_sampler not in ("int8", "transformers"):
+            raise InputError(f"--self-sampler {self.self_sampler}: choose int8 or transformers")
         if self.kv_cache not in (True, False, "generic"):
             raise InputError(f"kv_cache={self.kv_cache!r}: give True, False or 'generic'")
 
@@ -301,7 +305,8 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     calib_ids, calib_source, held_ids = None, None, None
     if not opts.rtn_only:
         calib_ids, calib_source, calib_notes = _calibration(calib, model, tokenizer, opts, progress, source,
-                                                            streamed=gm.streamed, ranks=ranks)
+                                                            streamed=gm.streamed, ranks=ranks, gm=gm, plan=plan,
+                                                            out_dir=out_dir)
         graph_warnings += calib_notes
         calibration.check_ids_fit(calib_ids, int(gm.param_shape(token_table(gm))[0]), calib_source)
         calib_ids, held_ids, note = _held_aside(calib_ids, opts, calib_source)
@@ -540,7 +545,7 @@ def _device_peak_mb(device: str) -> float | None:
 
 
 def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None, streamed=False,
-                 ranks: Ranks = ONE):
+                 ranks: Ranks = ONE, gm=None, plan=None, out_dir: Path | None = None):
     """(token ids (n, seqlen), where they came from, notes for the warnings). Text sampled from a
     streamed model needs the whole model once: it is loaded for the sampling (in float32 where that
     fits, else in its stored dtype: ``sampler_dtype``) and dropped after it. Over several ranks,
@@ -554,6 +559,16 @@ def _calibration(calib, model, tokenizer, opts: CompileOptions, progress, source
         if tokenizer is None:
             raise missing("calibration 'self'")
         ids, notes = None, []
+        if opts.self_sampler == "int8" and gm is not None and can_sample(plan):
+            import tempfile
+
+            # beside OUT as a hidden .OUT.tmp-PID-* (a killed run's is removed by the next); elsewhere off rank 0
+            scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-sampler-", dir=out_dir.parent)
+                           if ranks.leader else tempfile.mkdtemp(prefix="awq-graph-sampler-"))
+            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)
+            ids = sampled_ids(gm, model, plan, opts.scheme, bos, opts.n_samples + opts.held, opts.seqlen, opts.seed,
+                              scratch, progress=progress, ranks=ranks)
+            return ids, "self", notes
         if ranks.leader:
             dtype, note = sampler_dtype(source) if streamed else (None, None)
             notes += [note] if note else []

@@ -212,10 +212,25 @@ class CompiledModel:
         out += [cache.step(ids[:, t:t + 1]) for t in range(prefill, ids.shape[1])]
         return np.concatenate(out, axis=1).astype(np.float32)
 
-    def _new_cache(self, max_len: int) -> "_KVCache":
+    def _new_cache(self, max_len: int, batch: int = 1) -> "_KVCache":
         if not self.has_kv_cache:
             raise InputError(f"{self.path} is a logits-only model (no KV cache)")
-        return _GrowingCache(self) if self.growing_cache else _KVCache(self, max_len)
+        return _GrowingCache(self, batch) if self.growing_cache else _KVCache(self, max_len, batch)
+
+    def sample_rows(self, starts: np.ndarray, length: int, rng: np.random.Generator, top_k: int = 50,
+                    temperature: float = 1.0) -> np.ndarray:
+        """``starts`` (batch, k) continued to ``length`` tokens, every row advancing one token per
+        step against one KV cache, sampled among the ``top_k`` likeliest at ``temperature``."""
+        batch = starts.shape[0]
+        cache = self._new_cache(length, batch)
+        rows = np.empty((batch, length), np.int64)
+        rows[:, :starts.shape[1]] = starts
+        logits = cache.step(starts, last_only=True)[:, -1]
+        for t in range(starts.shape[1], length):
+            rows[:, t] = _pick_rows(logits, temperature, top_k, rng)
+            if t + 1 < length:
+                logits = cache.step(rows[:, t:t + 1], last_only=True)[:, -1]
+        return rows
 
     # -- generation -----------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -292,16 +307,17 @@ class CompiledModel:
 
 
 class _KVCache:
-    """One sequence's keys and values, kept in onnxruntime: each layer's past and present are
-    bound to the same preallocated (1, kv_heads, max_len, head_dim) buffer, which
-    GroupQueryAttention then updates in place. Bound once; a step rebinds only the ids."""
+    """The keys and values of ``batch`` sequences of one length, kept in onnxruntime: each layer's
+    past and present are bound to the same preallocated (batch, kv_heads, max_len, head_dim) buffer,
+    which GroupQueryAttention then updates in place. Bound once; a step rebinds only the ids."""
 
-    def __init__(self, model: CompiledModel, max_len: int):
+    def __init__(self, model: CompiledModel, max_len: int, batch: int = 1):
         ort = model._ort
         self.model = model
         self.length = 0
         self.max_len = max_len
-        shape = (1, model.kv_heads, max_len, model.head_dim)
+        self.batch = batch
+        shape = (batch, model.kv_heads, max_len, model.head_dim)
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, model.np_dtype, model.device)
                         for _ in model.past_names]
         self.binding = model.session.io_binding()
@@ -309,12 +325,12 @@ class _KVCache:
         for past, present, buf in zip(model.past_names, model.present_names, self.buffers):
             self.binding.bind_ortvalue_input(past, buf)
             self.binding.bind_ortvalue_output(present, buf)
-        self.mask = np.ones((1, max_len), np.int64)
-        self.positions = np.arange(max_len, dtype=np.int64)[None]
+        self.mask = np.ones((batch, max_len), np.int64)
+        self.positions = np.ascontiguousarray(np.broadcast_to(np.arange(max_len, dtype=np.int64), (batch, max_len)))
         # one-token steps reuse their input and output buffers: nothing is allocated per token
-        self.token = np.zeros((1, 1), np.int64)
-        self.position = np.zeros((1, 1), np.int64)
-        self.last_logits = np.zeros((1, 1, model.vocab), model.np_dtype)
+        self.token = np.zeros((batch, 1), np.int64)
+        self.position = np.zeros((batch, 1), np.int64)
+        self.last_logits = np.zeros((batch, 1, model.vocab), model.np_dtype)
         self.keep_one = np.array(1, np.int64)
         ort_value = ort.OrtValue.ortvalue_from_numpy
         self.step_inputs = {"input_ids": ort_value(self.token), "position_ids": ort_value(self.position)}
@@ -322,8 +338,8 @@ class _KVCache:
         self.step_bound = False
 
     def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
-        """Run ``ids`` (1, S) after what is cached; returns their logits (1, S, V), or the last
-        position's (1, 1, V) with ``last_only``."""
+        """Run ``ids`` (batch, S) after what is cached; returns their logits (batch, S, V), or the
+        last position's (batch, 1, V) with ``last_only``."""
         seq = ids.shape[1]
         end = self.length + seq
         if end > self.max_len:
@@ -331,8 +347,8 @@ class _KVCache:
         b = self.binding
         one_token = seq == 1 and last_only and self.model.has_logits_to_keep
         if one_token:
-            self.token[0, 0] = ids[0, 0]
-            self.position[0, 0] = self.length
+            self.token[:, 0] = ids[:, 0]
+            self.position[:, 0] = self.length
             if not self.step_bound:  # bound once; the arrays behind them change in place
                 for name, value in self.step_inputs.items():
                     b.bind_ortvalue_input(name, value)
@@ -341,12 +357,12 @@ class _KVCache:
                 self.step_bound = True
         else:
             b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-            b.bind_cpu_input("position_ids", self.positions[:, self.length:end])
+            b.bind_cpu_input("position_ids", np.ascontiguousarray(self.positions[:, self.length:end]))
             if self.model.has_logits_to_keep:
                 b.bind_cpu_input("logits_to_keep", np.array(1 if last_only else 0, np.int64))
             b.bind_output("logits", "cpu")  # unallocated: its shape is the step's
             self.step_bound = False
-        b.bind_cpu_input("attention_mask", self.mask[:, :end])
+        b.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :end]))
         self.model.session.run_with_iobinding(b)
         self.length = end
         return self.last_logits.copy() if one_token else b.get_outputs()[0].numpy()
@@ -398,6 +414,23 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:
         z = np.where(z >= cut, z, -np.inf)
     p = np.exp(z)
     return int(rng.choice(z.size, p=p / p.sum()))
+
+
+def _pick_rows(logits: np.ndarray, temperature: float, top_k: int, rng) -> np.ndarray:
+    """One token per row of ``logits`` (batch, vocab), sampled among each row's ``top_k`` likeliest
+    at ``temperature`` (> 0): one uniform draw per row against the rows' cumulative probabilities."""
+    z = logits.astype(np.float64)
+    if top_k and top_k < z.shape[1]:
+        top = np.argpartition(z, -top_k, axis=1)[:, -top_k:]
+        z = np.take_along_axis(z, top, 1)
+    else:
+        top = None
+    z = (z - z.max(1, keepdims=True)) / temperature
+    p = np.exp(z)
+    cumulative = np.cumsum(p, 1)
+    draw = rng.random(z.shape[0])[:, None] * cumulative[:, -1:]
+    choice = np.minimum((cumulative < draw).sum(1), z.shape[1] - 1)
+    return choice if top is None else top[np.arange(z.shape[0]), choice]
 
 
 def torch_logits(model):

@@ -213,9 +213,10 @@ class SearchResult:
     guard: GuardReport | None = None  # the held-aside check's verdicts (``awq_graph.guard``)
 
 
-def rtn(gm: GraphModel, scheme: QuantScheme, progress=None, keep=None) -> SearchResult:
+def rtn(gm: GraphModel, scheme: QuantScheme, progress=None, keep=None, spend: bool = True) -> SearchResult:
     """Round-to-nearest baseline: every quantizable linear, full range, no search (a streamed
-    weight is read, quantized and released: one in memory at a time). ``keep`` as in ``awq_search``."""
+    weight is read, quantized and released: one in memory at a time). ``keep`` as in ``awq_search``.
+    ``spend``: a released weight may not be read again (False: the search reads it later)."""
     progress = progress or (lambda it, desc, total: it)
     names = quantizable_linears(gm)
     out = {}
@@ -223,7 +224,7 @@ def rtn(gm: GraphModel, scheme: QuantScheme, progress=None, keep=None) -> Search
         site = gm.linears[name]
         out[name] = _held(name, quantize(site.matrix(gm.params).detach().float(), scheme), keep)
         if gm.streamed:
-            gm.params.release([site.weight], spent=True)
+            gm.params.release([site.weight], spent=spend)
     return SearchResult(out)
 
 
