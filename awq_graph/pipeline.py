@@ -24,7 +24,7 @@ from .core.numerics import QuantScheme, n_groups
 from .core.ranks import ONE, RankFailed, Ranks
 from .core.records import read_quark_config
 from .emit import plan_graph, write_onnx
-from .emit.compressed import checkpoint_dtype, export_refusal, write_compressed_checkpoint
+from .compressed import checkpoint_dtype, export_refusal, write_compressed_checkpoint
 from .emit.deploy import write_runtime_files
 from .export import StreamingUnsupported, export_model
 from .fingerprint import WHAT, model_fingerprint, options_fingerprint
@@ -66,7 +66,7 @@ class CompileOptions:
     losses screened cheaply, the choice made on float32 losses). grid_points: the scale grid's
     ratios besides the identity (AWQ's n_grid, 20; the search's grid time is about proportional). export_hf: a second folder, written as OUT is,
     holding the AWQ-scaled model as a compressed-tensors "pack-quantized" checkpoint with the same
-    integers (``awq_graph.emit.compressed``), for transformers and vLLM. held_samples:
+    integers (``awq_graph.compressed``), for transformers and vLLM. held_samples:
     calibration samples beyond ``n_samples`` that the search never sees, on which the held-aside
     check (``awq_graph.guard``) compares the searched model with round-to-nearest, per layer and by
     end-to-end NLL, and writes the better (None: ``HELD_TOKENS`` tokens' worth, at most a quarter

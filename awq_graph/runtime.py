@@ -24,10 +24,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .core.cache_names import CONTEXT_KEY, KV_CACHE_KEY, PAST, present_of
 from .core.errors import InputError, first_line
 
-PAST = "past_key_values."
-KV_CACHE_KEY = "awq_graph.kv_cache"  # model metadata: "concat" for the generic decoder's growing cache
 
 
 def session(model_path: str | Path, threads: int | None = None, provider: str = "cpu", spinning: bool = False,
@@ -102,7 +101,6 @@ class Generation:
         return len(self.steps) / self.decode_s if self.decode_s else float("nan")
 
 
-CONTEXT_KEY = "max_position_embeddings"  # ONNX metadata: the positions the model was written for
 
 
 class CompiledModel:
@@ -118,7 +116,7 @@ class CompiledModel:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = list(inputs)
         self.past_names = [n for n in inputs if n.startswith(PAST)]
-        self.present_names = ["present." + n[len(PAST):] for n in self.past_names]
+        self.present_names = [present_of(n) for n in self.past_names]
         self.has_kv_cache = bool(self.past_names)
         self.has_logits_to_keep = "logits_to_keep" in inputs
         metadata = self.session.get_modelmeta().custom_metadata_map

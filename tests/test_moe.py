@@ -215,7 +215,7 @@ def test_a_bank_clipped_a_block_of_rows_at_a_time_gets_the_shrinks_of_one_sweep(
     """A bank's rows are clipped expert by expert against that expert's blocks of H, a block of rows
     at a time (here 4 rows of the 64- and 128-wide inputs): the same shrinks and integers as one
     sweep of the whole bank, whose experts ``blockwise_error`` pairs with their blocks itself."""
-    import awq_graph.search as search
+    import awq_graph.search.clipping as search
 
     _, per_layer, _ = derive_groups(export_model(mixtral))
     calib = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))

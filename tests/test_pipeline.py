@@ -204,7 +204,7 @@ def test_a_4bit_head_is_searched_on_the_final_hidden_states_and_scaled_through_t
 def test_the_head_searched_a_block_of_rows_at_a_time_gives_the_same_integers(tmp_path, monkeypatch):
     """The head search works on HEAD_ROWS rows at a time (an 8B model's head is 128256 rows): the
     blocks' losses and clipping add up to the whole head's, so the integers do not depend on it."""
-    from awq_graph import search
+    from awq_graph.search import head as search
 
     model = tiny_model(tie_word_embeddings=True)
     calib = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))

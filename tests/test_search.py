@@ -222,7 +222,7 @@ def test_the_clipping_search_a_block_of_rows_at_a_time_chooses_what_one_sweep_of
         monkeypatch):
     """Rows are independent in the clipping search: swept in blocks of 8 elements' rows (a row at a
     time here) or the whole weight at once, every linear gets the same shrinks, hence the same integers."""
-    import awq_graph.search as search
+    import awq_graph.search.clipping as search
 
     calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(1))
     results = {}

@@ -62,7 +62,7 @@ def cmd_search(args) -> None:
     model, tokenizer, gm = _setup(args.model, args.seqlen)
     calib, _ = _calib(args.data, tokenizer, args.n_samples, 0, args.seqlen)
     print(f"loaded and exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    opts = SearchOptions(clip=args.variant != "awq-noclip", **json.loads(args.options or "{}"))
+    opts = SearchOptions(**{"clip": not args.variant.startswith("awq-noclip"), **json.loads(args.options or "{}")})
     if args.variant == "rtn":
         result = rtn(gm, opts.scheme)
     else:

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from awq_graph.core import cache_names
 from awq_graph.core.numerics import PackedWeight, QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
 from awq_graph.passes.matmulnbits import initializer, matmulnbits_node, matmulnbits_weights, spilled_initializer
@@ -343,8 +344,8 @@ def signature(shape: DecoderShape, ftype: ir.DataType) -> tuple[list[ir.Value], 
     outputs = [tensor_input("logits", ftype, [batch, "kept_sequence", shape.vocab])]
     for i in range(shape.layers):
         for kind in ("key", "value"):
-            inputs.append(tensor_input(f"past_key_values.{i}.{kind}", ftype, [batch, shape.kv_heads, past, shape.head_dim]))
-            outputs.append(tensor_input(f"present.{i}.{kind}", ftype, [batch, shape.kv_heads, total_len, shape.head_dim]))
+            inputs.append(tensor_input(cache_names.past(i, kind), ftype, [batch, shape.kv_heads, past, shape.head_dim]))
+            outputs.append(tensor_input(cache_names.present(i, kind), ftype, [batch, shape.kv_heads, total_len, shape.head_dim]))
     return inputs, outputs
 
 

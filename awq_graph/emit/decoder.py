@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from awq_graph.core import cache_names
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, out_rows, signature)
 from awq_graph.emit.families import DecoderShape, Family, Names
@@ -192,8 +193,8 @@ def _attention(g: GraphBuilder, h: str, i: int, slot: int, a: str, names: Names,
     fused_qkv = linears.get(f"{a}.{names.qkv}")  # phi3 stores q|k|v as one linear already
     attn = fused_qkv or LinearWeights.concat([linears[f"{a}.{n}"] for n in (names.q, names.k, names.v)])
     qkv = linear(g, h, attn, f"{a}.{names.qkv}", accuracy_level)
-    past = [f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", seqlens, total]
-    outs = [f"{a}/out", f"present.{slot}.key", f"present.{slot}.value"]
+    past = [cache_names.past(slot, "key"), cache_names.past(slot, "value"), seqlens, total]
+    outs = [f"{a}/out", cache_names.present(slot, "key"), cache_names.present(slot, "value")]
     attrs = dict(domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scaling,
                  local_window_size=shape.layer_window(i))
     if shape.attn_softcap:

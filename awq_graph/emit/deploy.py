@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from awq_graph.emit.families import family_of
-from awq_graph.runtime import CONTEXT_KEY, PAST
+from awq_graph.core.cache_names import CONTEXT_KEY, PAST, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
-PAST_KEY, PAST_VALUE = PAST + "%d.key", PAST + "%d.value"
-PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 # the search defaults genai's own builder writes, where the checkpoint's generation_config is silent
 SEARCH_DEFAULTS = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                    "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,

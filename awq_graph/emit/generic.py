@@ -44,9 +44,8 @@ from awq_graph.core.errors import ExportError, first_line
 from awq_graph.core.ir import GraphModel
 from awq_graph.emit.logits_only import custom_translations, onnx_failure
 from awq_graph.export import input_shape
-from awq_graph.runtime import KV_CACHE_KEY, PAST
+from awq_graph.core.cache_names import KV_CACHE_KEY, PAST, PRESENT
 
-PRESENT = "present."
 
 
 class GenericUnsupported(ExportError):

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from awq_graph.core import cache_names
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, signature)
 from awq_graph.emit.families import DecoderShape, Family
@@ -65,8 +66,9 @@ def build_gpt2_decoder(model, family: Family, facts: GraphFacts, params: dict[st
         q, k, v = g.op("Split", [qkv, g.const(f"{a}.split", np.array([shape.hidden] * 3, np.int64))],
                        f"{a}/Split", outputs=3, axis=-1)
         attn_out, _, _ = g.op("GroupQueryAttention",
-                              [q, k, v, f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", seqlens, total],
-                              f"{a}/GroupQueryAttention", outputs=[f"{a}/out", f"present.{slot}.key", f"present.{slot}.value"],
+                              [q, k, v, cache_names.past(slot, "key"), cache_names.past(slot, "value"), seqlens, total],
+                              f"{a}/GroupQueryAttention",
+                              outputs=[f"{a}/out", cache_names.present(slot, "key"), cache_names.present(slot, "value")],
                               domain="com.microsoft", num_heads=shape.heads, kv_num_heads=shape.kv_heads,
                               scale=shape.scaling)
         o = linear(g, attn_out, linears[f"{a}.{names.o}"], f"{a}.{names.o}", accuracy_level)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..core.analysis import quantizable_linears
-from ..core.numerics import QuantScheme, pack_nibbles
-from ..load import WEIGHT_FILES, eval_dtype
+from .core.analysis import quantizable_linears
+from .core.numerics import QuantScheme, pack_nibbles
+from .load import WEIGHT_FILES, eval_dtype
 
 FORMAT = "pack-quantized"
 INDEX = WEIGHT_FILES[1]  # the shards' index, as transformers names it
