@@ -2,7 +2,7 @@
 commit, each alone in its own process, alternated, so that the machine's drift falls on both.
 
     python tools/bench_against.py ff2b8f9^ --checkpoint bench/scale/1b-2L --n-samples 16 --seqlen 512 \
-        --results tools/results/scale-issue-side-by-side.json
+        --results tools/results/scale-earlier-side-by-side.json
 
 The earlier commit's tree is written to a scratch folder (``git archive``) and run from there with
 its own ``awq_graph`` package (``passes/`` placed as ``awq_graph.passes``, as the install maps it),
