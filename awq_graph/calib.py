@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .core.errors import InputError
+from .core.progress import no_progress
 
 
 def check_text_file(path: str | Path, what: str = "calibration file", hint: str = "") -> None:
@@ -107,7 +108,7 @@ def check_ids_fit(ids: torch.Tensor, vocab: int, source: str) -> None:
 def self_generated(model, tokenizer, n_samples: int, seqlen: int, seed: int = 0, batch: int = 64,
                    progress=None) -> torch.Tensor:
     """Text sampled from the model itself, starting from BOS: no dataset needed."""
-    progress = progress or (lambda it, desc, total: it)
+    progress = progress or no_progress
     gen = torch.Generator().manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)
     with torch.random.fork_rng(devices=[]):  # generate() samples from the global RNG: the caller's is kept

@@ -385,9 +385,9 @@ def _compile_on(args, ranks) -> int:
         options = _compile_options(args, ranks)
     except BaseException as exc:  # the other ranks stop at their first collective, with this error
         if ranks is not None:
-            from .pipeline import one_line
+            from .core.errors import error_line
 
-            ranks.fail(one_line(exc))
+            ranks.fail(error_line(exc))
         raise
     result = run_compile(args.model, args.calib, args.out, options, progress=_progress if leader else None,
                          warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr), ranks=ranks)
@@ -440,7 +440,6 @@ def _eval(args) -> int:
 
     from . import runtime
     from .calib import read_text
-    from .core.errors import InputError
 
     target = Path(args.model)
     text = read_text(args.text, "--text file")

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .core.analysis import quantizable_linears
+from .core.progress import no_progress
 from .core.numerics import QuantScheme, pack_nibbles
 from .load import WEIGHT_FILES, eval_dtype
 
@@ -110,7 +111,7 @@ def write_compressed_checkpoint(folder: Path, gm, model, quantized: dict, scheme
     config.json with the quantization_config, generation_config.json, the tokenizer. ``quantized``:
     linear name -> its held integers (``PackedWeight`` or ``SpilledWeight``); ``dtype``: that of the
     float tensors and scales (``checkpoint_dtype``). Returns what the report says of it (the pipeline adds the folder)."""
-    progress = progress or (lambda it, desc, total: it)
+    progress = progress or no_progress
     linears = {gm.linears[n].weight: gm.linears[n] for n in quantized if n in gm.linears and not gm.linears[n].experts}
     names = _tensor_names(model)
     state = model.state_dict(keep_vars=True)

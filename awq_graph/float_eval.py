@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from .core.stages import Stages, params_read
+from .core.progress import no_progress
+from .core.layer_cut import LayerCut, params_read
 
 ACTIVATION_BUDGET = 1 << 30  # bytes of per-window values held at once
 
@@ -43,8 +44,8 @@ def streamed_perplexity(gm, windows: list[torch.Tensor], progress=None,
     from .core.ir import run_nodes
     from .runtime import window_nll
 
-    progress = progress or (lambda it, desc, total: it)
-    stages = Stages(gm)
+    progress = progress or no_progress
+    stages = LayerCut(gm)
     input_node = gm.input_node()
     out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
     steps = len(windows) * (stages.n + 2)
@@ -73,7 +74,7 @@ def streamed_perplexity(gm, windows: list[torch.Tensor], progress=None,
     return math.exp(nll / count), count
 
 
-def _run(gm, stages: Stages, stage: int, ids: torch.Tensor, env: dict, input_node) -> dict:
+def _run(gm, stages: LayerCut, stage: int, ids: torch.Tensor, env: dict, input_node) -> dict:
     """The values stage ``stage`` hands on, for one window (``env``: its parameters and the values
     handed to it)."""
     from .core.ir import run_nodes

@@ -30,7 +30,7 @@ class _TopModule:
 
 def gguf_to_hf_names(model, processor) -> dict[str, str]:
     """The file's tensor names -> the model's parameter names, by transformers' map. Its function
-    walks every submodule and builds gguf's name table at each (397 times, 11 s, on SmolLM2),
+    walks every submodule and builds gguf's name table at each (seconds, hundreds of times),
     which only a file converted from the base model (Bloom's) needs: the top module's names are
     mapped first, and the whole walk runs only when they leave a parameter unmapped."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
@@ -63,7 +63,7 @@ class GGUFWeights:
             with torch.device("meta"):  # the names only: no weights
                 model = AutoModelForCausalLM.from_config(config)
         # the processors read head counts from the config under transformers' names: the model's
-        # config has them (parsing the file's fields again for them took 5.5 s on SmolLM2)
+        # config has them (parsing the file's fields again for them takes seconds)
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
         to_hf = gguf_to_hf_names(model, self.processor)
         self._tensors = {to_hf[t.name]: t for t in self.reader.tensors if t.name in to_hf}
@@ -94,8 +94,8 @@ class GGUFWeights:
 
     def _dequantized(self, tensor) -> np.ndarray:
         """The tensor in float32, dequantized ``CHUNK_BYTES`` of the file at a time into one array
-        read with plain file reads: gguf's dequantize of a whole Q6_K 151936 x 1536 head made
-        temporaries of about twice its float32 output (a 2.9 GB peak for 0.9 GB), and the pages of
+        read with plain file reads: gguf's dequantize of a whole tensor makes temporaries of about
+        twice its float32 output (a large vocabulary's head: GBs), and the pages of
         the file's memory map, once touched, count in the process's resident set for as long as
         the map lives (the whole file, after a pass over the weights)."""
         from gguf import dequantize

@@ -35,7 +35,7 @@ import torch
 
 from .core.ir import GraphModel, run_nodes
 from .core.numerics import QuantizedWeight, QuantScheme, quantize
-from .core.stages import Stages, params_read
+from .core.layer_cut import LayerCut, params_read
 
 CANDIDATES = ("awq", "unclipped", "rtn")
 # each candidate model, and the layer candidates it may take (the first of equal errors wins)
@@ -97,7 +97,7 @@ class HeldAsideGuard:
     """The candidate models' hidden states on the held-aside samples, advanced a decoder layer at a
     time by ``layer``; ``finish`` scores them and says which is written."""
 
-    def __init__(self, gm: GraphModel, stages: Stages, held: torch.Tensor, scheme: QuantScheme, device="cpu"):
+    def __init__(self, gm: GraphModel, stages: LayerCut, held: torch.Tensor, scheme: QuantScheme, device="cpu"):
         self.gm, self.stages, self.scheme, self.device = gm, stages, scheme, device
         self.ids = [c.to(device) for c in held.split(1)]  # a sample at a time: its logits are (seqlen x vocab)
         self.input_node = gm.input_node()

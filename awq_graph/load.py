@@ -10,18 +10,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import check_loading_info, check_stored, integer_floats
-from .core.errors import InputError
+from .core.errors import InputError, first_paragraph
 from .weights import check_finite_tensor
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(exc: Exception) -> str:
-    """The message as one line: its first paragraph, lines joined (transformers wraps sentences)."""
-    text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    return " ".join(line.strip() for line in text.split("\n\n")[0].splitlines() if line.strip())
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -35,8 +27,6 @@ def load_model(path: str | Path):
 
 def load_float_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """The whole model, in float32 (or ``dtype``) eval mode (transformers' loading)."""
-    from transformers import AutoModelForCausalLM
-
     model, _ = load_checked_model(path, dtype)
     return model
 
@@ -62,7 +52,7 @@ def load_checked_model(path: str | Path, dtype: torch.dtype = torch.float32):
                                                                output_loading_info=True, ignore_mismatched_sizes=True,
                                                                **kwargs)
     except Exception as exc:
-        raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+        raise InputError(f"could not load {path}: {first_paragraph(exc)}") from exc
     where = f"the checkpoint {path}"
     notes = check_loading_info(info, model, where)
     if stored is not None and not getattr(model.config, "quantization_config", None):
@@ -166,8 +156,8 @@ def load_tokenizer(path: str | Path):
         present = sorted(p.name for p in folder.glob("tokenizer*")) if not kwargs else []
         if present:
             raise InputError(f"the tokenizer in {folder} ({', '.join(present)}) cannot be loaded: "
-                             f"{_first_line(exc)[:200]}") from exc
-        log.info("no tokenizer in %s: %s", folder, _first_line(exc))
+                             f"{first_paragraph(exc)[:200]}") from exc
+        log.info("no tokenizer in %s: %s", folder, first_paragraph(exc))
         return None
 
 
@@ -203,14 +193,14 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
-        raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+        raise InputError(f"could not load {path}: {first_paragraph(exc)}") from exc
     if path.is_file():
         from .gguf_weights import GGUFWeights
 
         try:
             weights = GGUFWeights(path, model)
         except Exception as exc:  # the gguf reader's errors on a damaged file are IndexError, ValueError, ...
-            raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+            raise InputError(f"could not load {path}: {first_paragraph(exc)}") from exc
     else:
         from .weights import SafetensorsWeights
 
@@ -251,7 +241,7 @@ def refuse_quantized(path: Path, config=None) -> None:
                 warnings.simplefilter("ignore")
                 config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
         except Exception as exc:
-            raise InputError(f"could not load {path}: {_first_line(exc)}") from exc
+            raise InputError(f"could not load {path}: {first_paragraph(exc)}") from exc
     quantization = getattr(config, "quantization_config", None)
     if quantization:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else \
@@ -279,7 +269,7 @@ def _under_model_names(weights, model):
     try:
         transforms = get_model_conversion_mapping(model) or []
     except Exception as exc:  # transformers' own lookup; the checkpoint can still be loaded whole
-        return None, f"transformers' conversion mapping for {type(model).__name__} failed: {_first_line(exc)}"
+        return None, f"transformers' conversion mapping for {type(model).__name__} failed: {first_paragraph(exc)}"
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     meta = model.state_dict()
@@ -446,7 +436,7 @@ def tiny_random_model(model_type: str, seed: int = 0, **overrides):
             break
         except Exception as exc:
             if attempt == len(attempts) - 1:
-                raise InputError(f"could not build a tiny '{model_type}' causal LM: {_first_line(exc)}") from exc
+                raise InputError(f"could not build a tiny '{model_type}' causal LM: {first_paragraph(exc)}") from exc
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import calib as calibration
 from .core.analysis import output_head, quantizable_linears, token_table
-from .core.errors import AwqGraphError, ConfigError, InputError, SchemeError
+from .core.errors import ConfigError, InputError, SchemeError, error_line
 from .core.heap import give_back_freed_memory
 from .core.numerics import QuantScheme, n_groups
 from .core.ranks import ONE, RankFailed, Ranks
@@ -33,14 +33,14 @@ from .load import (check_finite, load_checked_model, load_float_model, load_toke
                    sampler_dtype, tokenizer_files)
 from .match import head_group, match
 from .outdir import atomic_out_dir, check_free_space, check_out_dir, claim_out_dir, output_path, remove_stale
-from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
+from .head_table import quantize_head, quantize_token_table, shares_head, token_table_of_head
 from .sampling import can_sample, sampled_ids
 from .search import SCREENS, SearchOptions, SearchResult, awq_search, rtn
 from .core.spill import IntegerSpill
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # the held-aside check's tokens by default (``CompileOptions.held``): a few thousand tokens put the
-# standard error of a per-token NLL difference near 0.003 (Qwen2.5-1.5B), under the differences it decides
+# standard error of a per-token NLL difference under the differences it has to decide
 HELD_TOKENS = 2048
 MAX_GRID_POINTS = 200  # the scale grid's ratios: beyond AWQ's 20 the losses barely move while the grid time grows
 
@@ -184,7 +184,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     except RankFailed:
         raise
     except BaseException as exc:  # the others are told, and stop at their next collective
-        ranks.fail(one_line(exc))
+        ranks.fail(error_line(exc))
         raise
     finally:
         if was_training is not None:  # the caller's model is not modified, its mode neither
@@ -216,14 +216,6 @@ def _usable_model(model):
     if dtypes - {torch.float32}:
         return copy.deepcopy(model).to(torch.float32)  # its config keeps the dtype (what --export-hf writes)
     return model
-
-
-def one_line(exc: BaseException) -> str:
-    """An error as the command line prints it: our own errors' message, another's type too."""
-    if isinstance(exc, KeyboardInterrupt):
-        return f"interrupted ({exc})"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text if isinstance(exc, AwqGraphError) else f"{type(exc).__name__}: {text}"
 
 
 def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, warn, ranks: Ranks,
@@ -422,8 +414,8 @@ def _least_bytes(gm, opts: CompileOptions) -> tuple[int, int]:
 def _head_search(gm, opts: CompileOptions):
     """(the head's group, its scheme) when the head is searched: a 4-bit head with calibration
     is searched like a group of its own (scale into the final norm, clipping); an 8-bit one is
-    rounded to nearest (on SmolLM2 its search changed nothing: 24.149 against 24.135, the float
-    model 24.145, at minutes of search)."""
+    rounded to nearest (8 bits leave the search nothing to gain, at minutes of search:
+    docs/deploying.md)."""
     if not (opts.quantize_lm_head and opts.lm_head_bits == 4 and not opts.rtn_only):
         return None
     head = head_group(gm)

@@ -26,6 +26,7 @@ import torch
 
 from .core.cache_names import CONTEXT_KEY, KV_CACHE_KEY, PAST, present_of
 from .core.errors import InputError, first_line
+from .core.progress import no_progress
 
 
 
@@ -442,7 +443,7 @@ def torch_logits(model):
 def perplexity(logits_fn, ids, seqlen: int = 2048, max_windows: int | None = None, progress=None):
     """exp(mean NLL) over non-overlapping windows of ``seqlen`` tokens; each window predicts
     its tokens 1..seqlen-1. Returns (ppl, tokens scored)."""
-    progress = progress or (lambda it, desc, total: it)
+    progress = progress or no_progress
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     n = ids.numel() // seqlen
     if max_windows:

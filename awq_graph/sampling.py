@@ -3,11 +3,12 @@ written from the program already exported (seconds: no second load of the model)
 onnxruntime with every sample of a batch advancing one token per step against one KV cache.
 
 Why this and not transformers' ``generate`` on the float model: ``generate`` needs the whole model
-in memory (an 8B model in bfloat16: 14.4 GB, where the streamed compile takes 4.9) and took 3-4
-times the AWQ search on SmolLM2; an 8-bit decoder's text is close to the float model's, and what
-it costs is an RTN compile's memory and a batched int8 decode. The head is 8-bit too and the
-token table int4 for the sampler (a float32 head was a fifth of each step's work on SmolLM2). Each batch draws from its own generator, seeded by (seed, batch), so
-that ranks sampling every N-th batch together hold what one process samples.
+in memory (several times what the streamed compile takes) and costs several times the AWQ search;
+an 8-bit decoder's text is close to the float model's, and what it costs is an RTN compile's
+memory and a batched int8 decode (docs/default-path.md). The head is 8-bit too and the token table
+int4 for the sampler (a float32 head would be a large share of each step's work). Each batch draws
+from its own generator, seeded by (seed, batch), so that ranks sampling every N-th batch together
+hold what one process samples.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ import torch
 
 from .core.analysis import token_table
 from .core.numerics import QuantScheme
+from .core.progress import no_progress
 from .core.spill import IntegerSpill
 from .emit import write_onnx
-from .quantize import quantize_head, quantize_token_table, shares_head, token_table_of_head
+from .head_table import quantize_head, quantize_token_table, shares_head, token_table_of_head
 from .search import rtn
 
-BATCH = 64  # samples advancing together: onnxruntime's SmolLM2 decode did 456 / 479 / 491 tok/s at 32 / 64 / 128
+BATCH = 64  # samples advancing together: past a few dozen, a larger batch adds little decode speed
 TOP_K = 50
 KV_BUDGET = 1 << 30  # bytes of keys and values a batch may hold (Llama-3-8B at 512 tokens: 134 MB a sample)
 
@@ -45,7 +47,7 @@ def sampled_ids(gm, model, plan, scheme: QuantScheme, bos: int, n_samples: int, 
     from .runtime import CompiledModel
 
     ranks = ranks or ONE
-    progress = progress or (lambda it, desc, total: it)
+    progress = progress or no_progress
     vocab = int(gm.param_shape(token_table(gm))[0])
     batch = max(1, min(batch, KV_BUDGET // max(1, _kv_bytes_per_row(model, seqlen))))
     batch = -(-n_samples // -(-n_samples // batch))  # even batches: 132 samples as 3 x 44, not 64 + 64 + 4
@@ -86,8 +88,8 @@ def _write_sampler(gm, model, plan, scheme: QuantScheme, folder: Path) -> None:
     """The 8-bit round-to-nearest decoder of ``gm`` (at ``scheme``'s group size; the table int4)
     into ``folder``; the checkpoint's weights stay readable for the search. 8 bits, not 4: text
     sampled from an int4 round-to-nearest model is that model's own, and on it the held-aside check
-    found round-to-nearest better than the float model (SmolLM2: NLL 2.3985 against 2.6392) and
-    wrote it in place of the search's result."""
+    found round-to-nearest better than the float model, and wrote it in place of the search's
+    result (docs/default-path.md)."""
     eight = QuantScheme(8, scheme.group_size, scheme.symmetric)
     spill = IntegerSpill(folder / ".integers.spill")
     try:

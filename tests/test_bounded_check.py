@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from awq_graph.core.numerics import PackedWeight, QuantScheme
-from awq_graph.core.stages import run_layers
+from awq_graph.core.layer_cut import run_layers
 from awq_graph.export import export_model
 from awq_graph.core.spill import IntegerSpill, SpilledWeight
 from awq_graph.emit import check_written_integers

@@ -56,6 +56,19 @@ def test_a_derived_config_checks_clean_and_resolves_to_the_same_groups(tiny_grap
     assert resolved == per_layer
 
 
+def test_a_group_read_back_from_its_json_is_the_same_group(tiny_graph):
+    """What report.json and the derived config write of a group (names, maps, the fold point's
+    kind) is all of it: read back through JSON text, every group of every layer compares equal."""
+    import json
+
+    from awq_graph.core.records import ScalingGroup
+
+    _, per_layer, _ = derive_groups(tiny_graph)
+    groups = [g for layer in per_layer for g in layer]
+    assert len(groups) == 8
+    assert [ScalingGroup.from_json(json.loads(json.dumps(g.to_json()))) for g in groups] == groups
+
+
 def _config(*entries):
     return {"model_decoder_layers": "model.layers", "scaling_layers": list(entries)}
 

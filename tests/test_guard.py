@@ -4,7 +4,7 @@ round-to-nearest is never written silently."""
 import torch
 
 from awq_graph.core.numerics import QuantScheme, quantize
-from awq_graph.core.stages import Stages
+from awq_graph.core.layer_cut import LayerCut
 from awq_graph.emit import fake_quant_overrides
 from awq_graph.export import export_model
 from awq_graph.guard import HeldAsideGuard
@@ -51,7 +51,7 @@ def _planted(gm, bad_layers: set[int], harm):
     """The check run by hand over every layer: for a layer in ``bad_layers``, ``harm(li, linears)``
     makes the search's candidate (folds it may make in place, the clipped integers); elsewhere the
     search's candidate is round-to-nearest's own integers. Returns the report and the written integers."""
-    stages = Stages(gm)
+    stages = LayerCut(gm)
     guard = HeldAsideGuard(gm, stages, _ids(3, 1), SCHEME)
     kept = {}
     for li in range(stages.n):

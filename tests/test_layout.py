@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 STAGE_RANK = {"load": 0, "export": 0, "calib": 0, "runtime": 0, "outdir": 0, "interrupt": 0, "gguf_weights": 0, "weights": 0,
               "checkpoint": 0, "fingerprint": 0, "match": 1, "verify": 1, "guard": 1, "float_eval": 1,
-              "search": 2, "quantize": 3, "emit": 4, "compressed": 4, "sampling": 4}
+              "search": 2, "head_table": 3, "emit": 4, "compressed": 4, "sampling": 4}
 
 
 def _module_name(path: Path) -> str:

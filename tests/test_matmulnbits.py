@@ -71,7 +71,7 @@ def test_gatherblockquantized_rows_equal_numpy_dequantization(symmetric, k, shar
     import onnx_ir as ir
 
     from awq_graph.emit.builder import GraphBuilder, embedding, tensor_input
-    from awq_graph.quantize import TokenTable
+    from awq_graph.head_table import TokenTable
 
     torch.manual_seed(k)
     vocab, block = 40, 32

@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from awq_graph.core.errors import first_line  # noqa: E402
 DEFAULT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral",
            "qwen2_moe", "qwen3_moe", "olmoe", "granite", "starcoder2"]
 VERIFY_TOLERANCE = 1e-4  # awq_graph.match's
@@ -83,7 +85,7 @@ def survey_one(model_type: str, compile_it: bool = False) -> dict:
         stage = "graph"
         graph = _graph(model, gm)
     except Exception as exc:
-        row.update(status=f"{stage} failed", reason=_first_line(exc), seconds=round(time.perf_counter() - t0, 1))
+        row.update(status=f"{stage} failed", reason=first_line(exc, 300), seconds=round(time.perf_counter() - t0, 1))
         return row
     base = f"{found.prefix}.0."
     layer0 = found.per_layer[0] if found.per_layer else []
@@ -110,7 +112,7 @@ def _tiny_compile(model) -> dict:
             result = awq_graph.compile(model, ids, Path(tmp) / "out", n_samples=4, seqlen=16, scheme="uint4_wo_16",
                                        warn=lambda message: None)
         except Exception as exc:
-            return {"ok": False, "reason": _first_line(exc)}
+            return {"ok": False, "reason": first_line(exc, 300)}
         graph = result.report["graph"]
         return {"ok": True, "kind": graph["kind"], "check_deviation": graph["check_deviation"],
                 "warnings": result.report["warnings"]}
@@ -132,11 +134,6 @@ def _not_found(found, base: str) -> list[str]:
     """Layer 0's groups that were not found, each with the graph's reason."""
     return sorted({f"{s.prev_op.removeprefix(base) or '?'} -> {', '.join(x.removeprefix(base) for x in s.layers)}: "
                    f"{s.reason.replace(base, '')}" for s in found.skipped if all(x.startswith(base) for x in s.layers)})
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _survey(args) -> int:

@@ -71,7 +71,7 @@ def main() -> int:
     from awq_graph.core.analysis import token_lookup, token_table
     from awq_graph.core.ir import run_nodes
     from awq_graph.core.numerics import QuantScheme, quantize
-    from awq_graph.core.stages import Stages
+    from awq_graph.core.layer_cut import LayerCut
     from awq_graph.export import export_model
     from awq_graph.load import load_model
     from awq_graph.match import head_group
@@ -86,7 +86,7 @@ def main() -> int:
     if args.rotate:
         _rotate_head(model)
     gm = export_model(model, private=False)
-    stages, group = Stages(gm), head_group(gm)
+    stages, group = LayerCut(gm), head_group(gm)
     (head,) = group.layers
     calib = calibration.from_file(args.data / "wikitext2-valid-tokenized.txt", tokenizer, args.n_samples, 512)
     test = tokenizer(calibration.read_text(args.data / "wikitext2-test.txt"), add_special_tokens=False).input_ids

@@ -148,12 +148,12 @@ def _layer_of(name: str, prefix: str) -> int | None:
 def cmd_eval(args) -> None:
     from awq_graph import calib as calibration
     from awq_graph.core.ir import run_nodes
-    from awq_graph.core.stages import Stages
+    from awq_graph.core.layer_cut import LayerCut
     from awq_graph.runtime import perplexity
 
     torch.set_grad_enabled(False)
     model, tokenizer, gm = _setup(args.model, args.seqlen)
-    stages = Stages(gm)
+    stages = LayerCut(gm)
     prefix = stages.prefix
     test = tokenizer(calibration.read_text(args.data / "wikitext2-test.txt"), add_special_tokens=False).input_ids
     variants = {v: _variant(gm, args.model, v) for v in args.variants}
@@ -235,7 +235,7 @@ def cmd_eval(args) -> None:
 def _local_errors(gm, stages, held, a, b, prefix, run_nodes):
     """Per decoder layer, with the float model's input to it: the output error of variant a's and
     b's layer against the float layer, over the held-aside tokens, in several weightings."""
-    from awq_graph.core.stages import params_read
+    from awq_graph.core.layer_cut import params_read
 
     params_env = params_read(gm, stages.stages[0], "cpu")
     env = {**params_env, gm.input_node(): held}
@@ -310,7 +310,7 @@ def _trace(gm, stages, held, variants, prefix, run_nodes):
     the residual stream's error against the float one after each layer (errors compounding through
     the quantized layers), per token relative to the float residual's RMS (what the next RMS
     normalization sees), the first token of each window apart."""
-    from awq_graph.core.stages import params_read
+    from awq_graph.core.layer_cut import params_read
 
     env0 = {**params_read(gm, stages.stages[0], "cpu"), gm.input_node(): held}
     run_nodes(stages.stages[0], env0)

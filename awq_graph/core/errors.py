@@ -9,6 +9,22 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
 
 
+def first_paragraph(exc: BaseException) -> str:
+    """The message's first paragraph as one line (transformers wraps its sentences over lines)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return " ".join(line.strip() for line in text.split("\n\n")[0].splitlines() if line.strip())
+
+
+def error_line(exc: BaseException) -> str:
+    """An error as the command line prints it: our own errors' message, another's type too."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted ({exc})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, AwqGraphError) else f"{type(exc).__name__}: {text}"
+
+
 class AwqGraphError(Exception):
     """Base class of every error a user can cause."""
 

@@ -16,7 +16,7 @@ from awq_graph.core.numerics import PackedWeight, QuantizedWeight, pack_matmulnb
 from awq_graph.emit.families import DecoderShape
 from awq_graph.passes.matmulnbits import initializer, matmulnbits_node, matmulnbits_weights, spilled_initializer
 from awq_graph.core.spill import SpilledWeight
-from awq_graph.quantize import TokenTable
+from awq_graph.head_table import TokenTable
 
 OPSETS = {"": 21, "com.microsoft": 1}
 

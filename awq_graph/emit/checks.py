@@ -13,8 +13,8 @@ from awq_graph.core.analysis import token_lookup, token_table
 from awq_graph.core.ir import GraphModel
 from awq_graph.core.numerics import QuantizedWeight
 from awq_graph.core.spill import SpilledWeight, digest
-from awq_graph.core.stages import Stages, run_layers
-from awq_graph.quantize import TokenTable
+from awq_graph.core.layer_cut import LayerCut, run_layers
+from awq_graph.head_table import TokenTable
 
 # Relative logit error allowed: with float32 activations a graph computes what the torch program
 # does to float32 rounding, so a tight bound catches a wrong structure; int8 activations (accuracy
@@ -56,7 +56,7 @@ def checked_layers(gm: GraphModel, model) -> list[int]:
     """The decoder layers the check runs: the first two, the last, and the first of each kind of
     attention (gemma's local and global layers); every layer of a model whose layers are not one
     program (a dense first layer before MoE ones)."""
-    stages = Stages(gm)
+    stages = LayerCut(gm)
     n = stages.n
     kinds = list(getattr(getattr(model, "config", None), "layer_types", None) or [])[:n]
     chosen = sorted({0, min(1, n - 1), n - 1} | {kinds.index(k) for k in set(kinds)})

@@ -38,7 +38,7 @@ from awq_graph.core import cache_names
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, out_rows, signature)
 from awq_graph.emit.families import DecoderShape, Family, Names
-from awq_graph.quantize import TokenTable
+from awq_graph.head_table import TokenTable
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 

@@ -19,7 +19,7 @@ from awq_graph.core import cache_names
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, signature)
 from awq_graph.emit.families import DecoderShape, Family
-from awq_graph.quantize import TokenTable
+from awq_graph.head_table import TokenTable
 
 
 def gpt2_support(model, family: Family, group_size: int | None = None) -> str | None:

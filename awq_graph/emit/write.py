@@ -20,7 +20,7 @@ from awq_graph.emit.generic import GenericUnsupported, export_cached_onnx
 from awq_graph.emit.logits_only import export_float_onnx, save_model
 from awq_graph.emit.plan import BLOCK_WRITERS, FUSED, GENERIC, LOGITS_ONLY, GraphPlan, plan_graph, refuse_untranslatable
 from awq_graph.passes.matmulnbits import SPILLED, RewriteMatMulNBits, SetAccuracyLevel
-from awq_graph.quantize import TokenTable
+from awq_graph.head_table import TokenTable
 
 
 @dataclass

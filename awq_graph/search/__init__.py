@@ -15,8 +15,8 @@ runs on a fixed subsample of whole sequences (``loss_tokens``); the statistics (
 H or X) always use every token.
 
 The grid is screened where bfloat16 products are fast (``SearchOptions.screen``): every grid
-point's loss is first computed with its large products in bfloat16 (3.8x float32's speed on an
-AVX512-BF16 CPU), then in float32 for the identity, the screen's best ratio and its neighbours,
+point's loss is first computed with its large products in bfloat16 (several times float32's speed
+on an AVX512-BF16 CPU), then in float32 for the identity, the screen's best ratio and its neighbours,
 and the points within ``SCREEN_MARGIN`` of the best screened loss, and the choice is made from the
 float32 losses alone. The screen's own error (its deviations from those float32 losses, less their
 common offset) must be under a quarter of the margin, or the margin widens (``grid_search``). The

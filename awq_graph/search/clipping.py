@@ -62,8 +62,8 @@ def clip_gain(w, shrink, blocks, report: ClipReport | None, opts) -> torch.Tenso
 
 
 # rows of a weight the clipping search sweeps at once: its temporaries (a few of these blocks) stay
-# in the CPU's caches; on a 2048 x 8192 weight 1.7x faster than the whole weight per sweep, the
-# same shrinks (rows are independent)
+# in the CPU's caches, which is faster than a sweep of the whole weight, and the shrinks are the
+# same (rows are independent)
 CLIP_BLOCK_ELEMENTS = 1 << 21
 
 

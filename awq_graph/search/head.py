@@ -7,7 +7,7 @@ import torch
 
 from ..core.analysis import ancestors
 from ..core.ir import GraphModel, run_nodes
-from ..core.stages import Stages, params_read
+from ..core.layer_cut import LayerCut, params_read
 from ..core.ranks import ONE, Ranks
 from ..core.numerics import QuantScheme, QuantizedWeight, quantize, scaled_fake_quantize, weight_magnitude
 from ..core.records import ScalingGroup
@@ -23,7 +23,7 @@ from .statistics import InputStats, Moments, scatter_mean
 HEAD_ROWS = 8192  # rows of the head per pass: the search's temporaries stay a few (rows x in) floats
 
 
-def head_input_nodes(stages: Stages, head_input) -> list:
+def head_input_nodes(stages: LayerCut, head_input) -> list:
     """The post stage's nodes that ``head_input`` (the head's input node) depends on, in graph
     order: what computes the final hidden states, normed, and not the (tokens x vocab) logits."""
     post = stages.stages[stages.n + 1]
@@ -31,7 +31,7 @@ def head_input_nodes(stages: Stages, head_input) -> list:
     return [n for n in post if n in needed]
 
 
-def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks, stores, stages: Stages,
+def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks, stores, stages: LayerCut,
                 opts: SearchOptions, result: SearchResult, keep=None, ranks: Ranks = ONE) -> None:
     """The head as one more single-linear group (``group``: the final norm -> the head): the
     statistics of its input over every calibration token (the final hidden states, normed: the

@@ -9,9 +9,10 @@ import torch
 from ..core.analysis import quantizable_linears
 from ..core.heap import heap_reused
 from ..core.ir import GraphModel, in_module, run_nodes
-from ..core.stages import Stages, params_read
+from ..core.layer_cut import LayerCut, params_read
 from ..core.ranks import ONE, Ranks
 from ..core.numerics import QuantScheme
+from ..core.progress import no_progress
 from ..core.records import ScalingGroup
 from ..guard import HeldAsideGuard
 from ..passes.fold import Folded, fold_scales, folded_params
@@ -50,8 +51,8 @@ def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks, held=No
     t0 = time.perf_counter()
     if opts.propagate == "quantized" and ranks.world > 1:
         raise ValueError("propagate='quantized' runs in one process (rank 0 alone holds the integers)")
-    progress = progress or (lambda it, desc, total: it)
-    stages = Stages(gm)
+    progress = progress or no_progress
+    stages = LayerCut(gm)
     n_samples, seqlen = calib.shape
     # chunk 0 is the loss subsample: whole sequences, evenly spaced through the set
     n_loss = max(1, min(n_samples, opts.loss_tokens // seqlen))

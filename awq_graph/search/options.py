@@ -21,7 +21,7 @@ class SearchOptions:
     # than "unbiased", docs/quality-on-a-1.5b-model.md), "unbiased", or "off"
     clip_gain: str = "lsq"
     # whole sequences for a non-linear module2inspect; on SmolLM2 g128, 4096 tokens gave no better
-    # perplexity (24.90 vs 24.81 with 1024) at 1.3x the search time
+    # perplexity at a third more search time (docs/how-it-works.md)
     loss_tokens: int = 1024
     chunk_tokens: int = 4096  # tokens per interpreter pass
     # the single-linear loss: "auto" (direct when there are fewer tokens than input channels),
@@ -124,8 +124,8 @@ def loss_form(tokens: int, channels: int, experts: int, asked: str = "auto", out
     kept only while they take less memory than H (tokens < 2 in: tokens x in float32 against in^2
     float64). A bank of experts reads, per expert, the rows routed to it or their H: the rows
     while there are fewer calibration tokens than channels (the routed rows, top-k per token, are
-    then fewer floats than E float32 H's and cheaper per grid point: Mixtral-8x7B's down_proj input
-    at 8 x 256 takes 235 MB of rows against 6.6 GB of H)."""
+    then fewer floats than E float32 H's and cheaper per grid point: for a large model's experts,
+    hundreds of MB of rows against GBs of H)."""
     if asked != "auto":
         return asked
     if experts:

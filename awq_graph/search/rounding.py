@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..core.analysis import quantizable_linears
 from ..core.ir import GraphModel
 from ..core.numerics import PackedWeight, QuantScheme, QuantizedWeight, quantize
+from ..core.progress import no_progress
 from .reports import SearchResult
 
 
@@ -12,7 +13,7 @@ def rtn(gm: GraphModel, scheme: QuantScheme, progress=None, keep=None, spend: bo
     """Round-to-nearest baseline: every quantizable linear, full range, no search (a streamed
     weight is read, quantized and released: one in memory at a time). ``keep`` as in ``awq_search``.
     ``spend``: a released weight may not be read again (False: the search reads it later)."""
-    progress = progress or (lambda it, desc, total: it)
+    progress = progress or no_progress
     names = quantizable_linears(gm)
     out = {}
     for name in progress(names, "round to nearest", len(names)):

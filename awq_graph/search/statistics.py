@@ -13,7 +13,7 @@ class InputStats:
     linear reading it needs, in the form ``loss_form`` chose: H = X^T X ("quadratic", float64),
     or the rows X themselves ("direct", float32). The input of a bank of E experts (rows sorted
     by expert, ``offsets`` the cumulative row counts) gets one H per expert, (E, C, C), from the
-    rows routed to it, in float32 (E times the memory of one H: 6.6 GB for Mixtral-8x7B's
+    rows routed to it, in float32 (E times the memory of one H: GBs for a large model's
     down_proj)."""
 
     def __init__(self, channels: int, experts: int = 0, form: str = "quadratic", device="cpu", ranks: Ranks = ONE):
@@ -104,8 +104,8 @@ class Moments:
     where a bfloat16 H's rounding, with the large off-diagonal terms of outlier channels, cancels
     badly). The "sketch" screen reads S R (``gaussian_sketch``: an eighth of R's rows, float32); the
     "bfloat16" screen reads R in bfloat16, or S R in bfloat16 where R has rows enough to sketch
-    (Llama-3.2-1B's down_proj at 16 x 512: 8,192 x 8,192 rows, 0.24 s a point in bfloat16, 0.03 s
-    sketched, and 0.46 s once for the sketch). A bank of experts' H, an H without a Cholesky
+    (a sketch costs once about what two bfloat16 points cost, and makes every point several times
+    cheaper). A bank of experts' H, an H without a Cholesky
     factor, or rows too few to sketch for the "sketch" screen, have no screen (``screen`` is then
     None: the group's grid runs in float32)."""
 

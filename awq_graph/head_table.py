@@ -1,4 +1,4 @@
-"""Quantize: the integers the search does not choose, in one place: the head (``--quantize-lm-head``,
+"""The head and the token table: the integers the search does not choose, in one place: the head (``--quantize-lm-head``,
 8 bits by default; round-to-nearest when there is no calibration, else the search chooses them)
 and the token table (int4, for GatherBlockQuantized): its own integers, or a 4-bit head's when the
 two are tied (one copy in the file, as onnxruntime-genai's builder writes it). The decoder layers'

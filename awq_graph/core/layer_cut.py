@@ -1,6 +1,7 @@
-"""The exported graph cut at its decoder layers (``Stages``), and a run of the program through a
-chosen subset of them (``run_layers``): the search goes stage by stage, and the emission's check
-compares a shallow decoder with the program run through the same layers."""
+"""The exported graph cut at its decoder layers (``LayerCut``: the part before them, each layer,
+the part after), and a run of the program through a chosen subset of them (``run_layers``): the
+search goes a part at a time, and the emission's check compares a shallow decoder with the
+program run through the same layers."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ from .errors import InterpretError
 from .ir import GraphModel, module_path, run_nodes
 
 
-class Stages:
+class LayerCut:
     """The graph cut into pre, decoder layer 0..n-1 and post stages, with the values each
     stage hands to later ones."""
 
@@ -94,11 +95,11 @@ def params_read(gm: GraphModel, nodes, device=None) -> dict:
 
 
 def run_layers(gm: GraphModel, input_ids: torch.Tensor, layers: list[int], made: dict[str, object] | None = None,
-               fixed: dict[fx.Node, torch.Tensor] | None = None, stages: Stages | None = None) -> torch.Tensor:
+               fixed: dict[fx.Node, torch.Tensor] | None = None, stages: LayerCut | None = None) -> torch.Tensor:
     """Logits of the program run through decoder ``layers`` only, in that order (each layer's
     input the previous chosen one's output), then the final norm and head; ``made`` and
     ``fixed`` as in ``GraphModel.run``. With every layer, this is ``GraphModel.run``."""
-    stages = stages or Stages(gm)
+    stages = stages or LayerCut(gm)
     makers = {gm.param_node(name): make for name, make in (made or {}).items()}
     makers = {**gm.param_makers(skip=set(makers)), **makers}
     env = {gm.input_node(): input_ids, **(fixed or {})}
