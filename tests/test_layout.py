@@ -6,7 +6,8 @@ Layers, bottom to top; a module imports only from its own layer or the ones belo
     0  awq_graph.core      the floor: errors, IR, analysis, numerics, records
     1  awq_graph.passes    graph analyses and rewrites (the folder passes/ at the top of the repo)
     2  stages              load, export, calib, runtime, outdir < match, verify < search < quantize < emit
-    3  awq_graph.pipeline  compile(): the stages in order
+    3  awq_graph.pipeline  compile(): the stages in order (its package: options, checks, calibration,
+                           report, driver)
     4  awq_graph.cli       and the package's own __init__ / __main__ (the public API)
     5  tools/              benchmarks and table generators
 """
@@ -49,7 +50,7 @@ def _level(module: str) -> tuple[int, int]:
         return 5, 0
     if module in ("awq_graph", "awq_graph.__main__", "awq_graph.cli"):
         return 4, 0
-    if module == "awq_graph.pipeline":
+    if module == "awq_graph.pipeline" or module.startswith("awq_graph.pipeline."):
         return 3, 0
     if parts[1] == "core":
         return 0, 0

@@ -287,3 +287,21 @@ def test_clipped_integers_keep_each_groups_output_as_large_as_the_float_one():
     off = ratios["off"][0]
     assert off.mean() < 0.995 and off.min() < 0.97, (off.mean(), off.min())
     assert ratios["lsq"][0].mean() > off.mean() and ratios["lsq"][0].min() > off.min()
+
+
+def test_propagating_the_quantized_output_changes_what_later_layers_are_fitted_on_and_not_layer_0():
+    """``propagate="quantized"``: layer i + 1 is calibrated on layer i's output with its integers,
+    not on the float output. Layer 0 reads the embeddings either way, so its choices and integers
+    are the same; layer 1's inputs, hence its losses, are not."""
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 320, (4, 32), generator=gen)
+    scheme = QuantScheme(4, 16)
+    results = {}
+    for mode in ("float", "quantized"):
+        gm = export_model(tiny_model())
+        results[mode] = awq_search(gm, match(gm).per_layer, calib, SearchOptions(scheme=scheme, propagate=mode))
+    float_, quant = results["float"], results["quantized"]
+    layer0 = [n for n in float_.quantized if ".layers.0." in n]
+    assert layer0 and all(torch.equal(float_.quantized[n].unpack().q, quant.quantized[n].unpack().q) for n in layer0)
+    losses = {mode: [g.loss_rtn for g in r.groups if g.layer == 1] for mode, r in results.items()}
+    assert all(a != b for a, b in zip(losses["float"], losses["quantized"])), losses
