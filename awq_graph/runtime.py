@@ -124,27 +124,13 @@ class CompiledModel:
         self.growing_cache = metadata.get(KV_CACHE_KEY) == "concat"
         self.past_shapes = [inputs[n].shape for n in self.past_names]
         self.past_dtypes = [np.float16 if "float16" in inputs[n].type else np.float32 for n in self.past_names]
-        if self.has_kv_cache:
-            if not self.growing_cache:  # the fused decoder's (B, kv_heads, length, head_dim)
-                first = inputs[self.past_names[0]]
-                if not all(isinstance(first.shape[d], int) for d in (1, 3)) or "position_ids" not in inputs:
-                    raise InputError(f"{self.path} is not a KV-cache decoder awq-graph wrote: its {first.name} has "
-                                     f"shape {first.shape} (KV heads and head size not fixed) or it takes no "
-                                     f"position_ids; run it with the runtime it was written for (a folder with "
-                                     f"genai_config.json: onnxruntime-genai)")
-                self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
-            self.vocab = int(self.session.get_outputs()[0].shape[-1])
-            self.np_dtype = self.past_dtypes[0]
         # a generic decoder with linear-attention states takes one token per call
         self.one_token = self.growing_cache and inputs["input_ids"].shape[1] == 1
         context = metadata.get(CONTEXT_KEY)
         self.max_positions = int(context) if context else None  # None: a folder written before it was recorded
-        # a logits-only graph of an export that fixed the length takes that many tokens (shorter
-        # sequences are padded on the right: a causal LM's earlier logits never see later tokens)
-        length = inputs[self.input_names[0]].shape[1]
-        self.fixed_len = length if not self.has_kv_cache and isinstance(length, int) else None
-        if self.fixed_len:
-            self.max_positions = min(self.max_positions or self.fixed_len, self.fixed_len)
+        # how this kind of graph runs: the fused decoder, the generic one, or logits only
+        self.graph = (_GenericGraph(self) if self.growing_cache else _FusedGraph(self, inputs) if self.has_kv_cache
+                      else _LogitsOnlyGraph(self, inputs))
         self._ort = ort
         self._tokenizer = tokenizer
 
@@ -176,26 +162,7 @@ class CompiledModel:
     # -- forward passes -------------------------------------------------------------------
     def logits(self, ids) -> torch.Tensor:
         """Logits (B, S, V) float32 of whole sequences, nothing cached."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if self.fixed_len:
-            if ids.shape[1] > self.fixed_len:
-                raise InputError(f"{self.path} takes at most {self.fixed_len} tokens (torch.export fixed the length "
-                                 f"of this architecture's graph); got {ids.shape[1]}")
-            padded = np.zeros((ids.shape[0], self.fixed_len), np.int64)
-            padded[:, :ids.shape[1]] = ids
-            return torch.from_numpy(self.session.run(None, {self.input_names[0]: padded})[0][:, :ids.shape[1]]).float()
-        if not self.has_kv_cache:
-            return torch.from_numpy(self.session.run(None, {self.input_names[0]: ids})[0]).float()
-        if self.growing_cache:
-            return torch.from_numpy(_GrowingCache(self, ids.shape[0]).step(ids).astype(np.float32))
-        batch, seq = ids.shape
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.np_dtype)
-        feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
-                "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()}
-        feed.update({n: empty for n in self.past_names})
-        if self.has_logits_to_keep:
-            feed["logits_to_keep"] = np.array(0, np.int64)
-        return torch.from_numpy(self.session.run(["logits"], feed)[0].astype(np.float32))
+        return self.graph.logits(self, np.asarray(ids, dtype=np.int64))
 
     def score(self, text: str, seqlen: int = 2048, max_windows: int | None = None) -> tuple[float, int]:
         """Perplexity of ``text`` over non-overlapping windows of ``seqlen`` tokens: (ppl, tokens scored)."""
@@ -211,10 +178,8 @@ class CompiledModel:
         out += [cache.step(ids[:, t:t + 1]) for t in range(prefill, ids.shape[1])]
         return np.concatenate(out, axis=1).astype(np.float32)
 
-    def _new_cache(self, max_len: int, batch: int = 1) -> "_KVCache":
-        if not self.has_kv_cache:
-            raise InputError(f"{self.path} is a logits-only model (no KV cache)")
-        return _GrowingCache(self, batch) if self.growing_cache else _KVCache(self, max_len, batch)
+    def _new_cache(self, max_len: int, batch: int = 1) -> "_KVCache | _GrowingCache":
+        return self.graph.cache(self, max_len, batch)
 
     def sample_rows(self, starts: np.ndarray, length: int, rng: np.random.Generator, top_k: int = 50,
                     temperature: float = 1.0) -> np.ndarray:
@@ -289,20 +254,97 @@ class CompiledModel:
         if self.max_positions and len(prompt_ids) + max_new_tokens > self.max_positions:
             raise InputError(f"the prompt's {len(prompt_ids)} tokens plus {max_new_tokens} new ones exceed the "
                              f"model's context of {self.max_positions} positions")
-        if not self.has_kv_cache:
-            ids = list(prompt_ids)
+        return self.graph.decoding(self, list(prompt_ids), len(prompt_ids) + max_new_tokens)
 
-            def rerun(token: int) -> np.ndarray:
-                ids.append(token)
-                return self.logits([ids])[0, -1].numpy()
 
-            return self.logits([ids])[0, -1].numpy(), rerun
-        cache = self._new_cache(len(prompt_ids) + max_new_tokens)
+class _Cached:
+    """A graph with a cache: the prompt once, then a token per step against it. The graph
+    strategies hold nothing of the model (no cycle keeps a session alive past its model)."""
+
+    def decoding(self, model: "CompiledModel", prompt_ids: list[int], max_len: int):
+        cache = self.cache(model, max_len)
 
         def step(token: int) -> np.ndarray:
             return cache.step(np.asarray([[token]], np.int64), last_only=True)[0, -1]
 
         return cache.step(np.asarray([prompt_ids], np.int64), last_only=True)[0, -1], step
+
+
+class _FusedGraph(_Cached):
+    """The fused KV-cache decoder: (batch, kv_heads, length, head_dim) buffers updated in place."""
+
+    def __init__(self, model: "CompiledModel", inputs: dict):
+        first = inputs[model.past_names[0]]
+        if not all(isinstance(first.shape[d], int) for d in (1, 3)) or "position_ids" not in inputs:
+            raise InputError(f"{model.path} is not a KV-cache decoder awq-graph wrote: its {first.name} has "
+                             f"shape {first.shape} (KV heads and head size not fixed) or it takes no "
+                             f"position_ids; run it with the runtime it was written for (a folder with "
+                             f"genai_config.json: onnxruntime-genai)")
+        model.kv_heads, model.head_dim = first.shape[1], first.shape[3]
+        model.vocab = int(model.session.get_outputs()[0].shape[-1])
+        model.np_dtype = model.past_dtypes[0]
+
+    def logits(self, m: "CompiledModel", ids: np.ndarray) -> torch.Tensor:
+        """Whole sequences against an empty cache."""
+        batch, seq = ids.shape
+        empty = np.zeros((batch, m.kv_heads, 0, m.head_dim), m.np_dtype)
+        feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
+                "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()}
+        feed.update({n: empty for n in m.past_names})
+        if m.has_logits_to_keep:
+            feed["logits_to_keep"] = np.array(0, np.int64)
+        return torch.from_numpy(m.session.run(["logits"], feed)[0].astype(np.float32))
+
+    def cache(self, model: "CompiledModel", max_len: int, batch: int = 1) -> "_KVCache":
+        return _KVCache(model, max_len, batch)
+
+
+class _GenericGraph(_Cached):
+    """The generic decoder: its presents (past + the step) fed back as the next past."""
+
+    def __init__(self, model: "CompiledModel"):
+        model.vocab = int(model.session.get_outputs()[0].shape[-1])
+        model.np_dtype = model.past_dtypes[0]
+
+    def logits(self, model: "CompiledModel", ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(_GrowingCache(model, ids.shape[0]).step(ids).astype(np.float32))
+
+    def cache(self, model: "CompiledModel", max_len: int, batch: int = 1) -> "_GrowingCache":
+        return _GrowingCache(model, batch)
+
+
+class _LogitsOnlyGraph:
+    """The logits-only graph: every step re-runs the whole prefix. An export that fixed the length
+    takes that many tokens: shorter sequences are padded on the right (a causal LM's earlier
+    logits never see later tokens)."""
+
+    def __init__(self, model: "CompiledModel", inputs: dict):
+        length = inputs[model.input_names[0]].shape[1]
+        self.fixed_len = length if isinstance(length, int) else None
+        if self.fixed_len:
+            model.max_positions = min(model.max_positions or self.fixed_len, self.fixed_len)
+
+    def logits(self, m: "CompiledModel", ids: np.ndarray) -> torch.Tensor:
+        if not self.fixed_len:
+            return torch.from_numpy(m.session.run(None, {m.input_names[0]: ids})[0]).float()
+        if ids.shape[1] > self.fixed_len:
+            raise InputError(f"{m.path} takes at most {self.fixed_len} tokens (torch.export fixed the length "
+                             f"of this architecture's graph); got {ids.shape[1]}")
+        padded = np.zeros((ids.shape[0], self.fixed_len), np.int64)
+        padded[:, :ids.shape[1]] = ids
+        return torch.from_numpy(m.session.run(None, {m.input_names[0]: padded})[0][:, :ids.shape[1]]).float()
+
+    def cache(self, model: "CompiledModel", max_len: int, batch: int = 1):
+        raise InputError(f"{model.path} is a logits-only model (no KV cache)")
+
+    def decoding(self, model: "CompiledModel", prompt_ids: list[int], max_len: int):
+        ids = list(prompt_ids)
+
+        def rerun(token: int) -> np.ndarray:
+            ids.append(token)
+            return self.logits(model, np.asarray([ids], np.int64))[0, -1].numpy()
+
+        return self.logits(model, np.asarray([ids], np.int64))[0, -1].numpy(), rerun
 
 
 class _KVCache:

@@ -191,3 +191,35 @@ def test_the_wheel_installs_passes_inside_the_package_and_nothing_at_the_top(whe
         assert module in names, module
     ours = {n for n in names if n.endswith(".py")}
     assert len(ours) == len(list(REPO.glob("awq_graph/**/*.py"))) + len(list(REPO.glob("passes/*.py")))
+
+
+MAX_LINES = 600  # past this a file is usually several modules
+
+
+def test_no_source_file_is_several_modules_long():
+    long = [f"{p.relative_to(REPO)}: {n} lines" for p in [*REPO.glob("awq_graph/**/*.py"), *REPO.glob("passes/*.py")]
+            if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert long == []
+
+
+def test_no_command_line_flag_is_compared_in_control_flow():
+    """The library decides on its options' values, never on the text of a CLI flag (a comparison
+    or a membership test with a string starting with '--')."""
+    found = []
+    for path in [*REPO.glob("awq_graph/**/*.py"), *REPO.glob("passes/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                for operand in [node.left, *node.comparators]:
+                    for n in ast.walk(operand):
+                        if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("--"):
+                            found.append(f"{path.relative_to(REPO)}:{node.lineno}: {n.value!r}")
+    assert found == []
+
+
+@pytest.mark.parametrize("package", ["awq_graph.emit", "awq_graph.search", "awq_graph.pipeline"])
+def test_a_package_face_only_names_what_its_modules_define(package):
+    """A package's __init__ holds its docstring and imports: the code lives in its modules."""
+    path = REPO / package.replace(".", "/") / "__init__.py"
+    body = ast.parse(path.read_text()).body
+    code = [type(node).__name__ for node in body[1:] if not isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert isinstance(body[0], ast.Expr) and code == []
