@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from .core.analysis import quantizable_linears
 from .core.progress import no_progress
 from .core.numerics import QuantScheme, pack_nibbles
+from .core.spill import SpilledWeight
 from .load import WEIGHT_FILES, eval_dtype
 
 FORMAT = "pack-quantized"
@@ -131,7 +132,7 @@ def write_compressed_checkpoint(folder: Path, gm, model, quantized: dict, scheme
         site = linears.get(name)
         if site is not None:
             held = quantized[site.module]
-            packed = held.packed() if hasattr(held, "packed") else held
+            packed = held.packed() if isinstance(held, SpilledWeight) else held
             prefix = name.removesuffix(".weight")
             tensors = {prefix + ".weight_packed": packed_rows(packed.blob.numpy(), site.out_features),
                        prefix + ".weight_scale": packed.scale.reshape(site.out_features, -1).to(dtype),

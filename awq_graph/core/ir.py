@@ -7,11 +7,23 @@ self_attn.q_proj``), exactly what a Quark config names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import fx
 
 from .errors import InterpretError
+
+
+@runtime_checkable
+class StreamedParams(Protocol):
+    """A parameter store that reads each tensor from the checkpoint when asked
+    (``awq_graph.weights.ParamStore``), its shapes known without reading; a plain dict of
+    tensors is the model held in memory."""
+
+    def shape_of(self, name: str) -> torch.Size: ...
+
+    def release(self, names, spent: bool = False) -> None: ...
 
 PREFIX = "lm."  # the attribute of the exported wrapper (``awq_graph.export``): stripped from every name
 
@@ -96,7 +108,7 @@ class GraphModel:
     @property
     def streamed(self) -> bool:
         """The parameters are read from the checkpoint when asked (``awq_graph.weights.ParamStore``)."""
-        return hasattr(self.params, "shape_of")
+        return isinstance(self.params, StreamedParams)
 
     def param_shape(self, name: str) -> torch.Size:
         """A parameter's shape, without reading a streamed one."""

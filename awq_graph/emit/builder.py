@@ -12,6 +12,7 @@ import onnx_ir as ir
 import torch
 
 from awq_graph.core import cache_names
+from awq_graph.core.ir import StreamedParams
 from awq_graph.core.numerics import PackedWeight, QuantizedWeight, pack_matmulnbits
 from awq_graph.emit.families import DecoderShape
 from awq_graph.passes.matmulnbits import initializer, matmulnbits_node, matmulnbits_weights, spilled_initializer
@@ -204,7 +205,7 @@ class LazyMatrix:
 
 def lazy_param(params, name: str) -> LazyMatrix:
     """Parameter ``name`` read when the model is written (a streamed store is not read before)."""
-    shape = params.shape_of(name) if hasattr(params, "shape_of") else params[name].shape
+    shape = params.shape_of(name) if isinstance(params, StreamedParams) else params[name].shape
     return LazyMatrix(tuple(shape), lambda: params[name])
 
 

@@ -20,7 +20,7 @@ from .clipping import clip_and_quantize
 from .grid import search_group
 from .head import search_head
 from .options import SearchOptions, loss_form
-from .reports import SearchResult
+from .reports import ClipReport, GroupReport, SearchResult
 from .rounding import hold_integers
 from .statistics import InputStats
 
@@ -79,13 +79,16 @@ def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks, held=No
         groups = per_layer[li] if li < len(per_layer) else []
         base = f"{stages.prefix}.{li}"
         linears = [n for n in gm.linears if n.startswith(base + ".") and n in quantizable]
-        folds_before = len(result.folded)
+        layer = Layer(gm, li, nodes, groups, linears, chunks, stages, opts, ranks, n_samples * seqlen)
         with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
-            _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, n_samples * seqlen, keep,
-                          ranks, guard)
-        fold_layer += [li] * (len(result.folded) - folds_before)
+            made = _search_layer(layer, stores, keep, guard)
+        result.groups += made.groups
+        result.folded += made.folded
+        result.quantized.update(made.quantized)
+        result.clips += made.clips
+        fold_layer += [li] * len(made.folded)
         if gm.streamed:  # the layer leaves memory, but for what its folds edited outside its linears
-            _release_layer(gm, nodes, linears, result.folded[folds_before:])
+            _release_layer(gm, nodes, linears, made.folded)
     if guard is not None:
         with torch.no_grad(), (gm.params.hold() if gm.streamed else nullcontext()):
             result.guard, result.quantized, undone = guard.finish()
@@ -141,35 +144,63 @@ def _on(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _search_layer(gm, li, nodes, groups, linears, chunks, stores, stages, opts, result, tokens, keep=None,
-                  ranks: Ranks = ONE, guard: HeldAsideGuard | None = None):
-    """Decoder layer ``li`` in three steps that return records: the scale of each group
-    (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize."""
-    def form_of(channels, experts, out_features):
-        return loss_form(tokens, channels, experts, opts.loss_form, out_features, opts.loss_points)
+@dataclass(frozen=True)
+class Layer:
+    """What one decoder layer's search reads: its nodes, scaling groups and quantizable linears,
+    the calibration chunks, and how the search runs."""
 
+    gm: GraphModel
+    index: int
+    nodes: list
+    groups: list[ScalingGroup]
+    linears: list[str]
+    chunks: "Chunks"
+    cut: LayerCut
+    opts: SearchOptions
+    ranks: Ranks
+    tokens: int  # calibration tokens over every rank
+
+    def form_of(self, channels: int, experts: int, out_features: int | None) -> str:
+        return loss_form(self.tokens, channels, experts, self.opts.loss_form, out_features, self.opts.loss_points)
+
+
+@dataclass
+class LayerMade:
+    """What one decoder layer's search made: per group its scale's report, the folds (what each
+    changed), the integers as held, the clipping reports."""
+
+    groups: list[GroupReport]
+    folded: list[Folded]
+    quantized: dict
+    clips: list[ClipReport]
+
+
+def _search_layer(layer: Layer, stores: list[dict], keep=None, guard: HeldAsideGuard | None = None) -> LayerMade:
+    """Decoder layer ``layer.index`` in three steps that return records: the scale of each group
+    (``GroupReport``), the folds (``Folded``: what each changed), then clip + quantize. Hands the
+    next layer's calibration input on through ``stores``."""
+    gm, li, opts, ranks = layer.gm, layer.index, layer.opts, layer.ranks
     inputs = [dict(store) for store in stores] if opts.propagate == "quantized" else None
-    stats, inspect, saved = _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of,
-                                              opts.device, ranks)
-    scales = []
-    for g in groups:
-        s, report = search_group(gm, li, g, stats, inspect, saved, opts, set(linears), ranks)
-        result.groups.append(report)
+    stats, inspect, saved = _layer_statistics(gm, li, layer.nodes, layer.groups, layer.linears, layer.chunks, stores,
+                                              layer.cut, layer.form_of, opts.device, ranks)
+    reports, scales = [], []
+    for g in layer.groups:
+        s, report = search_group(gm, li, g, stats, inspect, saved, opts, set(layer.linears), ranks)
+        reports.append(report)
         if s is not None:
             scales.append((g, s.cpu()))  # the folds edit the parameters where they live
     if guard is not None:  # what the layer was before its folds
-        guard.snapshot(li, linears, {p for g, _ in scales for p in folded_params(g, gm.linears)})
+        guard.snapshot(li, layer.linears, {p for g, _ in scales for p in folded_params(g, gm.linears)})
     folded = [fold_scales(gm.params, g, s, gm.linears) for g, s in scales]
-    result.folded.extend(folded)
-    quantized, unclipped, clips = clip_and_quantize(gm, linears, stats, folded, opts, ranks, unclipped=guard is not None)
+    quantized, unclipped, clips = clip_and_quantize(gm, layer.linears, stats, folded, opts, ranks,
+                                                    unclipped=guard is not None)
     if guard is not None:
-        held = guard.layer(li, nodes, quantized, unclipped, lambda name, qw: hold_integers(name, qw, keep))
+        held = guard.layer(li, layer.nodes, quantized, unclipped, lambda name, qw: hold_integers(name, qw, keep))
     else:
         held = {name: hold_integers(name, qw, keep) for name, qw in quantized.items()}
-    result.quantized.update(held)
-    result.clips.extend(clips)
     if inputs is not None:
-        _advance_quantized(gm, li, nodes, quantized, chunks, inputs, stores, stages, opts.device)
+        _advance_quantized(gm, li, layer.nodes, quantized, layer.chunks, inputs, stores, layer.cut, opts.device)
+    return LayerMade(reports, folded, held, clips)
 
 
 def _advance_quantized(gm, li, nodes, quantized, chunks, inputs, stores, stages, device) -> None:
