@@ -57,6 +57,11 @@ def signal_behind(exc: BaseException) -> int | None:
     return _received[0] if _received else None
 
 
+def forget_signals() -> None:
+    """Forget the signals received so far (a process that handled one and goes on)."""
+    _received.clear()
+
+
 def checkpoint() -> None:
     """Raise a signal received earlier whose exception was swallowed; nothing otherwise."""
     if _received:

@@ -98,6 +98,11 @@ class SafetensorsWeights:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """Where a tensor's bytes lie: (file, offset, length)."""
+        path, _, _, offset, length = self._where[name]
+        return path, offset, length
+
     def dtype(self, name: str) -> torch.dtype:
         return self._where[name][1]
 
@@ -286,6 +291,10 @@ class ParamStore(Mapping):
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._resident.values())
+
+    def resident(self) -> set[str]:
+        """The parameters held in memory now (read, or edited by a fold and kept)."""
+        return set(self._resident)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)

@@ -51,7 +51,8 @@ def test_api_takes_a_model_and_token_tensors_and_names_its_files(tmp_path):
     calib = [torch.randint(0, 320, (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = awq_graph.compile(model, calib, tmp_path / "out", scheme="uint4_wo_16", n_samples=6, seqlen=64)
-    assert {p.name for p in result.files} >= {"model.onnx", "model.onnx.data", "awq_config.json", "report.json"}
+    assert {p.name for p in result.files} == {"model.onnx", "model.onnx.data", "awq_config.json", "report.json",
+                                              "genai_config.json", "config.json", "generation_config.json"}
     assert result.report["calibration"] == {"samples": 6, "seqlen": 64}
     assert result.report["warnings"] == []
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # caller's model untouched

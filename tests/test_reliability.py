@@ -309,7 +309,7 @@ def test_a_signal_while_torch_imports_waits_for_the_import_to_finish():
                 finished.append("the held block ran to its end")
         assert stop.value.signum == signal.SIGTERM and finished == ["the held block ran to its end"]
     finally:
-        interrupt._received.clear()
+        interrupt.forget_signals()
         sys.unraisablehook = hook
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -87,7 +87,7 @@ def test_a_streamed_search_keeps_only_what_the_folds_edited_outside_the_quantize
     assert gm.streamed and gm.params.resident_bytes() == 0
     per_layer, _ = match(gm).for_search()
     result = awq_search(gm, per_layer, _calibration(), SearchOptions())
-    kept = set(gm.params._resident)
+    kept = gm.params.resident()
     edited = {name for f in result.folded for name in f.params}
     assert kept and kept <= edited and all(name.endswith("norm.weight") for name in kept), kept
     with pytest.raises(RuntimeError, match="read after its layer was quantized"):
@@ -117,7 +117,7 @@ def test_a_damaged_tensor_in_a_streamed_checkpoint_is_one_line_naming_it(tmp_pat
 
     folder = build(tmp_path / "ck", "tiny", layers=2, tokenizer=tiny_tokenizer())
     weights = SafetensorsWeights(folder)
-    path, _, _, offset, _ = weights._where["model.layers.1.mlp.up_proj.weight"]
+    path, offset, _ = weights.location("model.layers.1.mlp.up_proj.weight")
     with open(path, "r+b") as f:  # one bf16 NaN (0x7fc0) in the middle of the file
         f.seek(offset + 64)
         f.write(bytes([0xC0, 0x7F]))
