@@ -47,7 +47,7 @@ def quantize_token_table(gm: GraphModel, scheme: QuantScheme) -> TokenTable:
 def token_table_of_head(head: str, quantized: QuantizedWeight, folded) -> TokenTable:
     """The lookup reads the integers of ``head``, which is tied to the token table; ``folded``: the
     head search's fold records (a scale folded into the final norm, and into the head's copy)."""
-    scale = next((f.scale[torch.tensor(f.group.channel_map(head))] for f in folded if f.group.layers == (head,)), None)
+    scale = next((f.group.column_scale(f.scale, head) for f in folded if f.group.layers == (head,)), None)
     return TokenTable(quantized, head, None if scale is None else 1.0 / scale)
 
 

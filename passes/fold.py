@@ -52,9 +52,9 @@ def fold_scales(params: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
             p = params[name]
             shape = (1, -1, 1) if p.dim() == 3 else (-1,) + (1,) * (p.dim() - 1)  # 3-D: a bank of experts
             _in_float32(p, torch.div, s.reshape(shape))
-    for layer, cmap in zip(group.layers, group.channel_maps):
+    for layer in group.layers:
         w = sites[layer].matrix(params)  # (out, in) view; (E * out, in) for experts
-        _in_float32(w, torch.mul, s[torch.tensor(cmap)])
+        _in_float32(w, torch.mul, group.column_scale(s, layer))
     return Folded(group, s, folded_params(group, sites))
 
 

@@ -77,6 +77,11 @@ class ScalingGroup:
     def channel_map(self, layer: str) -> tuple[int, ...]:
         return self.channel_maps[self.layers.index(layer)]
 
+    def column_scale(self, s, layer: str):
+        """The scale of ``layer``'s input columns: the group's scale ``s`` (a tensor over its
+        source channels) read through the layer's channel map."""
+        return s[list(self.channel_map(layer))]
+
     @property
     def inspects_one_linear(self) -> bool:
         """Its loss is the output error of its single linear (no subgraph to run)."""

@@ -18,9 +18,9 @@ def clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, ranks: Ran
     outcomes sent to rank 0, which alone quantizes."""
     col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
     for f in folded:
-        for layer, cmap in zip(f.group.layers, f.group.channel_maps):
+        for layer in f.group.layers:
             if layer in col_scale:
-                col = f.scale[torch.tensor(cmap)]
+                col = f.group.column_scale(f.scale, layer)
                 col_scale[layer] = col if col_scale[layer] is None else col_scale[layer] * col
     quantized, full_range, clips = {}, ({} if unclipped else None), []
     for i, name in enumerate(linears):

@@ -36,7 +36,7 @@ def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized
         screen = moments.screen
 
         def loss_of(s, screened=None):
-            sc = s[maps[name]]
+            sc = g.column_scale(s, name)
             w = weights[name]
             dw = scaled_fake_quantize(w, sc, scheme).sub_(w)
             return float(moments.error(dw, screened)) / numel
@@ -53,7 +53,7 @@ def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized
         def loss_of(s, screened=None):
             quantized = {}
             for name, w in weights.items():
-                sc = s[maps[name]]
+                sc = g.column_scale(s, name)
                 quantized[placeholders[name]] = gm.linears[name].stored(scaled_fake_quantize(w, sc, scheme))
             total = 0.0
             for k, (ext_values, refs) in enumerate(parts):

@@ -69,7 +69,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
         moments, numel = Moments(stat, opts.linear_screen), stat.tokens * site.out_features
 
         def loss_of(s, screened=None):
-            sc = s[cmap]
+            sc = group.column_scale(s, name)
             return sum(float(moments.error(scaled_fake_quantize(p, sc, scheme).sub_(p), screened)) for p in parts) / numel
 
         s, ratio, outcome = grid_search(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks, moments.screen)
@@ -78,7 +78,7 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
         if s is not None:
             fold_scales(gm.params, replace(group, layers=(), channel_maps=()), s.cpu(), gm.linears)  # the norm only
             result.folded.append(Folded(group, s.cpu(), tuple(group.prev_params)))
-            col = s[cmap]
+            col = group.column_scale(s, name)
         if not ranks.leader:  # rank 0 alone clips and quantizes the head
             return
         blocks = stat.blocks(stat.scaled(None if col is None else 1.0 / col), scheme.group_size) if opts.clip else None
