@@ -134,6 +134,11 @@ class CompiledModel:
         self._ort = ort
         self._tokenizer = tokenizer
 
+    @property
+    def fixed_len(self) -> int | None:
+        """The tokens a logits-only graph of an export that fixed the length takes (None: any)."""
+        return self.graph.fixed_len
+
     # -- tokens ---------------------------------------------------------------------------
     @property
     def tokenizer(self):
@@ -260,6 +265,8 @@ class CompiledModel:
 class _Cached:
     """A graph with a cache: the prompt once, then a token per step against it. The graph
     strategies hold nothing of the model (no cycle keeps a session alive past its model)."""
+
+    fixed_len = None  # any length: the cache takes the steps
 
     def decoding(self, model: "CompiledModel", prompt_ids: list[int], max_len: int):
         cache = self.cache(model, max_len)
