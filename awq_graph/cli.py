@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -24,6 +25,28 @@ def _progress(it, desc, total):
     for item in tqdm(it, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True):
         checkpoint()
         yield item
+
+
+# the flags that set the library's options where the flag is not the option's name with dashes
+# (``CompileOptions``' fields, and the keyword arguments of ``compile`` and ``CompiledModel``)
+_FLAGS = {"out_dir": "-o", "rtn_only": "--rtn", "grid_points": "--grid", "clip=False": "--no-clip",
+          "stream=False": "--no-stream", "kv_cache=False": "--no-kv-cache", "kv_cache='generic'": "--generic-decoder"}
+
+
+OPTION_NAMED = re.compile(r"(?<!`)`([a-z][a-z0-9_]*)(?:=([^`]*))?`(?!`)")  # not a docstring's ``code``
+
+
+def respell(message: str) -> str:
+    """A library message as the command line says it: each option it names as the Python API
+    spells it, `name` or `name=value` in backquotes, becomes the flag that sets it
+    (`seqlen=4096` -> --seqlen 4096, `overwrite=True` -> --overwrite, `stream=False` -> --no-stream)."""
+    def flag(found: re.Match) -> str:
+        name, value = found.group(1), found.group(2)
+        if f"{name}={value}" in _FLAGS:
+            return _FLAGS[f"{name}={value}"]
+        spelled = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        return spelled if value in (None, "True") else f"{spelled} {value.strip(chr(39))}"
+    return OPTION_NAMED.sub(flag, message)
 
 
 def _quiet() -> None:
@@ -253,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except AwqGraphError as exc:
         if args.debug:
             raise
-        print(f"awq-graph: error: {_rank_said(exc)}", file=sys.stderr)
+        print(f"awq-graph: error: {respell(_rank_said(exc))}", file=sys.stderr)
         _exit_if_joining(1)
         if _RANK[0] is not None and _group_alive():
             # a torchrun rank whose process group is still up (a fault every rank saw at once):
@@ -390,7 +413,7 @@ def _compile_on(args, ranks) -> int:
             ranks.fail(error_line(exc))
         raise
     result = run_compile(args.model, args.calib, args.out, options, progress=_progress if leader else None,
-                         warn=lambda message: print(f"awq-graph: warning: {message}", file=sys.stderr), ranks=ranks)
+                         warn=lambda message: print(f"awq-graph: warning: {respell(message)}", file=sys.stderr), ranks=ranks)
     if not leader:  # rank 0 says what it wrote
         return 0
     rep = result.report
@@ -401,7 +424,7 @@ def _compile_on(args, ranks) -> int:
           f"timings {rep['timings_s']}")
     check = rep.get("held_aside_check")
     if check and check["written"] == "searched":
-        print(f"awq-graph: {check['summary']}", file=sys.stderr)  # otherwise it was a warning already
+        print(f"awq-graph: {respell(check['summary'])}", file=sys.stderr)  # otherwise it was a warning already
     if rep.get("export_hf"):
         hf = rep["export_hf"]
         print(f"wrote {hf['folder']} (compressed-tensors {hf['format']}: {hf['quantized_linears']} linears, "
@@ -487,10 +510,10 @@ def _eval_checkpoint(args, target: Path, text: str) -> tuple[float, int]:
         gm, why = streamed_program(target, seqlen)
         if gm is not None:
             return streamed_perplexity(gm, windows_of(ids, seqlen, args.max_windows), progress)
-        print(f"awq-graph: eval: {target.name} is loaded whole ({why})", file=sys.stderr)
+        print(f"awq-graph: eval: {target.name} is loaded whole ({respell(why)})", file=sys.stderr)
     dtype, note = eval_dtype(target, args.dtype)
     if note:
-        print(f"awq-graph: {note}", file=sys.stderr)
+        print(f"awq-graph: {respell(note)}", file=sys.stderr)
     model = load_float_model(target, dtype)
     ids, seqlen = _scored_ids(args, tokenizer, text, getattr(model.config, "max_position_embeddings", None))
     return runtime.perplexity(runtime.torch_logits(model), ids, seqlen, args.max_windows, progress=progress)

@@ -1,4 +1,4 @@
-"""``--export-hf DIR``: the AWQ-scaled model as a compressed-tensors checkpoint, llm-compressor's
+"""``export_hf``: the AWQ-scaled model as a compressed-tensors checkpoint, llm-compressor's
 "pack-quantized" format (transformers with the ``compressed-tensors`` package and vLLM load it), made
 of the same integers as model.onnx, so that one compile serves ONNX Runtime and GPU servers.
 
@@ -39,21 +39,21 @@ def export_refusal(gm, scheme: QuantScheme, head_searched: bool) -> str | None:
     """Why this compile cannot be written as a compressed-tensors checkpoint (one line naming the
     linear or the option), or None. Read off the graph before the search starts."""
     if scheme.bits != 4:
-        return f"--export-hf writes 4-bit integers; the scheme {scheme.name} has {scheme.bits}"
+        return f"`export_hf` writes 4-bit integers; the scheme {scheme.name} has {scheme.bits}"
     if head_searched:
-        return ("--export-hf keeps the head float, but a searched 4-bit head (--lm-head-bits 4) folds its scale "
-                "into the final norm: leave --lm-head-bits at 8, or drop --export-hf")
+        return ("`export_hf` keeps the head float, but a searched 4-bit head (`lm_head_bits=4`) folds its scale "
+                "into the final norm: leave `lm_head_bits` at 8, or drop `export_hf`")
     for name in quantizable_linears(gm):
         site = gm.linears[name]
         if site.experts:
-            return (f"--export-hf: {name} is a bank of {site.experts} experts (one parameter, not nn.Linear "
+            return (f"`export_hf`: {name} is a bank of {site.experts} experts (one parameter, not nn.Linear "
                     "modules), which compressed-tensors' Linear targets do not cover")
         kind = gm.module_types.get(site.module)
         if kind != "Linear" or site.transposed:
-            return (f"--export-hf: {site.module} is a {kind}, not an nn.Linear "
+            return (f"`export_hf`: {site.module} is a {kind}, not an nn.Linear "
                     "(compressed-tensors quantizes Linear modules)")
         if site.in_features % scheme.group_size:
-            return (f"--export-hf: {site.module} has {site.in_features} inputs, not a whole number of groups of "
+            return (f"`export_hf`: {site.module} has {site.in_features} inputs, not a whole number of groups of "
                     f"{scheme.group_size} (choose a group size that divides every linear's inputs)")
     return None
 

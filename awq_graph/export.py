@@ -71,7 +71,7 @@ def export_model(lm: torch.nn.Module, example_seq: int = 8, private: bool = True
         exc = failures[0]
         raise ExportError(
             f"torch.export could not capture {type(lm).__name__}: {first_line(exc)} "
-            "(awq-graph works on the exported graph, so --config does not help here; a transformers "
+            "(awq-graph works on the exported graph, so `config` does not help here; a transformers "
             "release whose modeling code exports for this architecture may)"
         ) from exc
     ids_shape = input_shape(program)

@@ -1,4 +1,4 @@
-"""The head and the token table: the integers the search does not choose, in one place: the head (``--quantize-lm-head``,
+"""The head and the token table: the integers the search does not choose, in one place: the head (``quantize_lm_head``,
 8 bits by default; round-to-nearest when there is no calibration, else the search chooses them)
 and the token table (int4, for GatherBlockQuantized): its own integers, or a 4-bit head's when the
 two are tied (one copy in the file, as onnxruntime-genai's builder writes it). The decoder layers'
@@ -19,7 +19,7 @@ def quantize_head(gm: GraphModel, scheme: QuantScheme) -> tuple[str, QuantizedWe
     """(the head's module name, its integers): the linear that writes the logits, found in the graph."""
     head = output_head(gm)
     if head is None:
-        raise InputError("--quantize-lm-head: no linear layer writes the logits in this graph")
+        raise InputError("`quantize_lm_head`: no linear layer writes the logits in this graph")
     return head, quantize(gm.linears[head].matrix(gm.params).detach().float(), scheme)
 
 

@@ -90,18 +90,18 @@ def eval_dtype(path: str | Path, asked: str = "auto", available: int | None = No
     if stored == torch.float32:
         return torch.float32, None
     if asked == "stored":
-        return stored, f"eval: running {path.name} in {str(stored).removeprefix('torch.')}, its stored dtype (--dtype stored)"
+        return stored, f"eval: running {path.name} in {str(stored).removeprefix('torch.')}, its stored dtype (`dtype=stored`)"
     elements = sum(by_dtype.values())
     available = available if available is not None else _mem_available()
     if available is None or 4 * elements <= FITS * available:
         return torch.float32, None
     return stored, (f"eval: {path.name} in float32 takes {4 * elements / 2**30:.1f} GiB, more than "
                     f"{FITS:.0%} of the {available / 2**30:.1f} GiB available: running in "
-                    f"{str(stored).removeprefix('torch.')}, its stored dtype (--dtype float32 to insist)")
+                    f"{str(stored).removeprefix('torch.')}, its stored dtype (`dtype=float32` to insist)")
 
 
 def sampler_dtype(path: str | Path, available: int | None = None) -> tuple[torch.dtype, str | None]:
-    """The dtype the whole model is loaded in to sample calibration text (``--calib self``), and a
+    """The dtype the whole model is loaded in to sample calibration text (``calib="self"``), and a
     note when it is not float32: float32 where that copy fits (``eval_dtype``'s "auto"), else the
     checkpoint's stored dtype (an 8B model: 16 GB in bfloat16 against 32 GB)."""
     dtype, _ = eval_dtype(path, "auto", available)
@@ -230,7 +230,7 @@ def open_skeleton(path: str | Path) -> tuple[Skeleton | None, str | None]:
 
 def refuse_quantized(path: Path, config=None) -> None:
     """compile quantizes a float checkpoint: one whose config has a quantization_config (a
-    compressed-tensors folder, our own --export-hf output, GPTQ, AWQ, bitsandbytes) is refused by
+    compressed-tensors folder, our own export_hf output, GPTQ, AWQ, bitsandbytes) is refused by
     name rather than failing later in torch.export."""
     if config is None:
         from transformers import AutoConfig

@@ -1,7 +1,7 @@
 """The output folder, claimed and written atomically: a compile claims OUT (a ``.OUT.lock`` beside
 it, made exclusively, so a second compile into it is refused at once); everything goes into a
 hidden sibling folder, which replaces OUT only once every file is complete, and never an OUT that
-appeared during the run unless --overwrite was given; on any failure it is removed and OUT is as it
+appeared during the run unless `overwrite` was given; on any failure it is removed and OUT is as it
 was."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .core.errors import InputError
 from .interrupt import checkpoint
 
 
-def output_path(out_dir: str | os.PathLike, flag: str = "-o") -> Path:
+def output_path(out_dir: str | os.PathLike, option: str = "`out_dir`") -> Path:
     """OUT as compile writes it: a symbolic link is followed to the folder it names (whose parent
     holds the hidden siblings, so the final rename stays on its filesystem and the link keeps
     naming the new OUT); the current folder, or one holding it, is refused (replacing it would
@@ -25,7 +25,7 @@ def output_path(out_dir: str | os.PathLike, flag: str = "-o") -> Path:
     target = given.resolve()
     here = Path.cwd().resolve()
     if target == here or target in here.parents:
-        raise InputError(f"{flag} {given} is the current folder{'' if target == here else ' or holds it'}: name a "
+        raise InputError(f"{option} {given} is the current folder{'' if target == here else ' or holds it'}: name a "
                          "folder of its own (OUT is replaced as a whole)")
     return target if given.is_symlink() else Path(os.path.abspath(given))
 
@@ -35,7 +35,7 @@ def _lock(out_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def claim_out_dir(out_dir: Path, flag: str = "-o"):
+def claim_out_dir(out_dir: Path, option: str = "`out_dir`"):
     """OUT is this run's until the block ends: a second compile into it (another process) is
     refused at once, not found out at the final rename. A lock a killed run left (its process
     gone) is taken over."""
@@ -50,13 +50,13 @@ def claim_out_dir(out_dir: Path, flag: str = "-o"):
             except (OSError, ValueError):
                 holder = 0
             if holder and holder != os.getpid() and _alive(holder):
-                raise InputError(f"{flag} {out_dir}: another awq-graph compile (pid {holder}) is writing it; wait for "
+                raise InputError(f"{option} {out_dir}: another awq-graph compile (pid {holder}) is writing it; wait for "
                                  f"it to end or choose another folder") from None
             lock.unlink(missing_ok=True)  # its run is gone
         except OSError as exc:
             raise InputError(f"cannot claim {out_dir} ({lock}: {exc.strerror})") from None
     else:
-        raise InputError(f"{flag} {out_dir}: another awq-graph compile is claiming it at the same moment")
+        raise InputError(f"{option} {out_dir}: another awq-graph compile is claiming it at the same moment")
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
     try:
@@ -67,22 +67,22 @@ def claim_out_dir(out_dir: Path, flag: str = "-o"):
                 lock.unlink()
 
 
-def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = (), flag: str = "-o", outputs: tuple = ()) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: tuple = (), option: str = "`out_dir`", outputs: tuple = ()) -> None:
     """Fail before any work when OUT cannot be written as asked. ``inputs``: the paths compile
     reads (the checkpoint, the calibration file); ``outputs``: the other folders it writes. OUT may
     be none of them, nor inside one, nor hold one, since replacing OUT deletes what it held.
-    ``flag``: the option that named OUT, for the message."""
+    ``option``: the option that named OUT, as the message names it."""
     target = out_dir.resolve()
     for given, role in [(x, "input") for x in inputs] + [(x, "output folder") for x in outputs]:
         source = Path(given).resolve()
         if target == source or target in source.parents or source in target.parents:
             relation = ("is" if target == source else "holds" if target in source.parents else "is inside")
-            raise InputError(f"output folder {out_dir} {relation} the {role} {given}: choose another {flag} "
+            raise InputError(f"output folder {out_dir} {relation} the {role} {given}: choose another {option} "
                              f"(the {role} is never replaced)")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output path {out_dir} is a file, not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"output folder {out_dir} already exists and is not empty (pass --overwrite to replace it)")
+        raise InputError(f"output folder {out_dir} already exists and is not empty (pass `overwrite=True` to replace it)")
     parent = target.parent
     if not parent.exists():
         raise InputError(f"the parent folder of {out_dir} does not exist")
@@ -150,7 +150,7 @@ def remove_stale(out_dir: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_out_dir(out_dir: Path, overwrite: bool = True, flag: str = "-o"):
+def atomic_out_dir(out_dir: Path, overwrite: bool = True, option: str = "`out_dir`"):
     """Yields the folder to write into; on a normal exit it becomes ``out_dir`` (replacing an old
     one only with ``overwrite``: without it, OUT was absent or empty when the run was checked, and
     an OUT with files now appeared during the run), with the
@@ -171,8 +171,8 @@ def atomic_out_dir(out_dir: Path, overwrite: bool = True, flag: str = "-o"):
         checkpoint()  # a signal swallowed while the files were written: OUT stays as it was
         _default_permissions(tmp)
         if not overwrite and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise InputError(f"{flag} {out_dir} appeared while compiling (another program made it): it was not "
-                             "replaced (pass --overwrite to replace it), and nothing was written")
+            raise InputError(f"{option} {out_dir} appeared while compiling (another program made it): it was not "
+                             "replaced (pass `overwrite=True` to replace it), and nothing was written")
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)

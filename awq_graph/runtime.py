@@ -44,7 +44,7 @@ def session(model_path: str | Path, threads: int | None = None, provider: str = 
     if not model_path.is_file():
         raise InputError(f"{model_path} does not exist: not a compiled awq-graph folder")
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise InputError("--provider cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+        raise InputError("`provider=cuda`: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
     opts = ort.SessionOptions()
     # on the CPU errors only: onnxruntime warns at every load that logits_to_keep has a default (an
     # initializer of its name, for runtimes that do not feed it); with CUDA its placement warnings matter

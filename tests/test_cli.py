@@ -1,11 +1,14 @@
 """The command line end to end on a tiny checkpoint, and one-line errors on bad input."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from awq_graph.cli import main
+from awq_graph.cli import OPTION_NAMED, main, respell
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _text_file(tmp_path):
@@ -234,6 +237,27 @@ def test_a_head_group_size_matmulnbits_cannot_take_is_one_line_naming_the_flag(c
     assert main(["compile", "M", "-o", "O", "--quantize-lm-head", "--lm-head-group-size", "48"]) == 1  # M is not read
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--lm-head-group-size 48" in err and "power of two" in err, err
+
+
+def test_the_cli_says_each_option_a_library_message_names_as_a_flag_it_has(capsys):
+    """Library messages name an option as the Python API spells it (`seqlen=4096`); the CLI
+    says it as the flag that sets it, and every option named anywhere in the library is one."""
+    assert respell("`seqlen=4096` is longer") == "--seqlen 4096 is longer"
+    assert respell("pass `overwrite=True` to replace it") == "pass --overwrite to replace it"
+    assert respell("`kv_cache='generic'`, `stream=False`, `out_dir` x, `device=cuda:1`, `rtn_only=True`") == (
+        "--generic-decoder, --no-stream, -o x, --device cuda:1, --rtn")
+    flags = set()
+    for command in ("compile", "eval", "generate", "infer-config", "check-config"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        flags |= set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", capsys.readouterr().out))
+    named = set()
+    for path in [*(REPO / "awq_graph").glob("**/*.py")]:
+        if path.name != "cli.py":
+            named |= {found.group(0) for found in OPTION_NAMED.finditer(path.read_text())}
+    assert len(named) > 20, named
+    unknown = sorted(f"{option} -> {respell(option)}" for option in named if respell(option).split()[0] not in flags)
+    assert unknown == []
 
 
 def test_text_files_are_read_with_universal_newlines(tmp_path):

@@ -14,6 +14,7 @@ Layers, bottom to top; a module imports only from its own layer or the ones belo
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -213,6 +214,20 @@ def test_no_command_line_flag_is_compared_in_control_flow():
                     for n in ast.walk(operand):
                         if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("--"):
                             found.append(f"{path.relative_to(REPO)}:{node.lineno}: {n.value!r}")
+    assert found == []
+
+
+def test_the_library_names_options_as_the_python_api_does_and_only_the_cli_spells_flags():
+    """Outside cli.py no string (docstrings included) spells a command-line flag: messages name an
+    option as its keyword, `seqlen=4096`, and the CLI respells it (``cli.respell``)."""
+    flag = re.compile(r"(?<![\w-])--[a-z]")
+    found = []
+    for path in [*REPO.glob("awq_graph/**/*.py"), *REPO.glob("passes/*.py")]:
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and flag.search(node.value):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:60]!r}")
     assert found == []
 
 

@@ -69,7 +69,7 @@ def test_the_scale_grid_has_the_ratios_asked_for(tmp_path):
     assert result.report["grid_points"] == 4 and len(groups) == 2 * 4  # 2 layers, 4 groups each
     assert all(g["exact_points"] == 5 for g in groups), [g["exact_points"] for g in groups]
     assert {g["ratio"] for g in groups} <= {None, 0.0, 0.25, 0.5, 0.75}
-    with pytest.raises(awq_graph.InputError, match="--grid 0: give 1 to 200 ratios"):
+    with pytest.raises(awq_graph.InputError, match="`grid_points=0`: give 1 to 200 ratios"):
         awq_graph.CompileOptions(grid_points=0)
 
 
@@ -105,7 +105,7 @@ class DataDependentLM(NoNormLM):
 
 def test_a_model_torch_export_cannot_capture_is_a_clear_error(tmp_path):
     model = DataDependentLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64)).eval()
-    with pytest.raises(awq_graph.ExportError, match="torch.export could not capture DataDependentLM: .*--config does not help"):
+    with pytest.raises(awq_graph.ExportError, match="torch.export could not capture DataDependentLM: .*`config` does not help"):
         awq_graph.compile(model, torch.randint(0, 64, (2, 16)), tmp_path / "out", n_samples=2, seqlen=16)
     assert not (tmp_path / "out").exists()
 
@@ -165,7 +165,7 @@ def test_a_graph_no_emitter_can_write_fails_before_calibration(tmp_path):
     model.model.norm = _Doubled(model.model.norm)
     with pytest.raises(awq_graph.ExportError, match=r"no ONNX translation for the op awq_graph_test\.double "
                                                      r"\(used in 'model\.norm'\), and no KV-cache decoder: "
-                                                     r"--no-kv-cache; nothing was quantized"):
+                                                     r"`kv_cache=False`; nothing was quantized"):
         awq_graph.compile(model, "self", tmp_path / "out", kv_cache=False)  # no tokenizer: calibration would fail
     assert not (tmp_path / "out").exists()
 

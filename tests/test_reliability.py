@@ -166,7 +166,7 @@ def test_inputs_not_a_multiple_of_the_group_are_warned_of_with_the_padding_the_f
     model = tiny_model(hidden_size=96, intermediate_size=192, head_dim=24)
     compile(model, None, tmp_path / "out", rtn_only=True, scheme="uint4_wo_64", warn=warnings.append)
     (said,) = [w for w in warnings if "not a multiple of the group size 64" in w]
-    assert "--group-size 32 divides every input" in said
+    assert "`group_size=32` divides every input" in said
     graph = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     written = padding = 0

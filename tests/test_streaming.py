@@ -32,7 +32,7 @@ def test_a_streamed_compile_writes_the_bytes_of_the_in_memory_compile(tmp_path, 
         result = compile(folder, _calibration(), outs[stream], n_samples=8, seqlen=32, scheme="uint4_wo_32",
                          stream=stream, **how)
         assert result.report["weights"]["streamed"] is stream, result.report["weights"]
-    assert result.report["weights"]["loaded_whole_because"] == "--no-stream"
+    assert result.report["weights"]["loaded_whole_because"] == "`stream=False`"
     for name in ("model.onnx", "model.onnx.data"):
         assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
     streamed = json.loads((outs[True] / "report.json").read_text())

@@ -1,5 +1,5 @@
 """User-facing errors. Each message says what is wrong, where, and how to fix it; the CLI
-prints it on one line and exits 1 (a traceback only with --debug)."""
+prints it on one line and exits 1 (a traceback only when asked)."""
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:

@@ -15,7 +15,7 @@ freed ones stay on the heap to be reused: faster, for a peak RSS a few hundred M
 slowly with depth (docs/scale.md has the figures); on leaving, glibc's defaults come back and the
 heap is trimmed, and the layers still leave memory as they finish (``ParamStore.release`` trims).
 Any mallopt turns glibc's moving mmap threshold off for good, so after the search a compile of a
-model in memory (``--no-stream``) maps its blocks from 128 KB up where glibc would have raised the
+model in memory (``stream=False``) maps its blocks from 128 KB up where glibc would have raised the
 threshold; emission measured no slower for it, so it is left as it is.
 ``heap_reused`` leaves glibc alone where the environment sets one of its ``MALLOC_*`` tunables
 (the caller has chosen how memory is handed out: the depth tests map every block over 64 KB on

@@ -46,9 +46,9 @@ def plan_graph(gm: GraphModel, model, kv_cache: bool | str = True, group_size: i
     this graph: the fused decoder does not fit and the exported graph holds a custom op
     torch.onnx cannot translate."""
     if not kv_cache:
-        plan = GraphPlan((LOGITS_ONLY,), "--no-kv-cache", asked=LOGITS_ONLY)
+        plan = GraphPlan((LOGITS_ONLY,), "`kv_cache=False`", asked=LOGITS_ONLY)
     elif kv_cache == "generic":
-        plan = GraphPlan((GENERIC, LOGITS_ONLY) if model is not None else (LOGITS_ONLY,), "--generic-decoder",
+        plan = GraphPlan((GENERIC, LOGITS_ONLY) if model is not None else (LOGITS_ONLY,), "`kv_cache='generic'`",
                          asked=GENERIC)
     else:
         reason = "no HF model object" if model is None else decoder_support(model, group_size)

@@ -87,9 +87,9 @@ def _refuse_in_memory_writers(job: WriteJob, reason: str) -> None:
     take (a streamed model, float16 activations, an op torch.onnx cannot translate)."""
     if job.gm.streamed:
         raise ExportError(f"{reason}; the logits-only graph is exported from the model in memory: compile with "
-                          f"--no-stream for it, and please report this model")
+                          f"`stream=False` for it, and please report this model")
     if job.act_dtype != "float32":
-        raise InputError(f"--act-dtype {job.act_dtype} needs the KV-cache decoder, and {reason}")
+        raise InputError(f"`act_dtype={job.act_dtype}` needs the KV-cache decoder, and {reason}")
     refuse_untranslatable(job.gm, reason)
 
 

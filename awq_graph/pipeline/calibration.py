@@ -21,7 +21,7 @@ def calibration_ids(calib, model, tokenizer, opts: CompileOptions, progress, sou
     the same seed, and the sampling is not repeated per rank); a file is read by every rank."""
     def missing(what: str) -> InputError:
         where = tokenizer_files(source) if source else "no tokenizer was given (pass tokenizer=...)"
-        return InputError(f"{what} needs a tokenizer, and {where}; round-to-nearest (--rtn) or token tensors need none")
+        return InputError(f"{what} needs a tokenizer, and {where}; round-to-nearest (`rtn_only=True`) or token tensors need none")
 
     if calib is None or (isinstance(calib, str) and calib == "self"):
         if tokenizer is None:
@@ -60,6 +60,6 @@ def held_aside(ids: torch.Tensor, opts: CompileOptions, source: str):
         return ids, None, None
     if ids.shape[0] <= opts.n_samples:
         return ids, None, (f"the held-aside check is off: calibration from {source} gave {ids.shape[0]} samples of "
-                           f"{opts.seqlen} tokens, none beyond the {opts.n_samples} the search takes (n_samples; "
-                           f"the check holds {opts.held} more aside: give more text, fewer samples, or held_samples=0)")
+                           f"{opts.seqlen} tokens, none beyond the {opts.n_samples} the search takes (`n_samples`; "
+                           f"the check holds {opts.held} more aside: give more text, fewer samples, or `held_samples=0`)")
     return ids[:opts.n_samples], ids[opts.n_samples:], None

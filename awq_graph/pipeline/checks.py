@@ -16,7 +16,7 @@ from .options import CompileOptions
 def least_bytes(gm, opts: CompileOptions) -> tuple[int, int]:
     """At least what compile writes of the weights, in bytes: (the quantized linears' int4 nibbles,
     every other parameter at 2 bytes, the token table and the head at half a byte when
-    --quantize-lm-head). The scales, the zero points and the graph are left out: a lower bound
+    ``quantize_lm_head``). The scales, the zero points and the graph are left out: a lower bound
     whatever the activation type (float32 weights take twice) or the decoder emitted."""
     quantized = {gm.linears[n].weight for n in quantizable_linears(gm)}
     packed = set()  # at 4 bits or more
@@ -69,12 +69,12 @@ def same_on_every_rank(calib_ids, source: str, ranks: Ranks) -> None:
         return
     if calib_ids.shape[0] < ranks.world:
         raise RankFailed(f"calibration from {source} gave {calib_ids.shape[0]} samples, fewer than the "
-                         f"{ranks.world} ranks: give at least one sample per rank (--n-samples)")
+                         f"{ranks.world} ranks: give at least one sample per rank (`n_samples`)")
     digests = ranks.gather(hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest())
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise RankFailed(f"rank {differ[0]}: calibration from {source} gave other tokens than rank 0's: every rank "
-                         "must read the same calibration (the same file, or --calib self)")
+                         "must read the same calibration (the same file, or `calib=self`)")
 
 
 def group_fit(gm, group_size: int) -> list[str]:
@@ -86,7 +86,7 @@ def group_fit(gm, group_size: int) -> list[str]:
     narrow = sorted(n for n, w in widths.items() if w < group_size)
     if narrow and len(narrow) == len(widths):
         widest = max(widths, key=widths.get)
-        raise InputError(f"group size {group_size} (--group-size) is wider than every quantized layer's input "
+        raise InputError(f"group size {group_size} (`group_size`) is wider than every quantized layer's input "
                          f"(the widest, {widest}, has {widths[widest]}): choose at most {widths[widest]}")
     warnings = [f"{len(narrow)} linears have inputs narrower than the group size {group_size} (e.g. {narrow[0]}, "
                 f"{widths[narrow[0]]}): each of their rows is one padded block"] if narrow else []
@@ -101,7 +101,7 @@ def group_fit(gm, group_size: int) -> list[str]:
         warnings.append(f"{len(ragged)} linears' inputs are not a multiple of the group size {group_size} (e.g. "
                         f"{ragged[0]}, {widths[ragged[0]]}): MatMulNBits pads each row's last group, "
                         f"{padding / written:.1%} of the int4 integers written"
-                        + (f"; --group-size {divides} divides every input" if divides else ""))
+                        + (f"; `group_size={divides}` divides every input" if divides else ""))
     return warnings
 
 
@@ -113,5 +113,5 @@ def check_head_group(gm, opts: CompileOptions) -> None:
         return
     width, group = gm.linears[head].in_features, opts.head_scheme.group_size
     if group > width:
-        raise InputError(f"--lm-head-group-size {group} is wider than the head's input ({head}: {width}): choose at "
+        raise InputError(f"`lm_head_group_size={group}` is wider than the head's input ({head}: {width}): choose at "
                          f"most {width} (each row would be one padded block)")

@@ -50,7 +50,7 @@ def compile(model, calib=None, out_dir="out", options: CompileOptions | None = N
     given, was_training = model, getattr(model, "training", None)
     try:
         usable = usable_model(model)
-        with ExitStack() as claims:  # OUT (and --export-hf's DIR) are this run's until it ends
+        with ExitStack() as claims:  # OUT (and export_hf's DIR) are this run's until it ends
             return _compile(usable, calib, out_dir, opts, tokenizer, progress, warn, ranks, claims,
                             owned=usable is not model)
     except RankFailed:
@@ -83,16 +83,16 @@ def usable_model(model):
                          "weights, or give its checkpoint path (a path is read one tensor at a time)")
     if devices - {"cpu"}:
         raise InputError(f"model: its parameters are on {', '.join(sorted(devices - {'cpu'}))}: give it on the CPU "
-                         "(--device / device= says where the search runs)")
+                         "(`device` says where the search runs)")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
-        return copy.deepcopy(model).to(torch.float32)  # its config keeps the dtype (what --export-hf writes)
+        return copy.deepcopy(model).to(torch.float32)  # its config keeps the dtype (what export_hf writes)
     return model
 
 
 @dataclass
 class Outputs:
-    """Where compile writes: OUT, and DIR of ``--export-hf`` (None without it)."""
+    """Where compile writes: OUT, and ``export_hf``'s DIR (None without it)."""
 
     out_dir: Path
     hf_dir: Path | None
@@ -178,9 +178,9 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
                    ranks=ranks)
         ranks.wait()  # rank 0's OUT (or its error)
         return CompileResult(outputs.out_dir, [], {"rank": ranks.rank, "timings_s": lap.timings})
-    # DIR of --export-hf is written as OUT is, and put in place with it (just before it)
+    # export_hf's DIR is written as OUT is, and put in place with it (just before it)
     with atomic_out_dir(outputs.out_dir, opts.overwrite) as tmp, (
-            atomic_out_dir(outputs.hf_dir, opts.overwrite, "--export-hf") if outputs.hf_dir is not None
+            atomic_out_dir(outputs.hf_dir, opts.overwrite, "`export_hf`") if outputs.hf_dir is not None
             else nullcontext()) as hf_tmp:
         spill = IntegerSpill(tmp / ".integers.spill")  # each layer's integers leave memory as it finishes
         try:
@@ -227,7 +227,7 @@ def claim_outputs(out_dir, opts: CompileOptions, inputs: tuple, ranks: Ranks, cl
     (``claims`` holds them until it ends): never one of the inputs, never another run's."""
     out_dir = output_path(out_dir) if ranks.leader else Path(out_dir)
     hf_dir = None if opts.export_hf is None else (
-        output_path(opts.export_hf, "--export-hf") if ranks.leader else Path(opts.export_hf))
+        output_path(opts.export_hf, "`export_hf`") if ranks.leader else Path(opts.export_hf))
     if ranks.leader:
         paths = tuple(x for x in inputs if isinstance(x, (str, os.PathLike)))
         remove_stale(out_dir)  # first: an OUT a killed run had set aside is back before OUT is checked
@@ -235,8 +235,8 @@ def claim_outputs(out_dir, opts: CompileOptions, inputs: tuple, ranks: Ranks, cl
         claims.enter_context(claim_out_dir(out_dir))
         if hf_dir is not None:
             remove_stale(hf_dir)
-            check_out_dir(hf_dir, opts.overwrite, paths, flag="--export-hf", outputs=(out_dir,))
-            claims.enter_context(claim_out_dir(hf_dir, "--export-hf"))
+            check_out_dir(hf_dir, opts.overwrite, paths, option="`export_hf`", outputs=(out_dir,))
+            claims.enter_context(claim_out_dir(hf_dir, "`export_hf`"))
     return Outputs(out_dir, hf_dir)
 
 
@@ -248,7 +248,7 @@ def load(model, tokenizer, opts: CompileOptions, ranks: Ranks) -> Loaded:
     skeleton, whole_because, notes = None, None if loaded_here else "a model object was given", []
     if loaded_here:
         refuse_quantized(source)
-        skeleton, whole_because = open_skeleton(source) if opts.stream else (None, "--no-stream")
+        skeleton, whole_because = open_skeleton(source) if opts.stream else (None, "`stream=False`")
         if skeleton:
             give_back_freed_memory()
             model, notes = skeleton.model, skeleton.notes
@@ -260,7 +260,7 @@ def load(model, tokenizer, opts: CompileOptions, ranks: Ranks) -> Loaded:
     same_model_on_every_rank(model, skeleton, opts, ranks)
     context = getattr(model.config, "max_position_embeddings", None)
     if not opts.rtn_only and context and opts.seqlen > context:
-        raise InputError(f"seqlen {opts.seqlen} (--seqlen) is longer than the model's context of {context} positions")
+        raise InputError(f"seqlen {opts.seqlen} (`seqlen`) is longer than the model's context of {context} positions")
     return Loaded(model, tokenizer, source, skeleton, whole_because, notes)
 
 
@@ -296,7 +296,7 @@ def graph_warnings(exported: Exported, opts: CompileOptions, outputs: Outputs) -
     warnings = exported.notes + group_fit(gm, opts.scheme.group_size)
     check_head_group(gm, opts)
     if gm.fixed_seq:
-        warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (--seqlen; "
+        warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (`seqlen`; "
                         "its dynamic export failed): the analysis and the search run at that length; a KV-cache "
                         "decoder takes one token per step, a logits-only graph at most that many tokens")
     return warnings
@@ -312,7 +312,7 @@ def check_space(gm, opts: CompileOptions, outputs: Outputs) -> tuple[int, int]:
               f"{copies} time(s) in a scratch file and once in model.onnx.data, beside {others / 2**30:.2f} GiB of "
               "other weights")]
     if outputs.hf_dir is not None:
-        needs.append((outputs.hf_dir, nibbles + others, f"{outputs.hf_dir}: the --export-hf checkpoint"))
+        needs.append((outputs.hf_dir, nibbles + others, f"{outputs.hf_dir}: the `export_hf` checkpoint"))
     check_free_space(needs)
     return nibbles, others
 
@@ -347,7 +347,7 @@ def fewer_samples(calibrated: Calibrated | None, opts: CompileOptions) -> list[s
     if calibrated is None or calibrated.ids.shape[0] >= opts.n_samples:
         return []
     return [f"calibration from {calibrated.source} gave {calibrated.ids.shape[0]} samples of {opts.seqlen} tokens, "
-            f"fewer than the {opts.n_samples} asked (n_samples)"]
+            f"fewer than the {opts.n_samples} asked (`n_samples`)"]
 
 
 def _warner(warn, ranks: Ranks):

@@ -71,7 +71,7 @@ class CompileOptions:
     grid_points: int = 20
     export_hf: str | os.PathLike | None = None
     held_samples: int | None = None  # None: HELD_TOKENS' worth of samples; 0: no held-aside check
-    self_sampler: str = "int8"  # what --calib self samples with: "int8" (awq_graph.sampling) or "transformers"
+    self_sampler: str = "int8"  # what calib="self" samples with: "int8" (awq_graph.sampling) or "transformers"
 
     def __post_init__(self):
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -80,31 +80,31 @@ class CompileOptions:
         if isinstance(self.config, (str, os.PathLike)):
             object.__setattr__(self, "config", read_quark_config(self.config))
         if self.act_dtype not in ("float32", "float16"):
-            raise InputError(f"--act-dtype {self.act_dtype}: choose float32 or float16")
+            raise InputError(f"`act_dtype={self.act_dtype}`: choose float32 or float16")
         if self.accuracy_level not in ACCURACY_LEVELS:
-            raise InputError(f"--accuracy-level {self.accuracy_level}: choose one of {list(ACCURACY_LEVELS)}")
+            raise InputError(f"`accuracy_level={self.accuracy_level}`: choose one of {list(ACCURACY_LEVELS)}")
         if self.lm_head_bits not in (4, 8):
-            raise InputError(f"--lm-head-bits {self.lm_head_bits}: choose 4 or 8")
+            raise InputError(f"`lm_head_bits={self.lm_head_bits}`: choose 4 or 8")
         if self.lm_head_group_size is not None:
             try:
                 QuantScheme(self.lm_head_bits, self.lm_head_group_size)
             except SchemeError as exc:
-                raise InputError(f"--lm-head-group-size {self.lm_head_group_size}: {exc}") from None
+                raise InputError(f"`lm_head_group_size={self.lm_head_group_size}`: {exc}") from None
         if self.n_samples < 1:
-            raise InputError(f"--n-samples {self.n_samples}: give at least 1 calibration sample")
+            raise InputError(f"`n_samples={self.n_samples}`: give at least 1 calibration sample")
         if self.seqlen < 2:
-            raise InputError(f"--seqlen {self.seqlen}: a calibration sample needs at least 2 tokens")
+            raise InputError(f"`seqlen={self.seqlen}`: a calibration sample needs at least 2 tokens")
         if self.loss_tokens is not None and self.loss_tokens < 1:
-            raise InputError(f"--loss-tokens {self.loss_tokens}: give at least 1")
+            raise InputError(f"`loss_tokens={self.loss_tokens}`: give at least 1")
         if not 1 <= self.grid_points <= MAX_GRID_POINTS:
-            raise InputError(f"--grid {self.grid_points}: give 1 to {MAX_GRID_POINTS} ratios (the search's grid time "
+            raise InputError(f"`grid_points={self.grid_points}`: give 1 to {MAX_GRID_POINTS} ratios (the search's grid time "
                              f"grows with them: AWQ's 20 is the default, {MAX_GRID_POINTS} takes about 10 times as long)")
         if self.held_samples is not None and self.held_samples < 0:
-            raise InputError(f"--held-samples {self.held_samples}: give 0 (no held-aside check) or more")
+            raise InputError(f"`held_samples={self.held_samples}`: give 0 (no held-aside check) or more")
         if self.grid_screen not in SCREENS:
-            raise InputError(f"--grid-screen {self.grid_screen}: choose one of {', '.join(SCREENS)}")
+            raise InputError(f"`grid_screen={self.grid_screen}`: choose one of {', '.join(SCREENS)}")
         if self.self_sampler not in ("int8", "transformers"):
-            raise InputError(f"--self-sampler {self.self_sampler}: choose int8 or transformers")
+            raise InputError(f"`self_sampler={self.self_sampler}`: choose int8 or transformers")
         if self.kv_cache not in (True, False, "generic"):
             raise InputError(f"kv_cache={self.kv_cache!r}: give True, False or 'generic'")
 
@@ -147,12 +147,12 @@ def resolve_device(asked: str) -> str:
     if asked == "cuda" or asked.startswith("cuda:"):
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "it sees no CUDA GPU"
-            raise InputError(f"--device {asked}: {why} (torch {torch.__version__}); use --device cpu")
+            raise InputError(f"`device={asked}`: {why} (torch {torch.__version__}); use `device=cpu`")
         index = int(asked.split(":", 1)[1]) if ":" in asked else 0
         if index >= torch.cuda.device_count():
-            raise InputError(f"--device {asked}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+            raise InputError(f"`device={asked}`: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
         return asked
-    raise InputError(f"--device {asked}: choose cpu, cuda, cuda:N or auto")
+    raise InputError(f"`device={asked}`: choose cpu, cuda, cuda:N or auto")
 
 
 def options_from(option_fields: dict) -> CompileOptions:
