@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .core.analysis import quantizable_linears
+from .core.group_fit import GroupFit
 from .core.progress import no_progress
 from .core.numerics import QuantScheme, pack_nibbles
 from .core.spill import SpilledWeight
@@ -35,7 +36,7 @@ INDEX = WEIGHT_FILES[1]  # the shards' index, as transformers names it
 SHARD_BYTES = 512 << 20  # a shard is written once it holds this much (a larger tensor is a shard of its own)
 
 
-def export_refusal(gm, scheme: QuantScheme, head_searched: bool) -> str | None:
+def export_refusal(gm, fit: GroupFit, scheme: QuantScheme, head_searched: bool) -> str | None:
     """Why this compile cannot be written as a compressed-tensors checkpoint (one line naming the
     linear or the option), or None. Read off the graph before the search starts."""
     if scheme.bits != 4:
@@ -52,10 +53,7 @@ def export_refusal(gm, scheme: QuantScheme, head_searched: bool) -> str | None:
         if kind != "Linear" or site.transposed:
             return (f"`export_hf`: {site.module} is a {kind}, not an nn.Linear "
                     "(compressed-tensors quantizes Linear modules)")
-        if site.in_features % scheme.group_size:
-            return (f"`export_hf`: {site.module} has {site.in_features} inputs, not a whole number of groups of "
-                    f"{scheme.group_size} (choose a group size that divides every linear's inputs)")
-    return None
+    return fit.whole_groups_refusal({name: gm.linears[name].module for name in fit.widths})
 
 
 def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:

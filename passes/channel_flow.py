@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import fx
@@ -57,18 +58,6 @@ MOVEMENT = {
     aten.movedim.int, aten.detach.default, operator.getitem,
     aten.index.Tensor,  # a gather (MoE: the tokens routed to the experts); tags give the channel map
 }
-# Casts move no channels; the tags are kept as they are (a cast to bf16 would round them).
-CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default, aten.lift_fresh_copy.default}
-# Rule 3: positively homogeneous, elementwise.
-HOMOGENEOUS = {aten.relu.default, aten.leaky_relu.default, aten.dropout.default, aten.neg.default,
-               aten.mul.Scalar, aten.div.Scalar}
-# Rule 2: elementwise with another tensor; the carrier may be either operand of mul, the first of div.
-ELEMENTWISE_MUL = {aten.mul.Tensor}
-ELEMENTWISE_DIV = {aten.div.Tensor}
-SDPA = {aten.scaled_dot_product_attention.default}
-MATMUL = {aten.matmul.default, aten.bmm.default}
-# every op some rule may let a scale through (cat too, with one scalable input)
-COMMUTING = MOVEMENT | CASTS | HOMOGENEOUS | ELEMENTWISE_MUL | ELEMENTWISE_DIV | SDPA | MATMUL | {aten.cat.default}
 
 
 @dataclass(frozen=True)
@@ -91,6 +80,93 @@ class Trace:
 class Stop:
     node: fx.Node
     reason: str
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How a per-channel scale passes one kind of op (rules 1-4 above), both ways:
+    ``carrier(gm, node, example)`` is the operand that carries the scaled channels, walking up
+    from a linear (or the Stop that ends the walk); ``tags(node, tag, carrier, example)`` the
+    channel tags of the op's output from its carrier's, walking back down."""
+
+    ops: frozenset
+    carrier: Callable
+    tags: Callable
+
+
+def _first_operand(gm: GraphModel, node: fx.Node, example: dict) -> fx.Node | Stop:
+    carried = node.args[0]
+    if isinstance(carried, (list, tuple)):
+        return Stop(node, f"{node.name} ({op_name(node)}) has several inputs")
+    return carried
+
+
+def _the_one_scalable_input(gm: GraphModel, node: fx.Node, example: dict) -> fx.Node | Stop:
+    """cat: of its inputs exactly one may trace to a fold point."""
+    sources = [a for a in node.args[0] if isinstance(a, fx.Node)]
+    ok = [a for a in sources if isinstance(trace_up(gm, a, example), Trace)]
+    if len(ok) != 1:
+        return Stop(node, f"{node.name} (cat) joins {len(ok)} scalable inputs; one is needed")
+    return ok[0]
+
+
+def _the_scalable_factor(gm: GraphModel, node: fx.Node, example: dict) -> fx.Node | Stop:
+    """mul: either operand, div: the dividend; the other must not depend on the source."""
+    candidates = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if node.target is aten.div.Tensor:
+        candidates = candidates[:1]
+    found = [(a, trace_up(gm, a, example)) for a in candidates]
+    ok = [a for a, trace in found if isinstance(trace, Trace)]
+    if len(ok) == 1:
+        return ok[0]
+    if not ok:
+        reasons = "; ".join(trace.reason for _, trace in found if isinstance(trace, Stop))
+        return Stop(node, reasons or f"{node.name} (mul) has no scalable operand")
+    return Stop(node, f"{node.name} ({op_name(node)}) multiplies two scalable tensors")
+
+
+def _op_on_tags(node: fx.Node, tag: torch.Tensor, carrier: fx.Node, example: dict) -> torch.Tensor:
+    """The op itself, run on the tensor of channel indices in the carrier's place."""
+    def sub(a):
+        return tag if a is carrier else example[a]
+    return node.target(*fx.node.map_arg(node.args, sub), **fx.node.map_arg(node.kwargs, sub))
+
+
+def _same_tags(node: fx.Node, tag: torch.Tensor, carrier: fx.Node, example: dict) -> torch.Tensor:
+    return tag
+
+
+def _tags_laid_out(node: fx.Node, tag: torch.Tensor, carrier: fx.Node, example: dict) -> torch.Tensor:
+    return _laid_out_like(tag, example[node])
+
+
+def _value_path_tags(node: fx.Node, tag: torch.Tensor, carrier: fx.Node, example: dict) -> torch.Tensor:
+    """Rule 4: out[..., i, d] mixes v[..., j, d] over j: channel d per head."""
+    first = tag[..., :1, :]
+    if not torch.equal(tag, first.expand_as(tag)):
+        raise _Inconsistent(node)
+    res = example[node]
+    if node.target is aten.scaled_dot_product_attention.default and first.shape[-3] != res.shape[-3]:  # enable_gqa
+        first = first.repeat_interleave(res.shape[-3] // first.shape[-3], dim=-3)
+    return _laid_out_like(first, res)
+
+
+CASTS = frozenset({aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default,
+                   aten.lift_fresh_copy.default})
+RULES = (
+    OpRule(frozenset(MOVEMENT), _first_operand, _op_on_tags),  # rule 1
+    OpRule(frozenset({aten.cat.default}), _the_one_scalable_input, _op_on_tags),  # rule 1, one scalable input
+    OpRule(CASTS, _first_operand, _same_tags),  # casts move no channels: tags kept (a cast to bf16 would round them)
+    OpRule(frozenset({aten.relu.default, aten.leaky_relu.default, aten.dropout.default, aten.neg.default,
+                      aten.mul.Scalar, aten.div.Scalar}), _first_operand, _same_tags),  # rule 3
+    OpRule(frozenset({aten.mul.Tensor, aten.div.Tensor}), _the_scalable_factor, _tags_laid_out),  # rule 2
+    OpRule(frozenset({aten.scaled_dot_product_attention.default}), lambda gm, node, example: node.args[2],
+           _value_path_tags),  # rule 4: V is the third operand
+    OpRule(frozenset({aten.matmul.default, aten.bmm.default}), lambda gm, node, example: node.args[1],
+           _value_path_tags),  # rule 4: P @ V
+)
+RULE_OF = {op: rule for rule in RULES for op in rule.ops}
+COMMUTING = frozenset(RULE_OF)  # every op some rule may let a scale through
 
 
 def op_name(node: fx.Node) -> str:
@@ -244,37 +320,13 @@ def trace_up(gm: GraphModel, start: fx.Node, example: dict) -> Trace | Stop:
             return fp
         if cur.op != "call_function":
             return Stop(cur, f"'{cur.name}' is a graph input")
-        t = cur.target
-        if t in MOVEMENT or t in CASTS or t in HOMOGENEOUS:
-            nxt = cur.args[0]
-            if isinstance(nxt, (list, tuple)):
-                return Stop(cur, f"{cur.name} ({op_name(cur)}) has several inputs")
-        elif t is aten.cat.default:
-            sources = [a for a in cur.args[0] if isinstance(a, fx.Node)]
-            found = [trace_up(gm, a, example) for a in sources]
-            ok = [(a, tr) for a, tr in zip(sources, found) if isinstance(tr, Trace)]
-            if len(ok) != 1:
-                return Stop(cur, f"{cur.name} (cat) joins {len(ok)} scalable inputs; one is needed")
-            nxt = ok[0][0]
-        elif t in ELEMENTWISE_MUL or t in ELEMENTWISE_DIV:
-            cands = [a for a in cur.args[:2] if isinstance(a, fx.Node)]
-            if t in ELEMENTWISE_DIV:
-                cands = cands[:1]
-            found = [(a, trace_up(gm, a, example)) for a in cands]
-            ok = [(a, tr) for a, tr in found if isinstance(tr, Trace)]
-            if len(ok) != 1:
-                if not ok:
-                    reasons = "; ".join(tr.reason for _, tr in found if isinstance(tr, Stop))
-                    return Stop(cur, reasons or f"{cur.name} (mul) has no scalable operand")
-                return Stop(cur, f"{cur.name} ({op_name(cur)}) multiplies two scalable tensors")
-            nxt = ok[0][0]
-        elif t in SDPA:
-            nxt = cur.args[2]
-        elif t in MATMUL:
-            nxt = cur.args[1]
-        else:
+        rule = RULE_OF.get(cur.target)
+        if rule is None:
             return Stop(cur, f"'{module_path(cur) or cur.name}' reaches it only through {cur.name} "
                              f"({op_name(cur)}), which does not commute with scaling")
+        nxt = rule.carrier(gm, cur, example)
+        if isinstance(nxt, Stop):
+            return nxt
         path.append(cur)
         carriers[cur] = nxt
         cur = nxt
@@ -287,27 +339,7 @@ def propagate_tags(source: FoldPoint, path: list[fx.Node], carriers: dict, examp
     tags = {source.node: tag0}
     for node in path:
         carrier = carriers[node]
-        tag = tags[carrier]
-        t = node.target
-        if t in CASTS or t in HOMOGENEOUS:
-            tags[node] = tag
-        elif t in ELEMENTWISE_MUL or t in ELEMENTWISE_DIV:
-            tags[node] = _laid_out_like(tag, example[node])
-        elif t in SDPA or t in MATMUL:
-            # Rule 4: out[..., i, d] mixes v[..., j, d] over j: channel d per head.
-            first = tag[..., :1, :]
-            if not torch.equal(tag, first.expand_as(tag)):
-                raise _Inconsistent(node)
-            res = example[node]
-            if t in SDPA and first.shape[-3] != res.shape[-3]:  # enable_gqa
-                first = first.repeat_interleave(res.shape[-3] // first.shape[-3], dim=-3)
-            tags[node] = _laid_out_like(first, res)
-        else:
-            def sub(a):
-                return tag if a is carrier else example[a]
-            args = fx.node.map_arg(node.args, sub)
-            kwargs = fx.node.map_arg(node.kwargs, sub)
-            tags[node] = node.target(*args, **kwargs)
+        tags[node] = RULE_OF[node.target].tags(node, tags[carrier], carrier, example)
     return tags
 
 

@@ -231,6 +231,18 @@ def test_the_library_names_options_as_the_python_api_does_and_only_the_cli_spell
     assert found == []
 
 
+def test_which_group_sizes_a_graph_takes_is_decided_in_one_module():
+    """MatMulNBits' padding, QMoE's whole blocks, a compressed-tensors checkpoint's whole groups
+    and the head's group are ``core/group_fit.GroupFit``'s: no other module takes a width modulo a
+    group size (numerics pads a ragged last group, which is quantizing, not deciding)."""
+    modulo_group = re.compile(r"%\s*[\w.]*group")
+    found = [f"{path.relative_to(REPO)}:{i}: {line.strip()}"
+             for path in [*REPO.glob("awq_graph/**/*.py"), *REPO.glob("passes/*.py")]
+             if path.name not in ("group_fit.py", "numerics.py")
+             for i, line in enumerate(path.read_text().splitlines(), 1) if modulo_group.search(line)]
+    assert found == []
+
+
 @pytest.mark.parametrize("package", ["awq_graph.emit", "awq_graph.search", "awq_graph.pipeline"])
 def test_a_package_face_only_names_what_its_modules_define(package):
     """A package's __init__ holds its docstring and imports: the code lives in its modules."""

@@ -27,7 +27,6 @@ says which models it fits, and the pipeline checks the result against the torch 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -35,6 +34,7 @@ import onnx_ir as ir
 import torch
 
 from awq_graph.core import cache_names
+from awq_graph.core.group_fit import GroupFit
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, out_rows, signature)
 from awq_graph.emit.families import DecoderShape, Family, Names
@@ -43,9 +43,9 @@ from awq_graph.head_table import TokenTable
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
-def fused_support(model, family: Family, group_size: int | None = None) -> str | None:
-    """None when the fused decoder fits ``model`` of ``family`` (quantized in groups of
-    ``group_size``); otherwise the reason it does not."""
+def fused_support(model, family: Family, fit: GroupFit | None = None) -> str | None:
+    """None when the fused decoder fits ``model`` of ``family`` (quantized in the groups of
+    ``fit``); otherwise the reason it does not."""
     cfg = model.config
     if _activation(cfg) not in ACTIVATIONS:
         return f"activation '{_activation(cfg)}' (the fused decoder has {', '.join(ACTIVATIONS)})"
@@ -62,12 +62,9 @@ def fused_support(model, family: Family, group_size: int | None = None) -> str |
             return f"experts gated by '{_activation(cfg)}' (onnxruntime's QMoE gates with SiLU)"
         inter_key = "moe_intermediate_size" if hasattr(cfg, "moe_intermediate_size") else "intermediate_size"
         sizes = {"hidden_size": cfg.hidden_size, inter_key: getattr(cfg, inter_key)}
-        for key, size in sizes.items():
-            if group_size and size % group_size:
-                fits = math.gcd(*sizes.values(), group_size)
-                hint = f", e.g. {fits}" if fits >= 16 else ""
-                return (f"{key} {size} is not a multiple of the group size {group_size} (onnxruntime's QMoE "
-                        f"quantizes experts in whole blocks; choose a group size that divides both sizes{hint})")
+        refusal = fit.expert_refusal(sizes) if fit is not None else None
+        if refusal:
+            return refusal
     return None
 
 

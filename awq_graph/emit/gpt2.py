@@ -16,13 +16,14 @@ import onnx_ir as ir
 import torch
 
 from awq_graph.core import cache_names
+from awq_graph.core.group_fit import GroupFit
 from awq_graph.emit.builder import (GraphBuilder, GraphFacts, LinearWeights, attention_lengths, embedding, lazy_param,
                                     head_and_model, keep_last, linear, signature)
 from awq_graph.emit.families import DecoderShape, Family
 from awq_graph.head_table import TokenTable
 
 
-def gpt2_support(model, family: Family, group_size: int | None = None) -> str | None:
+def gpt2_support(model, family: Family, fit: GroupFit | None = None) -> str | None:
     cfg = model.config
     if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         return f"activation '{cfg.activation_function}'"

@@ -7,6 +7,7 @@ import torch
 
 from awq_graph.core.analysis import decoder_layers, head_reads_token_table, output_head, token_lookup, token_table
 from awq_graph.core.errors import ExportError
+from awq_graph.core.group_fit import GroupFit
 from awq_graph.core.ir import GraphModel, module_path
 from awq_graph.emit.builder import GraphFacts
 from awq_graph.emit.decoder import build_decoder, fused_support
@@ -51,7 +52,7 @@ def plan_graph(gm: GraphModel, model, kv_cache: bool | str = True, group_size: i
         plan = GraphPlan((GENERIC, LOGITS_ONLY) if model is not None else (LOGITS_ONLY,), "`kv_cache='generic'`",
                          asked=GENERIC)
     else:
-        reason = "no HF model object" if model is None else decoder_support(model, group_size)
+        reason = "no HF model object" if model is None else decoder_support(model, GroupFit.of(gm, group_size) if group_size else None)
         facts = graph_facts(gm) if reason is None else None
         if reason is None and facts is None:
             reason = "no linear writes the logits"
@@ -72,13 +73,14 @@ def graph_facts(gm: GraphModel) -> GraphFacts | None:
     return GraphFacts(layers, head, lookup, token_table(gm), head_reads_token_table(gm), norm_offsets(gm))
 
 
-def decoder_support(model, group_size: int | None = None) -> str | None:
-    """None when one of the KV-cache decoders fits ``model``; otherwise why none does."""
+def decoder_support(model, fit: GroupFit | None = None) -> str | None:
+    """None when one of the KV-cache decoders fits ``model`` (quantized in the groups of ``fit``);
+    otherwise why none does."""
     family, reason = family_of(model)
     if family is None:
         return reason
     supports, _ = BLOCK_WRITERS[family.block]
-    return supports(model, family, group_size)
+    return supports(model, family, fit)
 
 
 def refuse_untranslatable(gm: GraphModel, why_not_fused: str, tail: str = "") -> None:

@@ -5,8 +5,6 @@ import hashlib
 import math
 
 from ..core.analysis import output_head, quantizable_linears, token_table
-from ..core.errors import InputError
-from ..core.numerics import n_groups
 from ..core.ranks import RankFailed, Ranks
 from ..fingerprint import WHAT, model_fingerprint, options_fingerprint
 from ..match import head_group
@@ -77,41 +75,3 @@ def same_on_every_rank(calib_ids, source: str, ranks: Ranks) -> None:
                          "must read the same calibration (the same file, or `calib=self`)")
 
 
-def group_fit(gm, group_size: int) -> list[str]:
-    """Refuse a group size wider than every quantized linear's input (each row would be one
-    padded block: a file larger than the float one); warn when only some are narrower, and when
-    inputs are not a multiple of it: MatMulNBits pads each row's last group (SmolLM2's 576-wide
-    inputs at group 128: 4.5 groups written as 5), naming the group size that divides them all."""
-    widths = {name: gm.linears[name].in_features for name in quantizable_linears(gm)}
-    narrow = sorted(n for n, w in widths.items() if w < group_size)
-    if narrow and len(narrow) == len(widths):
-        widest = max(widths, key=widths.get)
-        raise InputError(f"group size {group_size} (`group_size`) is wider than every quantized layer's input "
-                         f"(the widest, {widest}, has {widths[widest]}): choose at most {widths[widest]}")
-    warnings = [f"{len(narrow)} linears have inputs narrower than the group size {group_size} (e.g. {narrow[0]}, "
-                f"{widths[narrow[0]]}): each of their rows is one padded block"] if narrow else []
-    ragged = sorted(n for n, w in widths.items() if w > group_size and w % group_size)
-    if ragged:
-        rows = {n: gm.linears[n].out_features * max(1, gm.linears[n].experts) for n in widths}
-        padded = {n: n_groups(w, group_size) * group_size for n, w in widths.items()}
-        written = sum(rows[n] * padded[n] for n in widths)
-        padding = sum(rows[n] * (padded[n] - widths[n]) for n in widths)
-        divides = next((g for g in (group_size >> k for k in range(1, 8))
-                        if g >= 16 and all(w % g == 0 for w in widths.values())), None)
-        warnings.append(f"{len(ragged)} linears' inputs are not a multiple of the group size {group_size} (e.g. "
-                        f"{ragged[0]}, {widths[ragged[0]]}): MatMulNBits pads each row's last group, "
-                        f"{padding / written:.1%} of the int4 integers written"
-                        + (f"; `group_size={divides}` divides every input" if divides else ""))
-    return warnings
-
-
-def check_head_group(gm, opts: CompileOptions) -> None:
-    """A quantized head's group may not be wider than its input: each row would be one padded
-    block, a head larger than at the group that fits."""
-    head = output_head(gm) if opts.quantize_lm_head else None
-    if head is None:
-        return
-    width, group = gm.linears[head].in_features, opts.head_scheme.group_size
-    if group > width:
-        raise InputError(f"`lm_head_group_size={group}` is wider than the head's input ({head}: {width}): choose at "
-                         f"most {width} (each row would be one padded block)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import calib as calibration
 from ..core.analysis import token_table
 from ..core.errors import ConfigError, InputError, error_line
+from ..core.group_fit import GroupFit
 from ..core.heap import give_back_freed_memory
 from ..core.ranks import ONE, RankFailed, Ranks
 from ..emit import plan_graph, write_onnx
@@ -24,7 +25,7 @@ from ..head_table import quantize_head, quantize_token_table, shares_head, token
 from ..search import SearchResult, awq_search, rtn
 from ..core.spill import IntegerSpill
 from .calibration import calibration_ids, held_aside
-from .checks import check_head_group, group_fit, head_search, least_bytes, same_model_on_every_rank, same_on_every_rank
+from .checks import head_search, least_bytes, same_model_on_every_rank, same_on_every_rank
 from .options import CompileOptions, CompileResult, options_from
 from .report import Laps, finite, graph_report, memory_report, ranks_report, reset_device_peak, search_report
 
@@ -285,16 +286,19 @@ def export(loaded: Loaded, opts: CompileOptions, owned: bool) -> Exported:
 
 
 def graph_warnings(exported: Exported, opts: CompileOptions, outputs: Outputs) -> list[str]:
-    """What the graph says before the long work: an export DIR cannot take this graph (refused),
-    a head group wider than the head (refused); groups that pad rows, a length the export fixed,
-    tensors no parameter reads (warnings)."""
+    """What the graph says before the long work: an export DIR cannot take this graph, a group
+    wider than every input or a head group wider than the head (refused, ``GroupFit``); groups
+    that pad rows, a length the export fixed, tensors no parameter reads (warnings)."""
     gm = exported.gm
+    fit = GroupFit.of(gm, opts.scheme.group_size)
     if outputs.hf_dir is not None:
-        refusal = export_refusal(gm, opts.scheme, head_search(gm, opts) is not None)
+        refusal = export_refusal(gm, fit, opts.scheme, head_search(gm, opts) is not None)
         if refusal:
             raise InputError(refusal)
-    warnings = exported.notes + group_fit(gm, opts.scheme.group_size)
-    check_head_group(gm, opts)
+    refusal = fit.refusal() or (fit.head_refusal(opts.head_scheme.group_size) if opts.quantize_lm_head else None)
+    if refusal:
+        raise InputError(refusal)
+    warnings = exported.notes + fit.warnings()
     if gm.fixed_seq:
         warnings.append(f"torch.export fixed this architecture's sequence length to {gm.fixed_seq} (`seqlen`; "
                         "its dynamic export failed): the analysis and the search run at that length; a KV-cache "

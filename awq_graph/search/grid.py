@@ -12,9 +12,12 @@ from .reports import GroupReport
 from .statistics import Moments, scatter_mean
 
 
-def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str], ranks: Ranks = ONE):
+def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized: set[str], ranks: Ranks = ONE,
+                 row_block: int | None = None):
     """The best scale for group ``g`` (None: the identity); only the layers in ``quantized``
-    are rounded in the loss (an MoE router in the group is scaled but stays float)."""
+    are rounded in the loss (an MoE router in the group is scaled but stays float). A group of
+    one linear may have its loss taken ``row_block`` rows at a time (the head: an 8B model's is
+    128256 x 4096), so the temporaries stay a few blocks."""
     scheme, device = opts.scheme, opts.device
     inp_stat = stats[gm.linears[g.inp].input]
     inp_map = torch.tensor(g.channel_map(g.inp), device=device)
@@ -24,9 +27,10 @@ def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized
     if not weights:
         return None, GroupReport(li, g.prev_op, list(g.layers), None, 0.0, 0.0)
     maps = {name: torch.tensor(g.channel_map(name), device=device) for name in g.layers}
+    parts = {n: w.split(row_block) if row_block else (w,) for n, w in weights.items()}
     rows = sum(w.shape[0] for w in weights.values())
-    w_mean = sum(scatter_mean(weight_magnitude(w, scheme.group_size), maps[n], g.channels) * w.shape[0]
-                 for n, w in weights.items()) / rows
+    w_mean = sum(scatter_mean(weight_magnitude(p, scheme.group_size), maps[n], g.channels) * p.shape[0]
+                 for n, ps in parts.items() for p in ps) / rows
 
     if g.inspects_one_linear:
         name = g.layers[0]
@@ -37,9 +41,8 @@ def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized
 
         def loss_of(s, screened=None):
             sc = g.column_scale(s, name)
-            w = weights[name]
-            dw = scaled_fake_quantize(w, sc, scheme).sub_(w)
-            return float(moments.error(dw, screened)) / numel
+            return sum(float(moments.error(scaled_fake_quantize(p, sc, scheme).sub_(p), screened))
+                       for p in parts[name]) / numel
     else:
         form = "forward"
         sub, ext, outs = inspect[g.module2inspect]

@@ -9,15 +9,15 @@ from ..core.analysis import ancestors
 from ..core.ir import GraphModel, run_nodes
 from ..core.layer_cut import LayerCut, params_read
 from ..core.ranks import ONE, Ranks
-from ..core.numerics import QuantScheme, QuantizedWeight, quantize, scaled_fake_quantize, weight_magnitude
+from ..core.numerics import QuantScheme, QuantizedWeight, quantize
 from ..core.records import ScalingGroup
 from ..passes.fold import Folded, fold_scales
 from .clipping import clip_gain, clip_search
-from .grid import grid_search
+from .grid import search_group
 from .options import SearchOptions, loss_form
-from .reports import ClipReport, GroupReport, SearchResult
+from .reports import ClipReport, SearchResult
 from .rounding import hold_integers
-from .statistics import InputStats, Moments, scatter_mean
+from .statistics import InputStats
 
 
 HEAD_ROWS = 8192  # rows of the head per pass: the search's temporaries stay a few (rows x in) floats
@@ -60,20 +60,11 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
         del params_env
     stat.reduce()
     with torch.no_grad():
+        s, report = search_group(gm, stages.n, group, {site.input: stat}, None, None, head_opts, {name}, ranks,
+                                 row_block=HEAD_ROWS)
+        result.groups.append(report)
         w = site.matrix(gm.params).detach().to(opts.device, torch.float32)  # a tied head's: the table, read afresh
-        parts = list(w.split(HEAD_ROWS))
-        cmap = torch.tensor(group.channel_map(name), device=opts.device)
-        x_mean = scatter_mean(stat.x_mean, cmap, group.channels)
-        w_mean = scatter_mean(sum(weight_magnitude(p, scheme.group_size) * p.shape[0] for p in parts) / w.shape[0],
-                               cmap, group.channels)
-        moments, numel = Moments(stat, opts.linear_screen), stat.tokens * site.out_features
-
-        def loss_of(s, screened=None):
-            sc = group.column_scale(s, name)
-            return sum(float(moments.error(scaled_fake_quantize(p, sc, scheme).sub_(p), screened)) for p in parts) / numel
-
-        s, ratio, outcome = grid_search(loss_of, x_mean, w_mean, group, opts.n_grid, opts.device, ranks, moments.screen)
-        result.groups.append(GroupReport(stages.n, group.prev_op, [name], ratio, loss_form=stat.form, **outcome))
+        parts, numel = list(w.split(HEAD_ROWS)), stat.tokens * site.out_features
         col = None
         if s is not None:
             fold_scales(gm.params, replace(group, layers=(), channel_maps=()), s.cpu(), gm.linears)  # the norm only
