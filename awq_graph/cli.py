@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--lm-head-group-size", type=int, default=None,
                    help="group size of the quantized lm_head (default: the scheme's; 32 costs SmolLM2's 4-bit head "
                         "least perplexity)")
+    c.add_argument("--table-bits", type=int, default=None, choices=[4, 8],
+                   help="bits of the quantized token table (GatherBlockQuantized; default 4)")
     c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"],
                    help="activation type of the ONNX model (float16 for the CUDA provider)")
     decoder = c.add_mutually_exclusive_group()
@@ -250,7 +252,7 @@ _HEAVY_MODULES = {"compile": (".pipeline",), "eval": (".runtime", ".load", ".flo
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for flag in ("lm_head_bits", "lm_head_group_size"):
+    for flag in ("lm_head_bits", "lm_head_group_size", "table_bits"):
         if getattr(args, flag, None) is not None and not args.quantize_lm_head:
             parser.error(f"argument --{flag.replace('_', '-')}: applies only with --quantize-lm-head "
                          f"(the head stays float without it)")
@@ -440,7 +442,8 @@ def _compile_options(args, ranks):
         scheme=QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym), config=args.config,
         n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
-        lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, act_dtype=args.act_dtype,
+        lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, table_bits=args.table_bits or 4,
+        act_dtype=args.act_dtype,
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,
         grid_screen=args.grid_screen, grid_points=args.grid, export_hf=args.export_hf, held_samples=args.held_samples,

@@ -1,7 +1,7 @@
 """The head and the token table: the integers the search does not choose, in one place: the head (``quantize_lm_head``,
 8 bits by default; round-to-nearest when there is no calibration, else the search chooses them)
-and the token table (int4, for GatherBlockQuantized): its own integers, or a 4-bit head's when the
-two are tied (one copy in the file, as onnxruntime-genai's builder writes it). The decoder layers'
+and the token table (4 or 8 bits, for GatherBlockQuantized): its own integers, or the head's when the
+two are tied with the same scheme (one copy in the file, as onnxruntime-genai's builder writes it). The decoder layers'
 integers come from the search (clipping and quantization per linear)."""
 from __future__ import annotations
 
@@ -52,5 +52,6 @@ def token_table_of_head(head: str, quantized: QuantizedWeight, folded) -> TokenT
 
 
 def shares_head(gm: GraphModel, head_scheme: QuantScheme, table_scheme: QuantScheme) -> bool:
-    """The head is tied to the token table and both are 4-bit: one set of integers serves both."""
-    return head_reads_token_table(gm) and head_scheme.bits == table_scheme.bits == 4
+    """The head is tied to the token table and both have as many bits: one set of integers, the
+    head's, serves both (MatMulNBits' blocks of the head are GatherBlockQuantized's rows)."""
+    return head_reads_token_table(gm) and head_scheme.bits == table_scheme.bits

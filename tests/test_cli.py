@@ -224,10 +224,10 @@ def test_an_option_out_of_range_is_one_line_naming_the_flag_before_anything_is_r
     assert err.startswith(f"awq-graph: error: argument {flag}: must be") and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("flag", ["--lm-head-bits", "--lm-head-group-size"])
+@pytest.mark.parametrize("flag", ["--lm-head-bits", "--lm-head-group-size", "--table-bits"])
 def test_an_option_that_applies_only_with_another_is_refused_without_it(flag, capsys):
     with pytest.raises(SystemExit) as stop:
-        main(["compile", "M", "-o", "O", flag, "32" if flag.endswith("size") else "4"])  # the head stays float
+        main(["compile", "M", "-o", "O", flag, "32" if flag.endswith("size") else "8"])  # the head stays float
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(f"awq-graph: error: argument {flag}: applies only with "
                                                    "--quantize-lm-head"), err

@@ -139,6 +139,31 @@ def test_quantize_lm_head_makes_the_head_8bit_and_the_embedding_int4(tmp_path, t
     assert float((got - ref).norm() / ref.norm()) < 0.2  # int4 of a random model: measured ~0.07
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_8bit_token_table_is_gathered_from_its_own_integers_or_the_tied_8bit_heads(tmp_path, tied):
+    """table_bits=8: GatherBlockQuantized of 8 bits; tied to the 8-bit head, the head's integers
+    are the table's (one copy in the file), checked against torch with the same integers."""
+    import onnx
+
+    model = tiny_model(tie_word_embeddings=tied)
+    calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    options = dict(scheme="uint4_wo_16", n_samples=2, seqlen=32, quantize_lm_head=True, accuracy_level=0)
+    four = awq_graph.compile(model, calib, tmp_path / "four", **options)
+    eight = awq_graph.compile(model, calib, tmp_path / "eight", table_bits=8, **options)
+    assert eight.report["graph"]["kind"] == "kv-decoder" and eight.report["graph"]["check_deviation"] < 1e-5
+    graph = onnx.load(tmp_path / "eight" / "model.onnx", load_external_data=False).graph
+    (gather,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert next(a.i for a in gather.attribute if a.name == "bits") == 8
+    reshaped = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Reshape"}
+    data = reshaped.get(gather.input[0], gather.input[0])  # a tied table: the head's blocks, reshaped to rows
+    assert data == ("lm_head.qweight" if tied else "model.embed_tokens.qweight"), data
+    # a tied table is the head's 8-bit integers: a quarter of a float32 table less than an int4 copy
+    # beside the head (1/4 + 1/8); untied, the table's own 8 bits cost an eighth more than its 4
+    table = 320 * 64 * 4
+    grown = eight.report["onnx_bytes"] - four.report["onnx_bytes"]
+    assert (grown < -0.1 * table) if tied else (0.1 * table < grown < 0.2 * table), grown
+
+
 @torch.library.custom_op("awq_graph_test::double", mutates_args=())
 def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2

@@ -374,7 +374,7 @@ def search(gm, per_layer, calibrated: Calibrated | None, opts: CompileOptions, p
         if head is None:
             name, quantized[name] = quantize_head(gm, opts.head_scheme)
         table = (token_table_of_head(name, quantized[name], result.folded)
-                 if shares_head(gm, opts.head_scheme, opts.scheme) else quantize_token_table(gm, opts.scheme))
+                 if shares_head(gm, opts.head_scheme, opts.table_scheme) else quantize_token_table(gm, opts.table_scheme))
     return Searched(result, quantized, table)
 
 

@@ -29,8 +29,8 @@ class CompileOptions:
     scheme: a QuantScheme or its name (``uint4_wo_128``). config: None (derive the scaling
     groups from the graph), a Quark AWQ config dict, or a path to one. quantize_lm_head: lm_head
     as MatMulNBits of ``lm_head_bits`` (8 by default, rounded to nearest; 4 bits are searched with
-    calibration, at ``lm_head_group_size``) and, in the KV-cache decoder, the token table as int4
-    GatherBlockQuantized (a tied 4-bit head's integers themselves). act_dtype: "float32" or
+    calibration, at ``lm_head_group_size``) and, in the KV-cache decoder, the token table as
+    GatherBlockQuantized of ``table_bits`` (4 or 8; a tied head of as many bits: its integers themselves). act_dtype: "float32" or
     "float16" activations (KV-cache decoder). kv_cache: True: the fused KV-cache decoder where the
     model family has one, else the generic one (``awq_graph.emit.generic``) where transformers
     keeps the model's cache in its standard layers, else logits-only; "generic": the generic one
@@ -62,6 +62,7 @@ class CompileOptions:
     quantize_lm_head: bool = False
     lm_head_bits: int = 8
     lm_head_group_size: int | None = None  # None: the scheme's
+    table_bits: int = 4  # the quantized token table's bits (GatherBlockQuantized), with quantize_lm_head
     act_dtype: str = "float32"
     kv_cache: bool | str = True
     loss_tokens: int | None = None
@@ -85,6 +86,8 @@ class CompileOptions:
             raise InputError(f"`accuracy_level={self.accuracy_level}`: choose one of {list(ACCURACY_LEVELS)}")
         if self.lm_head_bits not in (4, 8):
             raise InputError(f"`lm_head_bits={self.lm_head_bits}`: choose 4 or 8")
+        if self.table_bits not in (4, 8):
+            raise InputError(f"`table_bits={self.table_bits}`: choose 4 or 8")
         if self.lm_head_group_size is not None:
             try:
                 QuantScheme(self.lm_head_bits, self.lm_head_group_size)
@@ -120,6 +123,11 @@ class CompileOptions:
     @property
     def head_scheme(self) -> QuantScheme:
         return QuantScheme(self.lm_head_bits, self.lm_head_group_size or self.scheme.group_size, self.scheme.symmetric)
+
+    @property
+    def table_scheme(self) -> QuantScheme:
+        """The token table's: ``table_bits`` in the layers' groups."""
+        return QuantScheme(self.table_bits, self.scheme.group_size, self.scheme.symmetric)
 
     def search_options(self) -> SearchOptions:
         extra = {"loss_tokens": self.loss_tokens} if self.loss_tokens else {}
