@@ -123,8 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write the AWQ-scaled model to DIR as a compressed-tensors pack-quantized checkpoint "
                         "(the same integers; transformers with compressed-tensors and vLLM load it)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--quantize-lm-head", action="store_true",
-                   help="lm_head as MatMulNBits and the embedding table as int4 GatherBlockQuantized")
+    c.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="lm_head as MatMulNBits and the token table as GatherBlockQuantized (default: on wherever "
+                        "a linear writes the logits; --no-quantize-lm-head keeps both in float32)")
     c.add_argument("--lm-head-bits", type=int, default=None, choices=[4, 8],
                    help="bits of the quantized lm_head (default 8, rounded to nearest; 4 is searched like a scaling "
                         "group with calibration, and shares its integers with a tied embedding table)")
@@ -132,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="group size of the quantized lm_head (default: the scheme's; 32 costs SmolLM2's 4-bit head "
                         "least perplexity)")
     c.add_argument("--table-bits", type=int, default=None, choices=[4, 8],
-                   help="bits of the quantized token table (GatherBlockQuantized; default 4)")
+                   help="bits of the quantized token table (GatherBlockQuantized; default: the head's)")
     c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"],
                    help="activation type of the ONNX model (float16 for the CUDA provider)")
     decoder = c.add_mutually_exclusive_group()
@@ -253,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for flag in ("lm_head_bits", "lm_head_group_size", "table_bits"):
-        if getattr(args, flag, None) is not None and not args.quantize_lm_head:
-            parser.error(f"argument --{flag.replace('_', '-')}: applies only with --quantize-lm-head "
-                         f"(the head stays float without it)")
+        if getattr(args, flag, None) is not None and args.quantize_lm_head is False:
+            parser.error(f"argument --{flag.replace('_', '-')}: applies only without --no-quantize-lm-head "
+                         f"(the head and the table stay float with it)")
     if args.command == "compile":
         if args.rtn and args.calib is not None:
             parser.error("argument --calib: applies only without --rtn (round-to-nearest reads no calibration)")
@@ -442,7 +443,7 @@ def _compile_options(args, ranks):
         scheme=QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=args.sym), config=args.config,
         n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip, rtn_only=args.rtn, seed=args.seed,
         accuracy_level=args.accuracy_level, overwrite=args.overwrite, quantize_lm_head=args.quantize_lm_head,
-        lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, table_bits=args.table_bits or 4,
+        lm_head_bits=args.lm_head_bits or 8, lm_head_group_size=args.lm_head_group_size, table_bits=args.table_bits,
         act_dtype=args.act_dtype,
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,

@@ -30,7 +30,8 @@ def test_compile_then_eval_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsy
     assert names == {"model.onnx", "model.onnx.data", "awq_config.json", "report.json", "tokenizer.json",
                      "tokenizer_config.json", "genai_config.json", "config.json", "generation_config.json"}
     report = json.loads((out / "report.json").read_text())
-    assert report["scheme"] == "uint4_wo_32" and report["quantized_linears"] == 14
+    assert report["scheme"] == "uint4_wo_32" and report["quantized_linears"] == 14 + 1  # 2 layers of 7, the head
+    assert report["graph"]["lm_head_bits"] == report["graph"]["table_bits"] == 8  # the default
     assert report["calibration"] == {"samples": 8, "seqlen": 64}
     assert any(g["ratio"] is not None and g["loss_awq"] < g["loss_rtn"] for g in report["groups"])  # a scale won
     assert list(report["timings_s"]) == ["load", "export", "calibration", "match", "search", "emit"]
@@ -226,11 +227,11 @@ def test_an_option_out_of_range_is_one_line_naming_the_flag_before_anything_is_r
 
 @pytest.mark.parametrize("flag", ["--lm-head-bits", "--lm-head-group-size", "--table-bits"])
 def test_an_option_that_applies_only_with_another_is_refused_without_it(flag, capsys):
-    with pytest.raises(SystemExit) as stop:
-        main(["compile", "M", "-o", "O", flag, "32" if flag.endswith("size") else "8"])  # the head stays float
+    with pytest.raises(SystemExit) as stop:  # the head and the table stay float
+        main(["compile", "M", "-o", "O", "--no-quantize-lm-head", flag, "32" if flag.endswith("size") else "8"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.startswith(f"awq-graph: error: argument {flag}: applies only with "
-                                                   "--quantize-lm-head"), err
+    assert stop.value.code == 2 and err.startswith(f"awq-graph: error: argument {flag}: applies only without "
+                                                   "--no-quantize-lm-head"), err
 
 
 def test_a_head_group_size_matmulnbits_cannot_take_is_one_line_naming_the_flag(capsys):

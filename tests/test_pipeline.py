@@ -79,7 +79,7 @@ def test_an_architecture_with_nothing_to_scale_still_compiles_with_a_warning(tmp
     calib = torch.randint(0, 64, (5, 32), generator=torch.Generator().manual_seed(0))  # one held aside
     result = awq_graph.compile(model, calib, tmp_path / "out", scheme="uint4_wo_16", n_samples=4, seqlen=32)
     report = result.report
-    assert report["groups"] == [] and report["quantized_linears"] == 4
+    assert report["groups"] == [] and report["quantized_linears"] == 4 + 1  # the head, at 8 bits by default
     rtn_warning, graph_warning = report["warnings"]
     assert "plain RTN and clipping" in rtn_warning and ("gelu" in rtn_warning or "embedding" in rtn_warning)
     assert "logits-only" in graph_warning and "NoNormLM is not transformers' own llama class" in graph_warning
@@ -116,9 +116,10 @@ def test_quantize_lm_head_makes_the_head_8bit_and_the_embedding_int4(tmp_path, t
 
     model = tiny_model(tie_word_embeddings=tied)
     calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
-    plain = awq_graph.compile(model, calib, tmp_path / "plain", scheme="uint4_wo_16", n_samples=2, seqlen=32)
+    plain = awq_graph.compile(model, calib, tmp_path / "plain", scheme="uint4_wo_16", n_samples=2, seqlen=32,
+                              quantize_lm_head=False)
     head = awq_graph.compile(model, calib, tmp_path / "head", scheme="uint4_wo_16", n_samples=2, seqlen=32,
-                             quantize_lm_head=True, accuracy_level=0)  # float activations: an exact check
+                             quantize_lm_head=True, table_bits=4, accuracy_level=0)  # float activations: exact
     assert head.report["quantized_linears"] == plain.report["quantized_linears"] + 1
     graph = head.report["graph"]
     assert graph["kind"] == "kv-decoder" and graph["check_deviation"] < 1e-5  # torch with the same integers
@@ -148,7 +149,7 @@ def test_an_8bit_token_table_is_gathered_from_its_own_integers_or_the_tied_8bit_
     model = tiny_model(tie_word_embeddings=tied)
     calib = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
     options = dict(scheme="uint4_wo_16", n_samples=2, seqlen=32, quantize_lm_head=True, accuracy_level=0)
-    four = awq_graph.compile(model, calib, tmp_path / "four", **options)
+    four = awq_graph.compile(model, calib, tmp_path / "four", table_bits=4, **options)
     eight = awq_graph.compile(model, calib, tmp_path / "eight", table_bits=8, **options)
     assert eight.report["graph"]["kind"] == "kv-decoder" and eight.report["graph"]["check_deviation"] < 1e-5
     graph = onnx.load(tmp_path / "eight" / "model.onnx", load_external_data=False).graph

@@ -24,6 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the layers compared as the AWQ peers quantize them: the head and the token table kept in float32
+# (what quantizing those costs is tools/bench_head_table.py's)
+FLOAT_HEAD = ["--no-quantize-lm-head"]
+
 
 def _run(cmd: list[str], env) -> tuple[float, str]:
     t = time.perf_counter()
@@ -71,13 +75,13 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(model), "-o", str(awq), "--calib", str(calib),
                "--n-samples", str(n_samples), "--seqlen", str(args.seqlen), "--group-size", str(group),
-               "--grid", str(grid), "--overwrite"]
+               "--grid", str(grid), "--overwrite", *FLOAT_HEAD]
         if args.no_clip:
             cmd.append("--no-clip")
         wall, _ = _run(cmd, env)
         rows.append((grid, awq, wall, json.loads((awq / "report.json").read_text()), load_before, os.getloadavg()[0]))
     _run([sys.executable, "-m", "awq_graph.cli", "compile", str(model), "-o", str(rtn), "--rtn",
-          "--group-size", str(group), "--overwrite"], env)
+          "--group-size", str(group), "--overwrite", *FLOAT_HEAD], env)
     ppl_float = _ppl(model, text, windows, env)
     ppl_rtn = _ppl(rtn, text, windows, env)
     results = REPO / "tools" / "results"

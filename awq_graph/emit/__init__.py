@@ -15,6 +15,6 @@ The quantized linears of the torch.onnx graphs are rewritten to MatMulNBits
 """
 from awq_graph.emit.checks import (check_decoder, check_written_integers, checked_layers, fake_quant_makers,
                                    fake_quant_overrides)
-from awq_graph.emit.plan import GraphPlan, decoder_support, graph_facts, plan_graph, untranslatable_ops
+from awq_graph.emit.plan import FUSED, GraphPlan, decoder_support, graph_facts, plan_graph, untranslatable_ops
 from awq_graph.emit.write import Emitted, write_onnx
 

@@ -22,7 +22,7 @@ from ..load import check_finite, load_checked_model, load_tokenizer, open_skelet
 from ..match import match
 from ..outdir import atomic_out_dir, check_free_space, check_out_dir, claim_out_dir, output_path, remove_stale
 from ..head_table import quantize_head, quantize_token_table, shares_head, token_table_of_head
-from ..search import SearchResult, awq_search, rtn
+from ..search import SearchResult, awq_search, hold_integers, rtn
 from ..core.spill import IntegerSpill
 from .calibration import calibration_ids, held_aside
 from .checks import head_search, least_bytes, same_model_on_every_rank, same_on_every_rank
@@ -158,6 +158,7 @@ def _compile(model, calib, out_dir, opts: CompileOptions, tokenizer, progress, w
     loaded = load(model, tokenizer, opts, ranks)
     lap("load")
     exported = export(loaded, opts, owned)
+    opts = opts.with_head_resolved(exported.gm)
     warnings = graph_warnings(exported, opts, outputs)
     least = check_space(exported.gm, opts, outputs) if ranks.leader else None
     lap("export")
@@ -371,8 +372,9 @@ def search(gm, per_layer, calibrated: Calibrated | None, opts: CompileOptions, p
     quantized, table = dict(result.quantized), None
     if opts.quantize_lm_head:
         name = head[0].layers[0] if head else None
-        if head is None:
-            name, quantized[name] = quantize_head(gm, opts.head_scheme)
+        if head is None:  # held as the layers' are: its bytes in the file checked against what was made
+            name, head_integers = quantize_head(gm, opts.head_scheme)
+            quantized[name] = hold_integers(name, head_integers, spill.put)
         table = (token_table_of_head(name, quantized[name], result.folded)
                  if shares_head(gm, opts.head_scheme, opts.table_scheme) else quantize_token_table(gm, opts.table_scheme))
     return Searched(result, quantized, table)

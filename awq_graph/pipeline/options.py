@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from ..core.analysis import output_head
 from ..core.errors import InputError, SchemeError
 from ..core.numerics import QuantScheme
 from ..core.records import read_quark_config
@@ -27,7 +28,8 @@ class CompileOptions:
     """Everything ``compile`` can be asked, checked when built.
 
     scheme: a QuantScheme or its name (``uint4_wo_128``). config: None (derive the scaling
-    groups from the graph), a Quark AWQ config dict, or a path to one. quantize_lm_head: lm_head
+    groups from the graph), a Quark AWQ config dict, or a path to one. quantize_lm_head (None, the
+    default: wherever the graph has a head; False: the head and the table in float32): lm_head
     as MatMulNBits of ``lm_head_bits`` (8 by default, rounded to nearest; 4 bits are searched with
     calibration, at ``lm_head_group_size``) and, in the KV-cache decoder, the token table as
     GatherBlockQuantized of ``table_bits`` (4 or 8; a tied head of as many bits: its integers themselves). act_dtype: "float32" or
@@ -59,10 +61,10 @@ class CompileOptions:
     seed: int = 0
     accuracy_level: int = 4
     overwrite: bool = False
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool | None = None  # None: wherever a linear writes the logits (``with_head_resolved``)
     lm_head_bits: int = 8
     lm_head_group_size: int | None = None  # None: the scheme's
-    table_bits: int = 4  # the quantized token table's bits (GatherBlockQuantized), with quantize_lm_head
+    table_bits: int | None = None  # the quantized token table's bits (GatherBlockQuantized); None: the head's
     act_dtype: str = "float32"
     kv_cache: bool | str = True
     loss_tokens: int | None = None
@@ -86,7 +88,7 @@ class CompileOptions:
             raise InputError(f"`accuracy_level={self.accuracy_level}`: choose one of {list(ACCURACY_LEVELS)}")
         if self.lm_head_bits not in (4, 8):
             raise InputError(f"`lm_head_bits={self.lm_head_bits}`: choose 4 or 8")
-        if self.table_bits not in (4, 8):
+        if self.table_bits not in (None, 4, 8):
             raise InputError(f"`table_bits={self.table_bits}`: choose 4 or 8")
         if self.lm_head_group_size is not None:
             try:
@@ -124,10 +126,29 @@ class CompileOptions:
     def head_scheme(self) -> QuantScheme:
         return QuantScheme(self.lm_head_bits, self.lm_head_group_size or self.scheme.group_size, self.scheme.symmetric)
 
+    def with_head_resolved(self, gm) -> "CompileOptions":
+        """``quantize_lm_head=None`` (the default) made True where ``gm`` has a linear writing the
+        logits, else False: for today's vocabularies the float32 head and table are most of the
+        file and of each step's reads, and at 8 bits they cost about a third of a percent of
+        perplexity (docs/default-path.md); asked for explicitly, a graph without a head is refused.
+        Not asked for, the head's group is the scheme's narrowed to the head's input (a power of
+        two), so a small model's default is never a padded block per row."""
+        if self.quantize_lm_head is not None:
+            return self
+        head = output_head(gm)
+        if head is None:
+            return replace(self, quantize_lm_head=False)
+        width, group = gm.linears[head].in_features, self.lm_head_group_size
+        if group is None and self.scheme.group_size > width:
+            group = max(16, 1 << (width.bit_length() - 1))
+        return replace(self, quantize_lm_head=True, lm_head_group_size=group)
+
     @property
     def table_scheme(self) -> QuantScheme:
-        """The token table's: ``table_bits`` in the layers' groups."""
-        return QuantScheme(self.table_bits, self.scheme.group_size, self.scheme.symmetric)
+        """The token table's: ``table_bits`` (default: the head's), in the layers' groups or the
+        head's where narrower (its rows are as wide as the head's input)."""
+        group = min(self.scheme.group_size, self.head_scheme.group_size)
+        return QuantScheme(self.table_bits or self.lm_head_bits, group, self.scheme.symmetric)
 
     def search_options(self) -> SearchOptions:
         extra = {"loss_tokens": self.loss_tokens} if self.loss_tokens else {}

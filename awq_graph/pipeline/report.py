@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict
 
 from ..core.ranks import Ranks
+from ..emit import FUSED
 from ..search import SearchResult
 from ..interrupt import checkpoint
 from .options import CompileOptions
@@ -100,6 +101,7 @@ def graph_report(emitted, opts: CompileOptions, runtime_files: list[str]) -> dic
     """The graph written (its kind and check, ``Emitted``) and how."""
     return {"kind": emitted.kind, "act_dtype": opts.act_dtype, "accuracy_level": opts.accuracy_level,
             "lm_head_bits": opts.lm_head_bits if opts.quantize_lm_head else None,
+            "table_bits": opts.table_scheme.bits if opts.quantize_lm_head and emitted.kind == FUSED else None,
             **{k: v for k, v in asdict(emitted).items() if k not in ("kind", "quantized_linears", "warnings")},
             "runtime_files": runtime_files}
 

@@ -44,4 +44,4 @@ from .head import HEAD_ROWS, head_input_nodes, search_head
 from .layers import Chunks, awq_search
 from .options import LOSS_FORMS, SCREEN_MARGIN, SCREENS, SearchOptions, loss_form
 from .reports import ClipReport, GroupReport, SearchResult
-from .rounding import rtn
+from .rounding import hold_integers, rtn

@@ -46,12 +46,12 @@ def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized
     else:
         form = "forward"
         sub, ext, outs = inspect[g.module2inspect]
-        parts = saved[g.module2inspect]  # the loss subsample, in one or two chunks
+        loss_chunks = saved[g.module2inspect]  # the loss subsample, in one or two chunks
         placeholders = {name: gm.linears[name].weight_node for name in weights}
-        numel = sum(r.numel() for _, refs in parts for r in refs)
+        numel = sum(r.numel() for _, refs, _ in loss_chunks for r in refs)
         dtype = opts.screen_dtype
         screen = None if dtype is None else opts.linear_screen  # "bfloat16": a subgraph has no sketch
-        swaps = [delta_products(sub, ext_values, device, dtype) for ext_values, _ in parts] if dtype else None
+        swaps = [delta_products(sub, ext_values, device, dtype) for ext_values, _, _ in loss_chunks] if dtype else None
 
         def loss_of(s, screened=None):
             quantized = {}
@@ -59,14 +59,22 @@ def search_group(gm, li, g: ScalingGroup, stats, inspect, saved, opts, quantized
                 sc = g.column_scale(s, name)
                 quantized[placeholders[name]] = gm.linears[name].stored(scaled_fake_quantize(w, sc, scheme))
             total = 0.0
-            for k, (ext_values, refs) in enumerate(parts):
+            for k, (ext_values, refs, weight) in enumerate(loss_chunks):
                 env = {**ext_values, **quantized}
                 run_nodes(sub, env, device, swap=swaps[k] if screened is not None else None)
-                total += sum(float(((env[o].float() - r.float()) ** 2).sum()) for o, r in zip(outs, refs))
+                total += sum(float(token_weighted((env[o].float() - r.float()) ** 2, weight)) for o, r in zip(outs, refs))
             return total / numel
 
     best_s, best_ratio, outcome = grid_search(loss_of, x_mean, w_mean, g, opts.n_grid, device, ranks, screen)
     return best_s, GroupReport(li, g.prev_op, list(g.layers), best_ratio, loss_form=form, **outcome)
+
+
+def token_weighted(squared: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The sum of ``squared`` errors, each token's times its weight (``SearchOptions.token_weight``)
+    where the error has the weight's leading shape; else unweighted."""
+    if weight is None or squared.dim() < 1 or squared.shape[:-1] != weight.shape:
+        return squared.sum()
+    return (squared.sum(-1) * weight).sum()
 
 
 def delta_products(sub, ext_values: dict, device, dtype: torch.dtype) -> dict:

@@ -132,6 +132,14 @@ def _plan_chunks(calib, loss_idx, rest, per_chunk: int, ranks: Ranks) -> Chunks:
     return Chunks(ids, counted, loss)
 
 
+def _output_residual(stages: LayerCut, li: int):
+    """The residual stream layer ``li`` hands on: of the tensors it makes that a later stage reads,
+    the largest (the hidden states; rotary tables and masks are made before the layers)."""
+    made = [n for n in stages.keep_after[li + 1] if stages.stage_of.get(n) == li + 1
+            and isinstance(n.meta.get("val"), torch.Tensor)]
+    return max(made, key=lambda n: n.meta["val"].numel(), default=None)
+
+
 def _release_layer(gm: GraphModel, nodes, linears, folded: list[Folded]) -> None:
     quantized = {gm.linears[n].weight for n in linears}
     edited = {name for f in folded for name in f.params}
@@ -182,7 +190,7 @@ def _search_layer(layer: Layer, stores: list[dict], keep=None, guard: HeldAsideG
     gm, li, opts, ranks = layer.gm, layer.index, layer.opts, layer.ranks
     inputs = [dict(store) for store in stores] if opts.propagate == "quantized" else None
     stats, inspect, saved = _layer_statistics(gm, li, layer.nodes, layer.groups, layer.linears, layer.chunks, stores,
-                                              layer.cut, layer.form_of, opts.device, ranks)
+                                              layer.cut, layer.form_of, opts.device, ranks, opts.token_weight)
     reports, scales = [], []
     for g in layer.groups:
         s, report = search_group(gm, li, g, stats, inspect, saved, opts, set(layer.linears), ranks)
@@ -218,13 +226,16 @@ def _advance_quantized(gm, li, nodes, quantized, chunks, inputs, stores, stages,
         del env
 
 
-def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu", ranks=ONE):
+def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, form_of, device="cpu", ranks=ONE,
+                      token_weight: str = "none"):
     """Run layer ``li`` over every calibration chunk: the statistics of each linear input (in the
     form ``form_of(channels, experts, out_features)`` picks, ``out_features`` the rows of the
     single-linear loss that reads it, None for an input only the clipping reads) from the chunks
     this rank counts, and (the loss chunks) the inputs and outputs of each ``module2inspect`` that is not a single linear. Hands
     the chunks' values on to the next layer through ``stores``. The statistics are then those of
-    every rank's tokens (``InputStats.reduce``, in the nodes' order: the same on every rank)."""
+    every rank's tokens (``InputStats.reduce``, in the nodes' order: the same on every rank).
+    ``token_weight`` "residual": each token weighted by 1 / the mean square of the layer's output
+    residual there (``SearchOptions.token_weight``), in the statistics and the saved losses."""
     input_nodes = {gm.linears[n].input for n in linears}
     for g in groups:
         input_nodes.add(gm.linears[g.inp].input)
@@ -247,15 +258,17 @@ def _layer_statistics(gm, li, nodes, groups, linears, chunks, stores, stages, fo
     saved = {name: [] for name in inspect}  # per loss chunk: the subgraph's inputs and outputs
     params_env = params_read(gm, nodes, device)
     input_node = gm.input_node()
+    residual = _output_residual(stages, li) if token_weight == "residual" else None
     for c, ids in enumerate(chunks.ids):
         env = {**params_env, **stores[c], input_node: ids}
         run_nodes(nodes, env, device)
+        weight = None if residual is None else 1.0 / env[residual].float().pow(2).mean(-1).clamp(min=1e-12)
         if chunks.counted[c]:
             for node, st in stats.items():
-                st.add(env[node], env[banks[node].node.args[2]] if node in banks else None)
+                st.add(env[node], env[banks[node].node.args[2]] if node in banks else None, weight)
         if c < chunks.loss:
             for name, (sub, ext, outs) in inspect.items():
-                saved[name].append(({a: env[a] for a in ext}, [env[o].clone() for o in outs]))
+                saved[name].append(({a: env[a] for a in ext}, [env[o].clone() for o in outs], weight))
         stores[c] = {n: env[n] for n in stages.keep_after[li + 1]}
         del env
     for node in sorted(stats, key=lambda n: n.name):

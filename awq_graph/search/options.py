@@ -40,6 +40,11 @@ class SearchOptions:
     # (the layer run again with its integers), so each layer is fitted on the inputs the
     # quantized model will give it
     propagate: str = "float"
+    # each token's weight in the losses (the statistics' H, the subgraph errors; not x_mean):
+    # "none", or "residual": 1 / the mean square of the layer's output residual at that token, so
+    # an error counts as the next norm sees it, relative to its token's size (a few massive-
+    # activation tokens otherwise dominate the squared error of the layers that make or remove them)
+    token_weight: str = "none"
 
     def __post_init__(self):
         if self.n_grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1:
@@ -52,6 +57,8 @@ class SearchOptions:
             raise ValueError(f"clip_gain must be 'unbiased', 'lsq' or 'off', got {self.clip_gain!r}")
         if self.propagate not in ("float", "quantized"):
             raise ValueError(f"propagate must be 'float' or 'quantized', got {self.propagate!r}")
+        if self.token_weight not in ("none", "residual"):
+            raise ValueError(f"token_weight must be 'none' or 'residual', got {self.token_weight!r}")
 
     @property
     def loss_points(self) -> float:

@@ -28,8 +28,14 @@ class InputStats:
         self._routed: list[list[torch.Tensor]] = [[] for _ in range(experts)]  # a bank's rows, per expert
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, offsets: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
+        """``weight``: one per token (x's leading dims), in H (X^T diag(w) X) and in the rows
+        (sqrt(w) x), not in sum |x|; a bank's rows are routed, not tokens: unweighted."""
         x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, C)
+        if weight is None or self.experts or weight.numel() != x2.shape[0]:
+            weighted = x2
+        else:
+            weighted = x2 * weight.reshape(-1, 1).to(x2.device, torch.float32).sqrt()
         if self.experts:
             ends = offsets.tolist()
             x2 = x2[:ends[-1]]  # rows past the last offset are routed nowhere
@@ -39,9 +45,9 @@ class InputStats:
                 else:
                     self.gram[e] += x2[start:end].T @ x2[start:end]
         elif self.form == "direct":
-            self._rows.append(x2)
+            self._rows.append(weighted)
         else:
-            self.gram += (x2.T @ x2).double()
+            self.gram += (weighted.T @ weighted).double()
         self.abs_sum += x2.abs().sum(0).double()
         self.tokens += x2.shape[0]
 
