@@ -305,3 +305,35 @@ def test_propagating_the_quantized_output_changes_what_later_layers_are_fitted_o
     assert layer0 and all(torch.equal(float_.quantized[n].unpack().q, quant.quantized[n].unpack().q) for n in layer0)
     losses = {mode: [g.loss_rtn for g in r.groups if g.layer == 1] for mode, r in results.items()}
     assert all(a != b for a, b in zip(losses["float"], losses["quantized"])), losses
+
+
+def test_token_weights_enter_the_losses_as_x_transpose_w_x_and_leave_x_mean_alone():
+    """SearchOptions.token_weight="residual": each token's weight multiplies its rows in H (and in
+    the direct form's rows, as sqrt(w)), not the mean |x| AWQ's candidate scales are made of."""
+    from awq_graph.search.statistics import InputStats
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    w = torch.rand(2, 5, generator=torch.Generator().manual_seed(1)) + 0.1
+    rows = x.reshape(-1, 8).double()
+    quadratic, direct, plain = InputStats(8, form="quadratic"), InputStats(8, form="direct"), InputStats(8)
+    quadratic.add(x, weight=w)
+    direct.add(x, weight=w)
+    plain.add(x)
+    expected = rows.T @ (rows * w.reshape(-1, 1).double())
+    top = float(expected.abs().max())
+    # float32 products (sqrt(w) x, each side) summed in float64: measured 4e-7 of the largest entry
+    assert float((quadratic.gram - expected).abs().max()) < 1e-5 * top
+    sqrt_w_x = direct.scaled(None).double()
+    assert float((sqrt_w_x.T @ sqrt_w_x - expected).abs().max()) < 1e-5 * top
+    assert torch.equal(quadratic.x_mean, plain.x_mean) and not torch.allclose(quadratic.gram, plain.gram)
+
+
+def test_the_residual_token_weights_change_the_search_and_still_beat_round_to_nearest_on_the_calibration():
+    gm = export_model(tiny_model())
+    per_layer = match(gm).per_layer
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    opts = dict(scheme=QuantScheme(4, 16), loss_tokens=64)
+    plain = awq_search(gm, per_layer, calib, SearchOptions(**opts))
+    weighted = awq_search(export_model(tiny_model()), per_layer, calib, SearchOptions(token_weight="residual", **opts))
+    assert all(g.loss_awq <= g.loss_rtn for g in weighted.groups)  # the identity is on the grid
+    assert [g.loss_rtn for g in weighted.groups] != [g.loss_rtn for g in plain.groups]  # another objective
