@@ -315,6 +315,38 @@ def test_a_signal_while_torch_imports_waits_for_the_import_to_finish():
             signal.signal(signum, handler)
 
 
+def test_a_signal_the_moment_the_samplers_folder_is_made_leaves_nothing_beside_out(tmp_path, monkeypatch):
+    """--calib self writes its sampler beside OUT as a hidden folder: a SIGTERM arriving as the
+    folder is made (CI saw one between its creation and the sampler's clean-up) still removes it."""
+    import tempfile
+
+    from awq_graph import interrupt
+    from awq_graph.pipeline.calibration import sampler_scratch
+
+    made, mkdtemp = [], tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args, **kwargs):
+        made.append(mkdtemp(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before the caller has the folder's name
+        time.sleep(0.05)
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    hook = sys.unraisablehook
+    interrupt.catch_signals()
+    try:
+        with pytest.raises(interrupt.Interrupted):
+            with sampler_scratch(tmp_path / "out", leader=True):
+                pytest.fail("the signal is raised before the sampler starts")
+    finally:
+        interrupt.forget_signals()
+        sys.unraisablehook = hook
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert made and list(tmp_path.iterdir()) == []
+
+
 def test_a_decoder_another_tool_wrote_is_named_as_such_not_a_traceback(tmp_path, capsys):
     """onnxruntime-genai's builder writes its cache as (batch, kv_heads, past, 'kv_cache_dim') and takes
     no position_ids: `awq-graph generate` on such a folder says what it is in one line."""

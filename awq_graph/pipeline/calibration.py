@@ -1,12 +1,16 @@
 """The calibration token ids: from a file, the caller's tensors, or sampled from the model; the held-aside samples past them."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .. import calib as calibration
 from ..core.errors import InputError
 from ..core.ranks import ONE, Ranks
+from ..interrupt import signals_held
 from ..load import load_float_model, sampler_dtype, tokenizer_files
 from ..sampling import can_sample, sampled_ids
 from .options import CompileOptions
@@ -28,14 +32,10 @@ def calibration_ids(calib, model, tokenizer, opts: CompileOptions, progress, sou
             raise missing("calibration 'self'")
         ids, notes = None, []
         if opts.self_sampler == "int8" and gm is not None and can_sample(plan):
-            import tempfile
-
-            # beside OUT as a hidden .OUT.tmp-PID-* (a killed run's is removed by the next); elsewhere off rank 0
-            scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-sampler-", dir=out_dir.parent)
-                           if ranks.leader else tempfile.mkdtemp(prefix="awq-graph-sampler-"))
             bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)
-            ids = sampled_ids(gm, model, plan, opts.scheme, bos, opts.n_samples + opts.held, opts.seqlen, opts.seed,
-                              scratch, progress=progress, ranks=ranks)
+            with sampler_scratch(out_dir, ranks.leader) as scratch:
+                ids = sampled_ids(gm, model, plan, opts.scheme, bos, opts.n_samples + opts.held, opts.seqlen,
+                                  opts.seed, scratch, progress=progress, ranks=ranks)
             return ids, "self", notes
         if ranks.leader:
             dtype, note = sampler_dtype(source) if streamed else (None, None)
@@ -50,6 +50,22 @@ def calibration_ids(calib, model, tokenizer, opts: CompileOptions, progress, sou
             raise missing(f"calibration from the text file {calib}")
         return calibration.from_file(calib, tokenizer, opts.n_samples + opts.held, opts.seqlen), str(calib), []
     return calibration.from_tensors(calib, opts.n_samples + opts.held, opts.seqlen), "tensors", []
+
+
+@contextlib.contextmanager
+def sampler_scratch(out_dir: Path, leader: bool):
+    """The folder the sampler's model is written into: beside OUT as a hidden .OUT.tmp-PID-* on
+    rank 0 (a killed run's is removed by the next compile), elsewhere a temporary folder. Made
+    with signals held and removed on any exit, so a signal the moment it appears leaves nothing."""
+    scratch = None
+    try:
+        with signals_held():  # a signal here is raised when the block ends: scratch is set by then
+            scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-sampler-", dir=out_dir.parent)
+                           if leader else tempfile.mkdtemp(prefix="awq-graph-sampler-"))
+        yield scratch
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def held_aside(ids: torch.Tensor, opts: CompileOptions, source: str):
