@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     sym.add_argument("--asym", action="store_true", help="asymmetric uint4 with zero points (default)")
     c.add_argument("--no-clip", action="store_true", help="skip the weight clipping search")
     c.add_argument("--rtn", action="store_true", help="round-to-nearest baseline: no search, no calibration")
+    c.add_argument("--rounding", default="nearest", choices=["nearest", "gptq"],
+                   help="how each linear's integers are chosen on the grid AWQ's scales and clipping made: to nearest "
+                        "(AWQ's), or gptq: column by column, each column's error carried onto the rest through the "
+                        "calibration input's inverse Hessian (same scales, zero points and layout; slower)")
     c.add_argument("--config", help="a Quark-format AWQ config to use instead of the derived one")
     c.add_argument("--seed", type=_at_least(0), default=0)
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
@@ -448,7 +452,7 @@ def _compile_options(args, ranks):
         kv_cache=False if args.no_kv_cache else "generic" if args.generic_decoder else True,
         loss_tokens=args.loss_tokens, device=_rank_device(args.device, ranks), stream=not args.no_stream,
         grid_screen=args.grid_screen, grid_points=args.grid, export_hf=args.export_hf, held_samples=args.held_samples,
-        self_sampler=args.self_sampler)
+        self_sampler=args.self_sampler, rounding=args.rounding)
 
 
 def _rank_device(asked: str, ranks) -> str:

@@ -8,6 +8,7 @@ the AWQ compile. Each compile runs alone in its own process.
     python tools/bench_quality.py --data ../shared/data --peers              # g64, 8 x 512, 20 windows
     python tools/bench_quality.py --data ../shared/data --n-samples 16 --grids 20 10 5   # the scale grid's size
     python tools/bench_quality.py --model "$(python tools/qwen_model.py)" --n-samples 32 --windows 8   # a real 1.5B model
+    python tools/bench_quality.py --data ../shared/data --roundings nearest gptq   # AWQ's rounding and GPTQ's, side by side
 
 Compiled models go to bench/ (ignored); the figures to tools/results/quality-*.json, and a
 Markdown table is printed.
@@ -54,6 +55,8 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--no-clip", action="store_true")
     p.add_argument("--grids", type=int, nargs="+", default=[20], help="AWQ compiles with these --grid values, one each")
+    p.add_argument("--roundings", nargs="+", default=["nearest"], choices=["nearest", "gptq"],
+                   help="AWQ compiles with these --rounding values, one each")
     p.add_argument("--work", type=Path, default=REPO / "bench")
     args = p.parse_args()
     n_samples = args.n_samples or (8 if args.peers else 128)
@@ -70,30 +73,33 @@ def main() -> int:
     text = args.data / "wikitext2-test.txt"
 
     rows = []
-    for grid in args.grids:  # each AWQ compile alone, in its own process
-        awq = args.work / (f"awq-{tag}" if grid == 20 else f"awq-{tag}-grid{grid}")
+    for grid, rounding in [(g, r) for g in args.grids for r in args.roundings]:  # each AWQ compile alone
+        variant = ("" if grid == 20 else f"-grid{grid}") + ("" if rounding == "nearest" else f"-{rounding}")
+        awq = args.work / f"awq-{tag}{variant}"
         load_before = os.getloadavg()[0]
         cmd = [sys.executable, "-m", "awq_graph.cli", "compile", str(model), "-o", str(awq), "--calib", str(calib),
                "--n-samples", str(n_samples), "--seqlen", str(args.seqlen), "--group-size", str(group),
-               "--grid", str(grid), "--overwrite", *FLOAT_HEAD]
+               "--grid", str(grid), "--rounding", rounding, "--overwrite", *FLOAT_HEAD]
         if args.no_clip:
             cmd.append("--no-clip")
         wall, _ = _run(cmd, env)
-        rows.append((grid, awq, wall, json.loads((awq / "report.json").read_text()), load_before, os.getloadavg()[0]))
+        rows.append((grid, rounding, variant, awq, wall, json.loads((awq / "report.json").read_text()), load_before,
+                     os.getloadavg()[0]))
     _run([sys.executable, "-m", "awq_graph.cli", "compile", str(model), "-o", str(rtn), "--rtn",
           "--group-size", str(group), "--overwrite", *FLOAT_HEAD], env)
     ppl_float = _ppl(model, text, windows, env)
     ppl_rtn = _ppl(rtn, text, windows, env)
     results = REPO / "tools" / "results"
     results.mkdir(exist_ok=True)
-    print("| setting | grid | float | RTN | AWQ | RTN loss recovered | compile s | search s | peak RSS MB | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for grid, awq, wall, report, load_before, load_after in rows:
+    print("| setting | grid | rounding | float | RTN | AWQ | RTN loss recovered | compile s | search s | peak RSS MB | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for grid, rounding, variant, awq, wall, report, load_before, load_after in rows:
         ppl_awq = _ppl(awq, text, windows, env)
         recovered = (ppl_rtn - ppl_awq) / (ppl_rtn - ppl_float)
         figures = {
             "setting": {"model": model.name, "group_size": group, "calibration": f"{n_samples} x {args.seqlen}",
-                        "clip": not args.no_clip, "grid": grid, "eval_windows": windows, "window": 2048},
+                        "clip": not args.no_clip, "grid": grid, "rounding": rounding, "eval_windows": windows,
+                        "window": 2048},
             "ppl": {"float": ppl_float, "rtn": ppl_rtn, "awq": ppl_awq},
             "rtn_loss_recovered": recovered,
             "compile_wall_s": round(wall, 1),
@@ -105,9 +111,9 @@ def main() -> int:
             "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
             "cpus": os.cpu_count(),
         }
-        out = results / (f"quality-{tag}.json" if grid == 20 else f"quality-{tag}-grid{grid}.json")
+        out = results / f"quality-{tag}{variant}.json"
         out.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"| {model.name}, g{group}, {n_samples}x{args.seqlen}, {windows} windows | {grid} | {ppl_float:.2f} | "
+        print(f"| {model.name}, g{group}, {n_samples}x{args.seqlen}, {windows} windows | {grid} | {rounding} | {ppl_float:.2f} | "
               f"{ppl_rtn:.2f} | {ppl_awq:.2f} | {recovered:.0%} | {wall:.0f} | {report['search_s']:.0f} | "
               f"{report['peak_rss_mb']:.0f} | {load_before:.2f} -> {load_after:.2f} |")
         if figures["held_aside_check"]:

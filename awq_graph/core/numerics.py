@@ -385,6 +385,80 @@ def blockwise_quadratic_error(dw: torch.Tensor, gram: torch.Tensor, group_size: 
 
 
 # ---------------------------------------------------------------------------------------
+# Error-compensating rounding (GPTQ) on a fixed group grid
+
+
+GPTQ_BLOCK = 128  # columns per lazy batch: the rest of the weight is updated once per block
+
+
+def gptq_integers(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
+                  gram: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> torch.Tensor:
+    """The integers of ``w`` (out, in) on the grid (``scale``, ``zero``: (out, G), kept as they
+    are) chosen column by column, each column's rounding error carried onto the columns not yet
+    rounded through the inverse of H = X^T X (``gram``, (in, in)): GPTQ (Frantar et al. 2022) with
+    its grid fixed beforehand ("static groups"), so the written scales, zero points and layout are
+    those of round-to-nearest on the same grid. Returns (out, in) uint8.
+
+    ``damp``: the fraction of H's mean diagonal added to its diagonal (an H from few tokens, or with
+    dead channels, is singular; GPTQ's 1%). A dead channel (H_ii = 0) is rounded to nearest and
+    carries nothing. ``act_order``: columns in decreasing H_ii (the channels with the largest
+    inputs rounded first, while the most columns remain to absorb their error); each column keeps
+    its own group's scale and zero point, so the grid does not depend on the order."""
+    out_f, in_f = w.shape
+    h = gram.to(w.device, torch.float32, copy=True)
+    diag = h.diagonal()
+    diag[diag <= 0] = 1.0  # a dead channel: its error goes nowhere (its row and column of H are 0)
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(in_f, device=w.device)
+    h = h[order][:, order]
+    upper = _inverse_cholesky_upper(h, damp)
+    del h
+    cols = order.div(scheme.group_size, rounding_mode="floor")
+    s_cols, z_cols = scale.float()[:, cols], zero.float()[:, cols]
+    work = w.float()[:, order].clone()
+    q = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
+    for b0 in range(0, in_f, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, in_f)
+        block, u = work[:, b0:b1], upper[b0:b1, b0:b1]
+        errors = torch.empty_like(block)
+        for i in range(b1 - b0):
+            col, s, z = block[:, i], s_cols[:, b0 + i], z_cols[:, b0 + i]
+            qi = torch.div(col, s).add_(z).round_().clamp_(0, scheme.qmax)  # the rounding of ``_integers_into``
+            err = (col - (qi - z) * s) / u[i, i]
+            block[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
+            errors[:, i] = err
+            q[:, b0 + i] = qi.to(torch.uint8)
+        if b1 < in_f:
+            work[:, b1:] -= errors @ upper[b0:b1, b1:]
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out
+
+
+def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp mean(diag H) I)^-1, the damping raised tenfold
+    (to at most 1) until H factors."""
+    mean = float(h.diagonal().mean())
+    for d in (damp, damp * 10, damp * 100, 1.0):
+        shifted = h.clone()
+        shifted.diagonal().add_(max(d, 0.0) * mean + 1e-12)
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+        if d >= 1.0:
+            break
+    raise ValueError("H has no Cholesky factor even damped by its mean diagonal")
+
+
+def rowwise_output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per row r of dW (out, in): dW_r H dW_r^T, (out,). The rows of an error-compensating
+    rounding are independent of each other, so each row's integers can be compared on their own."""
+    return ((dw @ gram.to(dw.dtype)) * dw).sum(1)
+
+
+# ---------------------------------------------------------------------------------------
 # MatMulNBits packing
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import calib as calibration
 from ..core.errors import InputError
@@ -14,6 +15,9 @@ from ..interrupt import signals_held
 from ..load import load_float_model, sampler_dtype, tokenizer_files
 from ..sampling import can_sample, sampled_ids
 from .options import CompileOptions
+
+if TYPE_CHECKING:
+    import torch
 
 
 def calibration_ids(calib, model, tokenizer, opts: CompileOptions, progress, source: Path | None, streamed=False,

@@ -9,7 +9,7 @@ from ..core.analysis import output_head
 from ..core.errors import InputError, SchemeError
 from ..core.numerics import QuantScheme
 from ..core.records import read_quark_config
-from ..search import SCREENS, SearchOptions
+from ..search import ROUNDINGS, SCREENS, SearchOptions
 
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -75,6 +75,7 @@ class CompileOptions:
     export_hf: str | os.PathLike | None = None
     held_samples: int | None = None  # None: HELD_TOKENS' worth of samples; 0: no held-aside check
     self_sampler: str = "int8"  # what calib="self" samples with: "int8" (awq_graph.sampling) or "transformers"
+    rounding: str = "nearest"  # each linear's integers on the searched grid: "nearest", or "gptq" (error-compensating)
 
     def __post_init__(self):
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -110,6 +111,8 @@ class CompileOptions:
             raise InputError(f"`grid_screen={self.grid_screen}`: choose one of {', '.join(SCREENS)}")
         if self.self_sampler not in ("int8", "transformers"):
             raise InputError(f"`self_sampler={self.self_sampler}`: choose int8 or transformers")
+        if self.rounding not in ROUNDINGS:
+            raise InputError(f"`rounding={self.rounding}`: choose one of {', '.join(ROUNDINGS)}")
         if self.kv_cache not in (True, False, "generic"):
             raise InputError(f"kv_cache={self.kv_cache!r}: give True, False or 'generic'")
 
@@ -153,7 +156,7 @@ class CompileOptions:
     def search_options(self) -> SearchOptions:
         extra = {"loss_tokens": self.loss_tokens} if self.loss_tokens else {}
         return SearchOptions(scheme=self.scheme, n_grid=self.grid_points, clip=self.clip, device=self.device,
-                             screen=self.grid_screen, **extra)
+                             screen=self.grid_screen, rounding=self.rounding, **extra)
 
 
 @dataclass

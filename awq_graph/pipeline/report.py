@@ -82,7 +82,7 @@ def search_report(result: SearchResult, opts: CompileOptions, n_q: int, timings,
     linear its clipping's, the groups skipped, the held-aside check's verdicts."""
     return {
         "scheme": opts.scheme.name,
-        "method": "rtn" if opts.rtn_only else ("awq+clip" if opts.clip else "awq"),
+        "method": "rtn" if opts.rtn_only else ("awq+clip" if opts.clip else "awq") + ("+gptq" if opts.rounding == "gptq" else ""),
         "quantized_linears": n_q,
         "calibration": None if calib_ids is None else {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1])},
         "timings_s": timings,
@@ -92,6 +92,7 @@ def search_report(result: SearchResult, opts: CompileOptions, n_q: int, timings,
         "grid_points": None if opts.rtn_only else opts.grid_points,
         "groups": [asdict(g) for g in result.groups],
         "clipping": [asdict(c) for c in result.clips],
+        "rounding": [asdict(r) for r in result.roundings],
         "skipped_groups": [s.to_json() for s in skipped],
         "held_aside_check": None if result.guard is None else {**asdict(result.guard), "summary": result.guard.summary()},
     }

@@ -26,7 +26,11 @@ a subgraph's linears add their change to their float outputs (``_delta_products`
 Then per linear, a clipping search: each group's range [min, max] shrinks by r in
 1, 0.95, ..., 0.55 (asymmetric: both ends toward 0), r chosen per (row, group) by
 dW_g H_gg dW_g^T on the scaled input. Linears whose output becomes attention scores
-(q/k: they feed softmax through RoPE) keep their full range, as in AWQ.
+(q/k: they feed softmax through RoPE) keep their full range, as in AWQ. The integers on that grid
+are rounded to nearest, or (``SearchOptions.rounding="gptq"``) chosen column by column with each
+column's error carried onto the columns not yet rounded through H^-1 of the scaled input (GPTQ on
+a fixed grid: the scales and zero points stay the clipping's), each row keeping whichever
+integers give it the lower output error.
 
 A bank of MoE experts (E, out, in) is searched as its (E * out, in) rows, with one H per
 expert from the rows routed to it; routers stay float.
@@ -42,6 +46,6 @@ out; the choices are rank 0's, and rank 0 alone quantizes.
 from .grid import grid_search
 from .head import HEAD_ROWS, head_input_nodes, search_head
 from .layers import Chunks, awq_search
-from .options import LOSS_FORMS, SCREEN_MARGIN, SCREENS, SearchOptions, loss_form
-from .reports import ClipReport, GroupReport, SearchResult
+from .options import LOSS_FORMS, ROUNDINGS, SCREEN_MARGIN, SCREENS, SearchOptions, loss_form
+from .reports import ClipReport, GroupReport, RoundingReport, SearchResult
 from .rounding import hold_integers, rtn

@@ -1,28 +1,30 @@
-"""Per linear, after the folds: the clipping search of each (row, group)'s range, then its integers."""
+"""Per linear, after the folds: the clipping search of each (row, group)'s range, then its integers (to nearest, or GPTQ's on that grid)."""
 from __future__ import annotations
 
 import torch
 
 from ..core.analysis import feeds_attention_scores
 from ..core.ranks import ONE, Ranks
-from ..core.numerics import QuantScheme, blockwise_error, fake_quantize, group_extrema, output_gain, quantize
+from ..core.numerics import (QuantScheme, QuantizedWeight, blockwise_error, fake_quantize, gptq_integers,
+                              group_extrema, output_gain, quantize, rowwise_output_error)
 from ..passes.fold import Folded
-from .reports import ClipReport
+from .reports import ClipReport, RoundingReport
 
 
 def clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, ranks: Ranks = ONE, unclipped: bool = False):
     """The integers of every quantizable linear of the layer, after the folds: per linear a
-    clipping search on its (now scaled) input statistics, then quantize. Returns (integers,
-    the integers at full range (``unclipped``; else None), the clipping reports). Over several
-    ranks the linears' clipping searches are shared out (linear i on rank i mod world), their
-    outcomes sent to rank 0, which alone quantizes."""
+    clipping search on its (now scaled) input statistics, then quantize (``opts.rounding``:
+    to nearest, or GPTQ's error-compensating rounding on the same grid). Returns (integers,
+    the integers at full range (``unclipped``; else None), the clipping reports, the rounding
+    reports). Over several ranks the linears' clipping searches are shared out (linear i on
+    rank i mod world), their outcomes sent to rank 0, which alone quantizes."""
     col_scale = {n: None for n in linears}  # the product of the scales folded into each linear's columns
     for f in folded:
         for layer in f.group.layers:
             if layer in col_scale:
                 col = f.group.column_scale(f.scale, layer)
                 col_scale[layer] = col if col_scale[layer] is None else col_scale[layer] * col
-    quantized, full_range, clips = {}, ({} if unclipped else None), []
+    quantized, full_range, clips, roundings = {}, ({} if unclipped else None), [], []
     for i, name in enumerate(linears):
         site = gm.linears[name]
         stat = stats[site.input]
@@ -46,11 +48,52 @@ def clip_and_quantize(gm, linears, stats, folded: list[Folded], opts, ranks: Ran
         if report is not None:
             clips.append(report)
         qw = quantize(w, opts.scheme, shrink)
-        quantized[name] = (qw if gain is None else qw.with_gain(gain)).to("cpu")
+        qw = qw if gain is None else qw.with_gain(gain)
+        grams = None if opts.rounding == "nearest" else hessians(
+            stat.scaled(None if col_scale[name] is None else 1.0 / col_scale[name].to(opts.device)), stat.form)
+        qw, rounding = compensated(name, w, qw, grams, opts)
+        quantized[name] = qw.to("cpu")
+        roundings += [rounding] if rounding is not None else []
         if unclipped:
-            full_range[name] = quantized[name] if gain is None and (report is None or not report.clipped) else \
-                quantize(w, opts.scheme).to("cpu")
-    return quantized, full_range, clips
+            same = gain is None and (report is None or not report.clipped)
+            full_range[name] = quantized[name] if same else \
+                compensated(name, w, quantize(w, opts.scheme), grams, opts)[0].to("cpu")
+        del grams
+    return quantized, full_range, clips, roundings
+
+
+def compensated(name: str, w: torch.Tensor, qw: QuantizedWeight, grams: list[torch.Tensor] | None, opts):
+    """``qw``'s integers re-chosen by GPTQ's error-compensating rounding on its own grid (its
+    scales and zero points kept), where ``opts.rounding`` asks for it; each row keeps the integers
+    of lower output error on the calibration input, so no row gets worse than its rounding to
+    nearest. ``grams``: H of the scaled input (``hessians``), one per expert of a bank, whose rows
+    are the experts' one after the other. Returns (integers, ``RoundingReport`` or None)."""
+    if opts.rounding == "nearest":
+        return qw, None
+    per = w.shape[0] // len(grams)
+    parts, before, after, kept = [], 0.0, 0.0, 0
+    for e, gram in enumerate(grams):
+        rows = slice(e * per, (e + 1) * per)
+        near = qw.take_rows(rows)
+        q = gptq_integers(w[rows], near.scale, near.zero, opts.scheme, gram, opts.gptq_damp, opts.act_order)
+        new = QuantizedWeight(q, near.scale, near.zero, opts.scheme)
+        loss_near = rowwise_output_error(w[rows] - near.dequantize(), gram)
+        loss_new = rowwise_output_error(w[rows] - new.dequantize(), gram)
+        worse = loss_new > loss_near
+        parts.append(QuantizedWeight(torch.where(worse[:, None], near.q, q), near.scale, near.zero, opts.scheme))
+        before += float(loss_near.sum())
+        after += float(torch.minimum(loss_near, loss_new).sum())
+        kept += int(worse.sum())
+    made = parts[0] if len(parts) == 1 else QuantizedWeight.concat_rows(parts)
+    return made, RoundingReport(name, opts.rounding, before, after, kept)
+
+
+def hessians(moment, form: str) -> list[torch.Tensor]:
+    """H = X^T X (float32) of an input from its statistics in either form (``InputStats.scaled``);
+    a bank's: one per expert."""
+    if isinstance(moment, list) or (isinstance(moment, torch.Tensor) and form == "quadratic" and moment.dim() == 3):
+        return [h for m in moment for h in hessians(m, form)]
+    return [moment.T @ moment if form == "direct" else moment]
 
 
 def clip_gain(w, shrink, blocks, report: ClipReport | None, opts) -> torch.Tensor | None:

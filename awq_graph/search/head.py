@@ -12,10 +12,10 @@ from ..core.ranks import ONE, Ranks
 from ..core.numerics import QuantScheme, QuantizedWeight, quantize
 from ..core.records import ScalingGroup
 from ..passes.fold import Folded, fold_scales
-from .clipping import clip_gain, clip_search
+from .clipping import clip_gain, clip_search, compensated, hessians
 from .grid import search_group
 from .options import SearchOptions, loss_form
-from .reports import ClipReport, SearchResult
+from .reports import ClipReport, RoundingReport, SearchResult
 from .rounding import hold_integers
 from .statistics import InputStats
 
@@ -72,17 +72,26 @@ def search_head(gm: GraphModel, group: ScalingGroup, scheme: QuantScheme, chunks
             col = group.column_scale(s, name)
         if not ranks.leader:  # rank 0 alone clips and quantizes the head
             return
-        blocks = stat.blocks(stat.scaled(None if col is None else 1.0 / col), scheme.group_size) if opts.clip else None
-        pieces, clips = [], []
+        moment = stat.scaled(None if col is None else 1.0 / col)
+        blocks = stat.blocks(moment, scheme.group_size) if opts.clip else None
+        grams = None if opts.rounding == "nearest" else hessians(moment, stat.form)  # once for every row block
+        pieces, clips, roundings = [], [], []
         for p in parts:
             p = p if col is None else p * col  # the scaled rows, a block at a time
             shrink, clip = clip_search(name, p, blocks, numel, head_opts, site.node)
             gain = clip_gain(p, shrink, blocks, clip, head_opts)
             qw = quantize(p, scheme, shrink)
-            pieces.append((qw if gain is None else qw.with_gain(gain)).to("cpu"))
+            qw, rounding = compensated(name, p, qw if gain is None else qw.with_gain(gain), grams, head_opts)
+            pieces.append(qw.to("cpu"))
             clips.append(clip)
+            roundings.append(rounding)
+        del moment, grams
         if clips[0] is not None:  # the sums over the row blocks: one report
             rows = [p.shape[0] for p in parts]
             result.clips.append(ClipReport(name, True, sum(c.loss_before for c in clips), sum(c.loss_after for c in clips),
                                            sum(c.mean_shrink * r for c, r in zip(clips, rows)) / sum(rows)))
+        if roundings[0] is not None:
+            result.roundings.append(RoundingReport(name, opts.rounding, sum(r.loss_nearest for r in roundings),
+                                                   sum(r.loss_after for r in roundings),
+                                                   sum(r.rows_kept_nearest for r in roundings)))
         result.quantized[name] = hold_integers(name, QuantizedWeight.concat_rows(pieces), keep)

@@ -20,7 +20,7 @@ from .clipping import clip_and_quantize
 from .grid import search_group
 from .head import search_head
 from .options import SearchOptions, loss_form
-from .reports import ClipReport, GroupReport, SearchResult
+from .reports import ClipReport, GroupReport, RoundingReport, SearchResult
 from .rounding import hold_integers
 from .statistics import InputStats
 
@@ -86,6 +86,7 @@ def _awq_search(gm, per_layer, calib, opts, progress, keep, head, ranks, held=No
         result.folded += made.folded
         result.quantized.update(made.quantized)
         result.clips += made.clips
+        result.roundings += made.roundings
         fold_layer += [li] * len(made.folded)
         if gm.streamed:  # the layer leaves memory, but for what its folds edited outside its linears
             _release_layer(gm, nodes, linears, made.folded)
@@ -175,12 +176,13 @@ class Layer:
 @dataclass
 class LayerMade:
     """What one decoder layer's search made: per group its scale's report, the folds (what each
-    changed), the integers as held, the clipping reports."""
+    changed), the integers as held, the clipping and rounding reports."""
 
     groups: list[GroupReport]
     folded: list[Folded]
     quantized: dict
     clips: list[ClipReport]
+    roundings: list[RoundingReport]
 
 
 def _search_layer(layer: Layer, stores: list[dict], keep=None, guard: HeldAsideGuard | None = None) -> LayerMade:
@@ -200,15 +202,15 @@ def _search_layer(layer: Layer, stores: list[dict], keep=None, guard: HeldAsideG
     if guard is not None:  # what the layer was before its folds
         guard.snapshot(li, layer.linears, {p for g, _ in scales for p in folded_params(g, gm.linears)})
     folded = [fold_scales(gm.params, g, s, gm.linears) for g, s in scales]
-    quantized, unclipped, clips = clip_and_quantize(gm, layer.linears, stats, folded, opts, ranks,
-                                                    unclipped=guard is not None)
+    quantized, unclipped, clips, roundings = clip_and_quantize(gm, layer.linears, stats, folded, opts, ranks,
+                                                               unclipped=guard is not None)
     if guard is not None:
         held = guard.layer(li, layer.nodes, quantized, unclipped, lambda name, qw: hold_integers(name, qw, keep))
     else:
         held = {name: hold_integers(name, qw, keep) for name, qw in quantized.items()}
     if inputs is not None:
         _advance_quantized(gm, li, layer.nodes, quantized, layer.chunks, inputs, stores, layer.cut, opts.device)
-    return LayerMade(reports, folded, held, clips)
+    return LayerMade(reports, folded, held, clips, roundings)
 
 
 def _advance_quantized(gm, li, nodes, quantized, chunks, inputs, stores, stages, device) -> None:

@@ -45,6 +45,13 @@ class SearchOptions:
     # an error counts as the next norm sees it, relative to its token's size (a few massive-
     # activation tokens otherwise dominate the squared error of the layers that make or remove them)
     token_weight: str = "none"
+    # how each linear's integers are chosen on the grid the scales and the clipping made:
+    # "nearest" (AWQ's rounding), or "gptq" (error-compensating: each column's rounding error
+    # carried onto the columns not yet rounded through H^-1; ``numerics.gptq_integers``), with
+    # ``gptq_damp`` of H's mean diagonal added and, ``act_order`` (default), the columns in decreasing H_ii
+    rounding: str = "nearest"
+    gptq_damp: float = 0.01
+    act_order: bool = True
 
     def __post_init__(self):
         if self.n_grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1:
@@ -57,6 +64,10 @@ class SearchOptions:
             raise ValueError(f"clip_gain must be 'unbiased', 'lsq' or 'off', got {self.clip_gain!r}")
         if self.propagate not in ("float", "quantized"):
             raise ValueError(f"propagate must be 'float' or 'quantized', got {self.propagate!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if not 0 <= self.gptq_damp <= 1:
+            raise ValueError(f"gptq_damp must be within [0, 1], got {self.gptq_damp}")
         if self.token_weight not in ("none", "residual"):
             raise ValueError(f"token_weight must be 'none' or 'residual', got {self.token_weight!r}")
 
@@ -84,6 +95,9 @@ class SearchOptions:
 
 
 LOSS_FORMS = ("auto", "quadratic", "direct")
+
+
+ROUNDINGS = ("nearest", "gptq")
 
 
 SCREENS = ("auto", "bfloat16", "sketch", "off")

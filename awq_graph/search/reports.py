@@ -33,10 +33,24 @@ class ClipReport:
 
 
 @dataclass
+class RoundingReport:
+    """A linear's error-compensating rounding: the output loss (tr(dW H dW^T) on the calibration
+    input) of rounding to nearest on the same grid, and after; rows whose new integers were not
+    better keep the nearest ones (``rows_kept_nearest``)."""
+
+    linear: str
+    rounding: str
+    loss_nearest: float
+    loss_after: float
+    rows_kept_nearest: int
+
+
+@dataclass
 class SearchResult:
     quantized: dict[str, QuantizedWeight]
     groups: list[GroupReport] = field(default_factory=list)
     clips: list[ClipReport] = field(default_factory=list)
+    roundings: list[RoundingReport] = field(default_factory=list)
     folded: list[Folded] = field(default_factory=list)  # every fold, in order: what it changed
     seconds: float = 0.0
     guard: GuardReport | None = None  # the held-aside check's verdicts (``awq_graph.guard``)
