@@ -7,7 +7,9 @@ Two steps, each its own process (a search edits the weights in place):
 
 ``search`` runs the compiler's own search (``awq_graph.search``) on the whole model and keeps what
 it made: each linear's packed integers and every parameter a fold edited (norms, biases). Variants:
-rtn, awq (today's default), awq-noclip, clip (no scaling group: round to nearest plus clipping).
+rtn, awq (today's default), awq-noclip, clip (no scaling group: round to nearest plus clipping); a
+variant starting with "noscale" has no scaling group either (with `--options '{"clip": false, "rounding":
+"gptq"}'`: GPTQ alone); `--options` sets any `SearchOptions` field.
 
 ``eval`` loads the float model once and scores any variant by running the exported program with its
 integers (dequantized one weight at a time) and its folded parameters: perplexity on the first windows
@@ -67,7 +69,7 @@ def cmd_search(args) -> None:
         result = rtn(gm, opts.scheme)
     else:
         per_layer = match(gm, None, verify=False).per_layer
-        if args.variant.startswith("clip"):
+        if args.variant.startswith(("clip", "noscale")):  # no scaling groups: the linears as they are
             per_layer = [[] for _ in per_layer]
         result = awq_search(gm, per_layer, calib, opts, progress=_bar)
     quantized = set(quantizable_linears(gm))
@@ -77,6 +79,7 @@ def cmd_search(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"quantized": result.quantized, "edited": {n: gm.params[n].detach().clone() for n in edited},
                 "groups": [g.__dict__ for g in result.groups], "clips": [c.__dict__ for c in result.clips],
+                "roundings": [r.__dict__ for r in result.roundings],
                 "seconds": result.seconds, "options": repr(opts)}, out)
     print(f"{args.variant}: search {result.seconds:.0f} s -> {out}", file=sys.stderr)
 
